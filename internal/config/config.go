@@ -1,0 +1,414 @@
+// Package config loads and validates FireRunner's YAML configuration. Every
+// field has a documented default; Validate reports every bad field at once.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// DefaultPath is where `firerunner serve` looks without --config.
+const DefaultPath = "/etc/firerunner/config.yaml"
+
+// Config is the whole daemon configuration. See config.example.yaml at the
+// repository root for the documented file; both must change together.
+type Config struct {
+	// Listen is the address of the HTTP server (/webhook, /metrics, /healthz, /readyz).
+	Listen string `yaml:"listen"`
+	// LogLevel is debug, info, warn or error.
+	LogLevel string `yaml:"log_level"`
+	// StateDir holds the SQLite store and per-VM directories.
+	StateDir string `yaml:"state_dir"`
+
+	GitLab      GitLab      `yaml:"gitlab"`
+	Runners     Runners     `yaml:"runners"`
+	Reconcile   Reconcile   `yaml:"reconcile"`
+	Capacity    Capacity    `yaml:"capacity"`
+	Limits      Limits      `yaml:"limits"`
+	VM          VM          `yaml:"vm"`
+	Network     Network     `yaml:"network"`
+	QEMU        QEMU        `yaml:"qemu"`
+	Firecracker Firecracker `yaml:"firecracker"`
+}
+
+// GitLab is how FireRunner reaches GitLab and authenticates webhooks.
+type GitLab struct {
+	// URL of the GitLab instance, e.g. https://gitlab.example.com.
+	URL string `yaml:"url"`
+	// GuestURL is GitLab's URL as seen from inside a VM; default URL.
+	GuestURL string `yaml:"guest_url"`
+	// TokenFile holds the API token (scopes: create_runner + manage_runner +
+	// read_api, or api). Must be mode 0600 or stricter.
+	TokenFile string `yaml:"token_file"`
+	// WebhookSecretFile holds the X-Gitlab-Token secret. Mode 0600 or stricter.
+	WebhookSecretFile string `yaml:"webhook_secret_file"`
+	// RequestTimeout bounds one API request.
+	RequestTimeout time.Duration `yaml:"request_timeout"`
+	// MaxRetries bounds retries of a request on 5xx, 429 and timeouts.
+	MaxRetries int `yaml:"max_retries"`
+	// WebhookMaxBody is the largest accepted webhook body in bytes.
+	WebhookMaxBody int64 `yaml:"webhook_max_body"`
+}
+
+// Runners says how runners are made for jobs.
+type Runners struct {
+	// Mode is "oneoff": one runner created per job, deleted after it.
+	Mode string `yaml:"mode"`
+	// Scope is project (runner locked to the job's project), group or instance.
+	Scope string `yaml:"scope"`
+	// GroupID is required for scope group.
+	GroupID int64 `yaml:"group_id"`
+	// Registration is "create" (POST /user/runners, GitLab >= 15.10) or
+	// "legacy" (POST /runners with a registration token, older GitLab).
+	Registration string `yaml:"registration"`
+	// RegistrationTokenFile holds the legacy registration token.
+	RegistrationTokenFile string `yaml:"registration_token_file"`
+	// MaximumTimeout is the runner's maximum_timeout; GitLab rejects < 600s.
+	MaximumTimeout time.Duration `yaml:"maximum_timeout"`
+	// DescriptionPrefix starts every runner description; reconciliation only
+	// ever deletes runners whose description starts with it.
+	DescriptionPrefix string `yaml:"description_prefix"`
+}
+
+// Reconcile configures the backstop poll and the reconcile loop.
+type Reconcile struct {
+	// Interval between reconcile passes (store vs. GitLab vs. host).
+	Interval time.Duration `yaml:"interval"`
+	// PollProjects are project ids whose pending jobs are listed each pass,
+	// to catch jobs whose webhook was lost.
+	PollProjects []int64 `yaml:"poll_projects"`
+	// PollGroups are group ids whose projects are polled the same way.
+	PollGroups []int64 `yaml:"poll_groups"`
+}
+
+// Capacity is what FireRunner may hand out on this host.
+type Capacity struct {
+	// VCPUs in total for all VMs; 0 = host CPUs minus ReserveVCPUs.
+	VCPUs int `yaml:"vcpus"`
+	// MemoryMiB in total for all VMs; 0 = host memory minus ReserveMemoryMiB.
+	MemoryMiB int `yaml:"memory_mib"`
+	// ReserveVCPUs and ReserveMemoryMiB are kept for the host.
+	ReserveVCPUs     int `yaml:"reserve_vcpus"`
+	ReserveMemoryMiB int `yaml:"reserve_memory_mib"`
+	// MaxVCPUsPerVM and MaxMemoryGiBPerVM bound one job's size tag.
+	MaxVCPUsPerVM     int `yaml:"max_vcpus_per_vm"`
+	MaxMemoryGiBPerVM int `yaml:"max_memory_gib_per_vm"`
+	// MaxVMs bounds concurrent VMs; 0 = no bound beyond vCPU/memory.
+	MaxVMs int `yaml:"max_vms"`
+}
+
+// Limits are per-job deadlines.
+type Limits struct {
+	// JobMaxDuration kills a VM that runs longer (runner deleted, job failed).
+	JobMaxDuration time.Duration `yaml:"job_max_duration"`
+	// VMStartTimeout fails a VM whose runner has not picked a job by then.
+	VMStartTimeout time.Duration `yaml:"vm_start_timeout"`
+	// DrainTimeout is how long SIGTERM waits for running VMs before cleanup.
+	DrainTimeout time.Duration `yaml:"drain_timeout"`
+	// QueueTimeout fails a job that waited this long for capacity; 0 = never.
+	QueueTimeout time.Duration `yaml:"queue_timeout"`
+}
+
+// VM selects the driver and the guest image.
+type VM struct {
+	// Driver is "qemu" or "firecracker".
+	Driver string `yaml:"driver"`
+	// ImageDir holds a built guest image (manifest.json, vmlinux, initrd, rootfs).
+	ImageDir string `yaml:"image_dir"`
+	// ConsoleLogDir keeps a copy of each VM's console log; "" = do not keep.
+	ConsoleLogDir string `yaml:"console_log_dir"`
+}
+
+// Network is the VM network shared by both drivers.
+type Network struct {
+	// Mode is "user" (QEMU user-mode networking, development only) or "tap"
+	// (tap per VM on a FireRunner bridge with NAT; production).
+	Mode string `yaml:"mode"`
+	// Bridge is the bridge device name.
+	Bridge string `yaml:"bridge"`
+	// CIDR is the VM subnet; the first address is the bridge/gateway.
+	CIDR string `yaml:"cidr"`
+	// MTU of bridge and taps.
+	MTU int `yaml:"mtu"`
+	// DNS servers handed to guests.
+	DNS []string `yaml:"dns"`
+	// Egress is "allow_all" or "allowlist" (only EgressAllow CIDRs).
+	Egress      string   `yaml:"egress"`
+	EgressAllow []string `yaml:"egress_allow"`
+}
+
+// QEMU configures the qemu driver.
+type QEMU struct {
+	// Binary is the qemu-system-x86_64 path.
+	Binary string `yaml:"binary"`
+	// Accel is auto (KVM if a boot probe works, else TCG), kvm or tcg.
+	Accel string `yaml:"accel"`
+}
+
+// Firecracker configures the firecracker driver.
+type Firecracker struct {
+	// Binary and JailerBinary are the firecracker and jailer paths.
+	Binary       string `yaml:"binary"`
+	JailerBinary string `yaml:"jailer_binary"`
+	// UseJailer runs each VM under the jailer (chroot, uid/gid, cgroups).
+	UseJailer bool `yaml:"use_jailer"`
+	// UID and GID the jailer drops to.
+	UID int `yaml:"uid"`
+	GID int `yaml:"gid"`
+	// ChrootBase is the jailer's --chroot-base-dir.
+	ChrootBase string `yaml:"chroot_base"`
+}
+
+// Default returns the configuration used for every field the file omits.
+func Default() Config {
+	return Config{
+		Listen:   ":8080",
+		LogLevel: "info",
+		StateDir: "/var/lib/firerunner",
+		GitLab: GitLab{
+			TokenFile:         "/etc/firerunner/.gitlab_token",
+			WebhookSecretFile: "/etc/firerunner/.webhook_secret",
+			RequestTimeout:    15 * time.Second,
+			MaxRetries:        5,
+			WebhookMaxBody:    1 << 20,
+		},
+		Runners: Runners{
+			Mode:              "oneoff",
+			Scope:             "project",
+			Registration:      "create",
+			MaximumTimeout:    time.Hour,
+			DescriptionPrefix: "firerunner",
+		},
+		Reconcile: Reconcile{Interval: 30 * time.Second},
+		Capacity: Capacity{
+			ReserveVCPUs:      1,
+			ReserveMemoryMiB:  2048,
+			MaxVCPUsPerVM:     32,
+			MaxMemoryGiBPerVM: 64,
+		},
+		Limits: Limits{
+			JobMaxDuration: time.Hour,
+			VMStartTimeout: 5 * time.Minute,
+			DrainTimeout:   10 * time.Minute,
+		},
+		VM: VM{Driver: "firecracker", ImageDir: "/var/lib/firerunner/image"},
+		Network: Network{
+			Mode:   "tap",
+			Bridge: "firerunner0",
+			CIDR:   "172.30.0.0/24",
+			MTU:    1500,
+			Egress: "allow_all",
+		},
+		QEMU: QEMU{Binary: "qemu-system-x86_64", Accel: "auto"},
+		Firecracker: Firecracker{
+			Binary:       "/usr/local/bin/firecracker",
+			JailerBinary: "/usr/local/bin/jailer",
+			UseJailer:    true,
+			UID:          64000,
+			GID:          64000,
+			ChrootBase:   "/srv/jailer",
+		},
+	}
+}
+
+// Load reads path over the defaults, rejects unknown fields and validates.
+func Load(path string) (Config, error) {
+	c := Default()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return c, fmt.Errorf("read config: %w", err)
+	}
+	if err := Parse(b, &c); err != nil {
+		return c, fmt.Errorf("%s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Parse decodes YAML into c (which should hold the defaults) and validates.
+func Parse(b []byte, c *Config) error {
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) { // empty file: all defaults
+		return fmt.Errorf("parse config: %w", err)
+	}
+	return c.Validate()
+}
+
+// FieldErrors lists every invalid field, one per line.
+type FieldErrors []string
+
+func (e FieldErrors) Error() string {
+	return "invalid configuration:\n  " + strings.Join(e, "\n  ")
+}
+
+// Validate checks every field and returns FieldErrors naming each bad one.
+func (c Config) Validate() error {
+	var errs FieldErrors
+	bad := func(field, format string, a ...any) {
+		errs = append(errs, field+": "+fmt.Sprintf(format, a...))
+	}
+	if c.Listen == "" {
+		bad("listen", "must be set, e.g. :8080")
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log_level", "%q is not one of debug, info, warn, error", c.LogLevel)
+	}
+	if c.StateDir == "" {
+		bad("state_dir", "must be set")
+	}
+	if u, err := url.Parse(c.GitLab.URL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		bad("gitlab.url", "%q is not an http(s) URL", c.GitLab.URL)
+	}
+	if c.GitLab.GuestURL != "" {
+		if u, err := url.Parse(c.GitLab.GuestURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			bad("gitlab.guest_url", "%q is not an http(s) URL", c.GitLab.GuestURL)
+		}
+	}
+	if c.GitLab.TokenFile == "" {
+		bad("gitlab.token_file", "must be set")
+	}
+	if c.GitLab.WebhookSecretFile == "" {
+		bad("gitlab.webhook_secret_file", "must be set")
+	}
+	if c.GitLab.RequestTimeout <= 0 {
+		bad("gitlab.request_timeout", "must be > 0")
+	}
+	if c.GitLab.MaxRetries < 0 || c.GitLab.MaxRetries > 20 {
+		bad("gitlab.max_retries", "must be between 0 and 20, got %d", c.GitLab.MaxRetries)
+	}
+	if c.GitLab.WebhookMaxBody < 1024 {
+		bad("gitlab.webhook_max_body", "must be >= 1024 bytes, got %d", c.GitLab.WebhookMaxBody)
+	}
+	if c.Runners.Mode != "oneoff" {
+		bad("runners.mode", "%q is not supported (supported: oneoff)", c.Runners.Mode)
+	}
+	switch c.Runners.Scope {
+	case "project", "instance":
+	case "group":
+		if c.Runners.GroupID <= 0 {
+			bad("runners.group_id", "must be set when runners.scope is group")
+		}
+	default:
+		bad("runners.scope", "%q is not one of project, group, instance", c.Runners.Scope)
+	}
+	switch c.Runners.Registration {
+	case "create":
+	case "legacy":
+		if c.Runners.RegistrationTokenFile == "" {
+			bad("runners.registration_token_file", "must be set when runners.registration is legacy")
+		}
+	default:
+		bad("runners.registration", "%q is not one of create, legacy", c.Runners.Registration)
+	}
+	if c.Runners.MaximumTimeout < 10*time.Minute {
+		bad("runners.maximum_timeout", "GitLab rejects values under 600s, got %s", c.Runners.MaximumTimeout)
+	}
+	if c.Runners.DescriptionPrefix == "" {
+		bad("runners.description_prefix", "must be set (reconciliation uses it to find our runners)")
+	}
+	if c.Reconcile.Interval < time.Second {
+		bad("reconcile.interval", "must be >= 1s, got %s", c.Reconcile.Interval)
+	}
+	if c.Capacity.VCPUs < 0 || c.Capacity.MemoryMiB < 0 || c.Capacity.ReserveVCPUs < 0 || c.Capacity.ReserveMemoryMiB < 0 || c.Capacity.MaxVMs < 0 {
+		bad("capacity", "values must not be negative")
+	}
+	if c.Capacity.MaxVCPUsPerVM < 1 {
+		bad("capacity.max_vcpus_per_vm", "must be >= 1")
+	}
+	if c.Capacity.MaxMemoryGiBPerVM < 1 {
+		bad("capacity.max_memory_gib_per_vm", "must be >= 1")
+	}
+	if c.Limits.JobMaxDuration <= 0 {
+		bad("limits.job_max_duration", "must be > 0")
+	}
+	if c.Limits.VMStartTimeout <= 0 {
+		bad("limits.vm_start_timeout", "must be > 0")
+	}
+	if c.Limits.DrainTimeout < 0 || c.Limits.QueueTimeout < 0 {
+		bad("limits", "timeouts must not be negative")
+	}
+	switch c.VM.Driver {
+	case "qemu", "firecracker":
+	default:
+		bad("vm.driver", "%q is not one of qemu, firecracker", c.VM.Driver)
+	}
+	if c.VM.ImageDir == "" {
+		bad("vm.image_dir", "must be set")
+	}
+	switch c.Network.Mode {
+	case "user":
+		if c.VM.Driver == "firecracker" {
+			bad("network.mode", "user-mode networking is QEMU-only; firecracker needs tap")
+		}
+	case "tap":
+		if c.Network.Bridge == "" || len(c.Network.Bridge) > 15 {
+			bad("network.bridge", "must be 1-15 characters")
+		}
+		if c.Network.CIDR == "" {
+			bad("network.cidr", "must be set in tap mode")
+		}
+	default:
+		bad("network.mode", "%q is not one of user, tap", c.Network.Mode)
+	}
+	if c.Network.MTU < 576 || c.Network.MTU > 9000 {
+		bad("network.mtu", "must be between 576 and 9000, got %d", c.Network.MTU)
+	}
+	switch c.Network.Egress {
+	case "allow_all", "allowlist":
+	default:
+		bad("network.egress", "%q is not one of allow_all, allowlist", c.Network.Egress)
+	}
+	if c.VM.Driver == "firecracker" && c.Firecracker.Binary == "" {
+		bad("firecracker.binary", "must be set")
+	}
+	if c.VM.Driver == "qemu" && c.QEMU.Binary == "" {
+		bad("qemu.binary", "must be set")
+	}
+	switch c.QEMU.Accel {
+	case "auto", "kvm", "tcg":
+	default:
+		bad("qemu.accel", "%q is not one of auto, kvm, tcg", c.QEMU.Accel)
+	}
+	if len(errs) > 0 {
+		return errs
+	}
+	return nil
+}
+
+// GuestGitLabURL is the URL VMs use to reach GitLab.
+func (c Config) GuestGitLabURL() string {
+	if c.GitLab.GuestURL != "" {
+		return c.GitLab.GuestURL
+	}
+	return c.GitLab.URL
+}
+
+// ReadSecret reads a secret file, refusing files readable by group or others.
+func ReadSecret(path string) (string, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return "", fmt.Errorf("secret file: %w", err)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		return "", fmt.Errorf("secret file %s has mode %04o; it must be 0600 or stricter (chmod 600 %s)", path, fi.Mode().Perm(), path)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("secret file: %w", err)
+	}
+	s := strings.TrimSpace(string(b))
+	if s == "" {
+		return "", fmt.Errorf("secret file %s is empty", path)
+	}
+	return s, nil
+}

@@ -1,0 +1,160 @@
+// Package guestconfig is the contract between host and guest: the per-VM
+// config the drivers write to a small read-only config drive, and the console
+// markers the guest agent prints that the host parses.
+package guestconfig
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+)
+
+// Config is what the guest agent needs to run one job. It holds the runner
+// token, so it only ever travels on the config drive (file mode 0600).
+type Config struct {
+	// Hostname of the guest (the VM id).
+	Hostname string `json:"hostname"`
+	// GitLabURL is the GitLab URL as seen from inside the VM.
+	GitLabURL string `json:"gitlab_url,omitempty"`
+	// RunnerToken is the glrt- authentication token of the runner to use.
+	RunnerToken string `json:"runner_token,omitempty"`
+	// JobTimeoutSec bounds the whole workload inside the guest.
+	JobTimeoutSec int `json:"job_timeout_sec"`
+	// WaitTimeoutSec is how long gitlab-runner waits for a job to arrive.
+	WaitTimeoutSec int `json:"wait_timeout_sec,omitempty"`
+	// Network is the static guest network; nil means DHCP-less user-mode
+	// defaults (QEMU slirp: 10.0.2.15/24 via 10.0.2.2).
+	Network *Network `json:"network,omitempty"`
+	// Env is extra environment for the workload.
+	Env map[string]string `json:"env,omitempty"`
+	// CACertsPEM are extra CA certificates to trust (PEM).
+	CACertsPEM string `json:"ca_certs_pem,omitempty"`
+	// Command, when set, is run instead of gitlab-runner (image smoke tests).
+	Command []string `json:"command,omitempty"`
+	// UnixTimeNano is the host clock at VM creation, to set the guest clock.
+	UnixTimeNano int64 `json:"unix_time_nano"`
+	// EntropySeed seeds the guest RNG before any TLS happens.
+	EntropySeed []byte `json:"entropy_seed,omitempty"`
+}
+
+// Network is a static IPv4 configuration for eth0.
+type Network struct {
+	Address string   `json:"address"` // CIDR, e.g. 172.30.0.2/24
+	Gateway string   `json:"gateway"`
+	DNS     []string `json:"dns,omitempty"`
+	MTU     int      `json:"mtu,omitempty"`
+}
+
+// Validate reports the first problem with the config.
+func (c Config) Validate() error {
+	if c.JobTimeoutSec <= 0 {
+		return errors.New("guest config: job_timeout_sec must be > 0")
+	}
+	if len(c.Command) == 0 {
+		if c.RunnerToken == "" {
+			return errors.New("guest config: runner_token or command is required")
+		}
+		u, err := url.Parse(c.GitLabURL)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return fmt.Errorf("guest config: gitlab_url %q is not an http(s) URL", c.GitLabURL)
+		}
+	}
+	return nil
+}
+
+// String hides the token so a Config can never leak it through a log line.
+func (c Config) String() string {
+	t := ""
+	if c.RunnerToken != "" {
+		t = "[redacted]"
+	}
+	return fmt.Sprintf("guestconfig{host=%s url=%s token=%s timeout=%ds}", c.Hostname, c.GitLabURL, t, c.JobTimeoutSec)
+}
+
+// Drive layout: 8-byte magic, 8-byte big-endian JSON length, JSON, zero
+// padding to a 4 KiB multiple (virtio-blk wants whole sectors).
+var driveMagic = [8]byte{'F', 'R', 'C', 'F', 'G', 0, 'v', '1'}
+
+const driveAlign = 4096
+
+// MaxDriveSize bounds what the agent will read.
+const MaxDriveSize = 4 << 20
+
+// Encode renders the drive image.
+func Encode(c Config) ([]byte, error) {
+	js, err := json.Marshal(c)
+	if err != nil {
+		return nil, err
+	}
+	n := 16 + len(js)
+	if n > MaxDriveSize {
+		return nil, fmt.Errorf("guest config is %d bytes, more than %d", n, MaxDriveSize)
+	}
+	size := (n + driveAlign - 1) / driveAlign * driveAlign
+	buf := make([]byte, size)
+	copy(buf, driveMagic[:])
+	binary.BigEndian.PutUint64(buf[8:16], uint64(len(js)))
+	copy(buf[16:], js)
+	return buf, nil
+}
+
+// WriteDrive writes the drive image to path with mode 0600; it refuses to
+// overwrite an existing file so a token is never written through a symlink.
+func WriteDrive(path string, c Config) error {
+	b, err := Encode(c)
+	if err != nil {
+		return err
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// ErrNotConfigDrive means the device does not start with the drive magic.
+var ErrNotConfigDrive = errors.New("not a firerunner config drive")
+
+// Decode reads a drive image (a block device or file).
+func Decode(r io.Reader) (Config, error) {
+	var c Config
+	var hdr [16]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return c, fmt.Errorf("read config drive header: %w", err)
+	}
+	if !bytes.Equal(hdr[:8], driveMagic[:]) {
+		return c, ErrNotConfigDrive
+	}
+	n := binary.BigEndian.Uint64(hdr[8:16])
+	if n > MaxDriveSize {
+		return c, fmt.Errorf("config drive claims %d bytes, more than %d", n, MaxDriveSize)
+	}
+	js := make([]byte, n)
+	if _, err := io.ReadFull(r, js); err != nil {
+		return c, fmt.Errorf("read config drive body: %w", err)
+	}
+	if err := json.Unmarshal(js, &c); err != nil {
+		return c, fmt.Errorf("parse config drive: %w", err)
+	}
+	return c, c.Validate()
+}
+
+// Console markers the agent prints on the serial console, one per line, so the
+// host can build a timeline and learn the exit status without any channel
+// other than the console log.
+const (
+	MarkerAgentStart = "FIRERUNNER-AGENT: start"    // agent running as PID 1
+	MarkerJobStart   = "FIRERUNNER-JOB: start"      // workload started
+	MarkerJobEnd     = "FIRERUNNER-JOB: end"        // workload ended
+	ExitMarker       = "FIRERUNNER-EXIT: "          // followed by the decimal exit code
+	MarkerPowerOff   = "FIRERUNNER-AGENT: poweroff" // about to power off
+)

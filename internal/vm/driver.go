@@ -1,0 +1,162 @@
+// Package vm defines the small interface every VM driver (qemu, firecracker)
+// implements, the per-VM Spec the controller hands it, and the driver registry.
+package vm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/firerunner/firerunner/internal/guestconfig"
+)
+
+// Spec is everything a driver needs to boot one VM. It is a plain struct
+// with Validate(), in the style of firecracker-go-sdk's Config.
+type Spec struct {
+	// ID names the VM on the host (state dir, tap, process tags). It must match
+	// IDPattern so it is safe in file names and interface names.
+	ID string
+	// VCPUs and MemoryMiB come from the job's size tag.
+	VCPUs     int
+	MemoryMiB int
+	// Image holds the guest artefacts shared by every VM (never modified).
+	Image Image
+	// Guest is written to the per-VM read-only config drive (0600). It carries
+	// the runner token, which therefore never reaches argv or a kernel cmdline.
+	Guest guestconfig.Config
+	// Network attaches the VM to a tap device; nil means the driver's
+	// development networking (QEMU user-mode) or none.
+	Network *NetAttachment
+	// Timeout is the hard deadline after which the driver kills the VM.
+	// Zero means no driver-side deadline.
+	Timeout time.Duration
+}
+
+// Image is the location of one built guest image (see internal/image).
+type Image struct {
+	Kernel string // ELF vmlinux (Firecracker, QEMU PVH boot)
+	Initrd string // initramfs (busybox + modules), mounts root, switch_root
+	Rootfs string // ext4, attached read-only; the guest overlays a tmpfs on it
+}
+
+// NetAttachment is a tap device prepared by internal/netsetup.
+type NetAttachment struct {
+	TapName string
+	MAC     string
+}
+
+// IDPattern documents the allowed VM id shape: "fr-" plus up to 12 lowercase
+// letters or digits, so "fr-<id>" fits an interface name (15 bytes).
+const IDPattern = `^fr-[a-z0-9]{1,12}$`
+
+// Validate reports the first problem with the spec.
+func (s Spec) Validate() error {
+	if !validID(s.ID) {
+		return fmt.Errorf("vm id %q: must match %s", s.ID, IDPattern)
+	}
+	if s.VCPUs < 1 {
+		return fmt.Errorf("vm %s: vcpus must be >= 1, got %d", s.ID, s.VCPUs)
+	}
+	if s.MemoryMiB < 128 {
+		return fmt.Errorf("vm %s: memory must be >= 128 MiB, got %d", s.ID, s.MemoryMiB)
+	}
+	if s.Image.Kernel == "" || s.Image.Initrd == "" || s.Image.Rootfs == "" {
+		return fmt.Errorf("vm %s: image kernel, initrd and rootfs are required", s.ID)
+	}
+	return s.Guest.Validate()
+}
+
+func validID(id string) bool {
+	if len(id) < 4 || len(id) > 15 || id[:3] != "fr-" {
+		return false
+	}
+	for _, c := range id[3:] {
+		if (c < 'a' || c > 'z') && (c < '0' || c > '9') {
+			return false
+		}
+	}
+	return true
+}
+
+// Result is how a VM ended.
+type Result struct {
+	// ExitCode is the guest workload's exit status as reported by the agent on
+	// the console (guestconfig.ExitMarker); -1 when the guest never reported one.
+	ExitCode int
+	// Reason is empty on a clean power-off, else why the VM ended
+	// ("timeout", "killed", "vmm exited: ...").
+	Reason string
+	// ConsoleLog is the path of the serial console log (removed on Destroy).
+	ConsoleLog string
+}
+
+// Instance is a VM found on the host, for reconciliation.
+type Instance struct {
+	ID  string
+	PID int // 0 when no VMM process is alive (only files are left)
+}
+
+// Driver runs microVMs. Every method is safe to call again (idempotent), and
+// Wait/Destroy/List work on VMs started by an earlier FireRunner process.
+type Driver interface {
+	// Name is the registry key ("qemu", "firecracker", "fake").
+	Name() string
+	// Start prepares per-VM files and starts the VMM; it returns once the VMM
+	// process runs (not when the guest has booted).
+	Start(ctx context.Context, spec Spec) error
+	// Wait blocks until the VM has stopped (or ctx ends) and reports how.
+	Wait(ctx context.Context, id string) (Result, error)
+	// Destroy kills the VMM if alive and removes everything the VM made on
+	// the host (state dir, overlay, config drive, sockets, logs). Destroying an
+	// unknown id is not an error.
+	Destroy(ctx context.Context, id string) error
+	// List returns the VMs this driver has on the host, alive or not.
+	List(ctx context.Context) ([]Instance, error)
+}
+
+// ErrNotFound is returned by Wait for an id the driver does not know.
+var ErrNotFound = errors.New("vm not found")
+
+// Factory builds a driver from its options (driver-specific struct).
+type Factory func(opts any) (Driver, error)
+
+var (
+	mu       sync.Mutex
+	registry = map[string]Factory{}
+)
+
+// Register makes a driver available by name; drivers call it from init.
+func Register(name string, f Factory) {
+	mu.Lock()
+	defer mu.Unlock()
+	if _, dup := registry[name]; dup {
+		panic("vm: driver registered twice: " + name)
+	}
+	registry[name] = f
+}
+
+// New builds the named driver.
+func New(name string, opts any) (Driver, error) {
+	mu.Lock()
+	f, ok := registry[name]
+	mu.Unlock()
+	if !ok {
+		return nil, fmt.Errorf("unknown vm driver %q (known: %v)", name, Names())
+	}
+	return f(opts)
+}
+
+// Names lists the registered drivers.
+func Names() []string {
+	mu.Lock()
+	defer mu.Unlock()
+	var n []string
+	for k := range registry {
+		n = append(n, k)
+	}
+	sort.Strings(n)
+	return n
+}
