@@ -6,10 +6,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sort"
 	"sync"
 	"time"
 
+	"github.com/firerunner/firerunner/internal/config"
 	"github.com/firerunner/firerunner/internal/guestconfig"
 )
 
@@ -120,8 +122,16 @@ type Driver interface {
 // ErrNotFound is returned by Wait for an id the driver does not know.
 var ErrNotFound = errors.New("vm not found")
 
-// Factory builds a driver from its options (driver-specific struct).
-type Factory func(opts any) (Driver, error)
+// Env is what a driver factory gets: the whole daemon config (each driver
+// reads its own section plus StateDir, Network and VM) and a logger.
+type Env struct {
+	Config config.Config
+	Logger *slog.Logger
+}
+
+// Factory builds a driver from the daemon configuration. Drivers also export
+// their own Options struct and New(Options) for direct use in tests.
+type Factory func(env Env) (Driver, error)
 
 var (
 	mu       sync.Mutex
@@ -139,14 +149,14 @@ func Register(name string, f Factory) {
 }
 
 // New builds the named driver.
-func New(name string, opts any) (Driver, error) {
+func New(name string, env Env) (Driver, error) {
 	mu.Lock()
 	f, ok := registry[name]
 	mu.Unlock()
 	if !ok {
 		return nil, fmt.Errorf("unknown vm driver %q (known: %v)", name, Names())
 	}
-	return f(opts)
+	return f(env)
 }
 
 // Names lists the registered drivers.
