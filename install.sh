@@ -1,0 +1,401 @@
+#!/usr/bin/env bash
+# FireRunner installer for Ubuntu 22.04+, Debian 11+, Rocky/RHEL/Alma 9+.
+#
+#   sudo ./install.sh --gitlab-url https://gitlab.example.com [options]
+#   sudo ./install.sh --uninstall [--purge]
+#
+# Installs the firerunner binary, /etc/firerunner/config.yaml (documented,
+# never overwritten), a generated webhook secret (0600), the `firerunner`
+# system user (the uid VMs run as), a systemd unit, firecracker + jailer
+# (from --firecracker-bin/--jailer-bin or the official release, checksum
+# verified), the guest image, and ends with `firerunner doctor`.
+# Idempotent: a second run changes nothing. Run with --help for options.
+set -euo pipefail
+
+FC_VERSION_DEFAULT=v1.16.0
+
+usage() {
+	cat <<EOF
+usage: install.sh [options]
+  --gitlab-url URL         GitLab URL written into a new config.yaml
+  --listen ADDR            webhook/metrics listen address for a new config (default :8080)
+  --driver NAME            firecracker (default) or qemu, for a new config
+  --dns IP[,IP]            resolvers for VMs (default: the host's upstream resolvers)
+  --bin PATH               firerunner binary to install (default: bin/firerunner next to this script)
+  --firecracker-bin PATH   install this firecracker binary instead of downloading
+  --jailer-bin PATH        install this jailer binary instead of downloading
+  --firecracker-version V  official release to download (default $FC_VERSION_DEFAULT)
+  --firecracker-sha256 H   expected sha256 of the release tarball; without it the tarball is
+                           checked against the release's own .sha256.txt (catches corruption,
+                           not a compromised download site): pin it for production
+  --no-download            never download anything
+  --image DIR              install this built guest image (manifest.json + artefacts)
+  --build-image            build the guest image with 'firerunner image build' (needs debootstrap
+                           and a Debian mirror; pass --agent-bin and --gitlab-runner-bin)
+  --agent-bin PATH         firerunner-agent for --build-image
+  --gitlab-runner-bin PATH gitlab-runner for --build-image
+  --root DIR, --prefix DIR install into DIR instead of / (tests, image building); skips
+                           systemctl, modprobe, sysctl and doctor, which act on the running host
+  --no-doctor              do not run 'firerunner doctor' at the end
+  --force                  install on an unsupported OS
+  --uninstall              remove FireRunner (keeps /var/lib/firerunner and /etc/firerunner)
+  --purge                  with --uninstall: also remove state, config, secrets and the user
+EOF
+}
+
+ROOT=/
+BIN=
+FC_BIN=
+JAILER_BIN=
+FC_VERSION=$FC_VERSION_DEFAULT
+FC_SHA256=
+DOWNLOAD=1
+IMAGE=
+BUILD_IMAGE=0
+AGENT_BIN=
+RUNNER_BIN=
+GITLAB_URL=https://gitlab.example.com
+LISTEN=:8080
+DRIVER=firecracker
+DNS=
+RUN_DOCTOR=1
+FORCE=0
+UNINSTALL=0
+PURGE=0
+DNS_YAML=
+FR_UID=
+FR_GID=
+
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--root | --prefix) ROOT=$2; shift ;;
+	--root=* | --prefix=*) ROOT=${1#*=} ;;
+	--bin) BIN=$2; shift ;;
+	--firecracker-bin) FC_BIN=$2; shift ;;
+	--jailer-bin) JAILER_BIN=$2; shift ;;
+	--firecracker-version) FC_VERSION=$2; shift ;;
+	--firecracker-sha256) FC_SHA256=$2; shift ;;
+	--no-download) DOWNLOAD=0 ;;
+	--image) IMAGE=$2; shift ;;
+	--build-image) BUILD_IMAGE=1 ;;
+	--agent-bin) AGENT_BIN=$2; shift ;;
+	--gitlab-runner-bin) RUNNER_BIN=$2; shift ;;
+	--gitlab-url) GITLAB_URL=$2; shift ;;
+	--listen) LISTEN=$2; shift ;;
+	--driver) DRIVER=$2; shift ;;
+	--dns) DNS=$2; shift ;;
+	--no-doctor) RUN_DOCTOR=0 ;;
+	--force) FORCE=1 ;;
+	--uninstall) UNINSTALL=1 ;;
+	--purge) PURGE=1 ;;
+	-h | --help) usage; exit 0 ;;
+	*) echo "install.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
+	esac
+	shift
+done
+
+say() { echo "firerunner-install: $*"; }
+die() { echo "firerunner-install: ERROR: $*" >&2; exit 1; }
+CHANGED=0
+changed() { CHANGED=$((CHANGED + 1)); say "$*"; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (sudo ./install.sh ...)"
+ROOT=$(realpath -m "$ROOT")
+case "$DRIVER" in firecracker | qemu) ;; *) die "--driver must be firecracker or qemu" ;; esac
+R() { if [ "$ROOT" = / ]; then echo "$1"; else echo "$ROOT$1"; fi; }
+ON_HOST=0
+[ "$ROOT" = / ] && ON_HOST=1
+SYSTEMD=0
+if [ $ON_HOST = 1 ] && [ -d /run/systemd/system ]; then SYSTEMD=1; fi
+
+BINDIR=/usr/local/bin
+CONFDIR=/etc/firerunner
+STATEDIR=/var/lib/firerunner
+UNIT=/etc/systemd/system/firerunner.service
+SYSCTL=/etc/sysctl.d/60-firerunner.conf
+MODULES=/etc/modules-load.d/firerunner.conf
+FC_MARKER=$CONFDIR/.installed-vmm
+USER_NAME=firerunner
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PKG=$HERE/packaging
+
+userflags=()
+[ $ON_HOST = 1 ] || userflags=(--prefix "$ROOT")
+
+# ---------------------------------------------------------------- helpers
+
+lookup_id() { # lookup_id passwd|group NAME -> numeric id or empty
+	awk -F: -v n="$2" '$1 == n { print $3; exit }' "$(R /etc/"$1")" 2>/dev/null || true
+}
+
+# ensure_dir PATH MODE UID GID
+ensure_dir() {
+	local d
+	d=$(R "$1")
+	if [ ! -d "$d" ]; then
+		install -d -m "$2" -o "$3" -g "$4" "$d"
+		changed "created $1"
+	fi
+	fix_meta "$1" "$2" "$3" "$4"
+}
+
+# fix_meta PATH MODE UID GID: correct mode/owner only when they differ.
+fix_meta() {
+	local p cur
+	p=$(R "$1")
+	cur=$(stat -c '%a %u %g' "$p")
+	if [ "$cur" != "$(printf '%o' "0$2") $3 $4" ]; then
+		chmod "$2" "$p"
+		chown "$3:$4" "$p"
+		changed "fixed mode/owner of $1 ($cur -> $2 $3 $4)"
+	fi
+}
+
+# install_file SRC DST MODE UID GID: copy only when the content differs.
+install_file() {
+	local dst
+	dst=$(R "$2")
+	if [ -f "$dst" ] && cmp -s "$1" "$dst"; then
+		fix_meta "$2" "$3" "$4" "$5"
+		return
+	fi
+	install -D -m "$3" -o "$4" -g "$5" "$1" "$dst"
+	changed "installed $2"
+}
+
+render() { # render TEMPLATE > out, replacing @KEY@ placeholders
+	sed -e "s|@BINDIR@|$BINDIR|g" -e "s|@CONFDIR@|$CONFDIR|g" -e "s|@STATEDIR@|$STATEDIR|g" \
+		-e "s|@GITLAB_URL@|$GITLAB_URL|g" -e "s|@LISTEN@|$LISTEN|g" -e "s|@DRIVER@|$DRIVER|g" \
+		-e "s|@UID@|$FR_UID|g" -e "s|@GID@|$FR_GID|g" -e "s|@DNS@|$DNS_YAML|g" "$1"
+}
+
+host_dns() { # upstream resolvers VMs can reach (not 127.0.0.53 & co.)
+	local f
+	for f in /run/systemd/resolve/resolv.conf /etc/resolv.conf; do
+		f=$(R "$f")
+		[ -r "$f" ] || continue
+		awk '$1 == "nameserver" && $2 ~ /^[0-9.]+$/ && $2 !~ /^127\./ { print $2 }' "$f" | head -3 | paste -sd, -
+		return
+	done
+}
+
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+
+# ---------------------------------------------------------------- uninstall
+
+if [ $UNINSTALL = 1 ]; then
+	if [ $SYSTEMD = 1 ] && [ -f "$UNIT" ]; then
+		systemctl disable --now firerunner.service || true
+	elif [ $ON_HOST = 0 ]; then
+		say "not touching systemd: installing under --root $ROOT"
+	fi
+	if [ $ON_HOST = 1 ]; then # the bridge and nft table the daemon made
+		br=$(awk '$1 == "bridge:" { print $2; exit }' "$CONFDIR/config.yaml" 2>/dev/null || true)
+		nft delete table inet firerunner 2>/dev/null || true
+		ip link del "${br:-firerunner0}" 2>/dev/null || true
+	fi
+	files=("$BINDIR/firerunner" "$UNIT" "$SYSCTL" "$MODULES")
+	if [ -f "$(R "$FC_MARKER")" ]; then
+		while read -r f; do files+=("$f"); done <"$(R "$FC_MARKER")"
+		files+=("$FC_MARKER")
+	fi
+	for f in "${files[@]}"; do
+		if [ -e "$(R "$f")" ]; then rm -f "$(R "$f")"; say "removed $f"; fi
+	done
+	[ $SYSTEMD = 1 ] && systemctl daemon-reload
+	if [ $PURGE = 1 ]; then
+		for d in "$CONFDIR" "$STATEDIR" /srv/jailer /var/cache/firerunner; do
+			if [ -e "$(R "$d")" ]; then rm -rf "$(R "$d")"; say "removed $d"; fi
+		done
+		if [ -n "$(lookup_id passwd $USER_NAME)" ]; then
+			userdel "${userflags[@]}" "$USER_NAME" && say "removed user $USER_NAME"
+		fi
+		if [ -n "$(lookup_id group $USER_NAME)" ]; then
+			groupdel "${userflags[@]}" "$USER_NAME" && say "removed group $USER_NAME"
+		fi
+	else
+		say "kept $STATEDIR, $CONFDIR and user $USER_NAME (use --uninstall --purge to remove them)"
+	fi
+	exit 0
+fi
+
+# ---------------------------------------------------------------- checks
+
+if [ $ON_HOST = 1 ]; then
+	. /etc/os-release 2>/dev/null || die "no /etc/os-release: unsupported OS"
+	major=${VERSION_ID%%.*}
+	ok=0
+	case "${ID:-}" in
+	ubuntu) [ "${major:-0}" -ge 22 ] && ok=1 ;;
+	debian) [ "${major:-0}" -ge 11 ] && ok=1 ;;
+	rocky | rhel | almalinux | centos) [ "${major:-0}" -ge 9 ] && ok=1 ;;
+	esac
+	if [ $ok = 0 ]; then
+		[ $FORCE = 1 ] || die "unsupported OS ${PRETTY_NAME:-unknown} (supported: Ubuntu 22.04+, Debian 11+, Rocky/RHEL 9+; --force to try anyway)"
+		say "WARNING: unsupported OS ${PRETTY_NAME:-unknown}, continuing (--force)"
+	fi
+else
+	say "installing into $ROOT: skipping the OS check, systemctl, modprobe, sysctl and doctor (they act on the running host)"
+fi
+
+if [ -z "$BIN" ]; then
+	for c in "$HERE/bin/firerunner" "$HERE/firerunner"; do [ -x "$c" ] && BIN=$c && break; done
+fi
+[ -n "$BIN" ] && [ -x "$BIN" ] || die "no firerunner binary: build it (make build) or pass --bin PATH"
+
+# ---------------------------------------------------------------- user
+
+if [ -z "$(lookup_id passwd $USER_NAME)" ]; then
+	nologin=/usr/sbin/nologin
+	[ -x "$(R $nologin)" ] || [ $ON_HOST = 0 ] || nologin=/sbin/nologin
+	useradd "${userflags[@]}" --system --user-group --no-create-home --home-dir "$STATEDIR" \
+		--shell "$nologin" --comment "FireRunner microVMs" "$USER_NAME"
+	changed "created system user $USER_NAME"
+fi
+FR_UID=$(lookup_id passwd $USER_NAME)
+FR_GID=$(lookup_id group $USER_NAME)
+[ -n "$FR_UID" ] && [ -n "$FR_GID" ] || die "user $USER_NAME has no uid/gid after useradd"
+
+# ---------------------------------------------------------------- files
+
+ensure_dir "$CONFDIR" 0750 0 "$FR_GID"
+ensure_dir "$STATEDIR" 0750 0 "$FR_GID"
+ensure_dir /var/cache/firerunner 0750 0 0
+if [ "$DRIVER" = firecracker ]; then ensure_dir /srv/jailer 0750 0 "$FR_GID"; fi
+
+install_file "$BIN" "$BINDIR/firerunner" 0755 0 0
+
+if [ ! -e "$(R "$CONFDIR/config.yaml")" ]; then
+	[ -n "$DNS" ] || DNS=$(host_dns)
+	[ -n "$DNS" ] || DNS=1.1.1.1,8.8.8.8
+	DNS_YAML=$(echo "$DNS" | tr ',' '\n' | sed 's/.*/"&"/' | paste -sd, - | sed 's/,/, /g')
+	render "$PKG/config.yaml" >"$TMP/config.yaml"
+	install -m 0640 -o 0 -g "$FR_GID" "$TMP/config.yaml" "$(R "$CONFDIR/config.yaml")"
+	changed "wrote $CONFDIR/config.yaml (edit gitlab.url and review it)"
+else
+	fix_meta "$CONFDIR/config.yaml" 0640 0 "$FR_GID"
+fi
+
+secret=$(R "$CONFDIR/.webhook_secret")
+if [ ! -s "$secret" ]; then
+	(umask 077 && head -c 32 /dev/urandom | base64 | tr -d '/+=\n' >"$secret.tmp" && mv "$secret.tmp" "$secret")
+	chown 0:0 "$secret"
+	changed "generated the webhook secret $CONFDIR/.webhook_secret (0600)"
+else
+	fix_meta "$CONFDIR/.webhook_secret" 0600 0 0
+fi
+if [ -e "$(R "$CONFDIR/.gitlab_token")" ]; then fix_meta "$CONFDIR/.gitlab_token" 0600 0 0; fi
+
+render "$PKG/firerunner.service" >"$TMP/firerunner.service"
+unit_before=$CHANGED
+install_file "$TMP/firerunner.service" "$UNIT" 0644 0 0
+UNIT_CHANGED=$((CHANGED - unit_before))
+printf '# Written by FireRunner install.sh: VMs reach the network through NAT.\nnet.ipv4.ip_forward = 1\n' >"$TMP/sysctl"
+sysctl_before=$CHANGED
+install_file "$TMP/sysctl" "$SYSCTL" 0644 0 0
+printf '# Written by FireRunner install.sh: taps, KVM and nftables.\ntun\nkvm\nnf_tables\n' >"$TMP/modules"
+install_file "$TMP/modules" "$MODULES" 0644 0 0
+if [ $ON_HOST = 1 ]; then
+	[ $CHANGED = "$sysctl_before" ] || sysctl -q -p "$SYSCTL" || say "WARNING: could not apply $SYSCTL"
+	modprobe -a tun kvm nf_tables 2>/dev/null || true
+fi
+
+# ---------------------------------------------------------------- firecracker + jailer
+
+fc_installed=()
+install_vmm() { # install_vmm SRC NAME
+	install_file "$1" "$BINDIR/$2" 0755 0 0
+	fc_installed+=("$BINDIR/$2")
+}
+if [ -n "$FC_BIN" ] || [ -n "$JAILER_BIN" ]; then
+	[ -n "$FC_BIN" ] && [ -n "$JAILER_BIN" ] || die "pass both --firecracker-bin and --jailer-bin"
+	install_vmm "$FC_BIN" firecracker
+	install_vmm "$JAILER_BIN" jailer
+elif [ "$DRIVER" = firecracker ] && ! { [ -x "$(R $BINDIR/firecracker)" ] && [ -x "$(R $BINDIR/jailer)" ]; }; then
+	arch=$(uname -m)
+	# FIRERUNNER_FC_RELEASE_URL points at a mirror (the installer test serves one on loopback).
+	base=${FIRERUNNER_FC_RELEASE_URL:-https://github.com/firecracker-microvm/firecracker/releases/download}/$FC_VERSION
+	tgz=firecracker-$FC_VERSION-$arch.tgz
+	if [ $DOWNLOAD = 0 ]; then
+		say "WARNING: firecracker/jailer missing and --no-download given; pass --firecracker-bin/--jailer-bin"
+	elif ! curl -fsSIL --max-time 15 "$base/$tgz" >/dev/null 2>&1; then
+		say "WARNING: cannot reach $base/$tgz (no internet?): download it yourself and pass --firecracker-bin/--jailer-bin"
+	else
+		say "downloading Firecracker $FC_VERSION ($arch)"
+		curl -fsSL --retry 3 -o "$TMP/$tgz" "$base/$tgz"
+		curl -fsSL --retry 3 -o "$TMP/$tgz.sha256.txt" "$base/$tgz.sha256.txt"
+		(cd "$TMP" && sha256sum -c --strict "$tgz.sha256.txt") || die "checksum mismatch for $tgz"
+		if [ -n "$FC_SHA256" ]; then
+			echo "$FC_SHA256  $tgz" | (cd "$TMP" && sha256sum -c --strict -) || die "$tgz does not match --firecracker-sha256"
+		else
+			say "NOTE: $tgz verified against the release's .sha256.txt only; pin it with --firecracker-sha256"
+		fi
+		tar -xzf "$TMP/$tgz" -C "$TMP"
+		rel=$TMP/release-$FC_VERSION-$arch
+		install_vmm "$rel/firecracker-$FC_VERSION-$arch" firecracker
+		install_vmm "$rel/jailer-$FC_VERSION-$arch" jailer
+	fi
+fi
+if [ ${#fc_installed[@]} -gt 0 ]; then # remember what --uninstall must remove
+	printf '%s\n' "${fc_installed[@]}" >"$TMP/marker"
+	install_file "$TMP/marker" "$FC_MARKER" 0644 0 0
+fi
+
+# ---------------------------------------------------------------- guest image
+
+img=$STATEDIR/image
+if [ -n "$IMAGE" ]; then
+	src=$(realpath "$IMAGE")
+	[ -f "$src/manifest.json" ] || die "--image $IMAGE has no manifest.json"
+	ensure_dir "$img" 0755 0 0
+	for f in "$src"/*; do
+		[ -f "$f" ] && install_file "$f" "$img/$(basename "$f")" 0644 0 0
+	done
+elif [ $BUILD_IMAGE = 1 ]; then
+	args=(image build --out "$(R "$img")")
+	[ -n "$AGENT_BIN" ] && args+=(--agent "$AGENT_BIN")
+	[ -n "$RUNNER_BIN" ] && args+=(--gitlab-runner "$RUNNER_BIN")
+	say "building the guest image (minutes on first run)"
+	"$(R $BINDIR/firerunner)" "${args[@]}"
+elif [ ! -e "$(R "$img/manifest.json")" ]; then
+	say "WARNING: no guest image in $img: re-run with --image DIR or --build-image"
+fi
+
+# ---------------------------------------------------------------- systemd
+
+if [ $SYSTEMD = 1 ]; then
+	[ "$UNIT_CHANGED" = 0 ] || systemctl daemon-reload
+	systemctl is-enabled --quiet firerunner.service || { systemctl enable --quiet firerunner.service && changed "enabled firerunner.service"; }
+	if [ -s "$CONFDIR/.gitlab_token" ]; then
+		if ! systemctl is-active --quiet firerunner.service; then
+			systemctl start firerunner.service && changed "started firerunner.service"
+		elif [ "$UNIT_CHANGED" != 0 ]; then
+			systemctl restart firerunner.service
+		fi
+	fi
+elif [ $ON_HOST = 1 ]; then
+	say "systemd is not running (no /run/systemd/system): start it by hand: $BINDIR/firerunner serve --config $CONFDIR/config.yaml"
+fi
+
+# ---------------------------------------------------------------- next steps
+
+if [ ! -s "$(R "$CONFDIR/.gitlab_token")" ]; then
+	cat <<EOF
+
+Next steps:
+ 1. Create a GitLab access token with scopes create_runner, manage_runner and read_api
+    (or api), then store it:   install -m 600 /dev/stdin $CONFDIR/.gitlab_token   (paste, Ctrl-D)
+ 2. Check gitlab.url in $CONFDIR/config.yaml.
+ 3. In GitLab: Settings > Webhooks > URL http://<this host>${LISTEN}/webhook, trigger "Job events",
+    secret token = the content of $CONFDIR/.webhook_secret
+ 4. systemctl enable --now firerunner   (then: firerunner doctor)
+EOF
+fi
+
+if [ $CHANGED = 0 ]; then say "nothing to do: already installed"; else say "$CHANGED change(s) made"; fi
+
+if [ $RUN_DOCTOR = 1 ] && [ $ON_HOST = 1 ]; then
+	echo
+	"$BINDIR/firerunner" doctor --config "$CONFDIR/config.yaml" || say "doctor reported problems: fix them and run: firerunner doctor"
+fi

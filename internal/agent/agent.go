@@ -1,0 +1,177 @@
+// Package agent is the FireRunner guest agent: PID 1 in the VM. It reads the
+// config drive, sets the guest up and runs one workload, then powers off.
+//
+// Who runs what, and where the runner token goes: gitlab-runner and the job
+// both run as the unprivileged user `ci` (uid 1000), because `run-single` has
+// no --user option and its shell executor hands its own environment to the
+// job. So the token is passed neither in argv (world-readable /proc/PID/cmdline)
+// nor in the environment (inherited by the job): the agent writes a config.toml
+// holding it into a pipe that gitlab-runner reads once as `-c /proc/self/fd/3`
+// (the job inherits only the drained pipe). gitlab-runner is installed 0711
+// root, so the kernel marks the ci-owned process non-dumpable: the job, though
+// the same uid, cannot read its /proc/PID/{environ,mem,fd} or ptrace it (Yama
+// ptrace_scope=1 as a second lock). The config drive device is root-only.
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/firerunner/firerunner/internal/guestconfig"
+)
+
+// The CI account made by internal/image.
+const (
+	CIUser = "ci"
+	CIUID  = 1000
+	CIGID  = 1000
+	CIHome = "/home/ci"
+)
+
+// GitLabRunnerPath is where internal/image installs gitlab-runner.
+const GitLabRunnerPath = "/usr/local/bin/gitlab-runner"
+
+// RunnerName names the single [[runners]] entry in the generated config.
+const RunnerName = "firerunner"
+
+// DefaultWaitTimeoutSec is how long gitlab-runner waits for its job when the
+// config does not say.
+const DefaultWaitTimeoutSec = 120
+
+// TimeoutExitCode is reported when the agent kills the workload at
+// JobTimeoutSec (the convention of timeout(1)).
+const TimeoutExitCode = 124
+
+// ConfigFD is the descriptor the runner config pipe is passed on.
+const ConfigFD = 3
+
+// Workload is the process the agent runs: argv, environment, and for
+// gitlab-runner the config that travels on ConfigFD (never argv or env).
+type Workload struct {
+	Args       []string
+	Env        []string
+	Dir        string
+	UID, GID   int
+	ConfigTOML []byte // nil for a plain command
+}
+
+// BaseEnv is the environment every workload starts from.
+func BaseEnv() []string {
+	return []string{
+		"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+		"HOME=" + CIHome, "USER=" + CIUser, "LOGNAME=" + CIUser,
+		"SHELL=/bin/bash", "LANG=C.UTF-8", "TERM=dumb",
+	}
+}
+
+// BuildWorkload turns the guest config into the process to run.
+func BuildWorkload(c guestconfig.Config) (Workload, error) {
+	if err := c.Validate(); err != nil {
+		return Workload{}, err
+	}
+	env := BaseEnv()
+	keys := make([]string, 0, len(c.Env))
+	for k := range c.Env {
+		if k == "" || strings.ContainsAny(k, "=\x00") {
+			return Workload{}, fmt.Errorf("guest config: bad env name %q", k)
+		}
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		env = append(env, k+"="+c.Env[k])
+	}
+	w := Workload{Env: env, Dir: CIHome, UID: CIUID, GID: CIGID}
+	if len(c.Command) > 0 {
+		w.Args = append([]string(nil), c.Command...)
+		return w, nil
+	}
+	wait := c.WaitTimeoutSec
+	if wait <= 0 {
+		wait = DefaultWaitTimeoutSec
+	}
+	w.Args = []string{
+		GitLabRunnerPath, "run-single",
+		"--config", "/proc/self/fd/" + strconv.Itoa(ConfigFD),
+		"--runner", RunnerName,
+		"--max-builds", "1",
+		"--wait-timeout", strconv.Itoa(wait),
+	}
+	w.ConfigTOML = RunnerConfigTOML(c)
+	return w, nil
+}
+
+// RunnerConfigTOML renders the gitlab-runner config.toml for run-single -r.
+func RunnerConfigTOML(c guestconfig.Config) []byte {
+	var b strings.Builder
+	b.WriteString("concurrent = 1\n\n[[runners]]\n")
+	kv := func(k, v string) { fmt.Fprintf(&b, "  %s = %s\n", k, tomlString(v)) }
+	kv("name", RunnerName)
+	kv("url", c.GitLabURL)
+	kv("token", c.RunnerToken)
+	kv("executor", "shell")
+	kv("shell", "bash")
+	kv("builds_dir", CIHome+"/builds")
+	kv("cache_dir", CIHome+"/cache")
+	return []byte(b.String())
+}
+
+// tomlString quotes s as a TOML basic string.
+func tomlString(s string) string {
+	var b strings.Builder
+	b.WriteByte('"')
+	for _, r := range s {
+		switch {
+		case r == '"' || r == '\\':
+			b.WriteByte('\\')
+			b.WriteRune(r)
+		case r < 0x20 || r == 0x7f:
+			fmt.Fprintf(&b, "\\u%04X", r)
+		default:
+			b.WriteRune(r)
+		}
+	}
+	b.WriteByte('"')
+	return b.String()
+}
+
+// FindConfigDrive scans the virtio block devices (sysBlock/vd*) for the one
+// starting with the config drive magic, opening each as devDir/<name>. Device
+// order differs between VMMs, so it never trusts a name.
+func FindConfigDrive(sysBlock, devDir string) (guestconfig.Config, string, error) {
+	names, err := filepath.Glob(filepath.Join(sysBlock, "vd*"))
+	if err != nil {
+		return guestconfig.Config{}, "", err
+	}
+	sort.Strings(names)
+	var errs []error
+	for _, n := range names {
+		dev := filepath.Join(devDir, filepath.Base(n))
+		f, err := os.Open(dev)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		c, err := guestconfig.Decode(f)
+		f.Close()
+		if errors.Is(err, guestconfig.ErrNotConfigDrive) {
+			continue
+		}
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			errs = append(errs, fmt.Errorf("%s: %w", dev, err)) // too small to be ours
+			continue
+		}
+		if err != nil {
+			return c, dev, fmt.Errorf("config drive %s: %w", dev, err)
+		}
+		return c, dev, nil
+	}
+	errs = append(errs, fmt.Errorf("no config drive among %d block devices in %s", len(names), sysBlock))
+	return guestconfig.Config{}, "", errors.Join(errs...)
+}

@@ -1,0 +1,180 @@
+package agent
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/firerunner/firerunner/internal/guestconfig"
+)
+
+const secret = "glrt-SECRETtoken123"
+
+func runnerConfig() guestconfig.Config {
+	return guestconfig.Config{
+		Hostname: "fr-abc", GitLabURL: "http://10.0.2.2:8080", RunnerToken: secret,
+		JobTimeoutSec: 600, WaitTimeoutSec: 30, Env: map[string]string{"B": "2", "A": "1"},
+	}
+}
+
+func TestBuildWorkloadRunnerKeepsTokenOutOfArgvAndEnv(t *testing.T) {
+	w, err := BuildWorkload(runnerConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{GitLabRunnerPath, "run-single", "--config", "/proc/self/fd/3", "--runner", RunnerName,
+		"--max-builds", "1", "--wait-timeout", "30"}
+	if strings.Join(w.Args, " ") != strings.Join(want, " ") {
+		t.Fatalf("args = %q, want %q", w.Args, want)
+	}
+	for _, s := range append(append([]string{}, w.Args...), w.Env...) {
+		if strings.Contains(s, secret) {
+			t.Fatalf("token leaked into argv/env: %q", s)
+		}
+	}
+	if w.UID != CIUID || w.GID != CIGID || w.Dir != CIHome {
+		t.Fatalf("runs as %d:%d in %s, want the CI user", w.UID, w.GID, w.Dir)
+	}
+	toml := string(w.ConfigTOML)
+	for _, line := range []string{`token = "` + secret + `"`, `url = "http://10.0.2.2:8080"`, `executor = "shell"`,
+		`name = "` + RunnerName + `"`, `builds_dir = "/home/ci/builds"`} {
+		if !strings.Contains(toml, line) {
+			t.Errorf("config.toml lacks %s:\n%s", line, toml)
+		}
+	}
+	env := strings.Join(w.Env, "\n")
+	if !strings.Contains(env, "A=1\nB=2") {
+		t.Errorf("extra env missing or unsorted: %v", w.Env)
+	}
+}
+
+func TestBuildWorkloadDefaultsWaitTimeout(t *testing.T) {
+	c := runnerConfig()
+	c.WaitTimeoutSec = 0
+	w, err := BuildWorkload(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.Args[len(w.Args)-1] != "120" {
+		t.Fatalf("wait timeout = %s, want default 120", w.Args[len(w.Args)-1])
+	}
+}
+
+func TestBuildWorkloadCommand(t *testing.T) {
+	c := guestconfig.Config{JobTimeoutSec: 10, Command: []string{"sh", "-c", "exit 3"}}
+	w, err := BuildWorkload(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(w.Args, "|") != "sh|-c|exit 3" || w.ConfigTOML != nil {
+		t.Fatalf("workload = %+v", w)
+	}
+}
+
+func TestBuildWorkloadRejects(t *testing.T) {
+	for name, c := range map[string]guestconfig.Config{
+		"no timeout":    {Command: []string{"true"}},
+		"no token":      {JobTimeoutSec: 1, GitLabURL: "http://x"},
+		"bad url":       {JobTimeoutSec: 1, RunnerToken: "t", GitLabURL: "ftp://x"},
+		"bad env name":  {JobTimeoutSec: 1, Command: []string{"true"}, Env: map[string]string{"A=B": "c"}},
+		"empty env key": {JobTimeoutSec: 1, Command: []string{"true"}, Env: map[string]string{"": "c"}},
+	} {
+		if _, err := BuildWorkload(c); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
+
+func TestTOMLStringEscapes(t *testing.T) {
+	got := tomlString("a\"b\\c\nd")
+	if got != `"a\"b\\c\u000Ad"` {
+		t.Fatalf("tomlString = %s", got)
+	}
+	// A hostile URL cannot add keys to the config.
+	c := runnerConfig()
+	c.GitLabURL = "http://x/\"\n  executor = \"docker"
+	if strings.Count(string(RunnerConfigTOML(c)), "\n  executor =") != 1 {
+		t.Fatalf("injection:\n%s", RunnerConfigTOML(c))
+	}
+}
+
+func TestPlanNetwork(t *testing.T) {
+	p, err := PlanNetwork(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Address.String() != "10.0.2.15/24" || p.Gateway.String() != "10.0.2.2" || len(p.DNS) != 1 || p.DNS[0].String() != "10.0.2.3" {
+		t.Fatalf("slirp default plan = %+v", p)
+	}
+	p, err = PlanNetwork(&guestconfig.Network{Address: "172.30.0.2/24", Gateway: "172.30.0.1", DNS: []string{"1.1.1.1", "9.9.9.9"}, MTU: 1400})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.MTU != 1400 || p.Address.Bits() != 24 {
+		t.Fatalf("plan = %+v", p)
+	}
+	if rc := p.ResolvConf(); !strings.Contains(rc, "nameserver 1.1.1.1\nnameserver 9.9.9.9\n") {
+		t.Fatalf("resolv.conf:\n%s", rc)
+	}
+	for name, n := range map[string]guestconfig.Network{
+		"no cidr":       {Address: "172.30.0.2", Gateway: "172.30.0.1"},
+		"ipv6":          {Address: "fd00::2/64", Gateway: "fd00::1"},
+		"gw outside":    {Address: "172.30.0.2/24", Gateway: "172.31.0.1"},
+		"gw is self":    {Address: "172.30.0.2/24", Gateway: "172.30.0.2"},
+		"bad dns":       {Address: "172.30.0.2/24", Gateway: "172.30.0.1", DNS: []string{"dns.example"}},
+		"mtu too small": {Address: "172.30.0.2/24", Gateway: "172.30.0.1", MTU: 100},
+	} {
+		if _, err := PlanNetwork(&n); err == nil {
+			t.Errorf("%s: accepted %+v", name, n)
+		}
+	}
+}
+
+func TestHosts(t *testing.T) {
+	if h := Hosts("fr-x1"); !strings.Contains(h, "127.0.1.1\tfr-x1\n") {
+		t.Fatalf("hosts:\n%s", h)
+	}
+}
+
+// TestFindConfigDrive lays out a fake /sys/block and /dev: the rootfs-like
+// disk comes first, the config drive second, and a tiny disk is skipped.
+func TestFindConfigDrive(t *testing.T) {
+	dir := t.TempDir()
+	sys, dev := filepath.Join(dir, "sys"), filepath.Join(dir, "dev")
+	for _, d := range []string{"vda", "vdb", "vdc", "loop0"} {
+		if err := os.MkdirAll(filepath.Join(sys, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	os.MkdirAll(dev, 0o755)
+	os.WriteFile(filepath.Join(dev, "vda"), bytes.Repeat([]byte{0x53}, 8192), 0o600)
+	os.WriteFile(filepath.Join(dev, "vdb"), []byte("tiny"), 0o600)
+	want := guestconfig.Config{Hostname: "fr-t1", JobTimeoutSec: 5, Command: []string{"true"}}
+	if err := guestconfig.WriteDrive(filepath.Join(dev, "vdc"), want); err != nil {
+		t.Fatal(err)
+	}
+	// loop0 holds a drive too, but only vd* devices are considered.
+	guestconfig.WriteDrive(filepath.Join(dev, "loop0"), guestconfig.Config{Hostname: "wrong", JobTimeoutSec: 1, Command: []string{"x"}})
+	got, path, err := FindConfigDrive(sys, dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if path != filepath.Join(dev, "vdc") || got.Hostname != "fr-t1" {
+		t.Fatalf("found %s %+v", path, got)
+	}
+
+	// No drive at all: a clear error.
+	os.Remove(filepath.Join(dev, "vdc"))
+	if _, _, err := FindConfigDrive(sys, dev); err == nil || !strings.Contains(err.Error(), "no config drive") {
+		t.Fatalf("err = %v", err)
+	}
+
+	// A drive with the magic but an invalid config is an error, not skipped.
+	b, _ := guestconfig.Encode(guestconfig.Config{Command: []string{"true"}}) // no timeout
+	os.WriteFile(filepath.Join(dev, "vdc"), b, 0o600)
+	if _, p, err := FindConfigDrive(sys, dev); err == nil || p == "" {
+		t.Fatalf("invalid drive: path %q err %v", p, err)
+	}
+}

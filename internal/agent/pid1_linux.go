@@ -1,0 +1,428 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/firerunner/firerunner/internal/guestconfig"
+)
+
+// Agent is the PID 1 state: where the console is and how to find things.
+type Agent struct {
+	Console  io.Writer
+	SysBlock string // /sys/block
+	DevDir   string // /dev
+	reaper   *reaper
+}
+
+// Main runs the agent as PID 1 and never returns normally: it powers off.
+func Main() {
+	a := &Agent{Console: os.Stdout, SysBlock: "/sys/block", DevDir: "/dev"}
+	fmt.Fprintln(a.Console, guestconfig.MarkerAgentStart)
+	if os.Getpid() != 1 {
+		fmt.Fprintln(os.Stderr, "firerunner-agent: must run as PID 1 in the guest")
+		os.Exit(2)
+	}
+	err := a.run()
+	if err != nil {
+		// No exit marker: the host sees "no exit status" plus this line.
+		a.logf("error: %v", err)
+	}
+	a.powerOff()
+}
+
+func (a *Agent) logf(format string, args ...any) {
+	fmt.Fprintf(a.Console, "FIRERUNNER-AGENT: "+format+"\n", args...)
+}
+
+func (a *Agent) run() error {
+	if err := mountBase(); err != nil {
+		return err
+	}
+	if c, err := os.OpenFile("/dev/console", os.O_WRONLY|syscall.O_NOCTTY, 0); err == nil {
+		a.Console = c
+	}
+	a.reaper = startReaper()
+	cfg, dev, err := a.findConfig(5 * time.Second)
+	if err != nil {
+		return err
+	}
+	a.logf("config from %s: %s", dev, cfg)
+	for _, s := range []struct {
+		name string
+		fn   func(guestconfig.Config) error
+	}{
+		{"clock", setClock},
+		{"entropy", seedEntropy},
+		{"hostname", setHostname},
+		{"ca-certs", writeCACerts},
+		{"network", setupNetwork},
+		{"hardening", harden},
+	} {
+		if err := s.fn(cfg); err != nil {
+			return fmt.Errorf("%s: %w", s.name, err)
+		}
+	}
+	w, err := BuildWorkload(cfg)
+	if err != nil {
+		return err
+	}
+	code := a.runWorkload(w, time.Duration(cfg.JobTimeoutSec)*time.Second)
+	fmt.Fprintf(a.Console, "%s%d\n", guestconfig.ExitMarker, code)
+	return nil
+}
+
+func (a *Agent) findConfig(wait time.Duration) (guestconfig.Config, string, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		c, dev, err := FindConfigDrive(a.SysBlock, a.DevDir)
+		if err == nil || dev != "" || time.Now().After(deadline) {
+			return c, dev, err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// mountBase mounts the API filesystems; /dev, /proc, /sys usually arrive
+// already mounted from the initramfs.
+func mountBase() error {
+	type m struct {
+		src, dst, fstype string
+		flags            uintptr
+		data             string
+		magic            int64
+	}
+	const nosuid, nodev, noexec = unix.MS_NOSUID, unix.MS_NODEV, unix.MS_NOEXEC
+	for _, x := range []m{
+		{"proc", "/proc", "proc", nosuid | nodev | noexec, "", unix.PROC_SUPER_MAGIC},
+		{"sysfs", "/sys", "sysfs", nosuid | nodev | noexec, "", unix.SYSFS_MAGIC},
+		{"devtmpfs", "/dev", "devtmpfs", nosuid, "mode=0755", unix.TMPFS_MAGIC},
+		{"devpts", "/dev/pts", "devpts", nosuid | noexec, "gid=5,mode=0620,ptmxmode=0666", unix.DEVPTS_SUPER_MAGIC},
+		{"tmpfs", "/dev/shm", "tmpfs", nosuid | nodev, "mode=1777", unix.TMPFS_MAGIC},
+		{"tmpfs", "/run", "tmpfs", nosuid | nodev, "mode=0755", unix.TMPFS_MAGIC},
+		{"tmpfs", "/tmp", "tmpfs", nosuid | nodev, "mode=1777", unix.TMPFS_MAGIC},
+		{"cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid | nodev | noexec, "", unix.CGROUP2_SUPER_MAGIC},
+	} {
+		if err := os.MkdirAll(x.dst, 0o755); err != nil {
+			return err
+		}
+		var st unix.Statfs_t
+		if x.dst != "/run" && x.dst != "/tmp" && unix.Statfs(x.dst, &st) == nil && st.Type == x.magic {
+			if x.dst == "/dev" || isMountPoint(x.dst) {
+				continue
+			}
+		}
+		if err := unix.Mount(x.src, x.dst, x.fstype, x.flags, x.data); err != nil && !errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("mount %s: %w", x.dst, err)
+		}
+	}
+	for l, t := range map[string]string{"/dev/fd": "/proc/self/fd", "/dev/stdin": "/proc/self/fd/0",
+		"/dev/stdout": "/proc/self/fd/1", "/dev/stderr": "/proc/self/fd/2", "/dev/ptmx": "pts/ptmx"} {
+		if _, err := os.Lstat(l); err != nil {
+			os.Symlink(t, l)
+		}
+	}
+	return nil
+}
+
+func isMountPoint(p string) bool {
+	var a, b unix.Stat_t
+	if unix.Stat(p, &a) != nil || unix.Stat(filepath.Dir(p), &b) != nil {
+		return false
+	}
+	return a.Dev != b.Dev
+}
+
+// setClock moves the clock forward to the host's time at VM creation (the
+// RTC may be missing or coarse; never move it backwards).
+func setClock(c guestconfig.Config) error {
+	if c.UnixTimeNano <= 0 || time.Now().UnixNano() >= c.UnixTimeNano {
+		return nil
+	}
+	ts := unix.NsecToTimespec(c.UnixTimeNano)
+	return unix.ClockSettime(unix.CLOCK_REALTIME, &ts)
+}
+
+// seedEntropy credits the host-provided seed to the kernel pool so TLS does
+// not block early (RNDADDENTROPY needs CAP_SYS_ADMIN: PID 1 has it).
+func seedEntropy(c guestconfig.Config) error {
+	if len(c.EntropySeed) == 0 {
+		return nil
+	}
+	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	buf := make([]byte, 8+len(c.EntropySeed))
+	*(*int32)(unsafe.Pointer(&buf[0])) = int32(8 * len(c.EntropySeed)) // entropy_count, bits
+	*(*int32)(unsafe.Pointer(&buf[4])) = int32(len(c.EntropySeed))     // buf_size, bytes
+	copy(buf[8:], c.EntropySeed)
+	if _, _, e := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.RNDADDENTROPY, uintptr(unsafe.Pointer(&buf[0]))); e != 0 {
+		return fmt.Errorf("RNDADDENTROPY: %w", e)
+	}
+	return nil
+}
+
+func setHostname(c guestconfig.Config) error {
+	h := c.Hostname
+	if h == "" {
+		h = "firerunner"
+	}
+	if err := unix.Sethostname([]byte(h)); err != nil {
+		return err
+	}
+	if err := os.WriteFile("/etc/hostname", []byte(h+"\n"), 0o644); err != nil {
+		return err
+	}
+	return os.WriteFile("/etc/hosts", []byte(Hosts(h)), 0o644)
+}
+
+// writeCACerts adds the config's CAs to the bundle git, curl and
+// gitlab-runner read.
+func writeCACerts(c guestconfig.Config) error {
+	if c.CACertsPEM == "" {
+		return nil
+	}
+	if err := os.MkdirAll("/usr/local/share/ca-certificates", 0o755); err != nil {
+		return err
+	}
+	if err := os.WriteFile("/usr/local/share/ca-certificates/firerunner-config.crt", []byte(c.CACertsPEM), 0o644); err != nil {
+		return err
+	}
+	f, err := os.OpenFile("/etc/ssl/certs/ca-certificates.crt", os.O_APPEND|os.O_WRONLY|os.O_CREATE, 0o644)
+	if err != nil {
+		return err
+	}
+	if _, err := f.WriteString("\n" + c.CACertsPEM + "\n"); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+func setupNetwork(c guestconfig.Config) error {
+	p, err := PlanNetwork(c.Network)
+	if err != nil {
+		return err
+	}
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return err
+	}
+	if err := netlink.LinkSetUp(lo); err != nil {
+		return err
+	}
+	nic, err := firstNIC()
+	if err != nil {
+		return err
+	}
+	if p.MTU > 0 {
+		if err := netlink.LinkSetMTU(nic, p.MTU); err != nil {
+			return fmt.Errorf("mtu: %w", err)
+		}
+	}
+	addr := &netlink.Addr{IPNet: &net.IPNet{IP: p.Address.Addr().AsSlice(), Mask: net.CIDRMask(p.Address.Bits(), 32)}}
+	if err := netlink.AddrReplace(nic, addr); err != nil {
+		return fmt.Errorf("address %s: %w", p.Address, err)
+	}
+	if err := netlink.LinkSetUp(nic); err != nil {
+		return err
+	}
+	gw := net.IP(p.Gateway.AsSlice())
+	if err := netlink.RouteReplace(&netlink.Route{LinkIndex: nic.Attrs().Index, Gw: gw}); err != nil {
+		return fmt.Errorf("default route via %s: %w", gw, err)
+	}
+	return os.WriteFile("/etc/resolv.conf", []byte(p.ResolvConf()), 0o644)
+}
+
+// firstNIC is eth0 if present, else the first non-loopback link, waiting
+// briefly for the virtio-net driver to register it.
+func firstNIC() (netlink.Link, error) {
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		if l, err := netlink.LinkByName("eth0"); err == nil {
+			return l, nil
+		}
+		links, _ := netlink.LinkList()
+		for _, l := range links {
+			if l.Attrs().Flags&net.FlagLoopback == 0 && l.Type() == "device" {
+				return l, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return nil, errors.New("no network interface")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// harden keeps the job from attaching to gitlab-runner (an ancestor).
+func harden(guestconfig.Config) error {
+	if err := os.WriteFile("/proc/sys/kernel/yama/ptrace_scope", []byte("1"), 0o644); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// runWorkload runs w as the CI user in its own session with output on the
+// console, kills its whole session at the timeout and returns its exit code.
+func (a *Agent) runWorkload(w Workload, timeout time.Duration) int {
+	cmd := exec.Command(w.Args[0], w.Args[1:]...)
+	if filepath.Base(w.Args[0]) == w.Args[0] {
+		if p, err := lookPath(w.Args[0], w.Env); err == nil {
+			cmd.Path = p
+		}
+	}
+	cmd.Env, cmd.Dir = w.Env, w.Dir
+	cmd.Stdout, cmd.Stderr = a.Console, a.Console
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Setsid:     true,
+		Credential: &syscall.Credential{Uid: uint32(w.UID), Gid: uint32(w.GID), Groups: []uint32{}},
+	}
+	if w.ConfigTOML != nil {
+		r, wr, err := os.Pipe()
+		if err != nil {
+			a.logf("error: pipe: %v", err)
+			return 127
+		}
+		// The config fits the pipe buffer; the writer closes before the start
+		// so gitlab-runner reads it to EOF and nothing is left for the job.
+		_, err = wr.Write(w.ConfigTOML)
+		wr.Close()
+		if err != nil {
+			r.Close()
+			a.logf("error: write runner config: %v", err)
+			return 127
+		}
+		defer r.Close()
+		cmd.ExtraFiles = []*os.File{r} // fd 3 == ConfigFD
+	}
+	fmt.Fprintln(a.Console, guestconfig.MarkerJobStart)
+	done, err := a.reaper.start(cmd)
+	if err != nil {
+		fmt.Fprintf(a.Console, "\n%s\n", guestconfig.MarkerJobEnd)
+		a.logf("error: start %s: %v", w.Args[0], err)
+		return 127
+	}
+	if cmd.ExtraFiles != nil {
+		cmd.ExtraFiles[0].Close()
+	}
+	var code int
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	select {
+	case ws := <-done:
+		code = exitCode(ws)
+	case <-timer.C:
+		unix.Kill(-cmd.Process.Pid, unix.SIGKILL)
+		fmt.Fprintf(a.Console, "\n")
+		a.logf("timeout: workload killed after %s", timeout)
+		<-done
+		code = TimeoutExitCode
+	}
+	fmt.Fprintf(a.Console, "\n%s\n", guestconfig.MarkerJobEnd)
+	return code
+}
+
+func lookPath(file string, env []string) (string, error) {
+	for _, e := range env {
+		if p, ok := strings.CutPrefix(e, "PATH="); ok {
+			for _, dir := range filepath.SplitList(p) {
+				c := filepath.Join(dir, file)
+				if st, err := os.Stat(c); err == nil && !st.IsDir() && st.Mode()&0o111 != 0 {
+					return c, nil
+				}
+			}
+		}
+	}
+	return exec.LookPath(file)
+}
+
+func exitCode(ws unix.WaitStatus) int {
+	switch {
+	case ws.Exited():
+		return ws.ExitStatus()
+	case ws.Signaled():
+		return 128 + int(ws.Signal())
+	}
+	return 255
+}
+
+// powerOff ends every process, syncs and reboots: with reboot=t (QEMU,
+// run with -no-reboot) or reboot=k (Firecracker) a guest reboot makes the
+// VMM process exit, which works on both (power-off needs ACPI S5 support).
+func (a *Agent) powerOff() {
+	unix.Kill(-1, unix.SIGTERM)
+	time.Sleep(100 * time.Millisecond)
+	unix.Kill(-1, unix.SIGKILL)
+	unix.Sync()
+	fmt.Fprintln(a.Console, guestconfig.MarkerPowerOff)
+	unix.Sync()
+	for {
+		unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART)
+		time.Sleep(time.Second)
+	}
+}
+
+// reaper is PID 1's zombie collector. It reaps every child, and hands the
+// status of the ones the agent started to their waiters.
+type reaper struct {
+	mu      sync.Mutex
+	waiters map[int]chan unix.WaitStatus
+}
+
+func startReaper() *reaper {
+	r := &reaper{waiters: map[int]chan unix.WaitStatus{}}
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, unix.SIGCHLD)
+	go func() {
+		for {
+			for {
+				var ws unix.WaitStatus
+				pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+				if err == unix.EINTR {
+					continue
+				}
+				if pid <= 0 || err != nil {
+					break
+				}
+				r.mu.Lock()
+				if ch, ok := r.waiters[pid]; ok {
+					ch <- ws
+					delete(r.waiters, pid)
+				}
+				r.mu.Unlock()
+			}
+			<-sigs
+		}
+	}()
+	return r
+}
+
+// start starts cmd with the reaper locked, so its exit cannot be reaped
+// before the waiter is registered. cmd.Wait must not be called.
+func (r *reaper) start(cmd *exec.Cmd) (<-chan unix.WaitStatus, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	ch := make(chan unix.WaitStatus, 1)
+	r.waiters[cmd.Process.Pid] = ch
+	return ch, nil
+}

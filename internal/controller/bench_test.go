@@ -1,0 +1,171 @@
+package controller
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"runtime"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/firerunner/firerunner/internal/gitlabapi"
+	"github.com/firerunner/firerunner/internal/job"
+	"github.com/firerunner/firerunner/internal/metrics"
+	"github.com/firerunner/firerunner/internal/runners"
+	"github.com/firerunner/firerunner/internal/scheduler"
+	"github.com/firerunner/firerunner/internal/store"
+	"github.com/firerunner/firerunner/internal/vm"
+	"github.com/firerunner/firerunner/internal/vm/fake"
+	"github.com/firerunner/firerunner/internal/webhook"
+)
+
+// BenchmarkControllerOverhead measures FireRunner's own cost per job: the
+// real webhook handler, API client, SQLite store, scheduler and controller,
+// against a zero-cost VM driver and an in-process (loopback, zero-latency)
+// GitLab stand-in. 1,000 jobs per phase:
+//   - sequential: one webhook at a time; latency = POST sent → driver.Start called;
+//   - concurrent: 16 senders; jobs/s = 1,000 / (first POST → last job done,
+//     i.e. VM destroyed and runner deleted).
+func BenchmarkControllerOverhead(b *testing.B) {
+	const jobs = 1000
+	var rows [][]string
+	for i := 0; i < b.N; i++ {
+		seq := runBench(b, jobs, 1)
+		con := runBench(b, jobs, 16)
+		b.ReportMetric(seq.p50.Seconds()*1e3, "p50-ms")
+		b.ReportMetric(seq.p99.Seconds()*1e3, "p99-ms")
+		b.ReportMetric(con.jobsPerSec, "jobs/s")
+		rows = [][]string{
+			{"sequential (1 sender)", ms(seq.p50), ms(seq.p99), ms(seq.max), fmt.Sprintf("%.0f", seq.jobsPerSec)},
+			{"concurrent (16 senders)", ms(con.p50), ms(con.p99), ms(con.max), fmt.Sprintf("%.0f", con.jobsPerSec)},
+		}
+	}
+	fmt.Printf("\nFireRunner controller overhead, %d jobs per row, GOMAXPROCS=%d (fake VM driver, loopback GitLab stand-in, real SQLite)\n", jobs, runtime.GOMAXPROCS(0))
+	fmt.Printf("%-26s %14s %14s %14s %18s\n", "mode", "p50 webhook→", "p99 webhook→", "max webhook→", "jobs/s (webhook→")
+	fmt.Printf("%-26s %14s %14s %14s %18s\n", "", "VM start req", "VM start req", "VM start req", "cleanup done)")
+	for _, r := range rows {
+		fmt.Printf("%-26s %14s %14s %14s %18s\n", r[0], r[1], r[2], r[3], r[4])
+	}
+	fmt.Printf("targets: p99 < 5 ms, >= 500 jobs/s on 2 cores\n\n")
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", d.Seconds()*1e3) }
+
+type benchResult struct {
+	p50, p99, max time.Duration
+	jobsPerSec    float64
+}
+
+func runBench(b *testing.B, n, senders int) benchResult {
+	b.Helper()
+	gl := newGitLabStub(b)
+	for i := 1; i <= n; i++ {
+		gl.addJob(stubJob{ID: int64(i), ProjectID: 5, Tags: []string{tag2x4}})
+	}
+	var mu sync.Mutex
+	startAt := make(map[string]time.Time, n)
+	drv := fake.New(fake.Options{
+		RunFor:  time.Microsecond, // the "job" ends at once: measure only FireRunner
+		OnStart: func(s vm.Spec) { t := time.Now(); mu.Lock(); startAt[s.ID] = t; mu.Unlock() },
+	})
+	dir := b.TempDir()
+	st, err := store.Open(context.Background(), dir)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer st.Close()
+	log := slog.New(slog.NewJSONHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	var c *Controller
+	m := metrics.New(func() metrics.Snapshot { return c.Snapshot() })
+	api, err := gitlabapi.New(gl.URL(), gl.token, gitlabapi.WithLogger(log), gitlabapi.WithErrorCounter(m.APIErrorCounter))
+	if err != nil {
+		b.Fatal(err)
+	}
+	cfg := testConfig(gl.URL())
+	prov, _ := runners.NewOneOff(api, runners.OneOffConfig{Scope: "project", MaximumTimeout: time.Hour, DescriptionPrefix: "firerunner"})
+	c, err = New(Options{Config: cfg, Store: st, Driver: drv, GitLab: api, Runners: prov, Metrics: m, Logger: log,
+		Capacity: scheduler.Capacity{VCPUs: 1 << 20, MemoryMiB: 1 << 30},
+		Image:    vm.Image{Kernel: "/k", Initrd: "/i", Rootfs: "/r"}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := c.Start(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	web := httptest.NewServer(webhook.NewHandler(testSecret, c, webhook.WithLogger(log)))
+	defer web.Close()
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: senders}}
+
+	sentAt := make([]time.Time, n+1)
+	ids := make(chan int, n)
+	for i := 1; i <= n; i++ {
+		ids <- i
+	}
+	close(ids)
+	begin := time.Now()
+	var wg sync.WaitGroup
+	for range senders {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range ids {
+				body := jobHook(int64(i), 5, "pending", 0)
+				req, _ := http.NewRequest(http.MethodPost, web.URL, bytes.NewReader(body))
+				req.Header.Set("X-Gitlab-Token", testSecret)
+				req.Header.Set("X-Gitlab-Event", "Job Hook")
+				sentAt[i] = time.Now()
+				resp, err := client.Do(req)
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 {
+					b.Errorf("job %d: HTTP %d", i, resp.StatusCode)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	// Wait until every job is done (VM destroyed, runner deleted).
+	deadline := time.Now().Add(5 * time.Minute)
+	for {
+		counts, err := st.CountByState(context.Background())
+		if err != nil {
+			b.Fatal(err)
+		}
+		if counts[job.Done] == n {
+			break
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("jobs not done: %v", counts)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	elapsed := time.Since(begin)
+	if err := c.Shutdown(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	if left := len(gl.runnerList()); left != 0 {
+		b.Fatalf("%d runners left", left)
+	}
+	lat := make([]time.Duration, 0, n)
+	mu.Lock()
+	for i := 1; i <= n; i++ {
+		t, ok := startAt[job.VMIDFor(int64(i))]
+		if !ok {
+			b.Fatalf("job %d never started", i)
+		}
+		lat = append(lat, t.Sub(sentAt[i]))
+	}
+	mu.Unlock()
+	slices.Sort(lat)
+	return benchResult{p50: lat[n/2], p99: lat[n*99/100], max: lat[n-1], jobsPerSec: float64(n) / elapsed.Seconds()}
+}

@@ -1,0 +1,513 @@
+package controller
+
+import (
+	"context"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/firerunner/firerunner/internal/job"
+	"github.com/firerunner/firerunner/internal/scheduler"
+	"github.com/firerunner/firerunner/internal/store"
+	"github.com/firerunner/firerunner/internal/webhook"
+)
+
+const tag2x4 = "firecracker-2cpu-4gb"
+
+func TestWebhookAuthThenFullLifecycle(t *testing.T) {
+	h := newHarness(t, nil)
+	h.gl.addJob(stubJob{ID: 101, ProjectID: 5, Tags: []string{tag2x4, "linux"}})
+	body := jobHook(101, 5, "pending", 0)
+
+	if code := h.post(body, "", "Job Hook"); code != http.StatusUnauthorized {
+		t.Fatalf("missing token: HTTP %d, want 401", code)
+	}
+	if code := h.post(body, "wrong-secret", "Job Hook"); code != http.StatusUnauthorized {
+		t.Fatalf("wrong token: HTTP %d, want 401", code)
+	}
+	if n := h.jobCount(); n != 0 || h.gl.callCount("get_job") != 0 {
+		t.Fatalf("unauthenticated delivery had effects: %d jobs, %d get_job calls", n, h.gl.callCount("get_job"))
+	}
+	if code := h.post([]byte(`{"object_kind":`), testSecret, "Job Hook"); code != http.StatusBadRequest {
+		t.Fatalf("malformed body: HTTP %d, want 400", code)
+	}
+	if code := h.post([]byte(`{"object_kind":"push"}`), testSecret, "Push Hook"); code/100 != 2 {
+		t.Fatalf("other event: HTTP %d, want 2xx", code)
+	}
+
+	h.event(101, 5, "pending", 0)
+	j := h.waitStarted(101)
+	if j.VMID != job.VMIDFor(101) || j.RunnerID == 0 || j.Source != "webhook" || j.SizeTag != tag2x4 {
+		t.Fatalf("job record: %+v", j)
+	}
+	// The runner GitLab got: the job's exact tags, locked, tagged-only.
+	rs := h.gl.runnerList()
+	if len(rs) != 1 {
+		t.Fatalf("runners in GitLab: %d, want 1", len(rs))
+	}
+	r := rs[0]
+	if r.ID != j.RunnerID || r.RunnerType != "project_type" || r.ProjectID != 5 || !r.Locked || r.RunUntagged ||
+		!slices.Equal(r.Tags, []string{tag2x4, "linux"}) || r.MaximumTimeout != 3600 || !strings.HasPrefix(r.Description, "firerunner job 101 ") {
+		t.Fatalf("runner created wrong: %+v", r)
+	}
+	// The VM got the size and the token, through the guest config only.
+	specs := h.drv.Specs()
+	if len(specs) != 1 {
+		t.Fatalf("vm starts: %d", len(specs))
+	}
+	sp := specs[0]
+	if sp.VCPUs != 2 || sp.MemoryMiB != 4096 || sp.Guest.RunnerToken != r.Token || sp.Guest.GitLabURL != "http://10.0.2.2:8929" ||
+		sp.Guest.JobTimeoutSec != 3600 || sp.Image.Kernel == "" {
+		t.Fatalf("vm spec wrong: %+v / %s", sp, sp.Guest)
+	}
+
+	h.event(101, 5, "running", j.RunnerID)
+	h.waitState(101, job.Running)
+	if err := h.drv.Exit(j.VMID, 0); err != nil {
+		t.Fatal(err)
+	}
+	j = h.waitState(101, job.Done)
+	if h.vmRunning(j.VMID) || len(h.gl.runnerList()) != 0 {
+		t.Fatalf("leftovers after done: vm=%v runners=%v", h.vmRunning(j.VMID), h.gl.runnerList())
+	}
+	tl := j.Timeline
+	for name, ts := range map[string]time.Time{"webhook": tl.WebhookReceived, "tags": tl.TagsFetched, "runner": tl.RunnerCreated,
+		"vm_start_req": tl.VMStartRequest, "vm_started": tl.VMStarted, "picked": tl.JobPicked, "exited": tl.VMExited,
+		"destroyed": tl.VMDestroyed, "runner_deleted": tl.RunnerDeleted, "finished": tl.Finished} {
+		if ts.IsZero() {
+			t.Errorf("timeline %s not recorded", name)
+		}
+	}
+	if j.ExitCode == nil || *j.ExitCode != 0 || j.Reason != job.ReasonCompleted {
+		t.Fatalf("outcome: exit=%v reason=%q", j.ExitCode, j.Reason)
+	}
+	tr, _ := h.st.Transitions(context.Background(), 101)
+	var path []string
+	for _, x := range tr {
+		path = append(path, string(x.To))
+	}
+	if got := strings.Join(path, ">"); got != "queued>runner_created>vm_starting>running>cleaning>done" {
+		t.Fatalf("transitions %s", got)
+	}
+	m := h.metricsText()
+	for _, want := range []string{`firerunner_webhook_rejects_total{reason="unauthorized"} 2`, `firerunner_webhook_rejects_total{reason="malformed"} 1`,
+		`firerunner_jobs{state="done"} 1`, `firerunner_jobs_finished_total{outcome="done",reason="completed"} 1`,
+		`firerunner_job_stage_duration_seconds_count{stage="webhook_to_vm_start_request"} 1`} {
+		if !strings.Contains(m, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	if !strings.Contains(h.logs.String(), "job finished") || !strings.Contains(h.logs.String(), "vm_id=fr-2t") {
+		t.Errorf("no end-of-job log line with vm id")
+	}
+}
+
+func TestTagGrammarDecidesWhatGetsAVM(t *testing.T) {
+	h := newHarness(t, func(h *harness) { h.cfg.Capacity.MaxVCPUsPerVM = 8 })
+	cases := []struct {
+		id     int64
+		tags   []string
+		vm     bool
+		reject string
+	}{
+		{201, []string{tag2x4}, true, ""},
+		{202, []string{"FireCracker-1CPU-1GB", "docker"}, true, ""},
+		{203, []string{"linux", "docker"}, false, ""},
+		{204, nil, false, ""},
+		{205, []string{tag2x4, "firecracker-4cpu-8gb"}, false, "ambiguous"},
+		{206, []string{"firecracker-16cpu-4gb"}, false, "over_limit"},
+		{207, []string{"firecracker-2cpus-4gb"}, false, "malformed"},
+		{208, []string{"firecracker-0cpu-4gb"}, false, "zero_size"},
+	}
+	for _, c := range cases {
+		h.gl.addJob(stubJob{ID: c.id, ProjectID: 5, Tags: c.tags})
+		h.event(c.id, 5, "pending", 0)
+	}
+	for _, c := range cases {
+		_, err := h.st.Get(context.Background(), c.id)
+		if c.vm && err != nil {
+			t.Errorf("job %d %v: not taken: %v", c.id, c.tags, err)
+		}
+		if !c.vm && err == nil {
+			t.Errorf("job %d %v: taken, want ignored", c.id, c.tags)
+		}
+	}
+	h.eventually("2 vms", func() bool { return len(h.drv.Specs()) == 2 })
+	if sp := h.drv.Specs(); sp[0].VCPUs+sp[1].VCPUs != 3 {
+		t.Fatalf("sizes: %+v %+v", sp[0], sp[1])
+	}
+	m := h.metricsText()
+	for _, r := range []string{"ambiguous", "over_limit", "malformed", "zero_size"} {
+		if !strings.Contains(m, `firerunner_tag_rejects_total{reason="`+r+`"} 1`) {
+			t.Errorf("tag reject %s not counted", r)
+		}
+	}
+}
+
+func TestDuplicateDeliveriesGetOneVM(t *testing.T) {
+	h := newHarness(t, nil)
+	h.gl.addJob(stubJob{ID: 301, ProjectID: 5, Tags: []string{tag2x4}})
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Add(1)
+		go func() { defer wg.Done(); h.event(301, 5, "pending", 0) }()
+	}
+	wg.Wait()
+	j := h.waitStarted(301)
+	h.event(301, 5, "pending", 0) // a late redelivery
+	if n := len(h.drv.Specs()); n != 1 {
+		t.Fatalf("%d VMs for one job", n)
+	}
+	if n := h.gl.createdCount(); n != 1 {
+		t.Fatalf("%d runners for one job", n)
+	}
+	// Redelivery after the job finished must not start it again either.
+	_ = h.drv.Exit(j.VMID, 0)
+	h.waitState(301, job.Done)
+	h.event(301, 5, "pending", 0)
+	if n := len(h.drv.Specs()); n != 1 {
+		t.Fatalf("redelivery after done started a VM (%d)", n)
+	}
+}
+
+func TestCancelTearsDownPromptly(t *testing.T) {
+	h := newHarness(t, func(h *harness) { h.capa.VCPUs = 2 })
+	h.gl.addJob(stubJob{ID: 401, ProjectID: 5, Tags: []string{tag2x4}})
+	h.gl.addJob(stubJob{ID: 402, ProjectID: 5, Tags: []string{tag2x4}})
+	h.event(401, 5, "pending", 0)
+	j := h.waitStarted(401)
+	h.event(402, 5, "pending", 0) // waits for capacity
+	h.waitState(402, job.Queued)
+
+	// Canceled while queued: no runner, no VM ever.
+	h.event(402, 5, "canceled", 0)
+	if j2 := h.waitState(402, job.Canceled); j2.RunnerID != 0 || j2.VMID != "" {
+		t.Fatalf("queued cancel created resources: %+v", j2)
+	}
+	// Canceled while the VM runs it.
+	h.event(401, 5, "running", j.RunnerID)
+	h.waitState(401, job.Running)
+	h.event(401, 5, "canceled", j.RunnerID)
+	j = h.waitState(401, job.Canceled)
+	if h.vmRunning(j.VMID) || len(h.gl.runnerList()) != 0 || j.Reason != job.ReasonJobCanceled {
+		t.Fatalf("cancel left vm=%v runners=%d reason=%q", h.vmRunning(j.VMID), len(h.gl.runnerList()), j.Reason)
+	}
+	if n := len(h.drv.Specs()); n != 1 {
+		t.Fatalf("vm starts %d, want 1", n)
+	}
+}
+
+func TestCapacityWaitIsFIFO(t *testing.T) {
+	h := newHarness(t, func(h *harness) { h.capa = scheduler2cpu() })
+	for _, id := range []int64{501, 502, 503} {
+		h.gl.addJob(stubJob{ID: id, ProjectID: 5, Tags: []string{tag2x4}})
+		h.event(id, 5, "pending", 0)
+	}
+	a := h.waitStarted(501)
+	if b, c := h.job(502), h.job(503); b.State != job.Queued || c.State != job.Queued || b.RunnerID != 0 {
+		t.Fatalf("jobs not waiting: %s %s", b.State, c.State)
+	}
+	if !strings.Contains(h.metricsText(), "firerunner_queue_depth 2") {
+		t.Fatalf("queue depth metric wrong")
+	}
+	_ = h.drv.Exit(a.VMID, 0)
+	b := h.waitStarted(502)
+	if h.job(503).State != job.Queued {
+		t.Fatal("503 overtook the capacity limit")
+	}
+	_ = h.drv.Exit(b.VMID, 0)
+	c := h.waitStarted(503)
+	_ = h.drv.Exit(c.VMID, 0)
+	h.waitState(503, job.Done)
+	if h.job(501).State != job.Done || h.job(502).State != job.Done {
+		t.Fatal("not all done")
+	}
+}
+
+func TestAPI5xxIsRetriedThenSucceeds(t *testing.T) {
+	h := newHarness(t, nil)
+	h.gl.addJob(stubJob{ID: 601, ProjectID: 5, Tags: []string{tag2x4}})
+	h.gl.failNext("get_job", 2, 502, `{"message":"502 Bad Gateway"}`)
+	h.gl.failNext("create_runner", 2, 503, `{"message":"503 Service Unavailable"}`)
+	h.gl.failNext("delete_runner", 1, 500, `{"message":"500 Internal Server Error"}`)
+	h.event(601, 5, "pending", 0)
+	j := h.waitStarted(601)
+	_ = h.drv.Exit(j.VMID, 0)
+	h.waitState(601, job.Done)
+	if len(h.gl.runnerList()) != 0 {
+		t.Fatal("runner not deleted after a 500 on delete")
+	}
+	if h.gl.callCount("get_job") != 3 || h.gl.callCount("create_runner") != 3 {
+		t.Fatalf("calls: get_job %d create_runner %d", h.gl.callCount("get_job"), h.gl.callCount("create_runner"))
+	}
+	if m := h.metricsText(); !strings.Contains(m, `firerunner_gitlab_api_errors_total{op="create_runner",status="503"} 2`) {
+		t.Fatalf("api errors not counted:\n%s", grep(m, "api_errors"))
+	}
+}
+
+func TestAPI4xxIsPermanent(t *testing.T) {
+	h := newHarness(t, nil)
+	// 403 reading the job (token lacks read_api): no job, no redelivery loop.
+	h.gl.addJob(stubJob{ID: 701, ProjectID: 5, Tags: []string{tag2x4}})
+	h.gl.failNext("get_job", 1, 403, `{"message":"403 Forbidden"}`)
+	h.event(701, 5, "pending", 0)
+	if h.gl.callCount("get_job") != 1 || h.jobCount() != 0 {
+		t.Fatalf("4xx on get_job retried or queued: calls=%d jobs=%d", h.gl.callCount("get_job"), h.jobCount())
+	}
+	// 403 creating the runner: job failed with a clear reason, nothing started.
+	h.gl.addJob(stubJob{ID: 702, ProjectID: 5, Tags: []string{tag2x4}})
+	h.gl.failNext("create_runner", 1, 403, `{"message":"403 Forbidden - insufficient scope create_runner"}`)
+	h.event(702, 5, "pending", 0)
+	j := h.waitState(702, job.Failed)
+	if !strings.HasPrefix(j.Reason, job.ReasonRunnerCreate+":") || h.gl.callCount("create_runner") != 1 || len(h.drv.Specs()) != 0 {
+		t.Fatalf("reason %q, create calls %d, vms %d", j.Reason, h.gl.callCount("create_runner"), len(h.drv.Specs()))
+	}
+	if !strings.Contains(h.logs.String(), "job_id=702") {
+		t.Fatal("failure not logged with the job id")
+	}
+}
+
+func TestRunnerLimitIsAClearFailure(t *testing.T) {
+	h := newHarness(t, nil)
+	h.gl.addJob(stubJob{ID: 801, ProjectID: 5, Tags: []string{tag2x4}})
+	h.gl.failNext("create_runner", 1, 400, `{"message":{"runner_projects.base":["Maximum number of ci registered project runners (50) exceeded"]}}`)
+	h.event(801, 5, "pending", 0)
+	j := h.waitState(801, job.Failed)
+	if !strings.HasPrefix(j.Reason, job.ReasonRunnerLimit+":") || !strings.Contains(j.Reason, "cap") {
+		t.Fatalf("reason %q", j.Reason)
+	}
+	if !strings.Contains(h.metricsText(), "firerunner_runner_limit_errors_total 1") {
+		t.Fatal("runner limit not counted")
+	}
+	if len(h.drv.Specs()) != 0 {
+		t.Fatal("vm started without a runner")
+	}
+}
+
+func TestReconcilePollFindsJobWhoseWebhookWasLost(t *testing.T) {
+	h := newHarness(t, func(h *harness) {
+		h.cfg.Reconcile.PollProjects = []int64{5}
+		h.cfg.Reconcile.PollGroups = []int64{9}
+	})
+	h.gl.mu.Lock()
+	h.gl.groups[9] = []int64{6, 5}
+	h.gl.mu.Unlock()
+	h.gl.addJob(stubJob{ID: 901, ProjectID: 5, Tags: []string{tag2x4}})                 // lost webhook
+	h.gl.addJob(stubJob{ID: 902, ProjectID: 6, Tags: []string{"firecracker-1cpu-2gb"}}) // via group
+	h.gl.addJob(stubJob{ID: 903, ProjectID: 6, Tags: []string{"linux"}})                // not ours
+	h.gl.addJob(stubJob{ID: 904, ProjectID: 6, Tags: []string{tag2x4}, Status: "running"})
+	h.c.ReconcileOnce(context.Background())
+	a := h.waitStarted(901)
+	h.waitStarted(902)
+	if _, err := h.st.Get(context.Background(), 903); err != store.ErrNotFound {
+		t.Fatal("untagged job taken by poll")
+	}
+	if _, err := h.st.Get(context.Background(), 904); err != store.ErrNotFound {
+		t.Fatal("running job taken by poll")
+	}
+	if a.Source != "poll" {
+		t.Fatalf("source %q", a.Source)
+	}
+	h.c.ReconcileOnce(context.Background()) // again: nothing new
+	if n := len(h.drv.Specs()); n != 2 {
+		t.Fatalf("%d vms", n)
+	}
+}
+
+func TestStartTimeoutAndMaxDuration(t *testing.T) {
+	h := newHarness(t, func(h *harness) {
+		h.cfg.Limits.VMStartTimeout = 300 * time.Millisecond
+		h.cfg.Limits.JobMaxDuration = 2 * time.Second
+	})
+	// 1001: the runner never picks the job (still pending in GitLab).
+	h.gl.addJob(stubJob{ID: 1001, ProjectID: 5, Tags: []string{tag2x4}})
+	h.event(1001, 5, "pending", 0)
+	a := h.waitState(1001, job.Failed)
+	if !strings.HasPrefix(a.Reason, job.ReasonStartTimeout) || h.vmRunning(a.VMID) {
+		t.Fatalf("start timeout: reason %q vm running %v", a.Reason, h.vmRunning(a.VMID))
+	}
+	// 1002: picked, then runs past the max duration.
+	h.gl.addJob(stubJob{ID: 1002, ProjectID: 5, Tags: []string{tag2x4}})
+	h.event(1002, 5, "pending", 0)
+	b := h.waitStarted(1002)
+	h.event(1002, 5, "running", b.RunnerID)
+	b = h.waitState(1002, job.Failed)
+	if !strings.HasPrefix(b.Reason, job.ReasonMaxDuration) || h.vmRunning(b.VMID) {
+		t.Fatalf("max duration: reason %q", b.Reason)
+	}
+	if len(h.gl.runnerList()) != 0 {
+		t.Fatal("runners left after timeouts")
+	}
+}
+
+// TestRestartMidJob leaves the host, GitLab and the store as kill -9 would at
+// each point of the lifecycle, then starts a new controller on them.
+func TestRestartMidJob(t *testing.T) {
+	h := newHarness(t, func(h *harness) { h.capa.VCPUs = 4 })
+	ctx := context.Background()
+	for _, id := range []int64{1101, 1102, 1103, 1104, 1105, 1106} {
+		h.gl.addJob(stubJob{ID: id, ProjectID: 5, Tags: []string{tag2x4}})
+	}
+	// A real flow first: 1101 runs (VM alive), 1102 has a VM, 1103 waits for capacity.
+	h.event(1101, 5, "pending", 0)
+	run := h.waitStarted(1101)
+	h.event(1101, 5, "running", run.RunnerID)
+	h.waitState(1101, job.Running)
+	h.event(1102, 5, "pending", 0)
+	h.waitStarted(1102)
+	h.event(1103, 5, "pending", 0)
+	h.waitState(1103, job.Queued)
+	h.stopd = true // "kill -9": no graceful shutdown; the old process's state stays as is
+	h.c.draining.Store(true)
+	h.c.sched.Close()
+	h.web.Close()
+
+	// Crash points the real flow cannot freeze, written as the crash left them.
+	now := time.Now()
+	mk := func(id int64, st job.State, runnerID int64, vmID string) {
+		j := job.Job{ID: id, ProjectID: 5, ProjectPath: "g/p", Tags: []string{tag2x4}, SizeTag: tag2x4, VCPUs: 2, MemoryMiB: 4096,
+			State: job.Queued, Source: "webhook", Timeline: job.Timeline{WebhookReceived: now}}
+		if _, _, err := h.st.Create(ctx, j); err != nil {
+			t.Fatal(err)
+		}
+		steps := map[job.State][]job.State{job.RunnerCreated: {job.RunnerCreated}, job.VMStarting: {job.RunnerCreated, job.VMStarting},
+			job.Cleaning: {job.RunnerCreated, job.VMStarting, job.Cleaning}}[st]
+		for _, s := range steps {
+			if _, err := h.st.Update(ctx, id, func(r *job.Job) error {
+				r.State, r.RunnerID, r.VMID = s, runnerID, vmID
+				if s == job.Cleaning {
+					r.Outcome, r.Reason = job.Canceled, job.ReasonJobCanceled
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// 1104: runner created, crash before the VM (token lost).
+	mk(1104, job.RunnerCreated, h.gl.addRunner("firerunner job 1104 project 5"), "")
+	// 1105: VM id persisted, crash before the VM started (not on host).
+	mk(1105, job.VMStarting, h.gl.addRunner("firerunner job 1105 project 5"), job.VMIDFor(1105))
+	// 1106: crash in the middle of cleaning (VM still there).
+	h.drv.Adopt(job.VMIDFor(1106))
+	mk(1106, job.Cleaning, h.gl.addRunner("firerunner job 1106 project 5"), job.VMIDFor(1106))
+	// Leaks: a runner created right before a crash for a job never stored,
+	// a VM no job owns, and a runner of a job long done.
+	leakRunner := h.gl.addRunner("firerunner job 99999 project 5")
+	h.drv.Adopt("fr-orphan1")
+	foreign := h.gl.addRunner("someone else's runner")
+	h.st.Close()
+
+	// New process on the same store, host and GitLab, on a bigger host.
+	h.capa.VCPUs = 8
+	h.start()
+	h.eventually("restart converged", func() bool {
+		return !h.job(1104).Timeline.VMStarted.IsZero() && h.job(1105).State == job.Failed && h.job(1106).State == job.Canceled &&
+			!h.job(1103).Timeline.VMStarted.IsZero()
+	})
+	if j := h.job(1101); j.State != job.Running || !h.vmRunning(j.VMID) {
+		t.Fatalf("running job not resumed: %s", j.State)
+	}
+	if j := h.job(1105); !strings.HasPrefix(j.Reason, job.ReasonRestartLost) {
+		t.Fatalf("1105 reason %q", j.Reason)
+	}
+	if h.vmRunning("fr-orphan1") || h.vmRunning(job.VMIDFor(1106)) {
+		t.Fatal("orphan VMs survived reconcile")
+	}
+	ids := map[int64]bool{}
+	for _, r := range h.gl.runnerList() {
+		ids[r.ID] = true
+	}
+	if ids[leakRunner] || !ids[foreign] {
+		t.Fatalf("runner reconcile wrong: leak present=%v foreign present=%v", ids[leakRunner], ids[foreign])
+	}
+	tr, _ := h.st.Transitions(ctx, 1104)
+	var path []string
+	for _, x := range tr {
+		path = append(path, string(x.To))
+	}
+	if p := strings.Join(path, ">"); !strings.HasPrefix(p, "queued>runner_created>queued>runner_created>vm_starting") {
+		t.Fatalf("1104 not re-queued after restart: %s", p)
+	}
+
+	// Everything still running finishes and leaves nothing behind.
+	for _, id := range []int64{1101, 1102, 1103, 1104} {
+		j := h.job(id)
+		if err := h.drv.Exit(j.VMID, 0); err != nil {
+			t.Fatalf("job %d: %v", id, err)
+		}
+		h.waitState(id, job.Done)
+	}
+	h.c.ReconcileOnce(ctx)
+	if list, _ := h.drv.List(ctx); len(list) != 0 {
+		t.Fatalf("vms left: %v", list)
+	}
+	if rs := h.gl.runnerList(); len(rs) != 1 || rs[0].ID != foreign {
+		t.Fatalf("runners left: %+v", rs)
+	}
+	if act, _ := h.st.List(ctx, store.Filter{ActiveOnly: true}); len(act) != 0 {
+		t.Fatalf("active jobs left: %d", len(act))
+	}
+}
+
+func TestRunnerSwapAndShutdown(t *testing.T) {
+	h := newHarness(t, func(h *harness) { h.cfg.Limits.DrainTimeout = 100 * time.Millisecond })
+	for _, id := range []int64{1201, 1202, 1203} {
+		h.gl.addJob(stubJob{ID: id, ProjectID: 5, Tags: []string{tag2x4}})
+		h.event(id, 5, "pending", 0)
+	}
+	a := h.waitStarted(1201)
+	b := h.waitStarted(1202)
+	// A's runner picks job B (same tags); B's job ends successfully on A's VM.
+	h.event(1202, 5, "running", a.RunnerID)
+	if got := h.waitState(1201, job.Running); got.PickedJobID != 1202 {
+		t.Fatalf("picked job %d", got.PickedJobID)
+	}
+	h.event(1202, 5, "success", a.RunnerID)
+	h.waitState(1201, job.Done)
+	if h.vmRunning(a.VMID) || !h.vmRunning(b.VMID) {
+		t.Fatal("the wrong VM was torn down")
+	}
+	if !strings.Contains(h.metricsText(), `firerunner_runners{tags="`+tag2x4+`"} 2`) {
+		t.Fatalf("runners per tag set wrong:\n%s", grep(h.metricsText(), "firerunner_runners"))
+	}
+	// SIGTERM: intake stops, running VMs get the drain timeout, then go.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	h.stopd = true
+	if err := h.c.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.c.HandleJobEvent(context.Background(), webhookEvent(1299, 5, "pending")); err == nil {
+		t.Fatal("intake still open after shutdown")
+	}
+	for _, id := range []int64{1202, 1203} {
+		if j := h.job(id); j.State != job.Failed || !strings.HasPrefix(j.Reason, job.ReasonShutdown) {
+			t.Fatalf("job %d after drain: %s %q", id, j.State, j.Reason)
+		}
+	}
+	if list, _ := h.drv.List(ctx); len(list) != 0 || len(h.gl.runnerList()) != 0 {
+		t.Fatal("shutdown leaked vms or runners")
+	}
+	h.web.Close()
+	h.st.Close()
+}
+
+func scheduler2cpu() scheduler.Capacity { return scheduler.Capacity{VCPUs: 2, MemoryMiB: 64 * 1024} }
+
+func grep(text, sub string) string {
+	var out []string
+	for _, l := range strings.Split(text, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+func webhookEvent(jobID, projectID int64, status string) webhook.JobEvent {
+	return webhook.JobEvent{JobID: jobID, ProjectID: projectID, Status: status, ReceivedAt: time.Now()}
+}

@@ -1,0 +1,95 @@
+package gitlabapi
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/firerunner/firerunner/internal/gitlabstandin"
+)
+
+// TestAgainstStandin runs the client against the repository's GitLab
+// stand-in, an independent implementation of the same REST contract, so the
+// two cannot drift apart unnoticed.
+func TestAgainstStandin(t *testing.T) {
+	s, err := gitlabstandin.New(gitlabstandin.Options{ProjectRunnerCap: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const tok = "glpat-interop-token-000000"
+	s.AddToken(tok, gitlabstandin.ScopeAPI)
+	top, err := s.AddGroup("grp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := s.AddProject(gitlabstandin.ProjectSpec{Path: "grp/sub/app", Files: map[string]string{"README": "x"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl, err := s.CreatePipeline(p.ID,
+		gitlabstandin.JobSpec{Name: "build", Script: []string{"true"}, Tags: []string{"firecracker-2cpu-4gb"}},
+		gitlabstandin.JobSpec{Name: "lint", Script: []string{"true"}, Tags: []string{"firecracker-1cpu-1gb"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs bytes.Buffer
+	c, err := New(s.URL(), tok, WithRetries(1), WithBackoff(time.Millisecond, time.Millisecond),
+		WithLogger(slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+
+	j, err := c.GetJob(ctx, p.ID, pl.JobIDs[0])
+	if err != nil || j.ID != pl.JobIDs[0] || j.ProjectID != p.ID || j.Status != "pending" || !slices.Equal(j.TagList, []string{"firecracker-2cpu-4gb"}) {
+		t.Fatalf("GetJob: %+v %v", j, err)
+	}
+	pend, err := c.ListPendingJobs(ctx, p.ID)
+	if err != nil || len(pend) != 2 {
+		t.Fatalf("ListPendingJobs: %+v %v", pend, err)
+	}
+	ids, err := c.ListGroupProjects(ctx, top.ID)
+	if err != nil || !slices.Equal(ids, []int64{p.ID}) {
+		t.Fatalf("ListGroupProjects(top, with subgroups): %v %v", ids, err)
+	}
+
+	var created []Runner
+	spec := RunnerSpec{Scope: "project", ProjectID: p.ID, TagList: []string{"firecracker-2cpu-4gb"},
+		Description: "firerunner job 1", MaximumTimeout: time.Hour, Locked: true}
+	for range 2 {
+		r, err := c.CreateRunner(ctx, spec)
+		if err != nil || !strings.HasPrefix(r.Token, "glrt-") {
+			t.Fatalf("CreateRunner: %+v %v", r, err)
+		}
+		created = append(created, r)
+	}
+	if _, err := c.CreateRunner(ctx, spec); !errors.Is(err, ErrRunnerLimit) || !strings.Contains(err.Error(), "Maximum number") {
+		t.Fatalf("over the cap: want ErrRunnerLimit, got %v", err)
+	}
+	owned, err := c.ListOwnedRunners(ctx, "firerunner ")
+	if err != nil || len(owned) != 2 {
+		t.Fatalf("ListOwnedRunners: %+v %v", owned, err)
+	}
+	for _, r := range created {
+		if err := c.DeleteRunner(ctx, r.ID); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.DeleteRunner(ctx, r.ID); err != nil {
+			t.Fatalf("second delete must be a no-op: %v", err)
+		}
+	}
+	if owned, _ := c.ListOwnedRunners(ctx, "firerunner "); len(owned) != 0 {
+		t.Fatalf("runners left: %+v", owned)
+	}
+	for _, sec := range []string{tok, "glrt-"} {
+		if strings.Contains(logs.String(), sec) {
+			t.Fatalf("%q in logs: %s", sec, logs.String())
+		}
+	}
+}

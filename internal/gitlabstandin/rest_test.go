@@ -1,0 +1,385 @@
+package gitlabstandin
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	gitlab "gitlab.com/gitlab-org/api/client-go"
+)
+
+const adminToken = "glpat-admin-token-0001"
+
+func newServer(t *testing.T, opts Options) *Server {
+	t.Helper()
+	if _, err := exec.LookPath("git"); err != nil {
+		t.Skip("git is not installed")
+	}
+	s, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	s.AddToken(adminToken, ScopeAPI)
+	return s
+}
+
+func client(t *testing.T, s *Server, tok string) *gitlab.Client {
+	t.Helper()
+	c, err := gitlab.NewClient(tok, gitlab.WithBaseURL(s.URL()+"/api/v4"), gitlab.WithCustomRetryMax(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func addProject(t *testing.T, s *Server, path string) Project {
+	t.Helper()
+	p, err := s.AddProject(ProjectSpec{Path: path, Files: map[string]string{"README.md": "hello\n"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func statusOf(err error) int {
+	var er *gitlab.ErrorResponse
+	if errors.Is(err, gitlab.ErrNotFound) {
+		return 404
+	}
+	if errors.As(err, &er) {
+		return er.Response.StatusCode
+	}
+	return 0
+}
+
+func TestAuthScopesAndNotFound(t *testing.T) {
+	s := newServer(t, Options{})
+	p := addProject(t, s, "acme/app")
+	pl, err := s.CreatePipeline(p.ID, JobSpec{Name: "build", Script: []string{"true"}, Tags: []string{"firecracker-1cpu-1gb"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.AddToken("glpat-runner-only", ScopeCreateRunner, ScopeManageRunner)
+	s.AddToken("glpat-read", ScopeReadAPI)
+
+	// Missing and invalid tokens: 401.
+	if _, _, err := client(t, s, "").Jobs.GetJob(p.ID, pl.JobIDs[0]); statusOf(err) != 401 {
+		t.Fatalf("no token: want 401, got %v", err)
+	}
+	if _, _, err := client(t, s, "glpat-wrong").Jobs.GetJob(p.ID, pl.JobIDs[0]); statusOf(err) != 401 {
+		t.Fatalf("bad token: want 401, got %v", err)
+	}
+	// A token without read_api cannot read jobs: 403 insufficient_scope.
+	_, resp, err := client(t, s, "glpat-runner-only").Jobs.GetJob(p.ID, pl.JobIDs[0])
+	if statusOf(err) != 403 || !strings.Contains(err.Error(), "insufficient_scope") {
+		t.Fatalf("runner-only token: want 403 insufficient_scope, got %v", err)
+	}
+	_ = resp
+	// read_api cannot create runners.
+	rt := "project_type"
+	if _, _, err := client(t, s, "glpat-read").Users.CreateUserRunner(&gitlab.CreateUserRunnerOptions{
+		RunnerType: &rt, ProjectID: &p.ID, TagList: &[]string{"x"}}); statusOf(err) != 403 {
+		t.Fatalf("read token creating runner: want 403, got %v", err)
+	}
+	// read_api reads the job with its tag list; unknown job/project: 404.
+	j, _, err := client(t, s, "glpat-read").Jobs.GetJob(p.ID, pl.JobIDs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if j.Status != "pending" || len(j.TagList) != 1 || j.TagList[0] != "firecracker-1cpu-1gb" || j.Pipeline.ID != pl.ID || j.Name != "build" {
+		t.Fatalf("job = %+v", j)
+	}
+	if _, _, err := client(t, s, adminToken).Jobs.GetJob(p.ID, 9999); statusOf(err) != 404 {
+		t.Fatalf("unknown job: want 404, got %v", err)
+	}
+	if _, _, err := client(t, s, adminToken).Jobs.GetJob("acme/nope", pl.JobIDs[0]); statusOf(err) != 404 {
+		t.Fatalf("unknown project: want 404, got %v", err)
+	}
+	// The project may be addressed by its URL-encoded path.
+	if _, _, err := client(t, s, adminToken).Jobs.GetJob("acme/app", pl.JobIDs[0]); err != nil {
+		t.Fatalf("job by project path: %v", err)
+	}
+}
+
+func TestCreateDeleteRunner(t *testing.T) {
+	s := newServer(t, Options{})
+	p := addProject(t, s, "acme/app")
+	s.AddToken("glpat-create", ScopeCreateRunner)
+	s.AddToken("glpat-manage", ScopeManageRunner)
+	c := client(t, s, "glpat-create")
+	rt, desc := "project_type", "firerunner job 7"
+	untagged, locked := false, true
+	tooShort := int64(300)
+	opts := &gitlab.CreateUserRunnerOptions{RunnerType: &rt, ProjectID: &p.ID, Description: &desc,
+		TagList: &[]string{"firecracker-2cpu-2gb"}, RunUntagged: &untagged, Locked: &locked, MaximumTimeout: &tooShort}
+	if _, _, err := c.Users.CreateUserRunner(opts); statusOf(err) != 400 || !strings.Contains(err.Error(), "maximum_timeout") {
+		t.Fatalf("maximum_timeout 300: want 400, got %v", err)
+	}
+	ok := int64(3600)
+	opts.MaximumTimeout = &ok
+	r, resp, err := c.Users.CreateUserRunner(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != 201 || r.ID == 0 || !strings.HasPrefix(r.Token, "glrt-") {
+		t.Fatalf("created runner %+v (%d)", r, resp.StatusCode)
+	}
+	st := s.Runners()
+	if len(st) != 1 || st[0].Description != desc || st[0].Tags[0] != "firecracker-2cpu-2gb" || st[0].RunUntagged ||
+		!st[0].Locked || st[0].MaximumTimeout != 3600 || st[0].ProjectIDs[0] != p.ID {
+		t.Fatalf("runner state %+v", st)
+	}
+	// Listing and details need read_api or manage_runner.
+	list, _, err := client(t, s, "glpat-manage").Runners.ListRunners(&gitlab.ListRunnersOptions{})
+	if err != nil || len(list) != 1 || list[0].ID != r.ID || list[0].Status != "never_contacted" {
+		t.Fatalf("list runners: %v %+v", err, list)
+	}
+	det, _, err := client(t, s, adminToken).Runners.GetRunnerDetails(r.ID)
+	if err != nil || det.TagList[0] != "firecracker-2cpu-2gb" || det.Projects[0].ID != p.ID {
+		t.Fatalf("runner details: %v %+v", err, det)
+	}
+	// create_runner alone cannot delete; manage_runner can; a second delete is 404.
+	if _, err := c.Runners.DeleteRegisteredRunnerByID(r.ID); statusOf(err) != 403 {
+		t.Fatalf("delete with create_runner: want 403, got %v", err)
+	}
+	resp, err = client(t, s, "glpat-manage").Runners.DeleteRegisteredRunnerByID(r.ID)
+	if err != nil || resp.StatusCode != 204 {
+		t.Fatalf("delete: %v", err)
+	}
+	if _, err := client(t, s, "glpat-manage").Runners.DeleteRegisteredRunnerByID(r.ID); statusOf(err) != 404 {
+		t.Fatalf("second delete: want 404, got %v", err)
+	}
+	if n := len(s.Runners()); n != 0 {
+		t.Fatalf("%d runners left", n)
+	}
+}
+
+func TestRunnerCapError(t *testing.T) {
+	s := newServer(t, Options{ProjectRunnerCap: 2})
+	p := addProject(t, s, "acme/app")
+	rt := "project_type"
+	create := func() (*gitlab.UserRunner, error) {
+		r, _, err := client(t, s, adminToken).Users.CreateUserRunner(&gitlab.CreateUserRunnerOptions{
+			RunnerType: &rt, ProjectID: &p.ID, TagList: &[]string{"a"}})
+		return r, err
+	}
+	for range 2 {
+		if _, err := create(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Raw request: the body must be GitLab's exact shape.
+	req, _ := http.NewRequest("POST", s.URL()+"/api/v4/user/runners",
+		strings.NewReader(`{"runner_type":"project_type","project_id":`+jsonInt(p.ID)+`,"tag_list":["a"]}`))
+	req.Header.Set("PRIVATE-TOKEN", adminToken)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	want := `{"message":{"runner_projects.base":["Maximum number of ci registered project runners (2) exceeded"]}}`
+	if resp.StatusCode != 400 || strings.TrimSpace(string(body)) != want {
+		t.Fatalf("cap: %d %s", resp.StatusCode, body)
+	}
+	if _, err := create(); statusOf(err) != 400 {
+		t.Fatalf("client-go over cap: %v", err)
+	}
+}
+
+func jsonInt(n int64) string { b, _ := json.Marshal(n); return string(b) }
+
+func TestPendingJobsPaginationAndGroupProjects(t *testing.T) {
+	s := newServer(t, Options{})
+	p := addProject(t, s, "acme/team/app")
+	addProject(t, s, "acme/other")
+	addProject(t, s, "elsewhere/x")
+	var jobs []JobSpec
+	for _, n := range []string{"a", "b", "c", "d", "e"} {
+		jobs = append(jobs, JobSpec{Name: n, Script: []string{"true"}, Tags: []string{"t"}})
+	}
+	pl, err := s.CreatePipeline(p.ID, jobs...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Cancel(pl.JobIDs[0]); err != nil {
+		t.Fatal(err)
+	}
+	c := client(t, s, adminToken)
+	opt := &gitlab.ListJobsOptions{ListOptions: gitlab.ListOptions{PerPage: 2, Page: 1},
+		Scope: &[]gitlab.BuildStateValue{gitlab.Pending}}
+	var got []int64
+	pages := 0
+	for {
+		page, resp, err := c.Jobs.ListProjectJobs(p.ID, opt)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pages++
+		if resp.TotalItems != 4 || resp.TotalPages != 2 {
+			t.Fatalf("X-Total %d X-Total-Pages %d", resp.TotalItems, resp.TotalPages)
+		}
+		for _, j := range page {
+			got = append(got, j.ID)
+			if j.Status != "pending" {
+				t.Fatalf("job %d is %s", j.ID, j.Status)
+			}
+		}
+		if resp.NextPage == 0 {
+			break
+		}
+		opt.Page = resp.NextPage
+	}
+	if pages != 2 || len(got) != 4 || got[0] != pl.JobIDs[4] {
+		t.Fatalf("pages %d jobs %v", pages, got)
+	}
+
+	g, err := s.AddGroup("acme")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sub := true
+	projs, _, err := c.Groups.ListGroupProjects(g.ID, &gitlab.ListGroupProjectsOptions{IncludeSubGroups: &sub})
+	if err != nil || len(projs) != 2 {
+		t.Fatalf("group projects with subgroups: %v %d", err, len(projs))
+	}
+	projs, _, err = c.Groups.ListGroupProjects(g.ID, &gitlab.ListGroupProjectsOptions{})
+	if err != nil || len(projs) != 1 || projs[0].PathWithNamespace != "acme/other" {
+		t.Fatalf("group projects without subgroups: %v %+v", err, projs)
+	}
+}
+
+func TestFailureInjection(t *testing.T) {
+	s := newServer(t, Options{})
+	p := addProject(t, s, "acme/app")
+	s.FailNext("GET", "/api/v4/projects/", 429, 1)
+	s.FailNext("", "/api/v4/projects/", 500, 1)
+	c := client(t, s, adminToken)
+	_, resp, err := c.Projects.GetProject(p.ID, nil)
+	if statusOf(err) != 429 || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("first: want 429 with Retry-After, got %v", err)
+	}
+	if _, _, err := c.Projects.GetProject(p.ID, nil); statusOf(err) != 500 {
+		t.Fatalf("second: want 500, got %v", err)
+	}
+	if _, _, err := c.Projects.GetProject(p.ID, nil); err != nil {
+		t.Fatalf("third: %v", err)
+	}
+}
+
+func TestWebhooks(t *testing.T) {
+	type delivery struct {
+		header http.Header
+		body   map[string]any
+	}
+	got := make(chan delivery, 100)
+	recv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var m map[string]any
+		_ = json.NewDecoder(r.Body).Decode(&m)
+		got <- delivery{r.Header.Clone(), m}
+	})}
+	s := newServer(t, Options{})
+	ln, err := netListen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = recv.Serve(ln) }()
+	t.Cleanup(func() { _ = recv.Close() })
+	s.SetWebhook("http://"+ln.Addr().String()+"/webhook", "s3cret")
+	p := addProject(t, s, "acme/app")
+	pl, err := s.CreatePipeline(p.ID, JobSpec{Name: "build", Stage: "build", Script: []string{"true"}, Tags: []string{"firecracker-1cpu-1gb"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := func() delivery {
+		select {
+		case d := <-got:
+			return d
+		case <-time.After(10 * time.Second):
+			t.Fatal("no webhook delivery")
+		}
+		return delivery{}
+	}
+	for _, want := range []string{"created", "pending"} {
+		d := next()
+		if d.header.Get("X-Gitlab-Event") != "Job Hook" || d.header.Get("X-Gitlab-Token") != "s3cret" {
+			t.Fatalf("headers %v", d.header)
+		}
+		b := d.body
+		if b["object_kind"] != "build" || b["build_status"] != want || int64(b["build_id"].(float64)) != pl.JobIDs[0] ||
+			b["build_stage"] != "build" || int64(b["project_id"].(float64)) != p.ID || int64(b["pipeline_id"].(float64)) != pl.ID ||
+			b["ref"] != "main" || b["sha"] != p.HeadSHA || b["runner"] != nil {
+			t.Fatalf("payload %v", b)
+		}
+		if _, ok := b["tag_list"]; ok {
+			t.Fatal("Job Hook payloads carry no job tags")
+		}
+		if ts, _ := b["build_created_at"].(string); !strings.HasSuffix(ts, " UTC") || len(ts) != len("2025-05-21 16:06:02 UTC") {
+			t.Fatalf("build_created_at %q", ts)
+		}
+		if _, err := time.Parse(time.RFC3339, b["build_created_at_iso"].(string)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.DuplicateWebhooks(1)
+	if err := s.Cancel(pl.JobIDs[0]); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if d := next(); d.body["build_status"] != "canceled" {
+			t.Fatalf("want duplicated canceled, got %v", d.body["build_status"])
+		}
+	}
+	s.DuplicateWebhooks(0)
+	s.DropWebhooks(true)
+	if err := s.Redeliver(pl.JobIDs[0]); err != nil {
+		t.Fatal(err)
+	}
+	s.DropWebhooks(false)
+	if err := s.Redeliver(pl.JobIDs[0]); err != nil {
+		t.Fatal(err)
+	}
+	if d := next(); d.body["build_status"] != "canceled" {
+		t.Fatal("redelivery")
+	}
+	dropped := 0
+	for _, d := range s.Deliveries() {
+		if d.Dropped {
+			dropped++
+		}
+	}
+	if dropped != 1 {
+		t.Fatalf("dropped %d", dropped)
+	}
+	select {
+	case d := <-got:
+		t.Fatalf("unexpected delivery %v", d.body["build_status"])
+	default:
+	}
+}
+
+func TestWaitJobHonoursContext(t *testing.T) {
+	s := newServer(t, Options{})
+	p := addProject(t, s, "acme/app")
+	pl, err := s.CreatePipeline(p.ID, JobSpec{Name: "x", Script: []string{"true"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	st, err := s.WaitJob(ctx, pl.JobIDs[0], nil)
+	if !errors.Is(err, context.DeadlineExceeded) || st.Status != "pending" {
+		t.Fatalf("WaitJob: %v %+v", err, st)
+	}
+}
+
+func netListen() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") }

@@ -1,0 +1,345 @@
+package gitlabstandin
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/firerunner/firerunner/internal/testenv"
+)
+
+// runnerProc is a real `gitlab-runner run-single` (shell executor) on the host.
+type runnerProc struct {
+	cmd  *exec.Cmd
+	out  *syncBuffer
+	done chan error
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+// startRunner runs one job with the real gitlab-runner; the token goes via
+// the environment, not argv.
+func startRunner(t *testing.T, bin string, s *Server, token string) *runnerProc {
+	t.Helper()
+	home := t.TempDir()
+	cmd := exec.Command(bin, "run-single", "--executor", "shell",
+		"--max-builds", "1", "--wait-timeout", "120",
+		"--builds-dir", home+"/builds", "--cache-dir", home+"/cache")
+	cmd.Env = append(os.Environ(), "HOME="+home, "CI_SERVER_URL="+s.URL(), "CI_SERVER_TOKEN="+token)
+	rp := &runnerProc{cmd: cmd, out: &syncBuffer{}, done: make(chan error, 1)}
+	cmd.Stdout, cmd.Stderr = rp.out, rp.out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { rp.done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		select {
+		case <-rp.done:
+		default:
+			_ = cmd.Process.Kill()
+			<-rp.done
+		}
+		if t.Failed() {
+			t.Logf("gitlab-runner output:\n%s", rp.out.String())
+		}
+	})
+	return rp
+}
+
+// wait waits for the runner to exit after its one job.
+func (rp *runnerProc) wait(t *testing.T) {
+	t.Helper()
+	select {
+	case err := <-rp.done:
+		rp.done <- err
+		if err != nil {
+			t.Fatalf("gitlab-runner exited: %v", err)
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatal("gitlab-runner did not exit after its job")
+	}
+}
+
+func waitJob(t *testing.T, s *Server, id int64, cond func(JobState) bool) JobState {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	st, err := s.WaitJob(ctx, id, cond)
+	if err != nil {
+		t.Fatalf("%v; trace so far:\n%s", err, st.Trace)
+	}
+	return st
+}
+
+func projectRunner(t *testing.T, s *Server, p Project, tags ...string) RunnerState {
+	t.Helper()
+	r, err := s.CreateRunner(RunnerSpec{ProjectID: p.ID, Tags: tags, RunUntagged: len(tags) == 0, Description: t.Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func TestRealRunnerSuccessCloneAtRefMaskedVariable(t *testing.T) {
+	bin := testenv.GitLabRunner(t)
+	s := newServer(t, Options{})
+	p, err := s.AddProject(ProjectSpec{Path: "acme/app", Files: map[string]string{"data.txt": "from main\n"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	featureSHA, err := s.Commit(p.ID, "feature", map[string]string{"data.txt": "from feature\n"}, "feature commit")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const secret = "hunter2-very-secret-value"
+	pl, err := s.CreatePipelineSpec(p.ID, PipelineSpec{Ref: "feature", Jobs: []JobSpec{{
+		Name:        "build",
+		Tags:        []string{"firecracker-1cpu-1gb"},
+		Script:      []string{"cat data.txt", "echo head=$(git rev-parse HEAD)", `echo "secret=$MY_SECRET"`, "echo plain=$PLAIN"},
+		AfterScript: []string{"echo after-script-ran"},
+		Variables:   []Variable{{Key: "MY_SECRET", Value: secret, Masked: true}, {Key: "PLAIN", Value: "visible-value"}},
+	}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := projectRunner(t, s, p, "firecracker-1cpu-1gb")
+	rp := startRunner(t, bin, s, r.Token)
+	st := waitJob(t, s, pl.JobIDs[0], nil)
+	rp.wait(t)
+
+	if st.Status != StatusSuccess || st.RunnerID != r.ID {
+		t.Fatalf("status %s runner %d; trace:\n%s", st.Status, st.RunnerID, st.Trace)
+	}
+	for _, want := range []string{"from feature", "head=" + featureSHA, "secret=[MASKED]", "plain=visible-value", "after-script-ran", "Job succeeded"} {
+		if !strings.Contains(st.Trace, want) {
+			t.Errorf("trace lacks %q", want)
+		}
+	}
+	if strings.Contains(st.Trace, secret) || strings.Contains(st.Trace, "from main") {
+		t.Errorf("trace leaks the secret or has the wrong ref")
+	}
+	if t.Failed() {
+		t.Logf("trace:\n%s", st.Trace)
+	}
+}
+
+func TestRealRunnerScriptFailureExitCode(t *testing.T) {
+	bin := testenv.GitLabRunner(t)
+	s := newServer(t, Options{})
+	p := addProject(t, s, "acme/app")
+	pl, err := s.CreatePipeline(p.ID, JobSpec{Name: "fail", Script: []string{"echo about-to-fail", "exit 3"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := projectRunner(t, s, p)
+	rp := startRunner(t, bin, s, r.Token)
+	st := waitJob(t, s, pl.JobIDs[0], nil)
+	rp.wait(t)
+	if st.Status != StatusFailed || st.FailureReason != "script_failure" || st.ExitCode != 3 {
+		t.Fatalf("status %s reason %q exit %d; trace:\n%s", st.Status, st.FailureReason, st.ExitCode, st.Trace)
+	}
+	if !strings.Contains(st.Trace, "about-to-fail") || !strings.Contains(st.Trace, "exit code 3") {
+		t.Fatalf("trace:\n%s", st.Trace)
+	}
+}
+
+func TestRealRunnerCancel(t *testing.T) {
+	bin := testenv.GitLabRunner(t)
+	s := newServer(t, Options{TraceUpdateInterval: time.Second})
+	p := addProject(t, s, "acme/app")
+	pl, err := s.CreatePipeline(p.ID, JobSpec{Name: "long", Script: []string{"echo started-long-job", "sleep 300"},
+		AfterScript: []string{"echo after-cancel"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := projectRunner(t, s, p)
+	rp := startRunner(t, bin, s, r.Token)
+	waitJob(t, s, pl.JobIDs[0], func(j JobState) bool { return strings.Contains(j.Trace, "started-long-job") })
+	if err := s.Cancel(pl.JobIDs[0]); err != nil {
+		t.Fatal(err)
+	}
+	st := waitJob(t, s, pl.JobIDs[0], nil)
+	if st.Status != StatusCanceled {
+		t.Fatalf("status %s; trace:\n%s", st.Status, st.Trace)
+	}
+	// The runner must notice (Job-Status header) and stop, not sleep 300 s.
+	rp.wait(t)
+	t.Logf("canceled after %s; after_script ran: %v", st.FinishedAt.Sub(st.StartedAt).Round(time.Millisecond),
+		strings.Contains(st.Trace, "after-cancel"))
+}
+
+// runnerAPI posts to the runner API like gitlab-runner does.
+func runnerAPI(t *testing.T, s *Server, method, path string, hdr map[string]string, body any) (*http.Response, []byte) {
+	t.Helper()
+	var rd io.Reader
+	switch b := body.(type) {
+	case nil:
+	case []byte:
+		rd = bytes.NewReader(b)
+	default:
+		js, _ := json.Marshal(b)
+		rd = bytes.NewReader(js)
+	}
+	req, _ := http.NewRequest(method, s.URL()+"/api/v4/"+path, rd)
+	req.Header.Set("Content-Type", "application/json")
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	out, _ := io.ReadAll(resp.Body)
+	return resp, out
+}
+
+func TestJobAssignmentRules(t *testing.T) {
+	s := newServer(t, Options{LongPoll: -1})
+	p := addProject(t, s, "acme/app")
+	other := addProject(t, s, "acme/other")
+	pl, err := s.CreatePipeline(p.ID,
+		JobSpec{Name: "ab", Script: []string{"true"}, Tags: []string{"a", "b"}},
+		JobSpec{Name: "untagged", Script: []string{"true"}},
+		JobSpec{Name: "a", Script: []string{"true"}, Tags: []string{"a"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	request := func(tok string) (int, int64) {
+		resp, body := runnerAPI(t, s, "POST", "jobs/request", nil, map[string]any{"token": tok, "info": map[string]any{}})
+		var j struct {
+			ID int64 `json:"id"`
+		}
+		_ = json.Unmarshal(body, &j)
+		return resp.StatusCode, j.ID
+	}
+	onlyA := projectRunner(t, s, p, "a")
+	otherProj := projectRunner(t, s, other, "a", "b")
+	if code, _ := request("glrt-unknown"); code != 403 {
+		t.Fatalf("unknown runner token: %d", code)
+	}
+	if code, _ := request(otherProj.Token); code != 204 {
+		t.Fatalf("runner of another project got a job: %d", code)
+	}
+	// Runner tagged [a]: not "ab" (tags ⊄), not "untagged" (run_untagged false) → "a".
+	if code, id := request(onlyA.Token); code != 201 || id != pl.JobIDs[2] {
+		t.Fatalf("runner [a]: %d job %d", code, id)
+	}
+	if code, _ := request(onlyA.Token); code != 204 {
+		t.Fatalf("runner [a] second request: %d", code)
+	}
+	group, err := s.CreateRunner(RunnerSpec{Type: "group_type", GroupID: p.GroupID, Tags: []string{"a", "b", "c"}, RunUntagged: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[int64]bool{}
+	for range 2 {
+		code, id := request(group.Token)
+		if code != 201 {
+			t.Fatalf("group runner: %d", code)
+		}
+		got[id] = true
+	}
+	if !got[pl.JobIDs[0]] || !got[pl.JobIDs[1]] {
+		t.Fatalf("group runner got %v", got)
+	}
+	if code, _ := request(group.Token); code != 204 {
+		t.Fatal("a job was handed out twice")
+	}
+	if st, _ := s.Job(pl.JobIDs[0]); st.Status != StatusRunning || st.RunnerID != group.ID {
+		t.Fatalf("job %+v", st)
+	}
+}
+
+func TestTraceRangesAndCancelStatus(t *testing.T) {
+	s := newServer(t, Options{LongPoll: -1})
+	p := addProject(t, s, "acme/app")
+	pl, err := s.CreatePipeline(p.ID, JobSpec{Name: "x", Script: []string{"true"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := projectRunner(t, s, p)
+	resp, body := runnerAPI(t, s, "POST", "jobs/request", nil, map[string]any{"token": r.Token, "info": map[string]any{}})
+	if resp.StatusCode != 201 {
+		t.Fatalf("request: %d", resp.StatusCode)
+	}
+	var job struct {
+		ID      int64  `json:"id"`
+		Token   string `json:"token"`
+		GitInfo struct {
+			RepoURL  string   `json:"repo_url"`
+			Refspecs []string `json:"refspecs"`
+			Sha      string   `json:"sha"`
+		} `json:"git_info"`
+		Steps []struct {
+			Name   string   `json:"name"`
+			Script []string `json:"script"`
+		} `json:"steps"`
+		RunnerInfo struct {
+			Timeout int `json:"timeout"`
+		} `json:"runner_info"`
+	}
+	if err := json.Unmarshal(body, &job); err != nil {
+		t.Fatal(err)
+	}
+	if job.ID != pl.JobIDs[0] || job.GitInfo.Sha != p.HeadSHA || !strings.Contains(job.GitInfo.RepoURL, "gitlab-ci-token:"+job.Token+"@") ||
+		len(job.Steps) != 1 || job.Steps[0].Name != "script" || job.RunnerInfo.Timeout != 3600 {
+		t.Fatalf("payload %s", body)
+	}
+	patch := func(tok, rng, data string) *http.Response {
+		resp, _ := runnerAPI(t, s, "PATCH", fmt.Sprintf("jobs/%d/trace", job.ID),
+			map[string]string{"JOB-TOKEN": tok, "Content-Range": rng}, []byte(data))
+		return resp
+	}
+	if resp := patch("wrong", "0-4", "hello"); resp.StatusCode != 403 {
+		t.Fatalf("wrong job token: %d", resp.StatusCode)
+	}
+	if resp := patch(job.Token, "0-4", "hello"); resp.StatusCode != 202 || resp.Header.Get("Range") != "0-5" || resp.Header.Get("Job-Status") != "running" {
+		t.Fatalf("patch: %d %v", resp.StatusCode, resp.Header)
+	}
+	if resp := patch(job.Token, "7-9", "abc"); resp.StatusCode != 416 || resp.Header.Get("Range") != "0-5" {
+		t.Fatalf("gap: %d %v", resp.StatusCode, resp.Header)
+	}
+	if resp := patch(job.Token, "5-10", " world"); resp.StatusCode != 202 {
+		t.Fatalf("append: %d", resp.StatusCode)
+	}
+	if st, _ := s.Job(job.ID); st.Trace != "hello world" {
+		t.Fatalf("trace %q", st.Trace)
+	}
+	// Without graceful-cancel support the job is canceled at once and the
+	// runner learns it from a 403 carrying Job-Status.
+	if err := s.Cancel(job.ID); err != nil {
+		t.Fatal(err)
+	}
+	if resp := patch(job.Token, "11-11", "!"); resp.StatusCode != 403 || resp.Header.Get("Job-Status") != "canceled" {
+		t.Fatalf("patch after cancel: %d %v", resp.StatusCode, resp.Header)
+	}
+	resp, _ = runnerAPI(t, s, "PUT", fmt.Sprintf("jobs/%d", job.ID), nil, map[string]any{"token": job.Token, "state": "failed"})
+	if resp.StatusCode != 403 || resp.Header.Get("Job-Status") != "canceled" {
+		t.Fatalf("update after cancel: %d %v", resp.StatusCode, resp.Header)
+	}
+}

@@ -1,0 +1,544 @@
+// Package netsetup gives each VM a tap on a FireRunner bridge, an address from
+// the configured CIDR (persisted), and nftables NAT/isolation for both drivers.
+//
+// Tap names ARE the VM ids: a VM id matches vm.IDPattern (fr-[a-z0-9]{1,12},
+// at most 15 bytes = IFNAMSIZ-1), so reconciliation maps a leftover tap back
+// to its VM with no extra table. Every tap is an isolated bridge port
+// (BR_ISOLATED: no frames between VMs at layer 2) and the table
+// `inet firerunner` stops VMs reaching each other through the gateway, the
+// host itself (except allowed ports) and 169.254.0.0/16; egress is NATed.
+package netsetup
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"regexp"
+	"runtime"
+	"sort"
+	"strings"
+	"sync"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/firerunner/firerunner/internal/config"
+	"github.com/firerunner/firerunner/internal/guestconfig"
+	"github.com/firerunner/firerunner/internal/vm"
+)
+
+var idRE = regexp.MustCompile(vm.IDPattern)
+
+// Manager owns the bridge, the taps, the address table and the nft table.
+// Its methods are safe for concurrent use and idempotent.
+type Manager struct {
+	cfg          config.Network
+	prefix       netip.Prefix
+	gateway      netip.Addr
+	egressAllow  []netip.Prefix
+	dns          []string
+	alloc        *allocator
+	log          *slog.Logger
+	ns           netns.NsHandle // -1: the caller's namespace
+	blockedPorts []uint16
+	allowedPorts []uint16
+	tapUID       uint32
+	tapGID       uint32
+
+	// newPort creates the VM's bridge port; tests swap in veth pairs so
+	// traffic can flow without a VMM holding the tap open.
+	newPort func(name string) (netlink.Link, error)
+
+	mu sync.Mutex
+}
+
+// Option customises a Manager.
+type Option func(*Manager)
+
+// WithNetNS runs every operation inside the given network namespace (tests).
+func WithNetNS(h netns.NsHandle) Option { return func(m *Manager) { m.ns = h } }
+
+// WithLogger sets the logger.
+func WithLogger(l *slog.Logger) Option { return func(m *Manager) { m.log = l } }
+
+// WithHostPorts drops these host TCP/UDP ports for VMs even if allowed. All
+// host ports are closed to VMs by default; this makes the FireRunner API and
+// metrics port explicit, so a later allow rule cannot open them.
+func WithHostPorts(blocked ...uint16) Option {
+	return func(m *Manager) { m.blockedPorts = append(m.blockedPorts, blocked...) }
+}
+
+// WithAllowedHostPorts opens host TCP/UDP ports to VMs (e.g. 53 for a DNS
+// resolver listening on the bridge address).
+func WithAllowedHostPorts(allowed ...uint16) Option {
+	return func(m *Manager) { m.allowedPorts = append(m.allowedPorts, allowed...) }
+}
+
+// WithTapOwner makes taps owned by uid/gid, so an unprivileged VMM (the
+// Firecracker jailer's uid) can open them. The default owner is root.
+func WithTapOwner(uid, gid uint32) Option {
+	return func(m *Manager) { m.tapUID, m.tapGID = uid, gid }
+}
+
+// New validates cfg and returns a Manager; it changes nothing on the host.
+func New(cfg config.Network, stateDir string, opts ...Option) (*Manager, error) {
+	if cfg.Bridge == "" || len(cfg.Bridge) > 15 {
+		return nil, fmt.Errorf("network.bridge %q: must be 1-15 characters", cfg.Bridge)
+	}
+	if idRE.MatchString(cfg.Bridge) {
+		return nil, fmt.Errorf("network.bridge %q: must not look like a VM id (fr-...), those names are taps", cfg.Bridge)
+	}
+	if stateDir == "" {
+		return nil, errors.New("netsetup: state dir must be set")
+	}
+	prefix, err := netip.ParsePrefix(cfg.CIDR)
+	if err != nil {
+		return nil, fmt.Errorf("network.cidr %q: %w", cfg.CIDR, err)
+	}
+	if prefix.Addr().Is4In6() || !prefix.Addr().Is4() {
+		return nil, fmt.Errorf("network.cidr %q: must be IPv4", cfg.CIDR)
+	}
+	if prefix.Masked().Overlaps(metadataPrefix) {
+		return nil, fmt.Errorf("network.cidr %q: must not overlap link-local 169.254.0.0/16", cfg.CIDR)
+	}
+	if cfg.MTU == 0 {
+		cfg.MTU = 1500
+	}
+	if cfg.MTU < 576 || cfg.MTU > 9000 {
+		return nil, fmt.Errorf("network.mtu %d: must be between 576 and 9000", cfg.MTU)
+	}
+	a, err := newAllocator(stateDir, prefix)
+	if err != nil {
+		return nil, err
+	}
+	m := &Manager{cfg: cfg, prefix: prefix.Masked(), gateway: a.gateway, alloc: a, ns: -1,
+		log: slog.New(slog.DiscardHandler)}
+	for _, d := range cfg.DNS {
+		ip, err := netip.ParseAddr(d)
+		if err != nil || !ip.Is4() {
+			return nil, fmt.Errorf("network.dns %q: not an IPv4 address", d)
+		}
+		m.dns = append(m.dns, ip.String())
+	}
+	switch cfg.Egress {
+	case "", "allow_all":
+		m.cfg.Egress = "allow_all"
+	case "allowlist":
+		for _, s := range cfg.EgressAllow {
+			p, err := netip.ParsePrefix(s)
+			if err != nil {
+				ip, err2 := netip.ParseAddr(s)
+				if err2 != nil {
+					return nil, fmt.Errorf("network.egress_allow %q: not a CIDR or address", s)
+				}
+				p = netip.PrefixFrom(ip, ip.BitLen())
+			}
+			if !p.Addr().Is4() {
+				return nil, fmt.Errorf("network.egress_allow %q: must be IPv4", s)
+			}
+			m.egressAllow = append(m.egressAllow, p.Masked())
+		}
+		// The guests' resolvers must stay reachable or nothing resolves.
+		for _, d := range m.dns {
+			ip := netip.MustParseAddr(d)
+			m.egressAllow = append(m.egressAllow, netip.PrefixFrom(ip, 32))
+		}
+	default:
+		return nil, fmt.Errorf("network.egress %q: not one of allow_all, allowlist", cfg.Egress)
+	}
+	m.newPort = m.newTap
+	for _, o := range opts {
+		o(m)
+	}
+	return m, nil
+}
+
+// Gateway is the bridge's address, the VMs' default gateway.
+func (m *Manager) Gateway() netip.Addr { return m.gateway }
+
+// run executes fn on an OS thread inside m.ns (when set). Taps are created by
+// ioctl on /dev/net/tun, which binds them to the opening thread's namespace,
+// so a netlink handle alone would not do. A thread whose namespace cannot be
+// restored is never unlocked: Go then destroys it instead of reusing it.
+func (m *Manager) run(fn func() error) error {
+	if m.ns < 0 {
+		return fn()
+	}
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			errc <- fmt.Errorf("netns: %w", err)
+			return
+		}
+		defer orig.Close()
+		if err := netns.Set(m.ns); err != nil {
+			errc <- fmt.Errorf("netns: enter: %w", err)
+			return
+		}
+		ferr := fn()
+		if err := netns.Set(orig); err != nil {
+			errc <- errors.Join(ferr, fmt.Errorf("netns: restore: %w", err))
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+// Setup creates the bridge (with the gateway address, MTU, up), enables IPv4
+// forwarding and installs the nft table. Safe to call on every start.
+func (m *Manager) Setup(ctx context.Context) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	t, err := m.alloc.load()
+	if err != nil {
+		return err
+	}
+	return m.run(func() error {
+		br, err := m.ensureBridge()
+		if err != nil {
+			return err
+		}
+		if err := writeSysctl("/proc/sys/net/ipv4/ip_forward", "1"); err != nil {
+			return fmt.Errorf("enable ip_forward: %w", err)
+		}
+		// The guest never does IPv6; keep the host's bridge out of it too.
+		_ = writeSysctl("/proc/sys/net/ipv6/conf/"+br.Attrs().Name+"/disable_ipv6", "1")
+		c, err := nftables.New()
+		if err != nil {
+			return fmt.Errorf("nftables: %w", err)
+		}
+		if err := m.applyRuleset(c, t.addrs()); err != nil {
+			return err
+		}
+		m.log.Info("network ready", "bridge", m.cfg.Bridge, "cidr", m.prefix.String(), "gateway", m.gateway.String(), "egress", m.cfg.Egress)
+		return nil
+	})
+}
+
+func (m *Manager) ensureBridge() (netlink.Link, error) {
+	br, err := netlink.LinkByName(m.cfg.Bridge)
+	var nf netlink.LinkNotFoundError
+	switch {
+	case errors.As(err, &nf):
+		if err := netlink.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: m.cfg.Bridge, MTU: m.cfg.MTU}}); err != nil && !errors.Is(err, os.ErrExist) {
+			return nil, fmt.Errorf("create bridge %s: %w", m.cfg.Bridge, err)
+		}
+		if br, err = netlink.LinkByName(m.cfg.Bridge); err != nil {
+			return nil, fmt.Errorf("bridge %s: %w", m.cfg.Bridge, err)
+		}
+	case err != nil:
+		return nil, fmt.Errorf("bridge %s: %w", m.cfg.Bridge, err)
+	case br.Type() != "bridge":
+		return nil, fmt.Errorf("network.bridge %s exists but is a %s, not a bridge", m.cfg.Bridge, br.Type())
+	}
+	if br.Attrs().MTU != m.cfg.MTU {
+		if err := netlink.LinkSetMTU(br, m.cfg.MTU); err != nil {
+			return nil, fmt.Errorf("bridge %s mtu: %w", m.cfg.Bridge, err)
+		}
+	}
+	want := &net.IPNet{IP: m.gateway.AsSlice(), Mask: net.CIDRMask(m.prefix.Bits(), 32)}
+	addrs, err := netlink.AddrList(br, netlink.FAMILY_V4)
+	if err != nil {
+		return nil, fmt.Errorf("bridge %s addresses: %w", m.cfg.Bridge, err)
+	}
+	for _, a := range addrs { // drop addresses from an earlier CIDR
+		if a.IPNet.String() != want.String() {
+			_ = netlink.AddrDel(br, &a)
+		}
+	}
+	if err := netlink.AddrReplace(br, &netlink.Addr{IPNet: want}); err != nil {
+		return nil, fmt.Errorf("bridge %s address %s: %w", m.cfg.Bridge, want, err)
+	}
+	if err := netlink.LinkSetUp(br); err != nil {
+		return nil, fmt.Errorf("bridge %s up: %w", m.cfg.Bridge, err)
+	}
+	return br, nil
+}
+
+func writeSysctl(path, v string) error {
+	if b, err := os.ReadFile(path); err == nil && strings.TrimSpace(string(b)) == v {
+		return nil
+	}
+	return os.WriteFile(path, []byte(v), 0o644)
+}
+
+// newTap creates a persistent tap (no VMM attached yet). IFF_VNET_HDR and
+// IFF_NO_PI match what Firecracker and QEMU ask for when they open it.
+func (m *Manager) newTap(name string) (netlink.Link, error) {
+	t := &netlink.Tuntap{
+		LinkAttrs: netlink.LinkAttrs{Name: name, MTU: m.cfg.MTU},
+		Mode:      netlink.TUNTAP_MODE_TAP,
+		Flags:     netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR | netlink.TUNTAP_ONE_QUEUE,
+		Owner:     m.tapUID,
+		Group:     m.tapGID,
+	}
+	if err := netlink.LinkAdd(t); err != nil {
+		return nil, err
+	}
+	for _, f := range t.Fds {
+		f.Close()
+	}
+	return netlink.LinkByName(name)
+}
+
+// MAC derives the guest MAC from its address: locally administered (02:),
+// "fc" for FireRunner, then the 4 IPv4 bytes, so it is unique per VM.
+func MAC(ip netip.Addr) string {
+	b := ip.As4()
+	return fmt.Sprintf("02:fc:%02x:%02x:%02x:%02x", b[0], b[1], b[2], b[3])
+}
+
+func validID(id string) error {
+	if !idRE.MatchString(id) {
+		return fmt.Errorf("vm id %q: must match %s", id, vm.IDPattern)
+	}
+	return nil
+}
+
+// Attach allocates vmID's address (reusing a persisted one) and creates its
+// tap as an isolated port of the bridge. Calling it again returns the same
+// attachment. Setup must have run.
+func (m *Manager) Attach(ctx context.Context, vmID string) (*vm.NetAttachment, *guestconfig.Network, error) {
+	if err := validID(vmID); err != nil {
+		return nil, nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := ctx.Err(); err != nil {
+		return nil, nil, err
+	}
+	t, err := m.alloc.load()
+	if err != nil {
+		return nil, nil, err
+	}
+	ip, fresh, err := m.alloc.allocate(&t, vmID)
+	if err != nil {
+		return nil, nil, err
+	}
+	if fresh {
+		if err := m.alloc.save(t); err != nil {
+			return nil, nil, err
+		}
+	}
+	// Anti-spoofing rules first: the port never exists without them.
+	err = m.syncPortRules(t)
+	if err == nil {
+		err = m.run(func() error { return m.ensurePort(vmID) })
+	}
+	if err != nil {
+		if fresh { // leave nothing behind for a VM that never got a port
+			_ = m.run(func() error { return delLink(vmID) })
+			delete(t.VMs, vmID)
+			_ = m.alloc.save(t)
+			_ = m.syncPortRules(t)
+		}
+		return nil, nil, fmt.Errorf("attach %s: %w", vmID, err)
+	}
+	m.log.Info("vm network attached", "vm", vmID, "tap", vmID, "ip", ip.String())
+	return &vm.NetAttachment{TapName: vmID, MAC: MAC(ip)},
+		&guestconfig.Network{
+			Address: netip.PrefixFrom(ip, m.prefix.Bits()).String(),
+			Gateway: m.gateway.String(),
+			DNS:     append([]string(nil), m.dns...),
+			MTU:     m.cfg.MTU,
+		}, nil
+}
+
+func (m *Manager) ensurePort(name string) error {
+	br, err := netlink.LinkByName(m.cfg.Bridge)
+	if err != nil {
+		return fmt.Errorf("bridge %s missing (run Setup first): %w", m.cfg.Bridge, err)
+	}
+	l, err := netlink.LinkByName(name)
+	var nf netlink.LinkNotFoundError
+	if errors.As(err, &nf) {
+		if l, err = m.newPort(name); err != nil {
+			return fmt.Errorf("create tap %s: %w", name, err)
+		}
+	} else if err != nil {
+		return err
+	}
+	if l.Attrs().MTU != m.cfg.MTU {
+		if err := netlink.LinkSetMTU(l, m.cfg.MTU); err != nil {
+			return fmt.Errorf("tap %s mtu: %w", name, err)
+		}
+	}
+	if l.Attrs().MasterIndex != br.Attrs().Index {
+		if err := netlink.LinkSetMaster(l, br); err != nil {
+			return fmt.Errorf("tap %s on bridge %s: %w", name, m.cfg.Bridge, err)
+		}
+	}
+	// Isolated ports only talk to non-isolated ones (the host's bridge
+	// device), never to each other.
+	if err := netlink.LinkSetIsolated(l, true); err != nil {
+		return fmt.Errorf("tap %s isolate: %w", name, err)
+	}
+	if err := netlink.LinkSetUp(l); err != nil {
+		return fmt.Errorf("tap %s up: %w", name, err)
+	}
+	return nil
+}
+
+func delLink(name string) error {
+	l, err := netlink.LinkByName(name)
+	var nf netlink.LinkNotFoundError
+	if errors.As(err, &nf) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if err := netlink.LinkDel(l); err != nil && !errors.As(err, &nf) && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("delete %s: %w", name, err)
+	}
+	return nil
+}
+
+// Release deletes vmID's tap and frees its address. Unknown ids are fine.
+func (m *Manager) Release(ctx context.Context, vmID string) error {
+	if err := validID(vmID); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.run(func() error { return delLink(vmID) }); err != nil {
+		return fmt.Errorf("release %s: %w", vmID, err)
+	}
+	t, err := m.alloc.load()
+	if err != nil {
+		return err
+	}
+	if _, ok := t.VMs[vmID]; ok {
+		delete(t.VMs, vmID)
+		if err := m.alloc.save(t); err != nil {
+			return err
+		}
+		m.log.Info("vm network released", "vm", vmID)
+	}
+	return m.syncPortRules(t)
+}
+
+// syncPortRules rebuilds table bridge firerunner from the address table.
+func (m *Manager) syncPortRules(t allocTable) error {
+	return m.run(func() error {
+		c, err := nftables.New()
+		if err != nil {
+			return fmt.Errorf("nftables: %w", err)
+		}
+		applyPortRules(c, t.addrs())
+		if err := c.Flush(); err != nil {
+			return fmt.Errorf("nftables: port rules: %w", err)
+		}
+		return nil
+	})
+}
+
+// List returns the VM ids that hold a tap or an address on this host, for
+// reconciliation after a crash.
+func (m *Manager) List(ctx context.Context) ([]string, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	t, err := m.alloc.load()
+	if err != nil {
+		return nil, err
+	}
+	ids := map[string]string{}
+	for id := range t.VMs {
+		ids[id] = ""
+	}
+	err = m.run(func() error {
+		links, err := netlink.LinkList()
+		if err != nil {
+			return err
+		}
+		for _, l := range links {
+			if idRE.MatchString(l.Attrs().Name) {
+				ids[l.Attrs().Name] = ""
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	return sortedIDs(ids), nil
+}
+
+// Teardown removes every tap, the bridge, the nft table and the address
+// table (uninstall and tests). Running VMs lose their network.
+func (m *Manager) Teardown(ctx context.Context) error {
+	ids, err := m.List(ctx)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, id := range ids {
+		errs = append(errs, m.Release(ctx, id))
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	errs = append(errs, m.run(func() error {
+		var e []error
+		if l, err := netlink.LinkByName(m.cfg.Bridge); err == nil && l.Type() == "bridge" {
+			e = append(e, delLink(m.cfg.Bridge))
+		}
+		c, err := nftables.New()
+		if err != nil {
+			return errors.Join(append(e, err)...)
+		}
+		return errors.Join(append(e, deleteTable(c))...)
+	}))
+	if err := os.Remove(m.alloc.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// Check reports what is missing for VM networking (for `firerunner doctor`):
+// the bridge, its address, the nft table and IPv4 forwarding.
+func (m *Manager) Check(ctx context.Context) []string {
+	var problems []string
+	_ = m.run(func() error {
+		br, err := netlink.LinkByName(m.cfg.Bridge)
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("bridge %s does not exist", m.cfg.Bridge))
+		} else {
+			addrs, _ := netlink.AddrList(br, netlink.FAMILY_V4)
+			found := false
+			for _, a := range addrs {
+				if a.IP.Equal(m.gateway.AsSlice()) {
+					found = true
+				}
+			}
+			if !found {
+				problems = append(problems, fmt.Sprintf("bridge %s lacks gateway address %s", m.cfg.Bridge, m.gateway))
+			}
+		}
+		if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_forward"); err != nil || strings.TrimSpace(string(b)) != "1" {
+			problems = append(problems, "net.ipv4.ip_forward is not 1")
+		}
+		c, err := nftables.New()
+		if err == nil {
+			var ok bool
+			ok, err = tableExists(c)
+			if err == nil && !ok {
+				problems = append(problems, "nftables table inet "+TableName+" is missing")
+			}
+		}
+		if err != nil {
+			problems = append(problems, "nftables: "+err.Error())
+		}
+		return nil
+	})
+	sort.Strings(problems)
+	return problems
+}

@@ -1,0 +1,189 @@
+// Package fake is a vm.Driver that boots nothing, with configurable delays,
+// exit codes and failure injection. For controller unit tests and benchmarks only.
+package fake
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/firerunner/firerunner/internal/vm"
+)
+
+func init() {
+	vm.Register("fake", func(vm.Env) (vm.Driver, error) { return New(Options{}), nil })
+}
+
+// Options shape the fake VMs.
+type Options struct {
+	// StartDelay is slept in Start (simulated VMM start).
+	StartDelay time.Duration
+	// RunFor makes each VM power off by itself after this long; 0 = the VM
+	// runs until Exit or Destroy.
+	RunFor time.Duration
+	// ExitCode is reported when a VM powers off by itself after RunFor.
+	ExitCode int
+	// StartError, when set, is called by Start; a non-nil result fails Start.
+	StartError func(spec vm.Spec) error
+	// OnStart is called at the beginning of every Start (benchmark timing).
+	OnStart func(spec vm.Spec)
+}
+
+type instance struct {
+	spec   vm.Spec
+	done   chan struct{}
+	result vm.Result
+	once   sync.Once
+	timer  *time.Timer
+}
+
+func (i *instance) stop(r vm.Result) {
+	i.once.Do(func() {
+		i.result = r
+		if i.timer != nil {
+			i.timer.Stop()
+		}
+		close(i.done)
+	})
+}
+
+// Driver is the fake driver. Its "host" is memory, so a test simulates a
+// FireRunner crash by handing the same Driver to a new controller.
+type Driver struct {
+	opts Options
+
+	mu        sync.Mutex
+	vms       map[string]*instance
+	specs     []vm.Spec
+	destroyed []string
+}
+
+// New returns a fake driver.
+func New(o Options) *Driver { return &Driver{opts: o, vms: map[string]*instance{}} }
+
+// Name implements vm.Driver.
+func (d *Driver) Name() string { return "fake" }
+
+// Start implements vm.Driver: validates the spec like a real driver and
+// records it.
+func (d *Driver) Start(ctx context.Context, spec vm.Spec) error {
+	if d.opts.OnStart != nil {
+		d.opts.OnStart(spec)
+	}
+	if err := spec.Validate(); err != nil {
+		return err
+	}
+	if d.opts.StartDelay > 0 {
+		select {
+		case <-time.After(d.opts.StartDelay):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if d.opts.StartError != nil {
+		if err := d.opts.StartError(spec); err != nil {
+			return err
+		}
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, ok := d.vms[spec.ID]; ok {
+		return fmt.Errorf("fake: vm %s already exists", spec.ID)
+	}
+	in := &instance{spec: spec, done: make(chan struct{})}
+	if d.opts.RunFor > 0 {
+		code := d.opts.ExitCode
+		in.timer = time.AfterFunc(d.opts.RunFor, func() { in.stop(vm.Result{ExitCode: code}) })
+	}
+	d.vms[spec.ID] = in
+	d.specs = append(d.specs, spec)
+	return nil
+}
+
+// Wait implements vm.Driver.
+func (d *Driver) Wait(ctx context.Context, id string) (vm.Result, error) {
+	d.mu.Lock()
+	in, ok := d.vms[id]
+	d.mu.Unlock()
+	if !ok {
+		return vm.Result{}, vm.ErrNotFound
+	}
+	select {
+	case <-in.done:
+		return in.result, nil
+	case <-ctx.Done():
+		return vm.Result{}, ctx.Err()
+	}
+}
+
+// Destroy implements vm.Driver: kills and forgets the VM (unknown id: nil).
+func (d *Driver) Destroy(_ context.Context, id string) error {
+	d.mu.Lock()
+	in, ok := d.vms[id]
+	delete(d.vms, id)
+	if ok {
+		d.destroyed = append(d.destroyed, id)
+	}
+	d.mu.Unlock()
+	if ok {
+		in.stop(vm.Result{ExitCode: -1, Reason: "killed"})
+	}
+	return nil
+}
+
+// List implements vm.Driver.
+func (d *Driver) List(context.Context) ([]vm.Instance, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := make([]vm.Instance, 0, len(d.vms))
+	for id := range d.vms {
+		out = append(out, vm.Instance{ID: id, PID: 1})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out, nil
+}
+
+// ErrUnknown is returned by Exit for an unknown VM.
+var ErrUnknown = errors.New("fake: unknown vm")
+
+// Exit makes a VM power off by itself with the given exit code (the guest
+// workload finished).
+func (d *Driver) Exit(id string, code int) error {
+	d.mu.Lock()
+	in, ok := d.vms[id]
+	d.mu.Unlock()
+	if !ok {
+		return ErrUnknown
+	}
+	in.stop(vm.Result{ExitCode: code})
+	return nil
+}
+
+// Adopt puts a VM on the fake host without Start (a VM left by an earlier
+// process, or one FireRunner does not know).
+func (d *Driver) Adopt(id string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, ok := d.vms[id]; !ok {
+		d.vms[id] = &instance{spec: vm.Spec{ID: id}, done: make(chan struct{})}
+	}
+}
+
+// Specs returns every spec Start accepted, in order.
+func (d *Driver) Specs() []vm.Spec {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return append([]vm.Spec(nil), d.specs...)
+}
+
+// Destroyed returns the ids Destroy removed, in order.
+func (d *Driver) Destroyed() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return append([]string(nil), d.destroyed...)
+}
+
+var _ vm.Driver = (*Driver)(nil)

@@ -1,0 +1,383 @@
+package fcstandin
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+)
+
+// Record is one request the stand-in received, as written to the request log.
+type Record struct {
+	Seq       int             `json:"seq"`
+	Method    string          `json:"method"`
+	Path      string          `json:"path"`
+	Body      json.RawMessage `json:"body,omitempty"`
+	Status    int             `json:"status"`
+	Fault     string          `json:"fault,omitempty"`
+	Violation bool            `json:"violation,omitempty"`
+}
+
+type vmState int
+
+const (
+	notStarted vmState = iota
+	running
+	paused
+)
+
+func (s vmState) String() string {
+	return [...]string{"Not started", "Running", "Paused"}[s]
+}
+
+// Server emulates the Firecracker API: every request is checked against the
+// specs (operation, body schema) and Firecracker's ordering rules, answered
+// like Firecracker (204, 200 + JSON, or 400 {"fault_message"}), and logged.
+type Server struct {
+	Checker *Checker
+	ID      string
+	// Root resolves the paths the API names (the jail root under the jailer).
+	Root string
+	// OnStart runs (in its own goroutine) after InstanceStart was accepted.
+	OnStart func(s *Server)
+
+	mu         sync.Mutex
+	state      vmState
+	seq        int
+	records    []Record
+	logW       io.Writer
+	machine    map[string]any
+	bootSource map[string]any
+	drives     map[string]map[string]any
+	driveOrder []string
+	ifaces     map[string]map[string]any
+	configured []string // boot-specific resources set so far
+}
+
+// NewServer returns a stand-in for VM id checking against c.
+func NewServer(c *Checker, id, root string, log io.Writer) *Server {
+	return &Server{
+		Checker: c, ID: id, Root: root, logW: log,
+		machine: map[string]any{"vcpu_count": 1, "mem_size_mib": 128, "smt": false, "track_dirty_pages": false},
+		drives:  map[string]map[string]any{}, ifaces: map[string]map[string]any{},
+	}
+}
+
+// Serve answers on the Unix socket at sockPath until the listener fails.
+func (s *Server) Serve(sockPath string) error {
+	if _, err := os.Lstat(sockPath); err == nil {
+		// Firecracker refuses to start when the socket path exists.
+		return fmt.Errorf("failed to open the API socket: %s: address in use", sockPath)
+	}
+	l, err := net.Listen("unix", sockPath)
+	if err != nil {
+		return err
+	}
+	return http.Serve(l, s)
+}
+
+// Records returns the requests seen so far.
+func (s *Server) Records() []Record {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]Record(nil), s.records...)
+}
+
+// Drives returns the configured drives in the order they were added.
+func (s *Server) Drives() []map[string]any {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []map[string]any
+	for _, id := range s.driveOrder {
+		out = append(out, s.drives[id])
+	}
+	return out
+}
+
+// BootArgs returns the configured kernel command line.
+func (s *Server) BootArgs() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	a, _ := s.bootSource["boot_args"].(string)
+	return a
+}
+
+// Resolve maps a path named in the API to the host path (inside Root).
+func (s *Server) Resolve(p string) string {
+	if s.Root == "" || s.Root == "/" {
+		return p
+	}
+	return filepath.Join(s.Root, filepath.Clean("/"+p))
+}
+
+type fault struct {
+	status    int
+	msg       string
+	violation bool // a contract violation (vs. an ordinary runtime error)
+}
+
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(io.LimitReader(r.Body, 1<<20))
+	s.mu.Lock()
+	s.seq++
+	rec := Record{Seq: s.seq, Method: r.Method, Path: r.URL.Path}
+	if len(bytes.TrimSpace(body)) > 0 {
+		if json.Valid(body) {
+			rec.Body = json.RawMessage(body)
+		} else {
+			rec.Body, _ = json.Marshal(string(body))
+		}
+	}
+	resp, f := s.handle(r.Method, r.URL.Path, body)
+	started := false
+	if f != nil {
+		rec.Status, rec.Fault, rec.Violation = f.status, f.msg, f.violation
+	} else if resp != nil {
+		rec.Status = http.StatusOK
+	} else {
+		rec.Status = http.StatusNoContent
+		started = r.Method == "PUT" && r.URL.Path == "/actions" && s.state == running && isInstanceStart(body)
+	}
+	s.records = append(s.records, rec)
+	if s.logW != nil {
+		b, _ := json.Marshal(rec)
+		s.logW.Write(append(b, '\n'))
+	}
+	s.mu.Unlock()
+
+	w.Header().Set("Content-Type", "application/json")
+	switch {
+	case f != nil:
+		w.WriteHeader(f.status)
+		json.NewEncoder(w).Encode(map[string]string{"fault_message": f.msg})
+	case resp != nil:
+		w.WriteHeader(http.StatusOK)
+		json.NewEncoder(w).Encode(resp)
+	default:
+		w.WriteHeader(http.StatusNoContent)
+	}
+	if fl, ok := w.(http.Flusher); ok {
+		fl.Flush()
+	}
+	if started && s.OnStart != nil {
+		go s.OnStart(s)
+	}
+}
+
+func isInstanceStart(body []byte) bool {
+	var a struct {
+		ActionType string `json:"action_type"`
+	}
+	return json.Unmarshal(body, &a) == nil && a.ActionType == "InstanceStart"
+}
+
+func bad(format string, a ...any) *fault {
+	return &fault{status: http.StatusBadRequest, msg: fmt.Sprintf(format, a...), violation: true}
+}
+
+// handle runs with s.mu held. It returns a JSON response (GET) or nil for
+// 204, or a fault.
+func (s *Server) handle(method, path string, body []byte) (any, *fault) {
+	op, params, err := s.Checker.Check(method, path, body)
+	if err != nil {
+		return nil, bad("%v", err)
+	}
+	var obj map[string]any
+	if len(bytes.TrimSpace(body)) > 0 {
+		_ = json.Unmarshal(body, &obj)
+	}
+
+	// Ordering: Firecracker's pre-/post-boot rules, as the spec states them.
+	if method != "GET" {
+		if op.PreBootOnly && s.state != notStarted {
+			return nil, bad("The requested operation (%s %s) is not supported after starting the microVM.", method, path)
+		}
+		if op.PostBootOnly && s.state == notStarted {
+			return nil, bad("The requested operation (%s %s) is not supported before starting the microVM.", method, path)
+		}
+		if s.state != notStarted && !postBootAllowed(method, op.Template, obj) {
+			return nil, bad("%s %s after InstanceStart: only actions and post-boot PATCH requests are allowed once the microVM runs", method, path)
+		}
+	}
+
+	switch method + " " + op.Template {
+	case "GET /":
+		return map[string]any{"app_name": "Firecracker", "id": s.ID, "state": s.state.String(), "vmm_version": "1.17.0-dev-fcstandin"}, nil
+	case "GET /version":
+		return map[string]any{"firecracker_version": "1.17.0-dev-fcstandin"}, nil
+	case "GET /machine-config":
+		return s.machine, nil
+	case "GET /vm/config":
+		return map[string]any{"machine-config": s.machine, "boot-source": s.bootSource}, nil
+	case "PUT /machine-config":
+		s.machine = obj
+		s.configured = append(s.configured, "machine-config")
+	case "PUT /boot-source":
+		for _, k := range []string{"kernel_image_path", "initrd_path"} {
+			if p, ok := obj[k].(string); ok {
+				if f := s.needFile(k, p); f != nil {
+					return nil, f
+				}
+			}
+		}
+		if b, err := os.ReadFile(s.Resolve(obj["kernel_image_path"].(string))); err == nil && !bytes.HasPrefix(b, []byte("\x7fELF")) {
+			return nil, bad("Cannot load kernel due to invalid memory configuration or invalid kernel image: %s is not an ELF vmlinux", obj["kernel_image_path"])
+		}
+		if a, _ := obj["boot_args"].(string); len(a) >= 2048 {
+			return nil, bad("boot_args is %d bytes; the kernel command line is limited to 2048", len(a))
+		}
+		s.bootSource = obj
+		s.configured = append(s.configured, "boot-source")
+	case "PUT /drives/{drive_id}":
+		if obj["drive_id"] != params["drive_id"] {
+			return nil, bad("The id from the path [%s] does not match the id from the body [%v]!", params["drive_id"], obj["drive_id"])
+		}
+		if p, ok := obj["path_on_host"].(string); ok {
+			if f := s.needFile("path_on_host", p); f != nil {
+				return nil, f
+			}
+		}
+		if root, _ := obj["is_root_device"].(bool); root {
+			for id, d := range s.drives {
+				if r, _ := d["is_root_device"].(bool); r && id != params["drive_id"] {
+					return nil, bad("A root block device already exists!")
+				}
+			}
+		}
+		if _, seen := s.drives[params["drive_id"]]; !seen {
+			s.driveOrder = append(s.driveOrder, params["drive_id"])
+		}
+		s.drives[params["drive_id"]] = obj
+		s.configured = append(s.configured, "drive")
+	case "PUT /network-interfaces/{iface_id}":
+		if obj["iface_id"] != params["iface_id"] {
+			return nil, bad("The id from the path [%s] does not match the id from the body [%v]!", params["iface_id"], obj["iface_id"])
+		}
+		s.ifaces[params["iface_id"]] = obj
+		s.configured = append(s.configured, "network-interface")
+	case "PUT /logger":
+		if p, ok := obj["log_path"].(string); ok {
+			if f := s.needFile("log_path", p); f != nil {
+				return nil, f
+			}
+		}
+	case "PUT /metrics":
+		if f := s.needFile("metrics_path", fmt.Sprint(obj["metrics_path"])); f != nil {
+			return nil, f
+		}
+	case "PUT /entropy", "PUT /vsock", "PUT /balloon", "PUT /mmds/config", "PUT /cpu-config", "PUT /serial":
+		s.configured = append(s.configured, strings.TrimPrefix(op.Template, "/"))
+	case "PUT /actions":
+		switch obj["action_type"] {
+		case "InstanceStart":
+			if s.state != notStarted {
+				return nil, bad("The requested operation (InstanceStart) is not supported after starting the microVM.")
+			}
+			if s.bootSource == nil {
+				return nil, bad("Cannot start microvm without kernel configuration.")
+			}
+			s.state = running
+		case "SendCtrlAltDel", "FlushMetrics":
+			if s.state == notStarted {
+				return nil, bad("The requested operation (%v) is not supported before starting the microVM.", obj["action_type"])
+			}
+		}
+	case "PATCH /vm":
+		if s.state == notStarted {
+			return nil, bad("The requested operation (PATCH /vm) is not supported before starting the microVM.")
+		}
+		if obj["state"] == "Paused" {
+			s.state = paused
+		} else {
+			s.state = running
+		}
+	case "PUT /snapshot/create":
+		if s.state != paused {
+			return nil, bad("Create snapshot: the microVM must be paused (state is %s)", s.state)
+		}
+		for _, k := range []string{"snapshot_path", "mem_file_path"} {
+			p := s.Resolve(fmt.Sprint(obj[k]))
+			if _, err := os.Stat(filepath.Dir(p)); err != nil {
+				return nil, &fault{status: 400, msg: fmt.Sprintf("Cannot create snapshot file %s: %v", obj[k], err)}
+			}
+		}
+		state, _ := json.Marshal(map[string]any{"machine-config": s.machine, "boot-source": s.bootSource, "drives": s.drives, "network-interfaces": s.ifaces})
+		if err := os.WriteFile(s.Resolve(fmt.Sprint(obj["snapshot_path"])), state, 0o600); err != nil {
+			return nil, &fault{status: 400, msg: err.Error()}
+		}
+		if err := os.WriteFile(s.Resolve(fmt.Sprint(obj["mem_file_path"])), []byte("guest memory (fcstandin)"), 0o600); err != nil {
+			return nil, &fault{status: 400, msg: err.Error()}
+		}
+	case "PUT /snapshot/load":
+		if len(s.configured) > 0 {
+			return nil, bad("Loading a microVM snapshot not allowed after configuring boot-specific resources (%v).", s.configured)
+		}
+		snap := fmt.Sprint(obj["snapshot_path"])
+		b, err := os.ReadFile(s.Resolve(snap))
+		if err != nil {
+			return nil, &fault{status: 400, msg: fmt.Sprintf("Load snapshot error: cannot open snapshot file %s: %v", snap, err)}
+		}
+		mem, _ := obj["mem_file_path"].(string)
+		if mb, ok := obj["mem_backend"].(map[string]any); ok {
+			mem, _ = mb["backend_path"].(string)
+		}
+		if f := s.needFile("memory file", mem); f != nil {
+			return nil, f
+		}
+		var st struct {
+			Machine map[string]any            `json:"machine-config"`
+			Boot    map[string]any            `json:"boot-source"`
+			Drives  map[string]map[string]any `json:"drives"`
+		}
+		_ = json.Unmarshal(b, &st)
+		for _, d := range st.Drives { // the restored devices reopen their files
+			if p, ok := d["path_on_host"].(string); ok {
+				if f := s.needFile("snapshot drive", p); f != nil {
+					return nil, f
+				}
+			}
+		}
+		s.machine, s.bootSource = st.Machine, st.Boot
+		s.state = paused
+		if r, _ := obj["resume_vm"].(bool); r {
+			s.state = running
+		}
+	default:
+		if method == "GET" {
+			return nil, &fault{status: 400, msg: fmt.Sprintf("%s is not emulated by fcstandin", path)}
+		}
+	}
+	return nil, nil
+}
+
+// postBootAllowed is what Firecracker accepts once the guest runs: GETs,
+// actions other than InstanceStart, PATCHes, snapshot creation and MMDS data.
+func postBootAllowed(method, tmpl string, obj map[string]any) bool {
+	switch {
+	case method == "PATCH":
+		return true
+	case method == "PUT" && tmpl == "/actions":
+		return obj["action_type"] != "InstanceStart"
+	case method == "PUT" && (tmpl == "/snapshot/create" || tmpl == "/mmds"):
+		return true
+	}
+	return false
+}
+
+func (s *Server) needFile(what, p string) *fault {
+	if p == "" {
+		return bad("%s is empty", what)
+	}
+	if _, err := os.Stat(s.Resolve(p)); err != nil {
+		// Firecracker opens the file inside its (jail) root: a path that does
+		// not resolve there is a driver bug, so it counts as a violation.
+		return bad("%s %s: cannot open inside the VMM root %s: %v", what, p, s.Root, err)
+	}
+	return nil
+}

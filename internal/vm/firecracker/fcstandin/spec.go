@@ -1,0 +1,297 @@
+// Package fcstandin is a Firecracker API stand-in for contract tests: it serves
+// the API on a Unix socket and checks every request against official swagger specs.
+package fcstandin
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+
+	"github.com/go-openapi/loads"
+	"github.com/go-openapi/spec"
+	"github.com/go-openapi/strfmt"
+	"github.com/go-openapi/validate"
+)
+
+// Spec is one loaded Firecracker swagger document, indexed by operation.
+type Spec struct {
+	Path    string
+	Version string // info.version, e.g. "1.4.1"
+	ops     []*Op
+}
+
+// Op is one API operation (method + path template) of a spec.
+type Op struct {
+	Method   string // upper case
+	Template string // e.g. /drives/{drive_id}
+	Summary  string
+	// PreBootOnly / PostBootOnly come from the spec's own summaries
+	// ("Pre-boot only." / "Post-boot only.").
+	PreBootOnly, PostBootOnly bool
+
+	re           *regexp.Regexp
+	params       []string
+	body         *spec.Schema
+	bodyRequired bool
+}
+
+// LoadSpec reads a swagger 2.0 document and expands its $refs. Object schemas
+// that do not say otherwise are made strict (no unknown fields), because
+// Firecracker's API server rejects unknown fields (serde deny_unknown_fields).
+func LoadSpec(path string) (*Spec, error) {
+	doc, err := loads.Spec(path)
+	if err != nil {
+		return nil, fmt.Errorf("load swagger spec %s: %w", path, err)
+	}
+	exp, err := doc.Expanded()
+	if err != nil {
+		return nil, fmt.Errorf("expand swagger spec %s: %w", path, err)
+	}
+	sw := exp.Spec()
+	s := &Spec{Path: path}
+	if sw.Info != nil {
+		s.Version = sw.Info.Version
+	}
+	if sw.Paths == nil {
+		return nil, fmt.Errorf("%s: no paths", path)
+	}
+	for tmpl, item := range sw.Paths.Paths {
+		for method, op := range map[string]*spec.Operation{
+			"GET": item.Get, "PUT": item.Put, "PATCH": item.Patch, "POST": item.Post, "DELETE": item.Delete,
+		} {
+			if op == nil {
+				continue
+			}
+			o := &Op{Method: method, Template: tmpl, Summary: op.Summary}
+			o.PreBootOnly = strings.Contains(op.Summary, "Pre-boot only")
+			o.PostBootOnly = strings.Contains(op.Summary, "Post-boot only")
+			o.re, o.params = templateRegexp(tmpl)
+			for _, p := range append(append([]spec.Parameter{}, item.Parameters...), op.Parameters...) {
+				if p.In == "body" && p.Schema != nil {
+					sc := strict(*p.Schema)
+					o.body, o.bodyRequired = &sc, p.Required
+				}
+			}
+			s.ops = append(s.ops, o)
+		}
+	}
+	if len(s.ops) == 0 {
+		return nil, fmt.Errorf("%s: no operations", path)
+	}
+	sort.Slice(s.ops, func(i, j int) bool { return s.ops[i].Template < s.ops[j].Template })
+	return s, nil
+}
+
+// strict returns s with additionalProperties=false on every object schema
+// that declares properties and leaves additionalProperties unset.
+func strict(s spec.Schema) spec.Schema {
+	if len(s.Properties) > 0 {
+		if s.AdditionalProperties == nil {
+			s.AdditionalProperties = &spec.SchemaOrBool{Allows: false}
+		}
+		props := make(spec.SchemaProperties, len(s.Properties))
+		for k, v := range s.Properties {
+			props[k] = strict(v)
+		}
+		s.Properties = props
+	}
+	if s.Items != nil && s.Items.Schema != nil {
+		c := strict(*s.Items.Schema)
+		s.Items = &spec.SchemaOrArray{Schema: &c}
+	}
+	if len(s.AllOf) > 0 {
+		all := make([]spec.Schema, len(s.AllOf))
+		for i, a := range s.AllOf {
+			all[i] = strict(a)
+		}
+		s.AllOf = all
+	}
+	return s
+}
+
+var paramRe = regexp.MustCompile(`\{([^}]+)\}`)
+
+func templateRegexp(tmpl string) (*regexp.Regexp, []string) {
+	var params []string
+	quoted := regexp.QuoteMeta(tmpl)
+	// QuoteMeta escapes braces: match the escaped form.
+	quoted = regexp.MustCompile(`\\\{([^}\\]+)\\\}`).ReplaceAllStringFunc(quoted, func(m string) string {
+		name := paramRe.FindStringSubmatch(strings.ReplaceAll(m, `\`, ""))[1]
+		params = append(params, name)
+		return `([^/]+)`
+	})
+	return regexp.MustCompile("^" + quoted + "$"), params
+}
+
+// Find returns the operation for method and path, with its path parameters.
+func (s *Spec) Find(method, path string) (*Op, map[string]string) {
+	for _, o := range s.ops {
+		if o.Method != method {
+			continue
+		}
+		if m := o.re.FindStringSubmatch(path); m != nil {
+			params := map[string]string{}
+			for i, n := range o.params {
+				params[n] = m[i+1]
+			}
+			return o, params
+		}
+	}
+	return nil, nil
+}
+
+// Has reports whether the spec has method on path.
+func (s *Spec) Has(method, path string) bool {
+	o, _ := s.Find(method, path)
+	return o != nil
+}
+
+// CheckRequest validates one request against this spec: the operation must
+// exist and the body must match the operation's body schema.
+func (s *Spec) CheckRequest(method, path string, body []byte) (*Op, map[string]string, error) {
+	o, params := s.Find(method, path)
+	if o == nil {
+		return nil, nil, fmt.Errorf("API %s: %s %s is not an operation of the spec", s.Version, method, path)
+	}
+	if o.body == nil {
+		if len(bytes.TrimSpace(body)) > 0 {
+			return o, params, fmt.Errorf("API %s: %s %s takes no body", s.Version, method, path)
+		}
+		return o, params, nil
+	}
+	if len(bytes.TrimSpace(body)) == 0 {
+		if o.bodyRequired {
+			return o, params, fmt.Errorf("API %s: %s %s: body is required", s.Version, method, path)
+		}
+		return o, params, nil
+	}
+	var data any
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if err := dec.Decode(&data); err != nil {
+		return o, params, fmt.Errorf("API %s: %s %s: body is not JSON: %v", s.Version, method, path, err)
+	}
+	if err := validate.AgainstSchema(o.body, data, strfmt.Default); err != nil {
+		return o, params, fmt.Errorf("API %s: %s %s: body violates schema: %v", s.Version, method, path, err)
+	}
+	return o, params, nil
+}
+
+// Checker checks requests against several specs at once: a request passes
+// only if every spec accepts it, so the driver stays compatible with both the
+// API the SDK was generated from and the newest official API.
+type Checker struct {
+	Specs []*Spec
+}
+
+// LoadChecker loads every spec path.
+func LoadChecker(paths ...string) (*Checker, error) {
+	if len(paths) == 0 {
+		return nil, errors.New("fcstandin: no swagger specs given")
+	}
+	c := &Checker{}
+	for _, p := range paths {
+		s, err := LoadSpec(p)
+		if err != nil {
+			return nil, err
+		}
+		c.Specs = append(c.Specs, s)
+	}
+	return c, nil
+}
+
+// Check validates a request against every spec. The returned Op merges the
+// specs' phase notes (pre-boot only if any spec says so).
+func (c *Checker) Check(method, path string, body []byte) (Op, map[string]string, error) {
+	var merged Op
+	var params map[string]string
+	var errs []error
+	found := false
+	for _, s := range c.Specs {
+		o, p, err := s.CheckRequest(method, path, body)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if o != nil {
+			if !found {
+				merged, params, found = *o, p, true
+			}
+			merged.PreBootOnly = merged.PreBootOnly || o.PreBootOnly
+			merged.PostBootOnly = merged.PostBootOnly || o.PostBootOnly
+		}
+	}
+	return merged, params, errors.Join(errs...)
+}
+
+// Versions lists the loaded spec versions.
+func (c *Checker) Versions() []string {
+	var v []string
+	for _, s := range c.Specs {
+		v = append(v, s.Version)
+	}
+	return v
+}
+
+// SDKModule is the firecracker-go-sdk module whose client/swagger.yaml is the
+// spec the SDK was generated from.
+const SDKModule = "github.com/firecracker-microvm/firecracker-go-sdk"
+
+// OfficialSpecName is the newest official spec, kept in the shared specs
+// directory beside the repository (../shared/specs relative to the repo root).
+const OfficialSpecName = "firecracker-api-1.17.0-dev.yaml"
+
+// RepoRoot walks up from dir to the directory holding go.mod.
+func RepoRoot(dir string) (string, error) {
+	d, err := filepath.Abs(dir)
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+			return d, nil
+		}
+		parent := filepath.Dir(d)
+		if parent == d {
+			return "", fmt.Errorf("no go.mod above %s", dir)
+		}
+		d = parent
+	}
+}
+
+// SpecPaths finds the SDK's swagger.yaml (in the module cache, via `go list
+// -m`) and the official 1.17.0-dev spec (../shared/specs from the repo root).
+// It fails loudly when either is missing.
+func SpecPaths() ([]string, error) {
+	root, err := RepoRoot(".")
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", SDKModule)
+	cmd.Dir = root
+	out, err := cmd.Output()
+	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			err = fmt.Errorf("%v: %s", err, ee.Stderr)
+		}
+		return nil, fmt.Errorf("locate %s in the module cache (go list -m): %w", SDKModule, err)
+	}
+	dir := strings.TrimSpace(string(out))
+	if dir == "" {
+		return nil, fmt.Errorf("%s is not downloaded; run go mod download %s", SDKModule, SDKModule)
+	}
+	sdkSpec := filepath.Join(dir, "client", "swagger.yaml")
+	official := filepath.Join(filepath.Dir(root), "shared", "specs", OfficialSpecName)
+	for _, p := range []string{sdkSpec, official} {
+		if _, err := os.Stat(p); err != nil {
+			return nil, fmt.Errorf("firecracker API spec missing: %w", err)
+		}
+	}
+	return []string{sdkSpec, official}, nil
+}

@@ -1,0 +1,145 @@
+package firecracker
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Names of the files inside a jail (absolute paths as the jailed Firecracker
+// sees them). They are the same for every VM, so a snapshot taken in one jail
+// names drive paths that resolve in any other.
+const (
+	jailKernel   = "/vmlinux"
+	jailInitrd   = "/initrd.img"
+	jailRootfs   = "/rootfs.ext4"
+	jailConfig   = "/config.img"
+	jailLog      = "/firecracker.log"
+	jailMetrics  = "/firecracker.metrics"
+	jailSocket   = "/run/firecracker.socket"
+	jailSnapDir  = "/snapshot"
+	jailSnapVM   = "/snapshot/vmstate"
+	jailSnapMem  = "/snapshot/memory"
+	cpuPeriodUS  = 100000
+	defaultCgVer = "2"
+)
+
+// jailArgs is the jailer command line for one VM. It is built here rather
+// than with the SDK's JailerCommandBuilder because that builder has no
+// --new-pid-ns and pins every VM to NUMA node 0.
+func (d *Driver) jailArgs(id string, vcpus, memMiB int) []string {
+	args := []string{
+		"--id", id,
+		"--exec-file", d.opts.Binary,
+		"--uid", strconv.Itoa(d.opts.UID),
+		"--gid", strconv.Itoa(d.opts.GID),
+		"--chroot-base-dir", d.opts.ChrootBase,
+		"--cgroup-version", defaultCgVer,
+		// cgroup v2 limits: vCPU time quota and guest memory plus VMM overhead.
+		"--cgroup", fmt.Sprintf("cpu.max=%d %d", vcpus*cpuPeriodUS, cpuPeriodUS),
+		"--cgroup", fmt.Sprintf("memory.max=%d", int64(memMiB+d.opts.MemoryOverheadMiB)<<20),
+	}
+	if d.opts.ParentCgroup != "" {
+		args = append(args, "--parent-cgroup", d.opts.ParentCgroup)
+	}
+	// --new-pid-ns: Firecracker becomes init of its own PID namespace, so
+	// killing it kills everything it could have spawned. Not --daemonize:
+	// that would send the serial console (Firecracker's stdout) to /dev/null;
+	// the driver detaches the jailer with setsid itself instead.
+	args = append(args, "--new-pid-ns", "--", "--api-sock", jailSocket)
+	return args
+}
+
+// execName is the jailer's <exec_file_name>: the chroot's parent directory
+// name and the name of its pid file.
+func (d *Driver) execName() string { return filepath.Base(d.opts.Binary) }
+
+// jailDir is <chroot_base>/<exec_file_name>/<id>, removed whole on Destroy.
+func (d *Driver) jailDir(id string) string {
+	return filepath.Join(d.opts.ChrootBase, d.execName(), id)
+}
+
+// chrootDir is the jail root Firecracker sees as "/".
+func (d *Driver) chrootDir(id string) string { return filepath.Join(d.jailDir(id), "root") }
+
+// inJail maps a jail path to the host path.
+func (d *Driver) inJail(id, p string) string { return filepath.Join(d.chrootDir(id), p) }
+
+// cgroupDir is where the jailer creates the VM's cgroup (v2).
+func (d *Driver) cgroupDir(id string) string {
+	parent := d.opts.ParentCgroup
+	if parent == "" {
+		parent = d.execName() // the jailer's default parent cgroup
+	}
+	return filepath.Join(d.opts.CgroupRoot, parent, id)
+}
+
+// placeMode says how a file got into the jail.
+type placeMode string
+
+const (
+	placedLink    placeMode = "hardlink"
+	placedReflink placeMode = "reflink"
+	placedCopy    placeMode = "copy"
+)
+
+// placeFile puts src at dst: a hard link when both are on one filesystem
+// (O(1), shares the inode), else a reflink (O(1) on btrfs/xfs), else a full
+// copy. Shared image files are linked, never chowned: the jailed uid reads
+// them through their "other" permission bits.
+func placeFile(src, dst string) (placeMode, error) {
+	if err := os.Link(src, dst); err == nil {
+		return placedLink, nil
+	} else if !errors.Is(err, syscall.EXDEV) && !errors.Is(err, syscall.EPERM) {
+		return "", fmt.Errorf("link %s into jail: %w", src, err)
+	}
+	in, err := os.Open(src)
+	if err != nil {
+		return "", err
+	}
+	defer in.Close()
+	fi, err := in.Stat()
+	if err != nil {
+		return "", err
+	}
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, fi.Mode().Perm())
+	if err != nil {
+		return "", err
+	}
+	if err := unix.IoctlFileClone(int(out.Fd()), int(in.Fd())); err == nil {
+		return placedReflink, out.Close()
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		os.Remove(dst)
+		return "", fmt.Errorf("copy %s into jail: %w", src, err)
+	}
+	return placedCopy, out.Close()
+}
+
+// readableBy reports whether uid/gid may read path through its mode bits
+// (the jailed Firecracker has no capabilities).
+func readableBy(path string, uid, gid int) error {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	perm := fi.Mode().Perm()
+	switch {
+	case int(st.Uid) == uid && perm&0o400 != 0,
+		int(st.Gid) == gid && perm&0o040 != 0,
+		perm&0o004 != 0:
+		return nil
+	}
+	return fmt.Errorf("%s (mode %04o, owner %d:%d) is not readable by the jail user %d:%d; make image files world-readable (chmod o+r)", path, perm, st.Uid, st.Gid, uid, gid)
+}

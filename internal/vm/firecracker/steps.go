@@ -1,0 +1,535 @@
+package firecracker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	sdk "github.com/firecracker-microvm/firecracker-go-sdk"
+	fcclient "github.com/firecracker-microvm/firecracker-go-sdk/client"
+	"github.com/firecracker-microvm/firecracker-go-sdk/client/models"
+	ops "github.com/firecracker-microvm/firecracker-go-sdk/client/operations"
+	"github.com/go-openapi/strfmt"
+	"github.com/sirupsen/logrus"
+
+	"github.com/firerunner/firerunner/internal/guestconfig"
+	"github.com/firerunner/firerunner/internal/vm"
+)
+
+// Step names (the SDK's fcinit.* steps are reused as they are).
+const (
+	StepPrepareVMDir   = "firerunner.PrepareVMDir"
+	StepPrepareJail    = "firerunner.PrepareJail"
+	StepStartVMM       = "firerunner.StartVMM"
+	StepAddEntropy     = "firerunner.AddEntropyDevice"
+	StepInstanceStart  = "InstanceStart" // run by sdk.Machine.Start after the chain
+	driveIDRootfs      = "rootfs"
+	driveIDConfigDrive = "config"
+)
+
+// boot is one VM start (or snapshot load) in progress.
+type boot struct {
+	d        *Driver
+	spec     vm.Spec
+	bootArgs string
+	jailed   bool
+	dir      string // per-VM state dir
+	socket   string // API socket, host path
+	snap     *Snapshot
+	resume   bool
+
+	created bool // the state dir is ours to clean up on failure
+	vr      *vmRun
+	meta    vm.Meta
+	logger  *logrus.Entry
+}
+
+func (d *Driver) newBoot(spec vm.Spec, bootArgs string) (*boot, error) {
+	b := &boot{d: d, spec: spec, bootArgs: bootArgs, jailed: d.opts.UseJailer, dir: d.sd.Path(spec.ID)}
+	b.socket = filepath.Join(b.dir, socketFile)
+	if b.jailed {
+		b.socket = d.inJail(spec.ID, jailSocket)
+	}
+	if len(b.socket) >= 108 {
+		return nil, fmt.Errorf("vm %s: API socket path %s is longer than a Unix socket allows (107 bytes); shorten state_dir or chroot_base", spec.ID, b.socket)
+	}
+	b.logger = sdkLogger(d.log.With("vm", spec.ID))
+	return b, nil
+}
+
+// sdkConfig is the SDK configuration with host paths; PrepareJail rewrites
+// the paths to jail paths.
+func (b *boot) sdkConfig() sdk.Config {
+	s := b.spec
+	cfg := sdk.Config{
+		VMID:            s.ID,
+		SocketPath:      b.socket,
+		LogPath:         filepath.Join(b.dir, logFile),
+		LogLevel:        b.d.opts.LogLevel,
+		MetricsPath:     filepath.Join(b.dir, metricsFile),
+		KernelImagePath: s.Image.Kernel,
+		InitrdPath:      s.Image.Initrd,
+		KernelArgs:      b.bootArgs,
+		MachineCfg: models.MachineConfiguration{
+			VcpuCount:  sdk.Int64(int64(s.VCPUs)),
+			MemSizeMib: sdk.Int64(int64(s.MemoryMiB)),
+			Smt:        sdk.Bool(false),
+		},
+		// The base image is shared by every VM and never written: the guest
+		// overlays a tmpfs on it. The config drive is per VM, also read-only.
+		Drives: []models.Drive{
+			{DriveID: sdk.String(driveIDRootfs), PathOnHost: sdk.String(s.Image.Rootfs), IsRootDevice: sdk.Bool(true), IsReadOnly: sdk.Bool(true)},
+			{DriveID: sdk.String(driveIDConfigDrive), PathOnHost: sdk.String(filepath.Join(b.dir, vm.ConfigDrive)), IsRootDevice: sdk.Bool(false), IsReadOnly: sdk.Bool(true)},
+		},
+		// No signal forwarding: the VMM outlives this process by design.
+		ForwardSignals: []os.Signal{},
+		Seccomp:        sdk.SeccompConfig{Enabled: true},
+	}
+	if n := s.Network; n != nil {
+		cfg.NetworkInterfaces = sdk.NetworkInterfaces{{
+			StaticConfiguration: &sdk.StaticNetworkConfiguration{HostDevName: n.TapName, MacAddress: n.MAC},
+		}}
+	}
+	if b.snap != nil {
+		// Devices come from the snapshot; only the files they name must exist.
+		cfg.Drives = nil
+		cfg.NetworkInterfaces = nil
+		cfg.Snapshot = sdk.SnapshotConfig{SnapshotPath: b.snap.StatePath, ResumeVM: b.resume,
+			MemBackend: &models.MemoryBackend{BackendType: sdk.String(models.MemoryBackendBackendTypeFile), BackendPath: sdk.String(b.snap.MemPath)}}
+	}
+	return cfg
+}
+
+// Steps returns the names of the boot chain, in order, for a fresh boot
+// (snapshot false) or a snapshot restore. Tests and logs use it.
+func (d *Driver) Steps(snapshot bool) []string {
+	b := &boot{d: d, jailed: d.opts.UseJailer}
+	if snapshot {
+		b.snap = &Snapshot{}
+	}
+	h := b.handlers()
+	var names []string
+	for _, x := range append(h.validation, h.init...) {
+		names = append(names, x.Name)
+	}
+	if !snapshot {
+		names = append(names, StepInstanceStart)
+	}
+	return names
+}
+
+type chain struct{ validation, init []sdk.Handler }
+
+// handlers is the boot as a chain of small named steps, in the SDK's style.
+// The SDK's own StartVMM is replaced: it kills the VMM when the Start context
+// ends and cannot adopt a jailer that exits after spawning Firecracker into a
+// new PID namespace.
+func (b *boot) handlers() chain {
+	var c chain
+	if b.snap != nil {
+		c.validation = []sdk.Handler{sdk.LoadSnapshotConfigValidationHandler}
+	} else {
+		c.validation = []sdk.Handler{sdk.ConfigValidationHandler, sdk.NetworkConfigValidationHandler}
+	}
+	c.init = []sdk.Handler{{Name: StepPrepareVMDir, Fn: b.prepareVMDir}}
+	if b.jailed {
+		c.init = append(c.init, sdk.Handler{Name: StepPrepareJail, Fn: b.prepareJail})
+	}
+	c.init = append(c.init, sdk.Handler{Name: StepStartVMM, Fn: b.startVMM}, sdk.BootstrapLoggingHandler)
+	if b.snap != nil {
+		return c.with(sdk.LoadSnapshotHandler)
+	}
+	return c.with(
+		sdk.CreateMachineHandler,
+		sdk.CreateBootSourceHandler,
+		sdk.AttachDrivesHandler,
+		sdk.CreateNetworkInterfacesHandler,
+		sdk.Handler{Name: StepAddEntropy, Fn: b.addEntropy},
+	)
+}
+
+func (c chain) with(h ...sdk.Handler) chain {
+	c.init = append(c.init, h...)
+	return c
+}
+
+// run executes the chain through the SDK's Machine; Machine.Start sends
+// InstanceStart after the last step (not for a snapshot restore).
+func (b *boot) run(ctx context.Context) error {
+	cfg := b.sdkConfig()
+	client := sdk.NewClient(b.socket, b.logger, false)
+	m, err := sdk.NewMachine(ctx, cfg, sdk.WithClient(client), sdk.WithLogger(b.logger))
+	if err != nil {
+		return err
+	}
+	c := b.handlers()
+	m.Handlers = sdk.Handlers{
+		Validation: sdk.HandlerList{}.Append(c.validation...),
+		FcInit:     sdk.HandlerList{}.Append(c.init...),
+	}
+	if err := m.Start(ctx); err != nil {
+		return err
+	}
+	b.vr.tl.Mark(vm.MilestoneVMMStarted)
+	return nil
+}
+
+// prepareVMDir makes the per-VM directory: records (meta, firecracker.json),
+// the config drive (0600, the only place the runner token goes), the console
+// log and the Firecracker log/metrics files.
+func (b *boot) prepareVMDir(ctx context.Context, m *sdk.Machine) error {
+	d, id := b.d, b.spec.ID
+	if _, err := d.sd.Create(id); err != nil {
+		return err
+	}
+	b.created = true
+	b.vr = &vmRun{tl: &vm.Timeline{}, reaped: make(chan struct{})}
+	d.mu.Lock()
+	d.runs[id] = b.vr
+	d.mu.Unlock()
+	fm := fcMeta{Jailed: b.jailed, Socket: b.socket}
+	if b.jailed {
+		fm.JailDir, fm.CgroupDir = d.jailDir(id), d.cgroupDir(id)
+	}
+	fb, _ := json.Marshal(fm)
+	if err := os.WriteFile(filepath.Join(b.dir, fcMetaFile), fb, 0o600); err != nil {
+		return err
+	}
+	b.meta = vm.MetaFromSpec(Name, b.spec, time.Now())
+	if err := d.sd.WriteMeta(b.meta); err != nil {
+		return err
+	}
+	if err := guestconfig.WriteDrive(filepath.Join(b.dir, vm.ConfigDrive), b.spec.Guest); err != nil {
+		return fmt.Errorf("write config drive: %w", err)
+	}
+	for _, f := range []string{vm.ConsoleFile, logFile, metricsFile, stderrFile} {
+		if err := touch(filepath.Join(b.dir, f), -1, -1); err != nil {
+			return err
+		}
+	}
+	b.vr.tl.Mark(vm.MilestonePrepared)
+	return nil
+}
+
+// touch creates an empty 0600 file, owned by uid:gid when uid >= 0.
+func touch(path string, uid, gid int) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if uid >= 0 {
+		return os.Chown(path, uid, gid)
+	}
+	return nil
+}
+
+// prepareJail builds the jail before the jailer runs (it keeps an existing
+// chroot dir): the files the API names are placed inside it (hard links,
+// O(1), when on the same filesystem), per-VM files are owned by the jail
+// user, and every path handed to the API becomes a jail path.
+func (b *boot) prepareJail(ctx context.Context, m *sdk.Machine) error {
+	d, id := b.d, b.spec.ID
+	uid, gid := d.opts.UID, d.opts.GID
+	root := d.chrootDir(id)
+	if err := os.MkdirAll(root, 0o750); err != nil {
+		return err
+	}
+	for _, sub := range []string{filepath.Dir(jailSocket), jailSnapDir} {
+		p := d.inJail(id, sub)
+		if err := os.Mkdir(p, 0o750); err != nil && !errors.Is(err, os.ErrExist) {
+			return err
+		}
+		if err := os.Chown(p, uid, gid); err != nil {
+			return err
+		}
+	}
+	place := func(src, jailPath string, own bool) error {
+		if !own {
+			if err := readableBy(src, uid, gid); err != nil {
+				return err
+			}
+		}
+		mode, err := placeFile(src, d.inJail(id, jailPath))
+		if err != nil {
+			return err
+		}
+		b.d.log.Debug("placed file in jail", "vm", id, "file", jailPath, "how", mode)
+		if own {
+			return os.Chown(d.inJail(id, jailPath), uid, gid)
+		}
+		return nil
+	}
+	cfg := &m.Cfg
+	if b.snap == nil {
+		if err := place(cfg.KernelImagePath, jailKernel, false); err != nil {
+			return err
+		}
+		cfg.KernelImagePath = jailKernel
+		if cfg.InitrdPath != "" {
+			if err := place(cfg.InitrdPath, jailInitrd, false); err != nil {
+				return err
+			}
+			cfg.InitrdPath = jailInitrd
+		}
+	}
+	// Drive files, named by fixed jail paths (a restored snapshot reopens them).
+	if err := place(b.spec.Image.Rootfs, jailRootfs, false); err != nil {
+		return err
+	}
+	if err := place(filepath.Join(b.dir, vm.ConfigDrive), jailConfig, true); err != nil {
+		return err
+	}
+	for i := range cfg.Drives {
+		switch sdk.StringValue(cfg.Drives[i].DriveID) {
+		case driveIDRootfs:
+			cfg.Drives[i].PathOnHost = sdk.String(jailRootfs)
+		case driveIDConfigDrive:
+			cfg.Drives[i].PathOnHost = sdk.String(jailConfig)
+		}
+	}
+	if b.snap != nil {
+		if err := place(b.snap.StatePath, jailSnapVM, true); err != nil {
+			return err
+		}
+		if err := place(b.snap.MemPath, jailSnapMem, true); err != nil {
+			return err
+		}
+		cfg.Snapshot.SnapshotPath = jailSnapVM
+		cfg.Snapshot.MemBackend.BackendPath = sdk.String(jailSnapMem)
+	}
+	for _, f := range []struct {
+		p *string
+		j string
+	}{{&cfg.LogPath, jailLog}, {&cfg.MetricsPath, jailMetrics}} {
+		if err := touch(d.inJail(id, f.j), uid, gid); err != nil {
+			return err
+		}
+		*f.p = f.j
+	}
+	return nil
+}
+
+// startVMM starts Firecracker (or the jailer), records its pid before
+// anything else can fail, and waits for the API socket to answer.
+func (b *boot) startVMM(ctx context.Context, m *sdk.Machine) error {
+	d, id := b.d, b.spec.ID
+	cmd := d.command(b.spec, b.socket)
+	console, err := os.OpenFile(filepath.Join(b.dir, vm.ConsoleFile), os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		return err
+	}
+	defer console.Close()
+	stderr, err := os.OpenFile(filepath.Join(b.dir, stderrFile), os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		return err
+	}
+	defer stderr.Close()
+	// The guest's serial console is Firecracker's stdout: straight to the
+	// console log file, no pipe, so it keeps working if FireRunner restarts.
+	cmd.Stdout, cmd.Stderr = console, stderr
+	cmd.SysProcAttr = vm.SysProcAttr()
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start %s: %w", cmd.Path, err)
+	}
+	vr := b.vr
+	var proc vm.Proc
+	if b.jailed {
+		// With --new-pid-ns the jailer spawns Firecracker, writes its pid
+		// to <chroot>/<exec_file_name>.pid and exits; Firecracker is not
+		// our child, so there is nothing else to reap.
+		werr := cmd.Wait()
+		close(vr.reaped)
+		if werr != nil {
+			return fmt.Errorf("jailer failed: %v: %s", werr, tail(filepath.Join(b.dir, stderrFile)))
+		}
+		if proc, err = d.jailPID(id); err != nil {
+			return fmt.Errorf("jailer started no firecracker: %w", err)
+		}
+	} else {
+		go func() {
+			vr.waitErr = cmd.Wait()
+			close(vr.reaped)
+		}()
+		if proc, err = vm.LookupProc(cmd.Process.Pid); err != nil {
+			return fmt.Errorf("firecracker exited at once: %s", tail(filepath.Join(b.dir, stderrFile)))
+		}
+	}
+	b.meta.Proc, b.meta.Argv, b.meta.Started = proc, cmd.Args, time.Now()
+	if b.spec.Timeout > 0 {
+		b.meta.Deadline = b.meta.Started.Add(b.spec.Timeout)
+	}
+	if err := d.sd.WriteMeta(b.meta); err != nil {
+		return err
+	}
+	vr.watcher = vm.WatchConsole(filepath.Join(b.dir, vm.ConsoleFile), vr.tl, 0)
+	return b.waitForAPI(ctx, proc)
+}
+
+// waitForAPI polls until the API socket answers GET /machine-config.
+func (b *boot) waitForAPI(ctx context.Context, proc vm.Proc) error {
+	client := sdk.NewClient(b.socket, b.logger, false)
+	deadline := time.Now().Add(b.d.opts.SocketTimeout)
+	for {
+		if _, err := os.Stat(b.socket); err == nil {
+			if _, err := client.GetMachineConfiguration(); err == nil {
+				return nil
+			}
+		}
+		if !proc.Alive() {
+			return fmt.Errorf("firecracker exited before its API socket answered: %s", tail(filepath.Join(b.dir, stderrFile)))
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("firecracker API socket %s did not answer within %s", b.socket, b.d.opts.SocketTimeout)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// addEntropy attaches a virtio-rng device (PUT /entropy, in both API 1.4.1
+// and 1.17) so the guest has good randomness before TLS. A Firecracker too
+// old to know the endpoint answers 400; the VM then boots without it (the
+// config drive's entropy seed still seeds the guest RNG).
+func (b *boot) addEntropy(ctx context.Context, m *sdk.Machine) error {
+	cl := fcclient.NewHTTPClient(strfmt.NewFormats())
+	cl.SetTransport(sdk.NewUnixSocketTransport(b.socket, b.logger, false))
+	params := ops.NewPutEntropyDeviceParamsWithContext(ctx).WithBody(&models.EntropyDevice{})
+	params.SetTimeout(5 * time.Second)
+	_, err := cl.Operations.PutEntropyDevice(params)
+	var def *ops.PutEntropyDeviceDefault
+	if errors.As(err, &def) && def.Code() == 400 && def.Payload != nil && strings.Contains(def.Payload.FaultMessage, "Invalid request method") {
+		b.d.log.Warn("firecracker has no entropy device API; booting without virtio-rng", "vm", b.spec.ID)
+		return nil
+	}
+	return err
+}
+
+// jailPID reads the pid the jailer wrote for a VM and checks it is still
+// that VM's Firecracker.
+func (d *Driver) jailPID(id string) (vm.Proc, error) {
+	raw, err := os.ReadFile(filepath.Join(d.chrootDir(id), d.execName()+".pid"))
+	if err != nil {
+		return vm.Proc{}, err
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(raw)))
+	if err != nil {
+		return vm.Proc{}, fmt.Errorf("jailer pid file: %w", err)
+	}
+	p, err := vm.LookupProc(pid)
+	if err != nil {
+		return vm.Proc{}, err
+	}
+	if cmdline, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline"); !strings.Contains(string(cmdline), id) {
+		return vm.Proc{}, fmt.Errorf("pid %d is not vm %s: %w", pid, id, vm.ErrProcGone)
+	}
+	return p, nil
+}
+
+// scanProcs finds live Firecracker processes that belong to this driver:
+// argv[0] names firecracker, --id is a FireRunner VM id, and its API socket
+// is in our state dir or its root is (or its jail exists) under our chroot base.
+func (d *Driver) scanProcs() map[string][]vm.Proc {
+	out := map[string][]vm.Proc{}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return out
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		raw, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if err != nil || len(raw) == 0 {
+			continue
+		}
+		argv := strings.Split(strings.TrimRight(string(raw), "\x00"), "\x00")
+		if filepath.Base(argv[0]) != d.execName() && filepath.Base(argv[0]) != "firecracker" {
+			continue
+		}
+		id, sock := flagValue(argv, "--id"), flagValue(argv, "--api-sock")
+		if !vmIDRe.MatchString(id) {
+			continue
+		}
+		ours := strings.HasPrefix(sock, d.sd.Path(id)+string(filepath.Separator))
+		if !ours && d.opts.UseJailer {
+			root, _ := os.Readlink("/proc/" + e.Name() + "/root")
+			_, jerr := os.Stat(d.jailDir(id))
+			ours = root == d.chrootDir(id) || (sock == jailSocket && jerr == nil)
+		}
+		if !ours {
+			continue
+		}
+		if p, err := vm.LookupProc(pid); err == nil {
+			out[id] = append(out[id], p)
+		}
+	}
+	return out
+}
+
+// flagValue returns the value of --name X or --name=X in argv.
+func flagValue(argv []string, name string) string {
+	for i, a := range argv {
+		if a == name && i+1 < len(argv) {
+			return argv[i+1]
+		}
+		if v, ok := strings.CutPrefix(a, name+"="); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+func sortInstances(in []vm.Instance) {
+	sort.Slice(in, func(i, j int) bool { return in[i].ID < in[j].ID })
+}
+
+// tail returns the last bytes of a (non-secret) VMM stderr file for errors.
+func tail(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	if len(b) > 512 {
+		b = b[len(b)-512:]
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// sdkLogger routes the SDK's logrus output to slog at debug level.
+func sdkLogger(l interface {
+	Debug(msg string, args ...any)
+}) *logrus.Entry {
+	lg := logrus.New()
+	lg.SetOutput(slogWriter{l})
+	lg.SetLevel(logrus.DebugLevel)
+	lg.SetFormatter(&logrus.TextFormatter{DisableTimestamp: true, DisableQuote: true})
+	return logrus.NewEntry(lg)
+}
+
+type slogWriter struct {
+	l interface {
+		Debug(msg string, args ...any)
+	}
+}
+
+func (w slogWriter) Write(p []byte) (int, error) {
+	w.l.Debug("firecracker-go-sdk", "msg", strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+var _ io.Writer = slogWriter{}

@@ -1,0 +1,46 @@
+# Guest agent and guest image (internal/image, internal/agent).
+#   make agent        static bin/firerunner-agent
+#   make image        build (or reuse, cached by input hash) the guest image;
+#                     needs GITLAB_RUNNER_BIN (mk/gitlab-runner.mk), or
+#                     IMAGE_NO_GITLAB_RUNNER=1 for a smoke-test image
+#   make -s image-dir print the image dir (use as FIRERUNNER_TEST_IMAGE)
+IMAGE_CACHE ?= $(FIRERUNNER_CACHE)/images
+GITLAB_RUNNER_BIN ?=
+IMAGE_NO_GITLAB_RUNNER ?=
+IMAGE_EXTRA_CA ?=
+IMAGE_DIR_FILE := $(IMAGE_CACHE)/latest
+
+.PHONY: agent image image-dir image-verify $(BIN)/firerunner-agent $(BIN)/firerunner-image-tool
+
+agent: $(BIN)/firerunner-agent
+
+$(BIN)/firerunner-agent:
+	@mkdir -p $(BIN)
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $@ ./cmd/firerunner-agent
+
+# The CLI that runs the build (same binary as `make build`, kept separate so
+# `make image` does not depend on the whole tree's build target).
+$(BIN)/firerunner-image-tool:
+	@mkdir -p $(BIN)
+	$(GO) build -ldflags '$(LDFLAGS)' -o $@ ./cmd/firerunner
+
+ifeq ($(IMAGE_NO_GITLAB_RUNNER),1)
+IMAGE_RUNNER_FLAGS := --no-gitlab-runner
+IMAGE_RUNNER_DEP :=
+else
+IMAGE_RUNNER_FLAGS = --gitlab-runner $(GITLAB_RUNNER_BIN)
+IMAGE_RUNNER_DEP = $(GITLAB_RUNNER_BIN)
+endif
+
+image: agent $(BIN)/firerunner-image-tool $(IMAGE_RUNNER_DEP)
+	@if [ "$(IMAGE_NO_GITLAB_RUNNER)" != 1 ] && [ -z "$(GITLAB_RUNNER_BIN)" ]; then \
+	  echo "make image: GITLAB_RUNNER_BIN is empty (set it, run make gitlab-runner, or IMAGE_NO_GITLAB_RUNNER=1)" >&2; exit 1; fi
+	$(BIN)/firerunner-image-tool image build --cache $(IMAGE_CACHE) --agent $(BIN)/firerunner-agent \
+	  $(IMAGE_RUNNER_FLAGS) $(if $(IMAGE_EXTRA_CA),--extra-ca $(IMAGE_EXTRA_CA)) --print-dir >/dev/null
+	@echo "image: $$(readlink -f $(IMAGE_DIR_FILE))"
+
+image-dir:
+	@readlink -e $(IMAGE_DIR_FILE) || { echo "no image yet: run make image" >&2; exit 1; }
+
+image-verify: $(BIN)/firerunner-image-tool
+	$(BIN)/firerunner-image-tool image verify --cache $(IMAGE_CACHE)
