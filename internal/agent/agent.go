@@ -6,11 +6,13 @@
 // no --user option and its shell executor hands its own environment to the
 // job. So the token is passed neither in argv (world-readable /proc/PID/cmdline)
 // nor in the environment (inherited by the job): the agent writes a config.toml
-// holding it into a pipe that gitlab-runner reads once as `-c /proc/self/fd/3`
-// (the job inherits only the drained pipe). gitlab-runner is installed 0711
-// root, so the kernel marks the ci-owned process non-dumpable: the job, though
-// the same uid, cannot read its /proc/PID/{environ,mem,fd} or ptrace it (Yama
-// ptrace_scope=1 as a second lock). The config drive device is root-only.
+// holding it into a FIFO (/run/firerunner/config.toml, ci-only) that
+// gitlab-runner reads once at start (`run-single -c FIFO -r firerunner`); the
+// agent unlinks the FIFO as soon as that read is done, before any job can
+// exist. gitlab-runner is installed 0711 root, so the kernel marks the
+// ci-owned process non-dumpable: the job, though the same uid, cannot read its
+// /proc/PID/{environ,mem,fd} or ptrace it (Yama ptrace_scope=1 as a second
+// lock). The config drive device is root-only.
 package agent
 
 import (
@@ -48,11 +50,15 @@ const DefaultWaitTimeoutSec = 120
 // JobTimeoutSec (the convention of timeout(1)).
 const TimeoutExitCode = 124
 
-// ConfigFD is the descriptor the runner config pipe is passed on.
-const ConfigFD = 3
+// RunnerConfigDir holds the runner config FIFO (a tmpfs, owned by ci).
+const RunnerConfigDir = "/run/firerunner"
+
+// RunnerConfigPath is the FIFO gitlab-runner reads its config.toml from.
+const RunnerConfigPath = RunnerConfigDir + "/config.toml"
 
 // Workload is the process the agent runs: argv, environment, and for
-// gitlab-runner the config that travels on ConfigFD (never argv or env).
+// gitlab-runner the config that travels through RunnerConfigPath (never
+// argv or env).
 type Workload struct {
 	Args       []string
 	Env        []string
@@ -98,7 +104,7 @@ func BuildWorkload(c guestconfig.Config) (Workload, error) {
 	}
 	w.Args = []string{
 		GitLabRunnerPath, "run-single",
-		"--config", "/proc/self/fd/" + strconv.Itoa(ConfigFD),
+		"--config", RunnerConfigPath,
 		"--runner", RunnerName,
 		"--max-builds", "1",
 		"--wait-timeout", strconv.Itoa(wait),

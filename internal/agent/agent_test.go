@@ -24,7 +24,7 @@ func TestBuildWorkloadRunnerKeepsTokenOutOfArgvAndEnv(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []string{GitLabRunnerPath, "run-single", "--config", "/proc/self/fd/3", "--runner", RunnerName,
+	want := []string{GitLabRunnerPath, "run-single", "--config", RunnerConfigPath, "--runner", RunnerName,
 		"--max-builds", "1", "--wait-timeout", "30"}
 	if strings.Join(w.Args, " ") != strings.Join(want, " ") {
 		t.Fatalf("args = %q, want %q", w.Args, want)

@@ -294,23 +294,13 @@ func (a *Agent) runWorkload(w Workload, timeout time.Duration) int {
 		Setsid:     true,
 		Credential: &syscall.Credential{Uid: uint32(w.UID), Gid: uint32(w.GID), Groups: []uint32{}},
 	}
+	var fed chan error
 	if w.ConfigTOML != nil {
-		r, wr, err := os.Pipe()
-		if err != nil {
-			a.logf("error: pipe: %v", err)
+		if err := makeConfigFIFO(w.UID, w.GID); err != nil {
+			a.logf("error: runner config: %v", err)
 			return 127
 		}
-		// The config fits the pipe buffer; the writer closes before the start
-		// so gitlab-runner reads it to EOF and nothing is left for the job.
-		_, err = wr.Write(w.ConfigTOML)
-		wr.Close()
-		if err != nil {
-			r.Close()
-			a.logf("error: write runner config: %v", err)
-			return 127
-		}
-		defer r.Close()
-		cmd.ExtraFiles = []*os.File{r} // fd 3 == ConfigFD
+		defer os.Remove(RunnerConfigPath)
 	}
 	fmt.Fprintln(a.Console, guestconfig.MarkerJobStart)
 	done, err := a.reaper.start(cmd)
@@ -319,24 +309,84 @@ func (a *Agent) runWorkload(w Workload, timeout time.Duration) int {
 		a.logf("error: start %s: %v", w.Args[0], err)
 		return 127
 	}
-	if cmd.ExtraFiles != nil {
-		cmd.ExtraFiles[0].Close()
+	if w.ConfigTOML != nil {
+		stop := make(chan struct{})
+		defer close(stop)
+		fed = make(chan error, 1)
+		go func() { fed <- feedConfigFIFO(w.ConfigTOML, stop) }()
 	}
 	var code int
 	timer := time.NewTimer(timeout)
 	defer timer.Stop()
-	select {
-	case ws := <-done:
-		code = exitCode(ws)
-	case <-timer.C:
-		unix.Kill(-cmd.Process.Pid, unix.SIGKILL)
-		fmt.Fprintf(a.Console, "\n")
-		a.logf("timeout: workload killed after %s", timeout)
-		<-done
-		code = TimeoutExitCode
+wait:
+	for {
+		select {
+		case err := <-fed:
+			// The FIFO is gone now: gitlab-runner has its config, no job yet.
+			if err != nil {
+				a.logf("runner config: %v", err)
+			}
+			fed = nil
+		case ws := <-done:
+			code = exitCode(ws)
+			break wait
+		case <-timer.C:
+			unix.Kill(-cmd.Process.Pid, unix.SIGKILL)
+			fmt.Fprintf(a.Console, "\n")
+			a.logf("timeout: workload killed after %s", timeout)
+			<-done
+			code = TimeoutExitCode
+			break wait
+		}
 	}
 	fmt.Fprintf(a.Console, "\n%s\n", guestconfig.MarkerJobEnd)
 	return code
+}
+
+// makeConfigFIFO creates the ci-only FIFO gitlab-runner reads its config from.
+func makeConfigFIFO(uid, gid int) error {
+	if err := os.MkdirAll(RunnerConfigDir, 0o700); err != nil {
+		return err
+	}
+	if err := os.Chown(RunnerConfigDir, uid, gid); err != nil {
+		return err
+	}
+	os.Remove(RunnerConfigPath)
+	if err := unix.Mkfifo(RunnerConfigPath, 0o600); err != nil {
+		return err
+	}
+	return os.Chown(RunnerConfigPath, uid, gid)
+}
+
+// feedConfigFIFO waits for gitlab-runner to open the FIFO, writes the config,
+// closes (EOF for the reader) and unlinks it. It gives up when stop closes
+// (the workload ended first).
+func feedConfigFIFO(config []byte, stop <-chan struct{}) error {
+	defer os.Remove(RunnerConfigPath)
+	for {
+		fd, err := unix.Open(RunnerConfigPath, unix.O_WRONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+		if err == nil {
+			f := os.NewFile(uintptr(fd), RunnerConfigPath)
+			// Blocking writes from here: the reader is there.
+			if err := unix.SetNonblock(fd, false); err != nil {
+				f.Close()
+				return err
+			}
+			_, err = f.Write(config)
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
+			return err
+		}
+		if !errors.Is(err, unix.ENXIO) { // ENXIO: no reader yet
+			return err
+		}
+		select {
+		case <-stop:
+			return errors.New("gitlab-runner exited before reading its config")
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 func lookPath(file string, env []string) (string, error) {

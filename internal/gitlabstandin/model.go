@@ -525,7 +525,7 @@ func (s *Server) Cancel(id int64) error {
 	case StatusCreated, StatusPending:
 		s.setStatusLocked(j, StatusCanceled)
 	case StatusRunning:
-		if j.runnerGraceful {
+		if j.runnerGraceful && !s.opts.HardCancel {
 			s.setStatusLocked(j, StatusCanceling)
 		} else {
 			s.setStatusLocked(j, StatusCanceled)

@@ -162,14 +162,20 @@ func TestRealRunnerScriptFailureExitCode(t *testing.T) {
 	if st.Status != StatusFailed || st.FailureReason != "script_failure" || st.ExitCode != 3 {
 		t.Fatalf("status %s reason %q exit %d; trace:\n%s", st.Status, st.FailureReason, st.ExitCode, st.Trace)
 	}
-	if !strings.Contains(st.Trace, "about-to-fail") || !strings.Contains(st.Trace, "exit code 3") {
+	if !strings.Contains(st.Trace, "about-to-fail") || !strings.Contains(st.Trace, "Job failed: exit status 3") {
 		t.Fatalf("trace:\n%s", st.Trace)
 	}
 }
 
 func TestRealRunnerCancel(t *testing.T) {
 	bin := testenv.GitLabRunner(t)
-	s := newServer(t, Options{TraceUpdateInterval: time.Second})
+	for _, hard := range []bool{false, true} {
+		t.Run(fmt.Sprintf("hard=%v", hard), func(t *testing.T) { testRealRunnerCancel(t, bin, hard) })
+	}
+}
+
+func testRealRunnerCancel(t *testing.T, bin string, hard bool) {
+	s := newServer(t, Options{TraceUpdateInterval: time.Second, HardCancel: hard})
 	p := addProject(t, s, "acme/app")
 	pl, err := s.CreatePipeline(p.ID, JobSpec{Name: "long", Script: []string{"echo started-long-job", "sleep 300"},
 		AfterScript: []string{"echo after-cancel"}})
@@ -179,8 +185,12 @@ func TestRealRunnerCancel(t *testing.T) {
 	r := projectRunner(t, s, p)
 	rp := startRunner(t, bin, s, r.Token)
 	waitJob(t, s, pl.JobIDs[0], func(j JobState) bool { return strings.Contains(j.Trace, "started-long-job") })
+	canceledAt := time.Now()
 	if err := s.Cancel(pl.JobIDs[0]); err != nil {
 		t.Fatal(err)
+	}
+	if st, _ := s.Job(pl.JobIDs[0]); hard && st.Status != StatusCanceled || !hard && st.Status != StatusCanceling {
+		t.Fatalf("right after Cancel: %s", st.Status)
 	}
 	st := waitJob(t, s, pl.JobIDs[0], nil)
 	if st.Status != StatusCanceled {
@@ -188,7 +198,7 @@ func TestRealRunnerCancel(t *testing.T) {
 	}
 	// The runner must notice (Job-Status header) and stop, not sleep 300 s.
 	rp.wait(t)
-	t.Logf("canceled after %s; after_script ran: %v", st.FinishedAt.Sub(st.StartedAt).Round(time.Millisecond),
+	t.Logf("runner exited %s after Cancel; after_script ran: %v", time.Since(canceledAt).Round(time.Millisecond),
 		strings.Contains(st.Trace, "after-cancel"))
 }
 

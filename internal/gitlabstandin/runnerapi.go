@@ -285,7 +285,7 @@ func (s *Server) jobUpdate(w http.ResponseWriter, r *http.Request, idStr string)
 var contentRangeRE = regexp.MustCompile(`^(\d+)-(\d+)$`)
 
 // jobTrace is PATCH /jobs/:id/trace: append at the offset given by
-// Content-Range; 416 + Range on a gap or overlap.
+// Content-Range; 416 + Range on a gap.
 func (s *Server) jobTrace(w http.ResponseWriter, r *http.Request, idStr string) {
 	body, err := io.ReadAll(io.LimitReader(r.Body, 64<<20))
 	if err != nil {
@@ -312,13 +312,15 @@ func (s *Server) jobTrace(w http.ResponseWriter, r *http.Request, idStr string) 
 		msg(w, 400, "400 Bad request - invalid Content-Range")
 		return
 	}
+	// Like Gitlab::Ci::Trace#append: a gap is refused, an overlap rewrites
+	// the trace from the given offset.
 	start, _ := strconv.Atoi(m[1])
-	if start != len(j.trace) {
+	if start > len(j.trace) {
 		w.Header().Set("Range", fmt.Sprintf("0-%d", len(j.trace)))
 		msg(w, http.StatusRequestedRangeNotSatisfiable, "416 Range Not Satisfiable")
 		return
 	}
-	j.trace = append(j.trace, body...)
+	j.trace = append(j.trace[:start], body...)
 	s.notify()
 	w.Header().Set("Job-Status", j.status)
 	w.Header().Set("Range", fmt.Sprintf("0-%d", len(j.trace)))

@@ -39,6 +39,10 @@ type Options struct {
 	LongPoll time.Duration
 	// TraceUpdateInterval is sent as X-GitLab-Trace-Update-Interval. 0 means 3s.
 	TraceUpdateInterval time.Duration
+	// HardCancel cancels running jobs at once (canceled, runner aborts on
+	// its next call) instead of GitLab's graceful "canceling" for runners
+	// announcing cancel_gracefully (which runs after_script first).
+	HardCancel bool
 	// Logger for requests and deliveries; default discards.
 	Logger *slog.Logger
 }

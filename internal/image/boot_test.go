@@ -4,7 +4,10 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -38,25 +41,16 @@ func hostTSCkHz(t *testing.T) int {
 	return 0
 }
 
-// TestBootSmoke boots the built image under QEMU microvm (TCG), with no VM
-// driver in between: the initramfs must find the root, the agent must read
-// the config drive, run the command as the CI user with its output on the
-// console, report its exit status and make QEMU exit by itself.
-func TestBootSmoke(t *testing.T) {
+// bootImage boots the image under QEMU microvm (TCG) with the given guest
+// config, with no VM driver in between, and returns the console log (CRs
+// dropped) once QEMU has exited by itself.
+func bootImage(t *testing.T, m Manifest, gc guestconfig.Config) string {
+	t.Helper()
 	qemu := testenv.QEMU(t)
-	m, err := Load(testenv.ImageDir(t))
-	if err != nil {
-		t.Fatal(err)
-	}
 	img := m.VMImage()
 	dir := t.TempDir()
 	cfgPath := filepath.Join(dir, "cfg.img")
-	if err := guestconfig.WriteDrive(cfgPath, guestconfig.Config{
-		Hostname: "fr-smoke", JobTimeoutSec: 120, UnixTimeNano: time.Now().UnixNano(),
-		EntropySeed: bytes.Repeat([]byte{7}, 64),
-		Command: []string{"sh", "-c", `echo hello from $(id -un) on $(hostname); nproc; ip -4 -o addr show dev eth0 | grep -o '10.0.2.15/24';
-			test -w / && echo root-writable; cat /proc/cmdline | grep -c glrt- ; exit 3`},
-	}); err != nil {
+	if err := guestconfig.WriteDrive(cfgPath, gc); err != nil {
 		t.Fatal(err)
 	}
 	consolePath := filepath.Join(dir, "console.log")
@@ -81,36 +75,147 @@ func TestBootSmoke(t *testing.T) {
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	start := time.Now()
 	err = cmd.Run()
-	took := time.Since(start)
 	out, _ := os.ReadFile(consolePath)
 	log := strings.ReplaceAll(string(out), "\r", "")
-	t.Logf("qemu ran %s; console:\n%s", took.Round(time.Millisecond), log)
+	t.Logf("qemu ran %s; console:\n%s", time.Since(start).Round(time.Millisecond), log)
 	if ctx.Err() != nil {
 		t.Fatal("qemu did not exit by itself: the guest never powered off")
 	}
 	if err != nil {
 		t.Fatalf("qemu: %v", err)
 	}
+	return log
+}
+
+// wantInOrder checks that each entry is a whole console line, in order.
+func wantInOrder(t *testing.T, log string, order ...string) {
+	t.Helper()
 	lines := strings.Split(log, "\n")
-	idx := func(s string) int {
-		for i, l := range lines {
-			if strings.TrimSpace(l) == s {
-				return i
-			}
-		}
-		return -1
-	}
-	order := []string{guestconfig.MarkerAgentStart, guestconfig.MarkerJobStart, "hello from ci on fr-smoke", "2",
-		"10.0.2.15/24", "0", guestconfig.MarkerJobEnd, guestconfig.ExitMarker + "3", guestconfig.MarkerPowerOff}
 	last := -1
 	for _, s := range order {
-		i := idx(s)
-		if i < 0 || i < last {
-			t.Fatalf("console lacks %q in order (index %d after %d)", s, i, last)
+		i := -1
+		for j := last + 1; j < len(lines); j++ {
+			if strings.TrimSpace(lines[j]) == s {
+				i = j
+				break
+			}
+		}
+		if i < 0 {
+			t.Fatalf("console lacks line %q after line %d", s, last)
 		}
 		last = i
 	}
+}
+
+func builtImage(t *testing.T) Manifest {
+	m, err := Load(testenv.ImageDir(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// TestBootSmoke: the initramfs finds the root, the agent reads the config
+// drive, runs the command as the CI user on a read-only base with the
+// network up, prints its output and exit status, and QEMU exits by itself.
+func TestBootSmoke(t *testing.T) {
+	m := builtImage(t)
+	log := bootImage(t, m, guestconfig.Config{
+		Hostname: "fr-smoke", JobTimeoutSec: 120, UnixTimeNano: time.Now().UnixNano(),
+		EntropySeed: bytes.Repeat([]byte{7}, 64),
+		Command: []string{"sh", "-c", `echo hello from $(id -un) on $(hostname); nproc; ip -4 -o addr show dev eth0 | grep -o '10.0.2.15/24';
+			test -w / && echo root-writable; grep -c glrt- /proc/cmdline; exit 3`},
+	})
+	wantInOrder(t, log, guestconfig.MarkerAgentStart, guestconfig.MarkerJobStart, "hello from ci on fr-smoke", "2",
+		"10.0.2.15/24", "0", guestconfig.MarkerJobEnd, guestconfig.ExitMarker+"3", guestconfig.MarkerPowerOff)
 	if strings.Contains(log, "root-writable") {
 		t.Error("the CI user can write to /")
+	}
+}
+
+// TestBootTimeout: a workload that hangs is killed at JobTimeoutSec, the
+// agent reports 124 and still powers off.
+func TestBootTimeout(t *testing.T) {
+	m := builtImage(t)
+	log := bootImage(t, m, guestconfig.Config{
+		Hostname: "fr-hang", JobTimeoutSec: 3,
+		Command: []string{"sh", "-c", "echo hanging; sleep 100000"},
+	})
+	wantInOrder(t, log, guestconfig.MarkerJobStart, "hanging", guestconfig.MarkerJobEnd,
+		guestconfig.ExitMarker+"124", guestconfig.MarkerPowerOff)
+}
+
+func requireRunnerInImage(t *testing.T, m Manifest) {
+	if m.Inputs.GitLabRunnerSHA256 == "" {
+		msg := fmt.Sprintf("SKIPPED %s: prerequisite missing: image %s has no gitlab-runner (built with --no-gitlab-runner; run make image)", t.Name(), m.Dir)
+		fmt.Fprintf(os.Stderr, "\n!!!!!!!! %s\n\n", msg)
+		t.Skip(msg)
+	}
+}
+
+// TestBootRunnerReadsTokenFromPipe: in runner mode the agent starts the real
+// gitlab-runner, which must find its token in the piped config and present
+// it to GitLab (here a loopback listener reached through the slirp gateway),
+// while the console never shows the full token.
+func TestBootRunnerReadsTokenFromPipe(t *testing.T) {
+	m := builtImage(t)
+	requireRunnerInImage(t, m)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tokens := make(chan string, 16)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var body struct {
+			Token string `json:"token"`
+		}
+		json.NewDecoder(r.Body).Decode(&body)
+		if r.URL.Path == "/api/v4/jobs/request" {
+			tokens <- body.Token
+		}
+		w.WriteHeader(http.StatusNoContent) // no job for you
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+	token := "glrt-" + strconv.FormatInt(time.Now().UnixNano(), 36) + "SeCrEt"
+	log := bootImage(t, m, guestconfig.Config{
+		Hostname: "fr-runner", JobTimeoutSec: 120, WaitTimeoutSec: 4, RunnerToken: token,
+		GitLabURL: fmt.Sprintf("http://10.0.2.2:%d", ln.Addr().(*net.TCPAddr).Port),
+	})
+	wantInOrder(t, log, guestconfig.MarkerJobStart, guestconfig.MarkerJobEnd, guestconfig.ExitMarker+"0", guestconfig.MarkerPowerOff)
+	select {
+	case got := <-tokens:
+		if got != token {
+			t.Fatalf("gitlab-runner presented token %q, want the configured one", got)
+		}
+	default:
+		t.Fatal("gitlab-runner never asked for a job")
+	}
+	if strings.Contains(log, token) {
+		t.Fatal("the full runner token appeared on the console")
+	}
+}
+
+// TestBootRunnerNotDumpable: gitlab-runner is installed 0711, so when the CI
+// user runs it the process is non-dumpable and another ci process (the job)
+// can neither read the binary nor its /proc environ or fds.
+func TestBootRunnerNotDumpable(t *testing.T) {
+	m := builtImage(t)
+	requireRunnerInImage(t, m)
+	log := bootImage(t, m, guestconfig.Config{
+		Hostname: "fr-dump", JobTimeoutSec: 120,
+		Command: []string{"bash", "-c", `test -r /usr/local/bin/gitlab-runner && echo binary-readable
+CI_SERVER_TOKEN=glrt-ENVSECRET gitlab-runner run-single -u http://10.0.2.2:9 --executor shell --wait-timeout 60 >/dev/null 2>&1 &
+pid=$!; sleep 3
+test -d /proc/$pid || echo runner-not-running
+cat /proc/$pid/environ 2>/dev/null | grep -a -c ENVSECRET; echo environ-rc=${PIPESTATUS[0]}
+ls /proc/$pid/fd >/dev/null 2>&1 && echo fds-readable
+kill $pid; exit 0`},
+	})
+	wantInOrder(t, log, guestconfig.MarkerJobStart, "0", "environ-rc=1", guestconfig.MarkerJobEnd, guestconfig.ExitMarker+"0")
+	for _, bad := range []string{"binary-readable", "runner-not-running", "fds-readable", "ENVSECRET\n"} {
+		if strings.Contains(log, bad) {
+			t.Errorf("console shows %q", bad)
+		}
 	}
 }

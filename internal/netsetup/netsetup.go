@@ -20,6 +20,7 @@ import (
 	"regexp"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -541,4 +542,21 @@ func (m *Manager) Check(ctx context.Context) []string {
 	})
 	sort.Strings(problems)
 	return problems
+}
+
+// HostOptions derives the options the daemon should pass from its whole
+// config: its own listen port is blocked for VMs explicitly, and with the
+// Firecracker jailer the taps belong to the jailer's uid/gid so the
+// unprivileged Firecracker process can open them.
+func HostOptions(cfg config.Config) []Option {
+	var opts []Option
+	if _, p, err := net.SplitHostPort(cfg.Listen); err == nil {
+		if port, err := strconv.ParseUint(p, 10, 16); err == nil && port > 0 {
+			opts = append(opts, WithHostPorts(uint16(port)))
+		}
+	}
+	if cfg.VM.Driver == "firecracker" && cfg.Firecracker.UseJailer {
+		opts = append(opts, WithTapOwner(uint32(cfg.Firecracker.UID), uint32(cfg.Firecracker.GID)))
+	}
+	return opts
 }

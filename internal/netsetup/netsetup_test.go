@@ -321,6 +321,63 @@ func TestMAC(t *testing.T) {
 	}
 }
 
+func TestHostOptions(t *testing.T) {
+	cfg := config.Default()
+	cfg.Listen = "127.0.0.1:9090"
+	m, err := New(testCfg(), t.TempDir(), HostOptions(cfg)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m.blockedPorts) != 1 || m.blockedPorts[0] != 9090 || m.tapUID != 64000 || m.tapGID != 64000 {
+		t.Errorf("blocked %v, tap owner %d:%d", m.blockedPorts, m.tapUID, m.tapGID)
+	}
+	cfg.VM.Driver = "qemu"
+	m, _ = New(testCfg(), t.TempDir(), HostOptions(cfg)...)
+	if m.tapUID != 0 {
+		t.Errorf("qemu: tap owner %d", m.tapUID)
+	}
+}
+
+// BenchmarkAttachRelease measures one VM's network setup and teardown
+// (allocation file write, nft port-table rebuild, tap create/delete).
+func BenchmarkAttachRelease(b *testing.B) {
+	testenv.RequireRoot(b)
+	ctx := context.Background()
+	name := fmt.Sprintf("frb%d", os.Getpid())
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		b.Fatalf("%v: %s", err, out)
+	}
+	b.Cleanup(func() { _ = exec.Command("ip", "netns", "del", name).Run() })
+	h, err := netns.GetFromName(name)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer h.Close()
+	m, err := New(testCfg(), b.TempDir(), WithNetNS(h))
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := m.Setup(ctx); err != nil {
+		b.Fatal(err)
+	}
+	for i := 0; i < 20; i++ { // 20 VMs already running
+		if _, _, err := m.Attach(ctx, fmt.Sprintf("fr-bg%d", i)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, _, err := m.Attach(ctx, "fr-bench"); err != nil {
+			b.Fatal(err)
+		}
+		if err := m.Release(ctx, "fr-bench"); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	_ = m.Teardown(ctx)
+}
+
 // --- real tests in namespaces (root) ---
 
 // TestTapsLifecycle creates real taps, checks every port property, restarts

@@ -33,6 +33,8 @@ var ErrNotFound = errors.New("job not found")
 type Store struct {
 	db       *sql.DB
 	readOnly bool
+	// Prepared once: re-parsing SQL was the largest CPU cost per job.
+	getStmt, insertStmt, updateStmt, transStmt *sql.Stmt
 }
 
 // migrations are applied in order; never edit one that has shipped, append.
@@ -115,7 +117,30 @@ func Open(ctx context.Context, stateDir string) (*Store, error) {
 		db.Close()
 		return nil, err
 	}
+	if err := s.prepare(ctx); err != nil {
+		db.Close()
+		return nil, err
+	}
 	return s, nil
+}
+
+func (s *Store) prepare(ctx context.Context) error {
+	for _, p := range []struct {
+		dst **sql.Stmt
+		sql string
+	}{
+		{&s.getStmt, `SELECT ` + columns + ` FROM jobs WHERE job_id = ?`},
+		{&s.insertStmt, `INSERT INTO jobs(` + columns + `) VALUES(` + placeholders + `) ON CONFLICT(job_id) DO NOTHING`},
+		{&s.updateStmt, `UPDATE jobs SET ` + setClause + ` WHERE job_id = ?`},
+		{&s.transStmt, `INSERT INTO transitions(job_id, from_state, to_state, reason, at) VALUES(?,?,?,?,?)`},
+	} {
+		st, err := s.db.PrepareContext(ctx, p.sql)
+		if err != nil {
+			return fmt.Errorf("prepare: %w", err)
+		}
+		*p.dst = st
+	}
+	return nil
 }
 
 // OpenReadOnly opens an existing store for inspection (firerunner status)
@@ -133,7 +158,12 @@ func OpenReadOnly(ctx context.Context, stateDir string) (*Store, error) {
 		db.Close()
 		return nil, err
 	}
-	return &Store{db: db, readOnly: true}, nil
+	s := &Store{db: db, readOnly: true}
+	if s.getStmt, err = db.PrepareContext(ctx, `SELECT `+columns+` FROM jobs WHERE job_id = ?`); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open store: %w", err)
+	}
+	return s, nil
 }
 
 func dsn(path string, ro bool) string {
@@ -283,16 +313,15 @@ func (s *Store) Create(ctx context.Context, j job.Job) (job.Job, bool, error) {
 		return j, false, err
 	}
 	defer tx.Rollback()
-	res, err := tx.ExecContext(ctx, `INSERT INTO jobs(`+columns+`) VALUES(`+placeholders+`) ON CONFLICT(job_id) DO NOTHING`, args(&j)...)
+	res, err := tx.StmtContext(ctx, s.insertStmt).ExecContext(ctx, args(&j)...)
 	if err != nil {
 		return j, false, fmt.Errorf("create job %d: %w", j.ID, err)
 	}
 	if n, _ := res.RowsAffected(); n == 0 {
-		existing, err := scan(tx.QueryRowContext(ctx, `SELECT `+columns+` FROM jobs WHERE job_id = ?`, j.ID))
+		existing, err := scan(tx.StmtContext(ctx, s.getStmt).QueryRowContext(ctx, j.ID))
 		return existing, false, err
 	}
-	if _, err := tx.ExecContext(ctx, `INSERT INTO transitions(job_id, from_state, to_state, reason, at) VALUES(?,?,?,?,?)`,
-		j.ID, "", string(j.State), j.Source, now.UnixNano()); err != nil {
+	if _, err := tx.StmtContext(ctx, s.transStmt).ExecContext(ctx, j.ID, "", string(j.State), j.Source, now.UnixNano()); err != nil {
 		return j, false, err
 	}
 	return j, true, tx.Commit()
@@ -300,7 +329,7 @@ func (s *Store) Create(ctx context.Context, j job.Job) (job.Job, bool, error) {
 
 // Get returns one job.
 func (s *Store) Get(ctx context.Context, id int64) (job.Job, error) {
-	j, err := scan(s.db.QueryRowContext(ctx, `SELECT `+columns+` FROM jobs WHERE job_id = ?`, id))
+	j, err := scan(s.getStmt.QueryRowContext(ctx, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return j, ErrNotFound
 	}
@@ -317,7 +346,7 @@ func (s *Store) Update(ctx context.Context, id int64, fn func(j *job.Job) error)
 		return job.Job{}, err
 	}
 	defer tx.Rollback()
-	j, err := scan(tx.QueryRowContext(ctx, `SELECT `+columns+` FROM jobs WHERE job_id = ?`, id))
+	j, err := scan(tx.StmtContext(ctx, s.getStmt).QueryRowContext(ctx, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return j, ErrNotFound
 	}
@@ -338,13 +367,12 @@ func (s *Store) Update(ctx context.Context, id int64, fn func(j *job.Job) error)
 		if j.State.Terminal() && j.Timeline.Finished.IsZero() {
 			j.Timeline.Finished = now
 		}
-		if _, err := tx.ExecContext(ctx, `INSERT INTO transitions(job_id, from_state, to_state, reason, at) VALUES(?,?,?,?,?)`,
-			id, string(from), string(j.State), j.Reason, now.UnixNano()); err != nil {
+		if _, err := tx.StmtContext(ctx, s.transStmt).ExecContext(ctx, id, string(from), string(j.State), j.Reason, now.UnixNano()); err != nil {
 			return j, err
 		}
 	}
 	a := args(&j)
-	if _, err := tx.ExecContext(ctx, `UPDATE jobs SET `+setClause+` WHERE job_id = ?`, append(a[1:], id)...); err != nil {
+	if _, err := tx.StmtContext(ctx, s.updateStmt).ExecContext(ctx, append(a[1:], id)...); err != nil {
 		return j, fmt.Errorf("update job %d: %w", id, err)
 	}
 	return j, tx.Commit()

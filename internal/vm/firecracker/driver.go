@@ -200,7 +200,7 @@ func (d *Driver) readFCMeta(id string) (fcMeta, error) {
 	return m, json.Unmarshal(b, &m)
 }
 
-// validMAC is a unicast MAC in the aa:bb:cc:dd:ee:ff form Firecracker takes.
+// validMAC is the aa:bb:cc:dd:ee:ff form Firecracker takes for guest_mac.
 var validMAC = regexp.MustCompile(`^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$`)
 
 // validateSpec adds the driver's limits to Spec.Validate.

@@ -22,9 +22,10 @@ type launch struct {
 
 // BaseKernelArgs are the kernel parameters of every QEMU guest: serial
 // console, reboot by triple fault (with -no-reboot QEMU then exits),
-// reboot at once on panic, and no time wasted probing a PS/2 controller
-// microvm does not have.
-var BaseKernelArgs = []string{"console=ttyS0", "reboot=t", "panic=-1",
+// reboot at once on panic, and no time wasted probing the PCI bus and PS/2
+// controller microvm does not have. Kernel messages stay on (no "quiet"):
+// they feed the boot timeline and cost no measurable CPU time.
+var BaseKernelArgs = []string{"console=ttyS0", "reboot=t", "panic=-1", "pci=off",
 	"i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd"}
 
 // kernelCmdline is the guest's kernel command line (non-secret by construction).

@@ -213,14 +213,29 @@ func TestStartRejectsBadSpecAndLeavesNothing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	img := t.TempDir()
 	s := testSpec(fakeToken())
-	for _, bad := range []vm.Spec{
-		func() vm.Spec { x := s; x.ID = "../x"; return x }(),
-		func() vm.Spec { x := s; x.VCPUs = 0; return x }(),
-		s, // tap mode without tap
-	} {
-		if err := d.Start(context.Background(), bad); err == nil {
-			t.Errorf("spec %s accepted", bad.ID)
+	s.Image = vm.Image{Kernel: filepath.Join(img, "k"), Initrd: filepath.Join(img, "i"), Rootfs: filepath.Join(img, "r")}
+	for _, f := range []string{s.Image.Kernel, s.Image.Initrd, s.Image.Rootfs} {
+		if err := os.WriteFile(f, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Network = &vm.NetAttachment{TapName: "fr-argv1"}
+	cases := map[string]vm.Spec{
+		"bad id":        func() vm.Spec { x := s; x.ID = "../x"; return x }(),
+		"no vcpus":      func() vm.Spec { x := s; x.VCPUs = 0; return x }(),
+		"no tap":        func() vm.Spec { x := s; x.Network = nil; return x }(),
+		"bad tap":       func() vm.Spec { x := s; x.Network = &vm.NetAttachment{TapName: "a,b"}; return x }(),
+		"missing image": func() vm.Spec { x := s; x.Image.Rootfs = filepath.Join(img, "nope"); return x }(),
+		"bad guest":     func() vm.Spec { x := s; x.Guest.JobTimeoutSec = 0; return x }(),
+	}
+	for name, bad := range cases {
+		err := d.Start(context.Background(), bad)
+		if err == nil {
+			t.Errorf("%s: accepted", name)
+		} else {
+			t.Logf("%s: %v", name, err)
 		}
 	}
 	if ents, _ := os.ReadDir(filepath.Join(state, "vms")); len(ents) != 0 {
@@ -231,6 +246,9 @@ func TestStartRejectsBadSpecAndLeavesNothing(t *testing.T) {
 	}
 	if err := d.Destroy(context.Background(), "fr-nothere"); err != nil {
 		t.Fatalf("Destroy unknown: %v", err)
+	}
+	if err := d.Destroy(context.Background(), "../../etc"); err == nil {
+		t.Fatal("Destroy accepted a path as id")
 	}
 }
 

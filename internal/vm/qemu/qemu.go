@@ -204,6 +204,11 @@ func (d *Driver) Start(ctx context.Context, spec vm.Spec) (err error) {
 	if err := checkNet(spec, d.opts.NetworkMode); err != nil {
 		return err
 	}
+	for _, f := range []string{spec.Image.Kernel, spec.Image.Initrd, spec.Image.Rootfs} {
+		if fi, err := os.Stat(f); err != nil || !fi.Mode().IsRegular() {
+			return fmt.Errorf("vm %s: image file %s: not a readable regular file (%v)", spec.ID, f, err)
+		}
+	}
 	d.mu.Lock()
 	_, mine := d.vms[spec.ID]
 	d.mu.Unlock()

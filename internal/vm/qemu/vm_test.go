@@ -89,9 +89,10 @@ func (e realEnv) runVM(t *testing.T, spec vm.Spec, whileRunning func(pid int)) (
 		t.Fatal("no timeline for a VM this driver started")
 	}
 	tl.MarkAt(vm.MilestoneImageReady, tl0)
-	defer func() {
-		if err := e.drv.Destroy(context.Background(), spec.ID); err != nil {
-			t.Errorf("destroy: %v", err)
+	destroyed := false
+	defer func() { // on t.Fatal: never leave the VM behind
+		if !destroyed {
+			_ = e.drv.Destroy(context.Background(), spec.ID)
 		}
 	}()
 	if whileRunning != nil {
@@ -106,6 +107,13 @@ func (e realEnv) runVM(t *testing.T, spec vm.Spec, whileRunning func(pid int)) (
 		t.Fatalf("wait: %v", err)
 	}
 	console, _ := os.ReadFile(res.ConsoleLog)
+	destroyed = true
+	if err := e.drv.Destroy(context.Background(), spec.ID); err != nil {
+		t.Fatalf("destroy: %v", err)
+	}
+	if _, err := os.Stat(e.drv.StateDir().Path(spec.ID)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("per-VM dir survived Destroy: %v", err)
+	}
 	return res, string(console), tl
 }
 
@@ -133,11 +141,14 @@ func TestBootRunsCommand(t *testing.T) {
 	if !strings.Contains(console, "\n2\r\n") && !strings.Contains(console, "\n2\n") {
 		t.Errorf("nproc did not print 2 (spec has 2 vCPUs)\n%s", tail(console, 40))
 	}
-	tl.Mark(vm.MilestoneDestroyed) // Destroy runs deferred in runVM; marks again harmlessly
-	for _, m := range []vm.Milestone{vm.MilestoneVMMStarted, vm.MilestoneKernel, vm.MilestoneAgentStart, vm.MilestoneJobEnd, vm.MilestoneVMMExited} {
+	for _, m := range []vm.Milestone{vm.MilestoneVMMStarted, vm.MilestoneKernel, vm.MilestoneInit, vm.MilestoneAgentStart,
+		vm.MilestoneJobStart, vm.MilestoneJobEnd, vm.MilestoneExit, vm.MilestonePowerOff, vm.MilestoneVMMExited, vm.MilestoneDestroyed} {
 		if _, ok := tl.At(m); !ok {
 			t.Errorf("timeline lacks %s:\n%s", m, tl)
 		}
+	}
+	if i, j := strings.Index(console, guestconfig.MarkerJobStart), strings.Index(console, guestconfig.MarkerJobEnd); i >= 0 && j > i {
+		t.Logf("command output:\n%s", console[i:j+len(guestconfig.MarkerJobEnd)])
 	}
 	printTimeline(t, spec.ID, tl)
 }
@@ -357,4 +368,62 @@ func TestBootProbe(t *testing.T) {
 	if acc2, _ := resolveAccel(context.Background(), e.drv.binary, AccelAuto, e.img.Kernel); acc2 != acc {
 		t.Fatalf("cached probe result changed: %s then %s", acc, acc2)
 	}
+}
+
+// TestDestroyWhileBooting: Destroy of a booting VM kills and reaps qemu
+// (no zombie), a concurrent Wait reports "killed", nothing is left.
+func TestDestroyWhileBooting(t *testing.T) {
+	e := newRealEnv(t)
+	spec := e.spec("fr-kill1", time.Hour, "sleep 100000")
+	ctx := context.Background()
+	if err := e.drv.Start(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.drv.Start(ctx, spec); err != nil { // idempotent while running
+		t.Fatalf("second Start of a running VM: %v", err)
+	}
+	meta, err := e.drv.StateDir().ReadMeta(spec.ID)
+	if err != nil || !meta.Proc.Alive() {
+		t.Fatalf("meta %+v, %v: VMM not alive after Start", meta, err)
+	}
+	list, _ := e.drv.List(ctx)
+	if len(list) != 1 || list[0].PID != meta.Proc.PID {
+		t.Fatalf("List = %+v, want pid %d", list, meta.Proc.PID)
+	}
+	waited := make(chan vm.Result, 1)
+	go func() {
+		r, _ := e.drv.Wait(ctx, spec.ID)
+		waited <- r
+	}()
+	if err := e.drv.Destroy(ctx, spec.ID); err != nil {
+		t.Fatal(err)
+	}
+	if r := <-waited; r.Reason != "killed" {
+		t.Fatalf("Wait during Destroy = %+v, want reason killed", r)
+	}
+	if meta.Proc.Exists() {
+		t.Fatalf("qemu pid %d still exists (zombie or alive) after Destroy", meta.Proc.PID)
+	}
+	if err := e.drv.Destroy(ctx, spec.ID); err != nil {
+		t.Fatalf("second Destroy: %v", err)
+	}
+	if _, err := e.drv.Wait(ctx, spec.ID); !errors.Is(err, vm.ErrNotFound) {
+		t.Fatalf("Wait after Destroy: %v, want ErrNotFound", err)
+	}
+}
+
+// TestVMMFailureReported: a qemu that cannot boot (not a kernel) ends with
+// a reason carrying qemu's own error.
+func TestVMMFailureReported(t *testing.T) {
+	e := newRealEnv(t)
+	spec := e.spec("fr-fail1", time.Minute, "true")
+	spec.Image.Kernel = filepath.Join(t.TempDir(), "not-a-kernel")
+	if err := os.WriteFile(spec.Image.Kernel, bytes.Repeat([]byte{0x90}, 8192), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	res, _, _ := e.runVM(t, spec, nil)
+	if res.ExitCode != -1 || !strings.HasPrefix(res.Reason, "vmm exited: exit status 1") || !strings.Contains(res.Reason, "kernel") {
+		t.Fatalf("result = %+v, want qemu's kernel error", res)
+	}
+	t.Logf("reason: %s", res.Reason)
 }
