@@ -10,7 +10,7 @@ IMAGE_NO_GITLAB_RUNNER ?=
 IMAGE_EXTRA_CA ?=
 IMAGE_DIR_FILE := $(IMAGE_CACHE)/latest
 
-.PHONY: agent image image-dir image-verify $(BIN)/firerunner-agent $(BIN)/firerunner-image-tool
+.PHONY: agent image image-dir image-verify $(BIN)/firerunner-agent $(BIN)/frimage
 
 agent: $(BIN)/firerunner-agent
 
@@ -18,11 +18,11 @@ $(BIN)/firerunner-agent:
 	@mkdir -p $(BIN)
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $@ ./cmd/firerunner-agent
 
-# The CLI that runs the build (same binary as `make build`, kept separate so
-# `make image` does not depend on the whole tree's build target).
-$(BIN)/firerunner-image-tool:
+# `firerunner image` as a standalone binary (internal/image/frimage), so
+# `make image` only needs internal/image to compile.
+$(BIN)/frimage:
 	@mkdir -p $(BIN)
-	$(GO) build -ldflags '$(LDFLAGS)' -o $@ ./cmd/firerunner
+	$(GO) build -ldflags '$(LDFLAGS)' -o $@ ./internal/image/frimage
 
 ifeq ($(IMAGE_NO_GITLAB_RUNNER),1)
 IMAGE_RUNNER_FLAGS := --no-gitlab-runner
@@ -32,15 +32,15 @@ IMAGE_RUNNER_FLAGS = --gitlab-runner $(GITLAB_RUNNER_BIN)
 IMAGE_RUNNER_DEP = $(GITLAB_RUNNER_BIN)
 endif
 
-image: agent $(BIN)/firerunner-image-tool $(IMAGE_RUNNER_DEP)
+image: agent $(BIN)/frimage $(IMAGE_RUNNER_DEP)
 	@if [ "$(IMAGE_NO_GITLAB_RUNNER)" != 1 ] && [ -z "$(GITLAB_RUNNER_BIN)" ]; then \
 	  echo "make image: GITLAB_RUNNER_BIN is empty (set it, run make gitlab-runner, or IMAGE_NO_GITLAB_RUNNER=1)" >&2; exit 1; fi
-	$(BIN)/firerunner-image-tool image build --cache $(IMAGE_CACHE) --agent $(BIN)/firerunner-agent \
+	$(BIN)/frimage build --cache $(IMAGE_CACHE) --agent $(BIN)/firerunner-agent \
 	  $(IMAGE_RUNNER_FLAGS) $(if $(IMAGE_EXTRA_CA),--extra-ca $(IMAGE_EXTRA_CA)) --print-dir >/dev/null
 	@echo "image: $$(readlink -f $(IMAGE_DIR_FILE))"
 
 image-dir:
 	@readlink -e $(IMAGE_DIR_FILE) || { echo "no image yet: run make image" >&2; exit 1; }
 
-image-verify: $(BIN)/firerunner-image-tool
-	$(BIN)/firerunner-image-tool image verify --cache $(IMAGE_CACHE)
+image-verify: $(BIN)/frimage
+	$(BIN)/frimage verify --cache $(IMAGE_CACHE)

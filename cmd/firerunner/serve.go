@@ -80,7 +80,8 @@ func serve(args []string) error {
 	})
 	api, err := gitlabapi.New(cfg.GitLab.URL, apiToken,
 		gitlabapi.WithRetries(cfg.GitLab.MaxRetries), gitlabapi.WithTimeout(cfg.GitLab.RequestTimeout),
-		gitlabapi.WithLogger(log), gitlabapi.WithErrorCounter(m.APIErrorCounter))
+		gitlabapi.WithLogger(log), gitlabapi.WithErrorCounter(m.APIErrorCounter),
+		gitlabapi.WithHTTPClient(controller.APIHTTPClient()))
 	if err != nil {
 		return err
 	}
@@ -158,7 +159,7 @@ func serve(args []string) error {
 		}
 	case <-ctx.Done():
 	}
-	log.Info("shutdown requested: intake stopped, draining", "drain_timeout", cfg.Limits.DrainTimeout)
+	log.Info("shutdown requested: intake stopped, draining", "drain_timeout", cfg.Limits.DrainTimeout.String())
 	// The HTTP server keeps running while draining: cancel/success webhooks
 	// still tear VMs down, and /metrics stays scrapeable.
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.Limits.DrainTimeout+3*time.Minute)

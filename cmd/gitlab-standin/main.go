@@ -34,9 +34,10 @@ func run() error {
 	addr := flag.String("listen", "127.0.0.1:8929", "address to listen on")
 	dataDir := flag.String("data-dir", "", "directory for git repositories and the token file (default: a temp dir, removed on exit)")
 	externalURL := flag.String("external-url", "", "base URL put into job payloads and webhooks (default http://<listen>)")
+	externalHost := flag.String("external-host", "", "host put into URLs with the listener's port, e.g. the host's address on the VM network")
 	webhookURL := flag.String("webhook-url", "", "Job Hook receiver, e.g. http://127.0.0.1:8080/webhook")
 	project := flag.String("project", "demo/app", "path of the seeded demo project")
-	pipeline := flag.Bool("pipeline", false, "create a demo pipeline at start (jobs tagged firecracker-1cpu-1gb and firecracker-2cpu-2gb)")
+	pipeline := flag.Bool("pipeline", false, "create a pipeline from the demo project's .gitlab-ci.yml at start")
 	runnerCap := flag.Int("runner-cap", 50, "runners creatable per project per 7 days (<0: unlimited)")
 	verbose := flag.Bool("v", false, "log every request")
 	flag.Parse()
@@ -53,7 +54,7 @@ func run() error {
 		}
 	}
 	srv, err := gitlabstandin.New(gitlabstandin.Options{
-		Addr: *addr, Dir: *dataDir, ExternalURL: *externalURL,
+		Addr: *addr, Dir: *dataDir, ExternalURL: *externalURL, ExternalHost: *externalHost,
 		WebhookURL: *webhookURL, WebhookSecret: os.Getenv("GITLAB_STANDIN_WEBHOOK_SECRET"),
 		ProjectRunnerCap: *runnerCap, Logger: log,
 	})
@@ -80,8 +81,9 @@ func run() error {
 	p, err := srv.AddProject(gitlabstandin.ProjectSpec{
 		Path: *project,
 		Files: map[string]string{
-			"README.md": "# FireRunner demo project\n",
-			"hello.sh":  "#!/bin/sh\necho \"hello from $(hostname): $(nproc) CPUs, $(awk '/MemTotal/ {print $2}' /proc/meminfo) kB RAM\"\n",
+			"README.md":      "# FireRunner demo project\n",
+			"hello.sh":       "#!/bin/sh\necho \"hello from $(hostname): $(nproc) CPUs, $(awk '/MemTotal/ {print $2}' /proc/meminfo) kB RAM\"\n",
+			".gitlab-ci.yml": demoCI,
 		},
 	})
 	if err != nil {
@@ -89,10 +91,11 @@ func run() error {
 	}
 	info := map[string]any{"url": srv.URL(), "project_id": p.ID, "project_path": p.Path, "group_id": p.GroupID, "sha": p.HeadSHA}
 	if *pipeline {
-		pl, err := srv.CreatePipeline(p.ID,
-			gitlabstandin.JobSpec{Name: "small", Tags: []string{"firecracker-1cpu-1gb"}, Script: []string{"./hello.sh"}},
-			gitlabstandin.JobSpec{Name: "large", Tags: []string{"firecracker-2cpu-2gb"}, Script: []string{"./hello.sh"}},
-		)
+		jobs, err := gitlabstandin.ParseCIConfig([]byte(demoCI))
+		if err != nil {
+			return err
+		}
+		pl, err := srv.CreatePipeline(p.ID, jobs...)
 		if err != nil {
 			return err
 		}
@@ -109,6 +112,16 @@ func run() error {
 	log.Info("shutting down")
 	return nil
 }
+
+// demoCI is the seeded project's .gitlab-ci.yml; POST
+// /api/v4/projects/:id/pipeline?ref=main runs it again.
+const demoCI = `small:
+  tags: [firecracker-1cpu-1gb]
+  script: [./hello.sh]
+large:
+  tags: [firecracker-2cpu-2gb]
+  script: [./hello.sh]
+`
 
 func randomToken() string {
 	b := make([]byte, 10)

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -47,6 +48,16 @@ type GitLab interface {
 	GetJob(ctx context.Context, projectID, jobID int64) (gitlabapi.Job, error)
 	ListPendingJobs(ctx context.Context, projectID int64) ([]gitlabapi.Job, error)
 	ListGroupProjects(ctx context.Context, groupID int64) ([]int64, error)
+}
+
+// APIHTTPClient is the HTTP client for the GitLab API: Go's default keeps
+// only 2 idle connections per host, so concurrent jobs would re-dial GitLab
+// (TCP + TLS) on the latency path.
+func APIHTTPClient() *http.Client {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.MaxIdleConns = 128
+	tr.MaxIdleConnsPerHost = 64
+	return &http.Client{Transport: tr}
 }
 
 // Options wires a controller.

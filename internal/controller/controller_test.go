@@ -405,8 +405,8 @@ func TestRestartMidJob(t *testing.T) {
 	h.capa.VCPUs = 8
 	h.start()
 	h.eventually("restart converged", func() bool {
-		return !h.job(1104).Timeline.VMStarted.IsZero() && h.job(1105).State == job.Failed && h.job(1106).State == job.Canceled &&
-			!h.job(1103).Timeline.VMStarted.IsZero()
+		return h.vmRunning(job.VMIDFor(1104)) && h.job(1105).State == job.Failed && h.job(1106).State == job.Canceled &&
+			h.vmRunning(job.VMIDFor(1103))
 	})
 	if j := h.job(1101); j.State != job.Running || !h.vmRunning(j.VMID) {
 		t.Fatalf("running job not resumed: %s", j.State)

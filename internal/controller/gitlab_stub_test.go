@@ -30,6 +30,7 @@ type gitLabStub struct {
 	calls      map[string]int
 	created    int
 	deleted    []int64
+	onDelete   func(runnerID int64) // benchmark hook, called after a deletion
 }
 
 type stubJob struct {
@@ -302,6 +303,9 @@ func (g *gitLabStub) deleteRunner(w http.ResponseWriter, r *http.Request) {
 	delete(g.runners, rid)
 	g.deleted = append(g.deleted, rid)
 	w.WriteHeader(204)
+	if g.onDelete != nil {
+		g.onDelete(rid)
+	}
 }
 
 func (g *gitLabStub) listRunners(w http.ResponseWriter, r *http.Request) {

@@ -209,7 +209,7 @@ func (h *harness) waitStarted(id int64) job.Job {
 	h.eventually("vm of job "+job.VMIDFor(id)+" started", func() bool {
 		var err error
 		j, err = h.st.Get(context.Background(), id)
-		return err == nil && (j.State == job.VMStarting || j.State == job.Running) && !j.Timeline.VMStarted.IsZero()
+		return err == nil && (j.State == job.VMStarting || j.State == job.Running) && h.vmRunning(job.VMIDFor(id))
 	})
 	return j
 }

@@ -214,6 +214,9 @@ func (c *Controller) ReconcileOnce(ctx context.Context) {
 	if c.accepting.Load() || !c.started.Load() {
 		c.poll(ctx)
 	}
+	if err := c.store.Checkpoint(ctx); err != nil {
+		c.log.Warn("reconcile: store checkpoint failed", "err", err)
+	}
 }
 
 // ownsVMNow re-checks the store for one VM id (the job may have started
@@ -296,7 +299,7 @@ func (c *Controller) Shutdown(ctx context.Context) error {
 
 	done := make(chan struct{})
 	go func() { c.workers.Wait(); close(done) }()
-	c.log.Info("draining: waiting for running vms", "drain_timeout", c.cfg.Limits.DrainTimeout, "vms", c.sched.Stats().VMs)
+	c.log.Info("draining: waiting for running vms", "drain_timeout", c.cfg.Limits.DrainTimeout.String(), "vms", c.sched.Stats().VMs)
 	drain := time.NewTimer(c.cfg.Limits.DrainTimeout)
 	defer drain.Stop()
 	select {

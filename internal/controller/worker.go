@@ -85,30 +85,24 @@ func (c *Controller) startJob(ctx context.Context, t *task, j job.Job) (job.Job,
 		c.finishWithoutResources(ctx, j.ID, job.Failed, reason)
 		return j, false
 	}
-	j, err = c.store.Update(ctx, j.ID, func(r *job.Job) error {
-		r.State, r.RunnerID, r.Timeline.RunnerCreated = job.RunnerCreated, lease.RunnerID, time.Now()
+	// Runner id and VM id are persisted together, before the VM starts, so a
+	// crash can never leave a VM or runner the store does not know (runners
+	// created just before a crash are found by their description).
+	vmID := job.VMIDFor(j.ID)
+	j, err = c.store.UpdatePath(ctx, j.ID, []job.State{job.RunnerCreated, job.VMStarting}, func(r *job.Job) error {
+		now := time.Now()
+		r.RunnerID, r.Timeline.RunnerCreated = lease.RunnerID, now
+		r.VMID, r.Timeline.VMStartRequest = vmID, now
 		return nil
 	})
 	if err != nil {
 		// Could not record the runner: delete it now (reconcile would too).
-		log.Error("recording runner failed", "err", err, "runner_id", lease.RunnerID)
+		log.Error("recording runner and vm id failed", "err", err, "runner_id", lease.RunnerID)
 		_ = c.prov.Release(context.WithoutCancel(ctx), lease)
+		c.finishWithoutResources(ctx, j.ID, job.Failed, job.ReasonRunnerCreate+": "+err.Error())
 		return j, false
 	}
 	log.Info("runner created", "runner", lease)
-
-	// VM id is persisted before Start so a crash can never leave a VM the
-	// store does not know.
-	vmID := job.VMIDFor(j.ID)
-	j, err = c.store.Update(ctx, j.ID, func(r *job.Job) error {
-		r.State, r.VMID, r.Timeline.VMStartRequest = job.VMStarting, vmID, time.Now()
-		return nil
-	})
-	if err != nil {
-		log.Error("recording vm id failed", "err", err)
-		c.cleanup(j, job.Failed, job.ReasonVMStart+": "+err.Error())
-		return j, false
-	}
 	log = c.jobLog(j)
 	spec := vm.Spec{
 		ID: vmID, VCPUs: j.VCPUs, MemoryMiB: j.MemoryMiB, Image: c.img,
@@ -140,13 +134,9 @@ func (c *Controller) startJob(ctx context.Context, t *task, j job.Job) (job.Job,
 		c.cleanup(j, job.Failed, job.ReasonVMStart+": "+err.Error())
 		return j, false
 	}
-	j, err = c.store.Update(ctx, j.ID, func(r *job.Job) error {
-		r.Timeline.VMStarted = time.Now()
-		return nil
-	})
-	if err != nil {
-		log.Error("recording vm start failed", "err", err)
-	}
+	// Kept in memory and persisted with the next write (cleaning): one
+	// transaction less per job; after a crash VMStartRequest stands in.
+	j.Timeline.VMStarted = time.Now()
 	log.Info("vm started", "vcpus", j.VCPUs, "memory_mib", j.MemoryMiB)
 	return j, true
 }
@@ -191,17 +181,11 @@ func (c *Controller) supervise(t *task, j job.Job) (job.State, string, job.Job) 
 	for {
 		select {
 		case w := <-waitCh:
-			now := time.Now()
-			j2, _ := c.store.Update(c.baseCtx, j.ID, func(r *job.Job) error {
-				r.Timeline.VMExited = now
-				if w.err == nil {
-					code := w.res.ExitCode
-					r.ExitCode = &code
-				}
-				return nil
-			})
-			if j2.ID != 0 {
-				j = j2
+			// Persisted by cleanup's first write (merge), not here.
+			j.Timeline.VMExited = time.Now()
+			if w.err == nil {
+				code := w.res.ExitCode
+				j.ExitCode = &code
 			}
 			switch {
 			case w.err != nil:
@@ -235,7 +219,7 @@ func (c *Controller) supervise(t *task, j job.Job) (job.State, string, job.Job) 
 					}
 					return nil
 				}); err == nil {
-					j = u
+					j.State = u.State
 				}
 				continue
 			}
@@ -256,11 +240,24 @@ func (c *Controller) cleanup(j job.Job, outcome job.State, reason string) {
 	if !outcome.Terminal() {
 		outcome = job.Failed
 	}
+	mem := j
 	j, err := c.store.Update(ctx, j.ID, func(r *job.Job) error {
-		if r.State == job.Cleaning || r.State.Terminal() {
+		if r.State.Terminal() {
 			return nil
 		}
-		r.State, r.Outcome, r.Reason = job.Cleaning, outcome, reason
+		// Facts the worker only held in memory so far.
+		if r.Timeline.VMStarted.IsZero() {
+			r.Timeline.VMStarted = mem.Timeline.VMStarted
+		}
+		if r.Timeline.VMExited.IsZero() {
+			r.Timeline.VMExited = mem.Timeline.VMExited
+		}
+		if r.ExitCode == nil {
+			r.ExitCode = mem.ExitCode
+		}
+		if r.State != job.Cleaning {
+			r.State, r.Outcome, r.Reason = job.Cleaning, outcome, reason
+		}
 		return nil
 	})
 	if err != nil {

@@ -136,7 +136,10 @@ func updateRef(repo, ref, sha string) error {
 // read_repository or api. Pushes are refused.
 func (s *Server) serveGit(w http.ResponseWriter, r *http.Request) {
 	path := r.URL.Path
-	i := strings.Index(path, ".git")
+	i := strings.Index(path, ".git/")
+	if i < 0 {
+		i = len(path) - len(".git")
+	}
 	repoPath := strings.TrimPrefix(path[:i], "/")
 	if r.URL.Query().Get("service") == "git-receive-pack" || strings.HasSuffix(path, "/git-receive-pack") {
 		http.Error(w, "pushes are not supported by the stand-in", http.StatusForbidden)

@@ -55,11 +55,10 @@ func (t *token) has(scopes ...string) bool {
 }
 
 type group struct {
-	id            int64
-	name, path    string // path is the full path
-	parentID      int64
-	runnersToken  string
-	runnerCreated []time.Time
+	id           int64
+	name, path   string // path is the full path
+	parentID     int64
+	runnersToken string
 }
 
 type project struct {
@@ -69,8 +68,8 @@ type project struct {
 	defaultBranch string
 	runnersToken  string
 	repoDir       string
-	runnerCreated []time.Time
 	headMessage   string
+	vars          []Variable // project CI/CD variables
 }
 
 type pipeline struct {
@@ -101,6 +100,7 @@ type job struct {
 
 type runner struct {
 	id             int64
+	uuid           string
 	token          string
 	description    string
 	runnerType     string // instance_type, group_type, project_type
@@ -114,6 +114,8 @@ type runner struct {
 	maximumTimeout int64
 	createdAt      time.Time
 	contactedAt    time.Time
+	firstRequestAt time.Time // first POST /jobs/request
+	deletedAt      time.Time
 	jobIDs         []int64
 	version        string
 }
@@ -275,7 +277,7 @@ func (s *Server) Project(id int64) (Project, error) {
 	p, ok := s.projects[id]
 	s.mu.Unlock()
 	if !ok {
-		return Project{}, errNotFound
+		return Project{}, ErrNotFound
 	}
 	sha, err := revParse(p.repoDir, "refs/heads/"+p.defaultBranch)
 	if err != nil {
@@ -292,9 +294,22 @@ func (s *Server) Commit(projectID int64, branch string, files map[string]string,
 	p, ok := s.projects[projectID]
 	s.mu.Unlock()
 	if !ok {
-		return "", errNotFound
+		return "", ErrNotFound
 	}
 	return commitFiles(p.repoDir, branch, files, message)
+}
+
+// SetProjectVariables sets a project's CI/CD variables (Settings > CI/CD >
+// Variables), sent to every later job of the project before the job's own.
+func (s *Server) SetProjectVariables(projectID int64, vars ...Variable) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p, ok := s.projects[projectID]
+	if !ok {
+		return ErrNotFound
+	}
+	p.vars = append([]Variable(nil), vars...)
+	return nil
 }
 
 // Variable is a CI/CD variable of a job.
@@ -350,7 +365,7 @@ func (s *Server) CreatePipelineSpec(projectID int64, spec PipelineSpec) (Pipelin
 	p, ok := s.projects[projectID]
 	s.mu.Unlock()
 	if !ok {
-		return Pipeline{}, errNotFound
+		return Pipeline{}, ErrNotFound
 	}
 	ref := spec.Ref
 	if ref == "" {
@@ -493,7 +508,7 @@ func (s *Server) WaitJob(ctx context.Context, id int64, cond func(JobState) bool
 		j, ok := s.jobs[id]
 		if !ok {
 			s.mu.Unlock()
-			return JobState{}, errNotFound
+			return JobState{}, ErrNotFound
 		}
 		st := s.jobStateLocked(j)
 		ch := s.changed
@@ -518,7 +533,7 @@ func (s *Server) Cancel(id int64) error {
 	defer s.mu.Unlock()
 	j, ok := s.jobs[id]
 	if !ok {
-		return errNotFound
+		return ErrNotFound
 	}
 	j.canceledByUser = true
 	switch j.status {
@@ -563,7 +578,10 @@ type RunnerState struct {
 	MaximumTimeout int64
 	CreatedAt      time.Time
 	ContactedAt    time.Time // zero: never contacted
+	FirstRequestAt time.Time // first POST /jobs/request; zero: none yet
+	DeletedAt      time.Time // zero: exists
 	JobIDs         []int64   // jobs it picked
+	Version        string    // gitlab-runner version it reported
 }
 
 // CreateRunner creates a runner like POST /user/runners (subject to the cap).
@@ -586,11 +604,35 @@ func (r *runner) state() RunnerState {
 		ProjectIDs: append([]int64(nil), r.projectIDs...), GroupID: r.groupID,
 		Tags: append([]string(nil), r.tags...), RunUntagged: r.runUntagged,
 		Locked: r.locked, Paused: r.paused, MaximumTimeout: r.maximumTimeout,
-		CreatedAt: r.createdAt, ContactedAt: r.contactedAt, JobIDs: append([]int64(nil), r.jobIDs...),
+		CreatedAt: r.createdAt, ContactedAt: r.contactedAt, FirstRequestAt: r.firstRequestAt,
+		DeletedAt: r.deletedAt, JobIDs: append([]int64(nil), r.jobIDs...), Version: r.version,
 	}
 }
 
-// Runners returns all existing runners, by id.
+// Runner returns a runner by id, including deleted ones (DeletedAt set).
+func (s *Server) Runner(id int64) (RunnerState, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r, ok := s.runners[id]; ok {
+		return r.state(), true
+	}
+	if r, ok := s.deleted[id]; ok {
+		return r.state(), true
+	}
+	return RunnerState{}, false
+}
+
+// deleteRunnerLocked removes a runner; its jobs keep running like on GitLab.
+func (s *Server) deleteRunnerLocked(id int64) {
+	r := s.runners[id]
+	r.deletedAt = time.Now().UTC()
+	r.token = ""
+	delete(s.runners, id)
+	s.deleted[id] = r
+	s.notify()
+}
+
+// Runners returns the existing (not deleted) runners, by id.
 func (s *Server) Runners() []RunnerState {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -630,11 +672,21 @@ func (s *Server) createRunnerLocked(spec RunnerSpec, prefix string) (*runner, *a
 		runUntagged: spec.RunUntagged, locked: spec.Locked, paused: spec.Paused,
 		maximumTimeout: spec.MaximumTimeout, createdAt: now, accessLevel: "not_protected",
 	}
-	recent := func(ts []time.Time) int {
+	// GitLab's plan limit counts the scope's existing runners "created or
+	// active during the past seven days"; deleting a runner frees its slot.
+	// Options.RunnerCapCountsDeleted counts deleted ones too (stricter).
+	recent := func(match func(*runner) bool) int {
 		n := 0
-		for _, t := range ts {
-			if now.Sub(t) < 7*24*time.Hour {
+		for _, r := range s.runners {
+			if match(r) && (now.Sub(r.createdAt) < 7*24*time.Hour || now.Sub(r.contactedAt) < 7*24*time.Hour) {
 				n++
+			}
+		}
+		if s.opts.RunnerCapCountsDeleted {
+			for _, r := range s.deleted {
+				if match(r) && now.Sub(r.createdAt) < 7*24*time.Hour {
+					n++
+				}
 			}
 		}
 		return n
@@ -645,26 +697,27 @@ func (s *Server) createRunnerLocked(spec RunnerSpec, prefix string) (*runner, *a
 		if !ok {
 			return nil, &apiError{403, map[string]any{"message": "403 Forbidden"}}
 		}
-		if s.projCap > 0 && recent(p.runnerCreated) >= s.projCap {
+		inProject := func(r *runner) bool { return r.runnerType == "project_type" && slices.Contains(r.projectIDs, p.id) }
+		if s.projCap > 0 && recent(inProject) >= s.projCap {
 			return nil, bad("runner_projects.base", fmt.Sprintf("Maximum number of ci registered project runners (%d) exceeded", s.projCap))
 		}
-		p.runnerCreated = append(p.runnerCreated, now)
 		r.projectIDs = []int64{p.id}
 	case "group_type":
 		g, ok := s.groups[spec.GroupID]
 		if !ok {
 			return nil, &apiError{403, map[string]any{"message": "403 Forbidden"}}
 		}
-		if s.groupCap > 0 && recent(g.runnerCreated) >= s.groupCap {
+		inGroup := func(r *runner) bool { return r.runnerType == "group_type" && r.groupID == g.id }
+		if s.groupCap > 0 && recent(inGroup) >= s.groupCap {
 			return nil, bad("runner_namespaces.base", fmt.Sprintf("Maximum number of ci registered group runners (%d) exceeded", s.groupCap))
 		}
-		g.runnerCreated = append(g.runnerCreated, now)
 		r.groupID = g.id
 	case "instance_type":
 	default:
 		return nil, &apiError{400, map[string]any{"error": "runner_type does not have a valid value"}}
 	}
 	r.id = s.id("runner")
+	r.uuid = uuid()
 	r.token = prefix + randomHex(10)
 	s.runners[r.id] = r
 	s.notify()
@@ -733,4 +786,22 @@ func (s *Server) canPickLocked(r *runner, j *job) bool {
 		}
 	}
 	return true
+}
+
+// Wait waits until cond returns true, re-checking it after every state
+// change (job, runner, trace); cond may call the Server's methods.
+func (s *Server) Wait(ctx context.Context, cond func() bool) error {
+	for {
+		s.mu.Lock()
+		ch := s.changed
+		s.mu.Unlock()
+		if cond() {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-ch:
+		}
+	}
 }

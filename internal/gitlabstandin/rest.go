@@ -226,6 +226,10 @@ func (s *Server) serveAPI(w http.ResponseWriter, r *http.Request) {
 		s.listJobs(w, r, seg[1])
 	case route("GET", "projects", "*", "jobs", "*"):
 		s.getJob(w, r, seg[1], seg[3])
+	case route("POST", "projects", "*", "pipeline"):
+		s.createPipeline(w, r, seg[1])
+	case route("GET", "projects", "*", "jobs", "*", "trace"):
+		s.getTrace(w, r, seg[1], seg[3])
 	case route("POST", "projects", "*", "jobs", "*", "cancel"):
 		s.cancelJob(w, r, seg[1], seg[3])
 	case route("GET", "groups", "*"):
@@ -489,6 +493,24 @@ func (s *Server) getJob(w http.ResponseWriter, r *http.Request, pref, jref strin
 	writeJSON(w, 200, s.jobJSONLocked(j))
 }
 
+// getTrace is GET /projects/:id/jobs/:job_id/trace: the raw log.
+func (s *Server) getTrace(w http.ResponseWriter, r *http.Request, pref, jref string) {
+	if !s.auth(w, r, readScopes...) {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p := s.findProjectLocked(pref)
+	id, _ := strconv.ParseInt(jref, 10, 64)
+	j, ok := s.jobs[id]
+	if p == nil || !ok || j.projectID != p.id {
+		msg(w, 404, "404 Not found")
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain")
+	_, _ = w.Write(j.trace)
+}
+
 func (s *Server) cancelJob(w http.ResponseWriter, r *http.Request, pref, jref string) {
 	if !s.auth(w, r, ScopeAPI) {
 		return
@@ -674,8 +696,7 @@ func (s *Server) deleteRunner(w http.ResponseWriter, r *http.Request, ref string
 		msg(w, 404, "404 Runner Not Found")
 		return
 	}
-	delete(s.runners, id)
-	s.notify()
+	s.deleteRunnerLocked(id)
 	w.WriteHeader(http.StatusNoContent)
 }
 

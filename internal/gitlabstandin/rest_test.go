@@ -103,6 +103,9 @@ func TestAuthScopesAndNotFound(t *testing.T) {
 	if _, _, err := client(t, s, adminToken).Jobs.GetJob("acme/nope", pl.JobIDs[0]); statusOf(err) != 404 {
 		t.Fatalf("unknown project: want 404, got %v", err)
 	}
+	if tr, _, err := client(t, s, "glpat-read").Jobs.GetTraceFile(p.ID, pl.JobIDs[0]); err != nil || tr.Len() != 0 {
+		t.Fatalf("trace of a pending job: %v", err)
+	}
 	// The project may be addressed by its URL-encoded path.
 	if _, _, err := client(t, s, adminToken).Jobs.GetJob("acme/app", pl.JobIDs[0]); err != nil {
 		t.Fatalf("job by project path: %v", err)
@@ -160,6 +163,9 @@ func TestCreateDeleteRunner(t *testing.T) {
 	if n := len(s.Runners()); n != 0 {
 		t.Fatalf("%d runners left", n)
 	}
+	if st, ok := s.Runner(r.ID); !ok || st.DeletedAt.IsZero() {
+		t.Fatalf("deleted runner state %+v", st)
+	}
 }
 
 func TestRunnerCapError(t *testing.T) {
@@ -193,6 +199,27 @@ func TestRunnerCapError(t *testing.T) {
 	}
 	if _, err := create(); statusOf(err) != 400 {
 		t.Fatalf("client-go over cap: %v", err)
+	}
+	// Deleting a runner frees its slot, as on GitLab.
+	if _, err := client(t, s, adminToken).Runners.DeleteRegisteredRunnerByID(s.Runners()[0].ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := create(); err != nil {
+		t.Fatalf("after a delete: %v", err)
+	}
+
+	strict := newServer(t, Options{ProjectRunnerCap: 1, RunnerCapCountsDeleted: true})
+	sp := addProject(t, strict, "acme/app")
+	r, err := strict.CreateRunner(RunnerSpec{ProjectID: sp.ID, RunUntagged: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client(t, strict, adminToken).Runners.DeleteRegisteredRunnerByID(r.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := strict.CreateRunner(RunnerSpec{ProjectID: sp.ID, RunUntagged: true}); err == nil ||
+		!strings.Contains(err.Error(), "Maximum number of ci registered project runners (1) exceeded") {
+		t.Fatalf("strict cap after delete: %v", err)
 	}
 }
 
@@ -383,3 +410,72 @@ func TestWaitJobHonoursContext(t *testing.T) {
 }
 
 func netListen() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") }
+
+func TestPipelineFromCIConfig(t *testing.T) {
+	s := newServer(t, Options{})
+	p, err := s.AddProject(ProjectSpec{Path: "acme/app", Files: map[string]string{".gitlab-ci.yml": `
+stages: [build, test]
+variables:
+  GLOBAL: g
+default:
+  before_script: [echo before]
+.hidden:
+  script: nope
+unit:
+  stage: test
+  script: make test
+  after_script: [echo after]
+  tags: [firecracker-2cpu-2gb]
+compile:
+  stage: build
+  script:
+    - make
+  variables:
+    LOCAL: l
+  timeout: 10m
+  allow_failure: true
+`}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := "main"
+	pl, _, err := client(t, s, adminToken).Pipelines.CreatePipeline(p.ID, &gitlab.CreatePipelineOptions{Ref: &ref})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pl.Status != "pending" || pl.Ref != "main" || pl.SHA != p.HeadSHA {
+		t.Fatalf("pipeline %+v", pl)
+	}
+	var got []JobState
+	for id := int64(1); ; id++ {
+		st, ok := s.Job(id)
+		if !ok {
+			break
+		}
+		got = append(got, st)
+	}
+	if len(got) != 2 || got[0].Name != "compile" || got[0].Status != StatusPending || got[1].Name != "unit" ||
+		got[1].Status != StatusCreated || got[1].Tags[0] != "firecracker-2cpu-2gb" {
+		t.Fatalf("jobs %+v", got)
+	}
+	s.mu.Lock()
+	c, u := s.jobs[got[0].ID].spec, s.jobs[got[1].ID].spec
+	s.mu.Unlock()
+	if strings.Join(c.Script, ";") != "echo before;make" || c.Timeout != 10*time.Minute || !c.AllowFailure ||
+		len(c.Variables) != 2 || strings.Join(u.AfterScript, ";") != "echo after" || u.Stage != "test" {
+		t.Fatalf("compile %+v unit %+v", c, u)
+	}
+	if _, err := ParseCIConfig([]byte("job:\n  stage: nope\n  script: x\n")); err == nil {
+		t.Fatal("unknown stage accepted")
+	}
+}
+
+func TestExternalHost(t *testing.T) {
+	s := newServer(t, Options{ExternalHost: "localhost"})
+	if !strings.HasPrefix(s.URL(), "http://localhost:") || !strings.HasSuffix(s.URL(), s.Addr()[strings.LastIndex(s.Addr(), ":"):]) {
+		t.Fatalf("URL %s addr %s", s.URL(), s.Addr())
+	}
+	if _, _, err := client(t, s, adminToken).Version.GetVersion(); err != nil {
+		t.Fatal(err)
+	}
+}

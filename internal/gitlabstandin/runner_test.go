@@ -116,12 +116,15 @@ func TestRealRunnerSuccessCloneAtRefMaskedVariable(t *testing.T) {
 		t.Fatal(err)
 	}
 	const secret = "hunter2-very-secret-value"
+	if err := s.SetProjectVariables(p.ID, Variable{Key: "MY_SECRET", Value: secret, Masked: true}); err != nil {
+		t.Fatal(err)
+	}
 	pl, err := s.CreatePipelineSpec(p.ID, PipelineSpec{Ref: "feature", Jobs: []JobSpec{{
 		Name:        "build",
 		Tags:        []string{"firecracker-1cpu-1gb"},
-		Script:      []string{"cat data.txt", "echo head=$(git rev-parse HEAD)", `echo "secret=$MY_SECRET"`, "echo plain=$PLAIN"},
+		Script:      []string{"cat data.txt", "echo head=$(git rev-parse HEAD)", `echo "secret=$MY_SECRET"`, "echo plain=$PLAIN", `echo "job-secret=$JOB_SECRET"`},
 		AfterScript: []string{"echo after-script-ran"},
-		Variables:   []Variable{{Key: "MY_SECRET", Value: secret, Masked: true}, {Key: "PLAIN", Value: "visible-value"}},
+		Variables:   []Variable{{Key: "PLAIN", Value: "visible-value"}, {Key: "JOB_SECRET", Value: "job-level-secret-42", Masked: true}},
 	}}})
 	if err != nil {
 		t.Fatal(err)
@@ -134,12 +137,12 @@ func TestRealRunnerSuccessCloneAtRefMaskedVariable(t *testing.T) {
 	if st.Status != StatusSuccess || st.RunnerID != r.ID {
 		t.Fatalf("status %s runner %d; trace:\n%s", st.Status, st.RunnerID, st.Trace)
 	}
-	for _, want := range []string{"from feature", "head=" + featureSHA, "secret=[MASKED]", "plain=visible-value", "after-script-ran", "Job succeeded"} {
+	for _, want := range []string{"from feature", "head=" + featureSHA, "secret=[MASKED]", "job-secret=[MASKED]", "plain=visible-value", "after-script-ran", "Job succeeded"} {
 		if !strings.Contains(st.Trace, want) {
 			t.Errorf("trace lacks %q", want)
 		}
 	}
-	if strings.Contains(st.Trace, secret) || strings.Contains(st.Trace, "from main") {
+	if strings.Contains(st.Trace, secret) || strings.Contains(st.Trace, "job-level-secret-42") || strings.Contains(st.Trace, "from main") {
 		t.Errorf("trace leaks the secret or has the wrong ref")
 	}
 	if t.Failed() {
@@ -259,6 +262,9 @@ func TestJobAssignmentRules(t *testing.T) {
 	if code, id := request(onlyA.Token); code != 201 || id != pl.JobIDs[2] {
 		t.Fatalf("runner [a]: %d job %d", code, id)
 	}
+	if st, _ := s.Runner(onlyA.ID); st.FirstRequestAt.IsZero() || len(st.JobIDs) != 1 {
+		t.Fatalf("runner state %+v", st)
+	}
 	if code, _ := request(onlyA.Token); code != 204 {
 		t.Fatalf("runner [a] second request: %d", code)
 	}
@@ -351,5 +357,63 @@ func TestTraceRangesAndCancelStatus(t *testing.T) {
 	resp, _ = runnerAPI(t, s, "PUT", fmt.Sprintf("jobs/%d", job.ID), nil, map[string]any{"token": job.Token, "state": "failed"})
 	if resp.StatusCode != 403 || resp.Header.Get("Job-Status") != "canceled" {
 		t.Fatalf("update after cancel: %d %v", resp.StatusCode, resp.Header)
+	}
+}
+
+func TestLongPollHandsOutNewJob(t *testing.T) {
+	s := newServer(t, Options{LongPoll: time.Minute})
+	p := addProject(t, s, "acme/app")
+	r := projectRunner(t, s, p, "x")
+	type result struct {
+		code int
+		body []byte
+	}
+	done := make(chan result, 1)
+	go func() {
+		resp, body := runnerAPI(t, s, "POST", "jobs/request", nil, map[string]any{"token": r.Token, "info": map[string]any{}})
+		done <- result{resp.StatusCode, body}
+	}()
+	// Create the job only once the runner is waiting.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := s.Wait(ctx, func() bool { st, _ := s.Runner(r.ID); return !st.FirstRequestAt.IsZero() }); err != nil {
+		t.Fatal(err)
+	}
+	pl, err := s.CreatePipeline(p.ID, JobSpec{Name: "x", Script: []string{"true"}, Tags: []string{"x"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := <-done
+	if res.code != 201 || !strings.Contains(string(res.body), fmt.Sprintf(`"id":%d`, pl.JobIDs[0])) {
+		t.Fatalf("long poll: %d %s", res.code, res.body)
+	}
+}
+
+func TestLegacyRegistration(t *testing.T) {
+	s := newServer(t, Options{})
+	p := addProject(t, s, "acme/app")
+	if resp, _ := runnerAPI(t, s, "POST", "runners", nil, map[string]any{"token": "wrong"}); resp.StatusCode != 403 {
+		t.Fatalf("bad registration token: %d", resp.StatusCode)
+	}
+	resp, body := runnerAPI(t, s, "POST", "runners", nil, map[string]any{"token": p.RunnersToken, "tag_list": "a,b", "run_untagged": false})
+	var reg struct {
+		ID    int64  `json:"id"`
+		Token string `json:"token"`
+	}
+	if err := json.Unmarshal(body, &reg); err != nil || resp.StatusCode != 201 || !strings.HasPrefix(reg.Token, "glrtr-") {
+		t.Fatalf("register: %d %s", resp.StatusCode, body)
+	}
+	st, _ := s.Runner(reg.ID)
+	if st.Type != "project_type" || len(st.Tags) != 2 || st.RunUntagged {
+		t.Fatalf("registered runner %+v", st)
+	}
+	if resp, _ := runnerAPI(t, s, "POST", "runners/verify", nil, map[string]any{"token": reg.Token}); resp.StatusCode != 200 {
+		t.Fatalf("verify: %d", resp.StatusCode)
+	}
+	if resp, _ := runnerAPI(t, s, "DELETE", "runners", nil, map[string]any{"token": reg.Token}); resp.StatusCode != 204 {
+		t.Fatalf("unregister: %d", resp.StatusCode)
+	}
+	if resp, _ := runnerAPI(t, s, "POST", "runners/verify", nil, map[string]any{"token": reg.Token}); resp.StatusCode != 403 {
+		t.Fatalf("verify after unregister: %d", resp.StatusCode)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"regexp"
 	"slices"
 	"strconv"
@@ -132,8 +133,7 @@ func (s *Server) runnerUnregister(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if !strings.HasSuffix(r.URL.Path, "/managers") {
-		delete(s.runners, rn.id)
-		s.notify()
+		s.deleteRunnerLocked(rn.id)
 	}
 	w.WriteHeader(http.StatusNoContent)
 }
@@ -160,6 +160,10 @@ func (s *Server) jobsRequest(w http.ResponseWriter, r *http.Request) {
 		}
 		rn.contactedAt = time.Now().UTC()
 		rn.version = b.Info.Version
+		if rn.firstRequestAt.IsZero() {
+			rn.firstRequestAt = rn.contactedAt
+			s.notify()
+		}
 		if j := s.pickLocked(rn); j != nil {
 			j.runnerID = rn.id
 			j.runnerGraceful = b.Info.Features.CancelGracefully
@@ -364,12 +368,11 @@ func (s *Server) jobPayloadLocked(j *job, rn *runner) map[string]any {
 	}
 	repoURL := s.baseURL + "/" + p.path + ".git"
 	cloneURL := strings.Replace(repoURL, "://", "://gitlab-ci-token:"+j.token+"@", 1)
-	host := hostOf(s.baseURL)
-	port := "80"
-	if i := strings.LastIndex(s.baseURL, ":"); i > len("https") {
-		port = s.baseURL[i+1:]
+	base, _ := url.Parse(s.baseURL)
+	host, port, proto := base.Hostname(), base.Port(), base.Scheme
+	if port == "" {
+		port = map[string]string{"http": "80", "https": "443"}[proto]
 	}
-	proto := s.baseURL[:strings.Index(s.baseURL, ":")]
 	short := pl.sha[:8]
 	pub := func(k, v string) varJSON { return varJSON{Key: k, Value: v, Public: true} }
 	vars := []varJSON{
@@ -416,7 +419,7 @@ func (s *Server) jobPayloadLocked(j *job, rn *runner) map[string]any {
 		pub("CI_SERVER_HOST", host),
 		pub("CI_SERVER_PORT", port),
 		pub("CI_SERVER_PROTOCOL", proto),
-		pub("CI_SERVER_FQDN", strings.TrimPrefix(strings.TrimPrefix(s.baseURL, "http://"), "https://")),
+		pub("CI_SERVER_FQDN", base.Host),
 		pub("CI_SERVER_NAME", "GitLab"),
 		pub("CI_SERVER_VERSION", Version),
 		pub("CI_SERVER_VERSION_MAJOR", strings.Split(Version, ".")[0]),
@@ -436,7 +439,7 @@ func (s *Server) jobPayloadLocked(j *job, rn *runner) map[string]any {
 		pub("GITLAB_USER_EMAIL", "admin@example.com"),
 		pub("CI", "true"),
 	}
-	for _, v := range j.spec.Variables {
+	for _, v := range append(slices.Clone(p.vars), j.spec.Variables...) {
 		vars = append(vars, varJSON{Key: v.Key, Value: v.Value, Public: !v.Masked, File: v.File, Masked: v.Masked, Raw: v.Raw})
 	}
 	steps := []map[string]any{{
@@ -472,7 +475,7 @@ func (s *Server) jobPayloadLocked(j *job, rn *runner) map[string]any {
 			},
 			"depth": 20, "protected": false,
 		},
-		"runner_info":  map[string]any{"timeout": timeout, "runner_session_url": nil},
+		"runner_info":  map[string]any{"timeout": timeout, "uuid": rn.uuid, "runner_session_url": nil},
 		"variables":    vars,
 		"steps":        steps,
 		"image":        nil,

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -28,12 +29,20 @@ type Options struct {
 	// ExternalURL is the base URL put into job payloads and webhooks (e.g.
 	// reachable from a VM); default the listener's http://host:port.
 	ExternalURL string
+	// ExternalHost, if set (and ExternalURL not), makes the base URL
+	// http://ExternalHost:<listener port>, e.g. the host's address on a VM
+	// network with Addr "0.0.0.0:0".
+	ExternalHost string
 	// WebhookURL receives Job Hook deliveries (empty: none); WebhookSecret is
 	// sent as X-Gitlab-Token.
 	WebhookURL, WebhookSecret string
-	// ProjectRunnerCap / GroupRunnerCap limit runners created per project /
-	// group within 7 days, like GitLab's plan limits. 0 means 50; <0 unlimited.
+	// ProjectRunnerCap / GroupRunnerCap limit a project's / group's runners
+	// created or active in the past 7 days (GitLab's ci_registered_*_runners
+	// plan limits; GitLab.com Free: 50). 0 means 50; <0 unlimited.
 	ProjectRunnerCap, GroupRunnerCap int
+	// RunnerCapCountsDeleted also counts runners created in the past 7 days
+	// and since deleted (a stricter reading of the limit).
+	RunnerCapCountsDeleted bool
 	// LongPoll is how long POST /jobs/request waits for a job before 204
 	// (Workhorse long polling). 0 means 5s; <0 disables.
 	LongPoll time.Duration
@@ -47,7 +56,18 @@ type Options struct {
 	Logger *slog.Logger
 }
 
-// Server is a running GitLab stand-in.
+// Server is a running GitLab stand-in. Typical test use:
+//
+//	s, _ := gitlabstandin.New(gitlabstandin.Options{WebhookURL: fr + "/webhook", WebhookSecret: sec})
+//	defer s.Close()
+//	s.AddToken(pat, gitlabstandin.ScopeAPI)             // FireRunner's token
+//	p, _ := s.AddProject(gitlabstandin.ProjectSpec{Path: "demo/app", Files: files})
+//	pl, _ := s.CreatePipeline(p.ID, gitlabstandin.JobSpec{Name: "a", Tags: tags, Script: script})
+//	st, _ := s.WaitJob(ctx, pl.JobIDs[0], nil)          // terminal: st.Status, st.Trace, st.RunnerID
+//	s.Cancel(id); s.Runners(); s.Runner(id); s.Deliveries(); s.Requests()
+//
+// Failure injection: FailNext, DropWebhooks, DuplicateWebhooks, Redeliver,
+// SetRunnerCaps, RevokeToken.
 type Server struct {
 	opts    Options
 	log     *slog.Logger
@@ -70,6 +90,7 @@ type Server struct {
 	pipes    map[int64]*pipeline
 	jobs     map[int64]*job
 	runners  map[int64]*runner
+	deleted  map[int64]*runner
 	faults   []*fault
 	requests []Request
 	projCap  int
@@ -89,6 +110,7 @@ func New(opts Options) (*Server, error) {
 		pipes:    map[int64]*pipeline{},
 		jobs:     map[int64]*job{},
 		runners:  map[int64]*runner{},
+		deleted:  map[int64]*runner{},
 		projCap:  capOrDefault(opts.ProjectRunnerCap),
 		groupCap: capOrDefault(opts.GroupRunnerCap),
 	}
@@ -123,6 +145,9 @@ func New(opts Options) (*Server, error) {
 	}
 	s.ln = ln
 	s.baseURL = strings.TrimSuffix(opts.ExternalURL, "/")
+	if s.baseURL == "" && opts.ExternalHost != "" {
+		s.baseURL = "http://" + net.JoinHostPort(opts.ExternalHost, strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
+	}
 	if s.baseURL == "" {
 		s.baseURL = "http://" + ln.Addr().String()
 	}
@@ -264,4 +289,5 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-var errNotFound = errors.New("not found")
+// ErrNotFound is returned for unknown projects, jobs and runners.
+var ErrNotFound = errors.New("not found")

@@ -180,7 +180,7 @@ func (s *Server) Redeliver(jobID int64) error {
 	defer s.mu.Unlock()
 	j, ok := s.jobs[jobID]
 	if !ok {
-		return errNotFound
+		return ErrNotFound
 	}
 	s.hookLocked(j)
 	return nil

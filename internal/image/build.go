@@ -534,8 +534,8 @@ func writeCpio(ctx context.Context, stage, out string) error {
 		return err
 	}
 	defer f.Close()
-	// find | sort | cpio | zstd; sorted names and --reproducible keep it stable.
-	script := `set -o pipefail; find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc --owner=0:0 --reproducible | zstd -q -15 -T0`
+	// Fixed mtimes make the initramfs bit-for-bit reproducible.
+	script := `set -o pipefail; find . -exec touch -h -d @0 {} +; find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc --owner=0:0 --reproducible | zstd -q -15 -T0`
 	cmd := exec.CommandContext(ctx, "bash", "-c", script)
 	cmd.Dir = stage
 	cmd.Stdout = f

@@ -16,6 +16,18 @@ import (
 	"github.com/firerunner/firerunner/internal/vm"
 )
 
+// Cache layout ($FIRERUNNER_CACHE/images):
+//
+//	<input-hash>/{vmlinux,bzImage,initrd.img,rootfs.ext4,manifest.json}  one image (read-only use)
+//	latest -> <input-hash>                                               the last image built
+//	work/kernel-<pkg>_<ver>/    unpacked kernel deb + depmod, bzImage, vmlinux
+//	work/busybox-<ver>/         busybox from busybox-static
+//	work/rootfs-<key>/tree      debootstrap tree (the slow part, reused)
+//	work/rootfs-<key>.ext4, work/initrd-<key>.img  artefacts hard-linked into images
+//
+// The guest agent lives in the initramfs (init copies it into the overlay),
+// so changing the agent rebuilds only the initramfs (seconds), never the rootfs.
+
 // ManifestFile is the manifest's name inside an image directory.
 const ManifestFile = "manifest.json"
 

@@ -210,7 +210,7 @@ func JobIDForVM(vmID string) (int64, bool) {
 		return 0, false
 	}
 	n, err := strconv.ParseUint(vmID[3:], 36, 63)
-	if err != nil {
+	if err != nil || VMIDFor(int64(n)) != vmID { // round trip: lowercase, canonical
 		return 0, false
 	}
 	return int64(n), true

@@ -149,8 +149,51 @@ func (t *Timeline) String() string {
 
 // TimelineSource is implemented by drivers that keep a Timeline for the VMs
 // they started in this process (the controller and demo type-assert to it).
+// Fetch it before Destroy: the driver forgets the VM then, but the returned
+// Timeline stays valid and gets MilestoneDestroyed.
 type TimelineSource interface {
 	Timeline(id string) (*Timeline, bool)
+}
+
+// summaryStages are the acceptance-level stages; each may fall back to a
+// nearby milestone when the preferred one was not seen (e.g. a quiet kernel).
+var summaryStages = []struct {
+	name string
+	ms   []Milestone
+}{
+	{"image ready", []Milestone{MilestoneImageReady, MilestonePrepared}},
+	{"VM process started", []Milestone{MilestoneVMMStarted}},
+	{"guest kernel init", []Milestone{MilestoneInit, MilestoneKernel}},
+	{"agent start", []Milestone{MilestoneAgentStart}},
+	{"command done", []Milestone{MilestoneJobEnd, MilestoneExit}},
+	{"VM gone", []Milestone{MilestoneDestroyed, MilestoneVMMExited}},
+}
+
+// Summary renders the six stages a human wants (image ready, VM process
+// started, guest kernel init, agent start, command done, VM gone), each with
+// its time since the first and the duration of the stage that ended there.
+func (t *Timeline) Summary() string {
+	var b strings.Builder
+	var first, prev time.Time
+	for _, st := range summaryStages {
+		var at time.Time
+		for _, m := range st.ms {
+			if a, ok := t.At(m); ok {
+				at = a
+				break
+			}
+		}
+		if at.IsZero() {
+			fmt.Fprintf(&b, "  %-19s        -\n", st.name)
+			continue
+		}
+		if first.IsZero() {
+			first, prev = at, at
+		}
+		fmt.Fprintf(&b, "  %-19s %+8.3fs  (stage %.3fs)\n", st.name, at.Sub(first).Seconds(), at.Sub(prev).Seconds())
+		prev = at
+	}
+	return b.String()
 }
 
 // ConsoleWatcher tails a console log file and marks guest milestones on a

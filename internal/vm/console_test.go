@@ -73,6 +73,34 @@ func TestConsoleWatcherMarksMilestonesInOrder(t *testing.T) {
 	}
 }
 
+func TestTimelineSummary(t *testing.T) {
+	var tl Timeline
+	t0 := time.Unix(1000, 0)
+	tl.MarkAt(MilestoneImageReady, t0)
+	tl.MarkAt(MilestoneVMMStarted, t0.Add(100*time.Millisecond))
+	tl.MarkAt(MilestoneKernel, t0.Add(1*time.Second)) // no "Run /init": falls back
+	tl.MarkAt(MilestoneAgentStart, t0.Add(5*time.Second))
+	tl.MarkAt(MilestoneJobEnd, t0.Add(6*time.Second))
+	tl.MarkAt(MilestoneVMMExited, t0.Add(6500*time.Millisecond))
+	got := tl.Summary()
+	for _, want := range []string{
+		"image ready           +0.000s  (stage 0.000s)",
+		"VM process started    +0.100s  (stage 0.100s)",
+		"guest kernel init     +1.000s  (stage 0.900s)",
+		"agent start           +5.000s  (stage 4.000s)",
+		"command done          +6.000s  (stage 1.000s)",
+		"VM gone               +6.500s  (stage 0.500s)",
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("Summary lacks %q:\n%s", want, got)
+		}
+	}
+	var empty Timeline
+	if s := empty.Summary(); strings.Count(s, "-\n") != 6 {
+		t.Errorf("empty Summary = %q", s)
+	}
+}
+
 func TestTimelineFirstMarkWins(t *testing.T) {
 	var tl Timeline
 	t0 := time.Unix(100, 0)

@@ -29,7 +29,7 @@ const (
 // probeTimeout bounds the KVM boot probe. A working KVM boots a Debian
 // kernel to its "no root" panic in ~1-2 s; nested paravirtual KVM that opens
 // /dev/kvm fine but hangs ordinary guests never gets there.
-const probeTimeout = 20 * time.Second
+const probeTimeout = 15 * time.Second
 
 var (
 	probeMu    sync.Mutex
@@ -114,6 +114,21 @@ func probeBoot(ctx context.Context, binary, kernel string, accel []string, extra
 // "tsc: Detected ... MHz processor"), /proc/cpuinfo "cpu MHz" (may be a
 // scaled current frequency, hence last).
 func HostTSCkHz() (int, string, error) {
+	tscOnce.Do(func() { tsc.khz, tsc.src, tsc.err = detectTSC() })
+	return tsc.khz, tsc.src, tsc.err
+}
+
+// The detection is cached: the TSC frequency does not change.
+var (
+	tscOnce sync.Once
+	tsc     struct {
+		khz int
+		src string
+		err error
+	}
+)
+
+func detectTSC() (int, string, error) {
 	if b, err := os.ReadFile("/sys/devices/system/cpu/cpu0/tsc_freq_khz"); err == nil {
 		if k, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && k > 0 {
 			return k, "sysfs tsc_freq_khz", nil

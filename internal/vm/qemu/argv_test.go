@@ -255,7 +255,8 @@ func TestStartRejectsBadSpecAndLeavesNothing(t *testing.T) {
 // TestConfigDriveIsPrivate checks the per-VM preparation: a 0600 config
 // drive holding the guest config (token included) in a 0700 dir.
 func TestConfigDriveIsPrivate(t *testing.T) {
-	d, err := New(Options{Accel: AccelTCG, StateDir: t.TempDir(), Binary: "/bin/true"})
+	keep := filepath.Join(t.TempDir(), "kept")
+	d, err := New(Options{Accel: AccelTCG, StateDir: t.TempDir(), Binary: "/bin/true", ConsoleLogDir: keep})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -275,11 +276,23 @@ func TestConfigDriveIsPrivate(t *testing.T) {
 	if err != nil || g.RunnerToken != tok || g.UnixTimeNano == 0 || len(g.EntropySeed) == 0 {
 		t.Fatalf("decoded config: %v (seed %d bytes), %v", g, len(g.EntropySeed), err)
 	}
+	if err := os.WriteFile(filepath.Join(dir, vm.ConsoleFile), []byte("console text\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if err := d.Destroy(context.Background(), s.ID); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(dir); !os.IsNotExist(err) {
 		t.Fatalf("state dir survived Destroy: %v", err)
+	}
+	// console_log_dir keeps a private copy of the console log.
+	kept := filepath.Join(keep, s.ID+".log")
+	b, err := os.ReadFile(kept)
+	if err != nil || string(b) != "console text\n" {
+		t.Fatalf("kept console log: %q %v", b, err)
+	}
+	if fi, err := os.Stat(kept); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("kept console log mode: %v %v", fi, err)
 	}
 }
 

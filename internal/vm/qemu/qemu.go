@@ -168,6 +168,14 @@ func (d *Driver) Timeline(id string) (*vm.Timeline, bool) {
 	return nil, false
 }
 
+// ResolveAccel returns the accelerator VMs will use and why. With accel
+// "auto" the first call runs the KVM boot probe (up to 15 s on a host whose
+// KVM hangs guests) and caches it; call it at daemon start-up to take that
+// off the first job's path. kernel is the image's vmlinux.
+func (d *Driver) ResolveAccel(ctx context.Context, kernel string) (accel, reason string) {
+	return resolveAccel(ctx, d.binary, d.opts.Accel, kernel)
+}
+
 // Prepare creates VM spec.ID's state dir and its config drive: all the
 // per-VM disk preparation there is (the root disk is the shared read-only
 // base image), so it costs O(1) whatever the image size.

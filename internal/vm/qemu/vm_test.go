@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -118,7 +120,7 @@ func (e realEnv) runVM(t *testing.T, spec vm.Spec, whileRunning func(pid int)) (
 }
 
 func printTimeline(t *testing.T, name string, tl *vm.Timeline) {
-	s := fmt.Sprintf("timeline of %s (host-observed; +since first, (+stage)):\n%s", name, tl)
+	s := fmt.Sprintf("timeline of %s (host-observed):\n%s  all milestones (+since first, (+since previous)):\n%s", name, tl.Summary(), tl)
 	t.Log(s)
 	fmt.Println(s)
 }
@@ -157,7 +159,7 @@ func TestBootRunsCommand(t *testing.T) {
 // Spec.Timeout by the driver (not by the guest), Reason "timeout".
 func TestHangingVMKilledAtTimeout(t *testing.T) {
 	e := newRealEnv(t)
-	const timeout = 60 * time.Second
+	const timeout = 40 * time.Second
 	spec := e.spec("fr-hang1", timeout, "echo hanging; sleep 100000")
 	var pid int
 	res, console, tl := e.runVM(t, spec, func(p int) { pid = p })
@@ -233,29 +235,24 @@ type helperReq struct {
 	Spec          vm.Spec
 }
 
-func TestHelperStartAndExit(t *testing.T) {
-	raw := os.Getenv(helperEnv)
-	if raw == "" {
-		t.Skip("helper process for TestAdoptOrphanAfterRestart")
-	}
+// helperStartAndExit starts the VM described in helperEnv and exits.
+func helperStartAndExit(raw string) error {
 	var r helperReq
 	if err := json.Unmarshal([]byte(raw), &r); err != nil {
-		t.Fatal(err)
+		return err
 	}
 	d, err := New(Options{Binary: r.Binary, Accel: AccelAuto, StateDir: r.State})
 	if err != nil {
-		t.Fatal(err)
-	}
-	if err := d.Start(context.Background(), r.Spec); err != nil {
-		t.Fatal(err)
+		return err
 	}
 	// Exit without Wait/Destroy: the qemu process is orphaned.
+	return d.Start(context.Background(), r.Spec)
 }
 
 func startOrphan(t *testing.T, e realEnv, spec vm.Spec) {
 	t.Helper()
 	b, _ := json.Marshal(helperReq{State: e.state, Binary: e.drv.binary, Spec: spec})
-	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperStartAndExit$", "-test.count=1")
+	cmd := exec.Command(os.Args[0])
 	cmd.Env = append(os.Environ(), helperEnv+"="+string(b))
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("helper: %v\n%s", err, out)
@@ -426,4 +423,231 @@ func TestVMMFailureReported(t *testing.T) {
 		t.Fatalf("result = %+v, want qemu's kernel error", res)
 	}
 	t.Logf("reason: %s", res.Reason)
+}
+
+// BenchmarkBootToCommand boots the real image per iteration, runs `true`
+// and destroys the VM; it reports the mean per-stage times of the timeline.
+func BenchmarkBootToCommand(b *testing.B) {
+	testenv.RequireRoot(b)
+	bin := testenv.QEMU(b)
+	m, err := image.Load(testenv.ImageDir(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	d, err := New(Options{Binary: bin, Accel: AccelAuto, StateDir: b.TempDir()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	stages := []struct {
+		name     string
+		from, to vm.Milestone
+	}{
+		{"vmm_start_ms", vm.MilestonePrepared, vm.MilestoneVMMStarted},
+		{"kernel_to_init_s", vm.MilestoneVMMStarted, vm.MilestoneInit},
+		{"init_to_agent_s", vm.MilestoneInit, vm.MilestoneAgentStart},
+		{"agent_to_jobend_s", vm.MilestoneAgentStart, vm.MilestoneJobEnd},
+		{"jobend_to_gone_s", vm.MilestoneJobEnd, vm.MilestoneDestroyed},
+		{"total_s", vm.MilestoneVMMStarted, vm.MilestoneDestroyed},
+	}
+	sums := make([]float64, len(stages))
+	n := 0
+	ctx := context.Background()
+	for b.Loop() {
+		id := "fr-bench" + strconv.Itoa(n)
+		spec := vm.Spec{ID: id, VCPUs: 2, MemoryMiB: 512, Image: m.VMImage(), Timeout: bootBudget,
+			Guest: guestconfig.Config{JobTimeoutSec: 60, Command: []string{"true"}}}
+		if err := d.Start(ctx, spec); err != nil {
+			b.Fatal(err)
+		}
+		tl, _ := d.Timeline(id)
+		res, err := d.Wait(ctx, id)
+		if derr := d.Destroy(ctx, id); derr != nil {
+			b.Fatal(derr)
+		}
+		if err != nil || res.ExitCode != 0 {
+			b.Fatalf("boot %d: %+v %v", n, res, err)
+		}
+		for i, s := range stages {
+			dur, ok := tl.Between(s.from, s.to)
+			if !ok {
+				b.Fatalf("timeline lacks %s or %s:\n%s", s.from, s.to, tl)
+			}
+			if strings.HasSuffix(s.name, "_ms") {
+				sums[i] += float64(dur) / float64(time.Millisecond)
+			} else {
+				sums[i] += dur.Seconds()
+			}
+		}
+		n++
+	}
+	for i, s := range stages {
+		b.ReportMetric(sums[i]/float64(n), s.name)
+	}
+}
+
+// TestUserNetReachesHostLoopback: with user-mode networking the guest
+// reaches a server on the host's loopback as 10.0.2.2 (how development
+// setups and tests reach the GitLab stand-in).
+func TestUserNetReachesHostLoopback(t *testing.T) {
+	e := newRealEnv(t)
+	nonce := "nonce-" + strconv.FormatInt(time.Now().UnixNano(), 36)
+	hits := make(chan string, 4)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits <- r.URL.Path
+		fmt.Fprint(w, nonce)
+	}))
+	defer srv.Close()
+	port := srv.URL[strings.LastIndexByte(srv.URL, ':')+1:]
+	spec := e.spec("fr-unet1", bootBudget, "echo; echo GOT-$(curl -sS --max-time 30 http://10.0.2.2:"+port+"/from-guest)")
+	res, console, _ := e.runVM(t, spec, nil)
+	if res.ExitCode != 0 {
+		t.Fatalf("result %+v\n%s", res, tail(console, 30))
+	}
+	if !strings.Contains(console, "GOT-"+nonce) {
+		t.Fatalf("guest did not fetch from the host's loopback\n%s", tail(console, 30))
+	}
+	if p := <-hits; p != "/from-guest" {
+		t.Fatalf("server saw %q", p)
+	}
+}
+
+// TestTapNetworking boots a VM on a tap device (the production path) inside
+// a network namespace the test creates, with a static guest address from
+// the config drive; the guest reaches the namespace's end of the tap.
+func TestTapNetworking(t *testing.T) {
+	e := newRealEnv(t)
+	ipBin, err := exec.LookPath("ip")
+	if err != nil {
+		t.Fatalf("ip (iproute2) is required: %v", err)
+	}
+	suffix := strconv.FormatInt(time.Now().UnixNano()%1e6, 36)
+	ns, tap := "frq-"+suffix, "frqt"+suffix
+	ipc := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command(ipBin, args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v\n%s", args, err, out)
+		}
+	}
+	ipc("netns", "add", ns)
+	t.Cleanup(func() { _ = exec.Command(ipBin, "netns", "del", ns).Run() }) // deletes the tap too
+	ipc("-n", ns, "tuntap", "add", "dev", tap, "mode", "tap")
+	ipc("-n", ns, "addr", "add", "172.31.254.1/30", "dev", tap)
+	ipc("-n", ns, "link", "set", tap, "up")
+	// qemu must open the tap in its namespace: run it through ip netns exec.
+	wrapper := filepath.Join(t.TempDir(), "qemu-in-netns")
+	script := "#!/bin/sh\nexec " + ipBin + " netns exec " + ns + " " + e.drv.binary + " \"$@\"\n"
+	if err := os.WriteFile(wrapper, []byte(script), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	d, err := New(Options{Binary: wrapper, Accel: AccelTCG, StateDir: e.state, NetworkMode: "tap"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.drv = d
+
+	// A server inside the namespace (this test binary re-run there).
+	nonce := "nonce-" + strconv.FormatInt(time.Now().UnixNano(), 36)
+	srv := exec.Command(ipBin, "netns", "exec", ns, os.Args[0])
+	srv.Env = append(os.Environ(), netnsServerEnv+"=172.31.254.1:8080 "+nonce)
+	var srvOut bytes.Buffer
+	srv.Stdout, srv.Stderr = &srvOut, &srvOut
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = srv.Process.Kill(); _ = srv.Wait() }()
+
+	spec := e.spec("fr-tap1", bootBudget,
+		"ip -4 -o addr show eth0; cat /sys/class/net/eth0/address; echo; echo GOT-$(curl -sS --retry 5 --retry-connrefused --max-time 60 http://172.31.254.1:8080/)")
+	spec.Network = &vm.NetAttachment{TapName: tap, MAC: "02:fc:00:00:01:02"}
+	spec.Guest.Network = &guestconfig.Network{Address: "172.31.254.2/30", Gateway: "172.31.254.1", MTU: 1500}
+	res, console, _ := e.runVM(t, spec, nil)
+	if res.ExitCode != 0 {
+		t.Fatalf("result %+v\n%s", res, tail(console, 30))
+	}
+	for _, want := range []string{"172.31.254.2/30", "02:fc:00:00:01:02", "GOT-" + nonce} {
+		if !strings.Contains(console, want) {
+			t.Errorf("console lacks %q\n%s\nserver: %s", want, tail(console, 30), srvOut.String())
+		}
+	}
+}
+
+const netnsServerEnv = "FIRERUNNER_QEMU_TEST_NETNS_SERVER"
+
+// helperNetnsServer is the HTTP server TestTapNetworking runs inside its
+// network namespace: it answers every request with the nonce.
+func helperNetnsServer(cfg string) error {
+	addr, nonce, _ := strings.Cut(cfg, " ")
+	srv := &http.Server{Addr: addr, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, nonce)
+	})}
+	go func() { time.Sleep(bootBudget); srv.Close() }()
+	if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// TestMain lets the test binary double as the helper processes above.
+func TestMain(m *testing.M) {
+	run := func(f func(string) error, arg string) {
+		if err := f(arg); err != nil {
+			fmt.Fprintln(os.Stderr, "helper:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	if v := os.Getenv(helperEnv); v != "" {
+		run(helperStartAndExit, v)
+	}
+	if v := os.Getenv(netnsServerEnv); v != "" {
+		run(helperNetnsServer, v)
+	}
+	os.Exit(m.Run())
+}
+
+// TestConcurrentVMsShareReadOnlyBase: several VMs boot at once from one
+// base image; each gets its own writable root (tmpfs overlay in the guest)
+// and exit status, and the base image is never written.
+func TestConcurrentVMsShareReadOnlyBase(t *testing.T) {
+	e := newRealEnv(t)
+	before, err := os.Stat(e.img.Rootfs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 3
+	ctx, cancel := context.WithTimeout(context.Background(), 2*bootBudget)
+	defer cancel()
+	ids := make([]string, n)
+	for i := range n {
+		ids[i] = "fr-conc" + strconv.Itoa(i)
+		// $HOME lives on the root filesystem: the write must land in this
+		// VM's overlay only.
+		spec := e.spec(ids[i], 2*bootBudget, "echo "+ids[i]+" > $HOME/mine && df -h $HOME | tail -1 && cat $HOME/mine; exit "+strconv.Itoa(10+i))
+		if err := e.drv.Start(ctx, spec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, id := range ids {
+		res, err := e.drv.Wait(ctx, id)
+		console, _ := os.ReadFile(res.ConsoleLog)
+		if derr := e.drv.Destroy(context.Background(), id); derr != nil {
+			t.Error(derr)
+		}
+		if err != nil || res.ExitCode != 10+i || res.Reason != "" {
+			t.Errorf("%s: %+v %v\n%s", id, res, err, tail(string(console), 20))
+			continue
+		}
+		if !strings.Contains(string(console), "overlay ") {
+			t.Errorf("%s: $HOME is not on the overlay root:\n%s", id, tail(string(console), 20))
+		}
+		for j, other := range ids {
+			if got := strings.Contains(string(console), other+"\r\n") || strings.Contains(string(console), other+"\n"); got != (i == j) {
+				t.Errorf("%s console mentions %s: %v", id, other, got)
+			}
+		}
+	}
+	after, err := os.Stat(e.img.Rootfs)
+	if err != nil || !after.ModTime().Equal(before.ModTime()) || after.Size() != before.Size() {
+		t.Fatalf("base image changed: %v -> %v (%v)", before.ModTime(), after.ModTime(), err)
+	}
 }

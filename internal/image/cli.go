@@ -1,0 +1,107 @@
+package image
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+)
+
+// DefaultCacheDir is $FIRERUNNER_CACHE/images, else /var/cache/firerunner/images.
+func DefaultCacheDir() string {
+	if c := os.Getenv("FIRERUNNER_CACHE"); c != "" {
+		return filepath.Join(c, "images")
+	}
+	return "/var/cache/firerunner/images"
+}
+
+// CLI runs `firerunner image build|verify|dir ARGS`; progress goes to stderr,
+// results to stdout.
+func CLI(args []string) error {
+	if len(args) == 0 {
+		return errors.New("usage: firerunner image build|verify|dir [flags]")
+	}
+	switch args[0] {
+	case "build":
+		return imageBuild(args[1:])
+	case "verify":
+		fs := flag.NewFlagSet("image verify", flag.ContinueOnError)
+		cache := fs.String("cache", DefaultCacheDir(), "image cache directory")
+		if err := fs.Parse(args[1:]); err != nil {
+			return err
+		}
+		dir := fs.Arg(0)
+		if dir == "" {
+			dir = filepath.Join(*cache, "latest")
+		}
+		if err := Verify(dir); err != nil {
+			return err
+		}
+		fmt.Printf("image %s: all artefacts match the manifest\n", dir)
+		return nil
+	case "dir":
+		fs := flag.NewFlagSet("image dir", flag.ContinueOnError)
+		cache := fs.String("cache", DefaultCacheDir(), "image cache directory")
+		if err := fs.Parse(args[1:]); err != nil {
+			return err
+		}
+		m, err := Load(filepath.Join(*cache, "latest"))
+		if err != nil {
+			return err
+		}
+		fmt.Println(m.Dir)
+		return nil
+	}
+	return fmt.Errorf("unknown image subcommand %q (want build, verify or dir)", args[0])
+}
+
+func imageBuild(args []string) error {
+	fs := flag.NewFlagSet("image build", flag.ContinueOnError)
+	var o Options
+	fs.StringVar(&o.CacheDir, "cache", DefaultCacheDir(), "image cache directory (outputs in DIR/<input-hash>, DIR/latest)")
+	fs.StringVar(&o.Agent, "agent", "", "static firerunner-agent binary (make agent)")
+	fs.StringVar(&o.GitLabRunner, "gitlab-runner", "", "gitlab-runner binary for /usr/local/bin/gitlab-runner")
+	fs.BoolVar(&o.NoGitLabRunner, "no-gitlab-runner", false, "build a smoke-test image without gitlab-runner")
+	fs.StringVar(&o.ExtraCA, "extra-ca", "", "PEM file of extra CA certificates to trust")
+	fs.StringVar(&o.Mirror, "mirror", "", "Debian mirror (default: the one in the apt sources)")
+	out := fs.String("out", "", "also create a symlink at this path pointing to the image directory")
+	printDir := fs.Bool("print-dir", false, "print only the image directory on stdout (progress goes to stderr)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if os.Geteuid() != 0 {
+		return errors.New("image build needs root (debootstrap, file ownership in the rootfs)")
+	}
+	if err := os.MkdirAll(o.CacheDir, 0o755); err != nil {
+		return err
+	}
+	o.Progress = os.Stderr
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	m, err := Build(ctx, o)
+	if err != nil {
+		return err
+	}
+	if *out != "" {
+		tmp := *out + ".tmp"
+		os.Remove(tmp)
+		if err := os.Symlink(m.Dir, tmp); err != nil {
+			return err
+		}
+		if err := os.Rename(tmp, *out); err != nil {
+			return err
+		}
+	}
+	if *printDir {
+		fmt.Println(m.Dir)
+	} else {
+		img := m.VMImage()
+		fmt.Printf("image %s\n  kernel %s\n  initrd %s\n  rootfs %s\n  cmdline %q (+ reboot=t|k, tsc_early_khz= under TCG)\n",
+			m.Dir, img.Kernel, img.Initrd, img.Rootfs, m.Cmdline)
+	}
+	return nil
+}

@@ -1,0 +1,112 @@
+package runners
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/firerunner/firerunner/internal/gitlabapi"
+)
+
+// recordingAPI records what the provider asks GitLab for. The HTTP side of
+// these calls is tested in gitlabapi and end to end in controller.
+type recordingAPI struct {
+	specs   []gitlabapi.RunnerSpec
+	legacy  []string
+	deleted []int64
+	err     error
+	list    []gitlabapi.RunnerInfo
+}
+
+func (a *recordingAPI) CreateRunner(_ context.Context, s gitlabapi.RunnerSpec) (gitlabapi.Runner, error) {
+	a.specs = append(a.specs, s)
+	if a.err != nil {
+		return gitlabapi.Runner{}, a.err
+	}
+	return gitlabapi.Runner{ID: int64(len(a.specs)), Token: "glrt-secret"}, nil
+}
+
+func (a *recordingAPI) RegisterRunnerLegacy(ctx context.Context, tok string, s gitlabapi.RunnerSpec) (gitlabapi.Runner, error) {
+	a.legacy = append(a.legacy, tok)
+	return a.CreateRunner(ctx, s)
+}
+
+func (a *recordingAPI) DeleteRunner(_ context.Context, id int64) error {
+	a.deleted = append(a.deleted, id)
+	return nil
+}
+
+func (a *recordingAPI) ListOwnedRunners(_ context.Context, prefix string) ([]gitlabapi.RunnerInfo, error) {
+	var out []gitlabapi.RunnerInfo
+	for _, r := range a.list {
+		if strings.HasPrefix(r.Description, prefix) {
+			out = append(out, r)
+		}
+	}
+	return out, nil
+}
+
+func TestOneOff(t *testing.T) {
+	api := &recordingAPI{}
+	p, err := NewOneOff(api, OneOffConfig{Scope: "project", MaximumTimeout: time.Hour, DescriptionPrefix: "fr"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := p.Acquire(context.Background(), Request{JobID: 42, ProjectID: 7, Tags: []string{"firecracker-2cpu-4gb", "Linux"}, JobName: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := api.specs[0]
+	if s.Scope != "project" || s.ProjectID != 7 || !s.Locked || s.RunUntagged || s.MaximumTimeout != time.Hour ||
+		s.Description != "fr job 42 project 7 (test)" || len(s.TagList) != 2 {
+		t.Fatalf("spec %+v", s)
+	}
+	if l.TagSet != "firecracker-2cpu-4gb,linux" || l.Token != "glrt-secret" {
+		t.Fatalf("lease %+v", l)
+	}
+	var buf bytes.Buffer
+	slog.New(slog.NewTextHandler(&buf, nil)).Info("x", "lease", l)
+	if strings.Contains(buf.String(), "glrt") || strings.Contains(fmt.Sprint(l), "glrt") {
+		t.Fatalf("token printed: %s", buf.String())
+	}
+	if err := p.Release(context.Background(), Lease{RunnerID: 9}); err != nil || api.deleted[0] != 9 {
+		t.Fatal("release did not delete")
+	}
+
+	api.list = []gitlabapi.RunnerInfo{{ID: 1, Description: "fr job 42 project 7 (test)"}, {ID: 2, Description: "fr job x"},
+		{ID: 3, Description: "frobnicator job 5"}, {ID: 4, Description: "fr job 99"}}
+	owned, err := p.Owned(context.Background())
+	if err != nil || len(owned) != 2 || owned[0].JobID != 42 || owned[1].JobID != 99 {
+		t.Fatalf("owned %+v %v", owned, err)
+	}
+
+	api.err = fmt.Errorf("wrapped: %w", gitlabapi.ErrRunnerLimit)
+	if _, err := p.Acquire(context.Background(), Request{JobID: 43, ProjectID: 7}); !errors.Is(err, ErrLimit) || !errors.Is(err, gitlabapi.ErrRunnerLimit) {
+		t.Fatalf("limit error not mapped: %v", err)
+	}
+}
+
+func TestOneOffScopesAndLegacy(t *testing.T) {
+	api := &recordingAPI{}
+	p, err := NewOneOff(api, OneOffConfig{Scope: "group", GroupID: 3, DescriptionPrefix: "fr", LegacyRegistrationToken: "GR1348941x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Acquire(context.Background(), Request{JobID: 1, ProjectID: 7}); err != nil {
+		t.Fatal(err)
+	}
+	if api.specs[0].GroupID != 3 || api.specs[0].ProjectID != 0 || len(api.legacy) != 1 {
+		t.Fatalf("group/legacy: %+v %v", api.specs[0], api.legacy)
+	}
+	if _, err := NewOneOff(api, OneOffConfig{Scope: "group", DescriptionPrefix: "fr"}); err == nil {
+		t.Fatal("group scope without id accepted")
+	}
+	if _, err := NewOneOff(api, OneOffConfig{Scope: "project"}); err == nil {
+		t.Fatal("empty prefix accepted")
+	}
+}
