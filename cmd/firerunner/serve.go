@@ -6,9 +6,11 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -102,7 +104,18 @@ func serve(args []string) error {
 	}
 	var nw controller.Network // nil: user-mode networking (QEMU development only)
 	if cfg.Network.Mode == "tap" {
-		mgr, err := netsetup.New(cfg.Network, cfg.StateDir, netsetup.WithLogger(log))
+		opts := []netsetup.Option{netsetup.WithLogger(log)}
+		// VMs must never reach FireRunner's own webhook/metrics port.
+		if _, p, err := net.SplitHostPort(cfg.Listen); err == nil {
+			if port, err := strconv.ParseUint(p, 10, 16); err == nil {
+				opts = append(opts, netsetup.WithHostPorts(uint16(port)))
+			}
+		}
+		// The jailed Firecracker process runs as firecracker.uid and must open its tap.
+		if cfg.VM.Driver == "firecracker" && cfg.Firecracker.UseJailer {
+			opts = append(opts, netsetup.WithTapOwner(uint32(cfg.Firecracker.UID), uint32(cfg.Firecracker.GID)))
+		}
+		mgr, err := netsetup.New(cfg.Network, cfg.StateDir, opts...)
 		if err != nil {
 			return err
 		}

@@ -92,13 +92,11 @@ func TestWebhookAuthThenFullLifecycle(t *testing.T) {
 	if got := strings.Join(path, ">"); got != "queued>runner_created>vm_starting>running>cleaning>done" {
 		t.Fatalf("transitions %s", got)
 	}
-	m := h.metricsText()
 	for _, want := range []string{`firerunner_webhook_rejects_total{reason="unauthorized"} 2`, `firerunner_webhook_rejects_total{reason="malformed"} 1`,
 		`firerunner_jobs{state="done"} 1`, `firerunner_jobs_finished_total{outcome="done",reason="completed"} 1`,
 		`firerunner_job_stage_duration_seconds_count{stage="webhook_to_vm_start_request"} 1`} {
-		if !strings.Contains(m, want) {
-			t.Errorf("metrics lack %s", want)
-		}
+		// The terminal state is committed just before the end-of-job metrics.
+		h.eventually("metric "+want, func() bool { return strings.Contains(h.metricsText(), want) })
 	}
 	if !strings.Contains(h.logs.String(), "job finished") || !strings.Contains(h.logs.String(), "vm_id=fr-2t") {
 		t.Errorf("no end-of-job log line with vm id")
@@ -396,13 +394,17 @@ func TestRestartMidJob(t *testing.T) {
 	mk(1106, job.Cleaning, h.gl.addRunner("firerunner job 1106 project 5"), job.VMIDFor(1106))
 	// Leaks: a runner created right before a crash for a job never stored,
 	// a VM no job owns, and a runner of a job long done.
+	// 1107: queued when FireRunner died, canceled in GitLab while it was down.
+	h.gl.addJob(stubJob{ID: 1107, ProjectID: 5, Tags: []string{tag2x4}})
+	mk(1107, job.Queued, 0, "")
+	h.gl.setStatus(1107, "canceled")
 	leakRunner := h.gl.addRunner("firerunner job 99999 project 5")
 	h.drv.Adopt("fr-orphan1")
 	foreign := h.gl.addRunner("someone else's runner")
 	h.st.Close()
 
 	// New process on the same store, host and GitLab, on a bigger host.
-	h.capa.VCPUs = 8
+	h.capa.VCPUs = 10
 	h.start()
 	h.eventually("restart converged", func() bool {
 		return h.vmRunning(job.VMIDFor(1104)) && h.job(1105).State == job.Failed && h.job(1106).State == job.Canceled &&
@@ -410,6 +412,9 @@ func TestRestartMidJob(t *testing.T) {
 	})
 	if j := h.job(1101); j.State != job.Running || !h.vmRunning(j.VMID) {
 		t.Fatalf("running job not resumed: %s", j.State)
+	}
+	if j := h.waitState(1107, job.Canceled); !strings.HasPrefix(j.Reason, job.ReasonNotPending) || j.RunnerID != 0 {
+		t.Fatalf("1107 after restart: %q runner %d", j.Reason, j.RunnerID)
 	}
 	if j := h.job(1105); !strings.HasPrefix(j.Reason, job.ReasonRestartLost) {
 		t.Fatalf("1105 reason %q", j.Reason)

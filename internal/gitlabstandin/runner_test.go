@@ -201,6 +201,9 @@ func testRealRunnerCancel(t *testing.T, bin string, hard bool) {
 	}
 	// The runner must notice (Job-Status header) and stop, not sleep 300 s.
 	rp.wait(t)
+	if testing.Verbose() {
+		t.Logf("gitlab-runner output:\n%s", rp.out.String())
+	}
 	t.Logf("runner exited %s after Cancel; after_script ran: %v", time.Since(canceledAt).Round(time.Millisecond),
 		strings.Contains(st.Trace, "after-cancel"))
 }

@@ -43,9 +43,6 @@ type instance struct {
 func (i *instance) stop(r vm.Result) {
 	i.once.Do(func() {
 		i.result = r
-		if i.timer != nil {
-			i.timer.Stop()
-		}
 		close(i.done)
 	})
 }
@@ -126,6 +123,9 @@ func (d *Driver) Destroy(_ context.Context, id string) error {
 	delete(d.vms, id)
 	if ok {
 		d.destroyed = append(d.destroyed, id)
+		if in.timer != nil { // timer is written under d.mu in Start
+			in.timer.Stop()
+		}
 	}
 	d.mu.Unlock()
 	if ok {

@@ -341,8 +341,8 @@ func (d *Driver) supervise(in *instance, cmd *exec.Cmd, deadline time.Time) {
 		_ = in.proc.KillGroup()
 		werr = <-exited
 	}
+	in.watcher.Stop() // first: its final read stamps the last console lines
 	in.tl.Mark(vm.MilestoneVMMExited)
-	in.watcher.Stop()
 	in.mu.Lock()
 	timedOut, killed := in.timedOut, in.killed
 	in.mu.Unlock()
