@@ -15,3 +15,25 @@ build:
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/firerunner-agent ./cmd/firerunner-agent
 
 include $(wildcard mk/*.mk)
+
+# The whole suite, as CI runs it (root: real VMs under QEMU, network
+# namespaces, the installer in a throwaway root). Builds the gitlab-runner
+# binary and the guest image first (cached by input hash, outside the clone).
+TEST_TIMEOUT ?= 25m
+.PHONY: test test-go test-fuzz lint
+test: lint gitlab-runner image test-go test-fuzz test-install
+
+test-go:
+	FIRERUNNER_TEST_IMAGE=$$(readlink -e $(IMAGE_DIR_FILE)) \
+	FIRERUNNER_TEST_GITLAB_RUNNER=$(GITLAB_RUNNER_BIN) \
+	  $(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...
+
+# Short fuzz runs of the two parsers that see untrusted input.
+test-fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 10s ./internal/tags/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseJobEvent$$' -fuzztime 10s ./internal/webhook/
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	@if command -v staticcheck >/dev/null; then staticcheck ./...; else echo "staticcheck not installed (CI installs it)"; fi

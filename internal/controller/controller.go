@@ -393,16 +393,19 @@ func (c *Controller) onFinished(ctx context.Context, ev webhook.JobEvent) {
 	if ev.RunnerID != 0 {
 		if j, err := c.store.FindByRunner(ctx, ev.RunnerID); err == nil && j.State.Active() {
 			c.stopJob(ctx, j, outcome, reason, ev.JobID)
-			return
 		}
+		// The job's own VM (if another runner ran the job) stays: its runner
+		// may serve the job whose VM ran this one (same tags). The start
+		// timeout and the guest's wait timeout bound it.
+		return
 	}
+	// No runner ever picked the job (canceled or failed while pending): its
+	// VM's runner is idle, unless it already runs another job.
 	j, err := c.store.Get(ctx, ev.JobID)
 	if err != nil || j.State.Terminal() {
 		return
 	}
-	// Our job ended without our runner: tear down its VM only if that VM's
-	// runner has not picked another job it is now running.
-	if j.PickedJobID == 0 || j.PickedJobID == ev.JobID {
+	if j.PickedJobID == 0 {
 		c.stopJob(ctx, j, outcome, reason, ev.JobID)
 	}
 }

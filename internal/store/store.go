@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/firerunner/firerunner/internal/job"
@@ -38,7 +39,16 @@ type Store struct {
 	readOnly bool
 	// Prepared once: re-parsing SQL was the largest CPU cost per job.
 	getStmt, insertStmt, updateStmt, transStmt *sql.Stmt
+	// ckpt is a second connection that checkpoints the WAL in the
+	// background, concurrently with the writer (WAL allows it).
+	ckpt      *sql.DB
+	stopCkpt  chan struct{}
+	ckptDone  chan struct{}
+	closeOnce sync.Once
 }
+
+// checkpointEvery is how often the background checkpointer runs.
+const checkpointEvery = time.Second
 
 // migrations are applied in order; never edit one that has shipped, append.
 var migrations = []string{
@@ -124,7 +134,29 @@ func Open(ctx context.Context, stateDir string) (*Store, error) {
 		db.Close()
 		return nil, err
 	}
+	ck, err := sql.Open("sqlite", dsn(path, false))
+	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	ck.SetMaxOpenConns(1)
+	s.ckpt, s.stopCkpt, s.ckptDone = ck, make(chan struct{}), make(chan struct{})
+	go s.checkpointer()
 	return s, nil
+}
+
+func (s *Store) checkpointer() {
+	defer close(s.ckptDone)
+	t := time.NewTicker(checkpointEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stopCkpt:
+			return
+		case <-t.C:
+			_ = s.Checkpoint(context.Background())
+		}
+	}
 }
 
 func (s *Store) prepare(ctx context.Context) error {
@@ -182,14 +214,24 @@ func dsn(path string, ro bool) string {
 		q.Add("_pragma", "synchronous(NORMAL)")
 		q.Add("_pragma", "foreign_keys(1)")
 		// Checkpoints fsync; the default (every 1000 pages, ~30 jobs) put them
-		// on the job latency path. Checkpoint() runs one from reconcile instead.
-		q.Add("_pragma", "wal_autocheckpoint(20000)")
+		// on the job latency path. A background checkpointer on its own
+		// connection does them instead; this high bound is only a safety net.
+		q.Add("_pragma", "wal_autocheckpoint(50000)")
 	}
 	return "file:" + path + "?" + q.Encode()
 }
 
-// Close closes the database.
-func (s *Store) Close() error { return s.db.Close() }
+// Close closes the database (idempotent).
+func (s *Store) Close() error {
+	s.closeOnce.Do(func() {
+		if s.ckpt != nil {
+			close(s.stopCkpt)
+			<-s.ckptDone
+			s.ckpt.Close()
+		}
+	})
+	return s.db.Close()
+}
 
 // Ping checks the database answers (readiness).
 func (s *Store) Ping(ctx context.Context) error { return s.db.PingContext(ctx) }
@@ -500,12 +542,12 @@ func (s *Store) Transitions(ctx context.Context, jobID int64) ([]Transition, err
 	return out, rows.Err()
 }
 
-// Checkpoint copies the WAL into the database file (called from the
-// reconcile loop, off the job latency path; autocheckpoint is set high).
+// Checkpoint copies the WAL into the database file, on the checkpointer's
+// own connection so writers are not blocked (PASSIVE never waits).
 func (s *Store) Checkpoint(ctx context.Context) error {
-	if s.readOnly {
+	if s.readOnly || s.ckpt == nil {
 		return nil
 	}
-	_, err := s.db.ExecContext(ctx, `PRAGMA wal_checkpoint(PASSIVE)`)
+	_, err := s.ckpt.ExecContext(ctx, `PRAGMA wal_checkpoint(PASSIVE)`)
 	return err
 }
