@@ -516,3 +516,27 @@ func grep(text, sub string) string {
 func webhookEvent(jobID, projectID int64, status string) webhook.JobEvent {
 	return webhook.JobEvent{JobID: jobID, ProjectID: projectID, Status: status, ReceivedAt: time.Now()}
 }
+
+// TestReconcileAdoptsWorkerlessJobs: a job left mid-cleanup without a worker
+// (a failed store write, say) is finished by the next reconcile pass.
+func TestReconcileAdoptsWorkerlessJobs(t *testing.T) {
+	h := newHarness(t, nil)
+	ctx := context.Background()
+	rid := h.gl.addRunner("firerunner job 1301 project 5")
+	vmID := job.VMIDFor(1301)
+	h.drv.Adopt(vmID)
+	if _, _, err := h.st.Create(ctx, job.Job{ID: 1301, ProjectID: 5, Tags: []string{tag2x4}, SizeTag: tag2x4, VCPUs: 2, MemoryMiB: 4096, State: job.Queued}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.st.UpdatePath(ctx, 1301, []job.State{job.RunnerCreated, job.VMStarting, job.Cleaning}, func(r *job.Job) error {
+		r.RunnerID, r.VMID, r.Outcome, r.Reason = rid, vmID, job.Failed, job.ReasonVMExit+": test"
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	h.c.ReconcileOnce(ctx)
+	j := h.waitState(1301, job.Failed)
+	if h.vmRunning(vmID) || len(h.gl.runnerList()) != 0 || j.Reason != job.ReasonVMExit+": test" {
+		t.Fatalf("not cleaned: vm=%v runners=%d reason=%q", h.vmRunning(vmID), len(h.gl.runnerList()), j.Reason)
+	}
+}

@@ -39,41 +39,49 @@ func (c *Controller) resume(ctx context.Context) error {
 		onHost[in.ID] = true
 	}
 	for _, j := range active {
-		log := c.jobLog(j)
-		switch j.State {
-		case job.Queued:
-			c.markRecheck(j.ID)
-			c.enqueue(ctx, j)
-		case job.RunnerCreated:
-			if err := c.prov.Release(ctx, runners.Lease{RunnerID: j.RunnerID}); err != nil {
-				log.Error("resume: deleting runner without token failed; job failed", "err", err)
-				c.cleanupAsync(j, job.Failed, job.ReasonRestartLost+": runner token lost at restart")
-				continue
-			}
-			j2, err := c.store.Update(ctx, j.ID, func(r *job.Job) error {
-				r.State, r.Reason, r.RunnerID = job.Queued, job.ReasonRestartRequeued, 0
-				r.Timeline.RunnerCreated, r.Timeline.RunnerDeleted = time.Time{}, time.Time{}
-				return nil
-			})
-			if err != nil {
-				return err
-			}
-			log.Info("resume: runner token was not persisted; runner deleted, job re-queued")
-			c.markRecheck(j.ID)
-			c.enqueue(ctx, j2)
-		case job.VMStarting, job.Running:
-			c.sched.Reserve(scheduler.Request{ID: j.ID, VCPUs: j.VCPUs, MemoryMiB: j.MemoryMiB})
-			if onHost[j.VMID] {
-				log.Info("resume: vm still on host; supervising it again", "state", j.State)
-				c.spawn(j.ID, true)
-			} else {
-				log.Warn("resume: vm gone after restart; cleaning up")
-				c.cleanupAsync(j, job.Failed, job.ReasonRestartLost+": vm was not on the host after restart")
-			}
-		case job.Cleaning:
-			c.sched.Reserve(scheduler.Request{ID: j.ID, VCPUs: j.VCPUs, MemoryMiB: j.MemoryMiB})
-			c.spawn(j.ID, true)
+		if err := c.adopt(ctx, j, onHost); err != nil {
+			return err
 		}
+	}
+	return nil
+}
+
+// adopt gives an active job without a worker the handling resume describes.
+func (c *Controller) adopt(ctx context.Context, j job.Job, onHost map[string]bool) error {
+	log := c.jobLog(j)
+	switch j.State {
+	case job.Queued:
+		c.markRecheck(j.ID)
+		c.enqueue(ctx, j)
+	case job.RunnerCreated:
+		if err := c.prov.Release(ctx, runners.Lease{RunnerID: j.RunnerID}); err != nil {
+			log.Error("resume: deleting runner without token failed; job failed", "err", err)
+			c.cleanupAsync(j, job.Failed, job.ReasonRestartLost+": runner token lost at restart")
+			return nil
+		}
+		j2, err := c.store.Update(ctx, j.ID, func(r *job.Job) error {
+			r.State, r.Reason, r.RunnerID = job.Queued, job.ReasonRestartRequeued, 0
+			r.Timeline.RunnerCreated, r.Timeline.RunnerDeleted = time.Time{}, time.Time{}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		log.Info("resume: runner token was not persisted; runner deleted, job re-queued")
+		c.markRecheck(j.ID)
+		c.enqueue(ctx, j2)
+	case job.VMStarting, job.Running:
+		c.sched.Reserve(scheduler.Request{ID: j.ID, VCPUs: j.VCPUs, MemoryMiB: j.MemoryMiB})
+		if onHost[j.VMID] {
+			log.Info("resume: vm still on host; supervising it again", "state", j.State)
+			c.spawn(j.ID, true)
+		} else {
+			log.Warn("resume: vm gone; cleaning up")
+			c.cleanupAsync(j, job.Failed, job.ReasonRestartLost+": vm was not on the host after restart")
+		}
+	case job.Cleaning:
+		c.sched.Reserve(scheduler.Request{ID: j.ID, VCPUs: j.VCPUs, MemoryMiB: j.MemoryMiB})
+		c.spawn(j.ID, true)
 	}
 	return nil
 }
@@ -202,9 +210,16 @@ func (c *Controller) ReconcileOnce(ctx context.Context) {
 	}
 	for _, j := range active {
 		switch {
-		case j.State == job.Cleaning && c.task(j.ID) == nil:
-			c.m.Reconcile.WithLabelValues("cleanup_retried").Inc()
-			c.cleanupAsync(j, j.Outcome, j.Reason)
+		case j.State != job.Queued && c.task(j.ID) == nil && c.started.Load() && !c.draining.Load():
+			// An active job whose worker is gone (e.g. a store write failed
+			// mid-step): take it over like a restart would.
+			if cur, err := c.store.Get(ctx, j.ID); err != nil || cur.State != j.State || c.task(j.ID) != nil {
+				continue // moved on meanwhile
+			}
+			c.m.Reconcile.WithLabelValues("job_adopted").Inc()
+			if err := c.adopt(ctx, j, map[string]bool{j.VMID: c.vmOnHost(ctx, j.VMID)}); err != nil {
+				c.log.Error("reconcile: adopting job failed", "job_id", j.ID, "err", err)
+			}
 		case j.State == job.Queued && c.cfg.Limits.QueueTimeout > 0 && time.Since(j.CreatedAt) > c.cfg.Limits.QueueTimeout:
 			if c.sched.Remove(j.ID) {
 				c.finishWithoutResources(ctx, j.ID, job.Failed, fmt.Sprintf("%s: waited longer than %s for capacity", job.ReasonQueueTimeout, c.cfg.Limits.QueueTimeout))
@@ -217,6 +232,22 @@ func (c *Controller) ReconcileOnce(ctx context.Context) {
 	if err := c.store.Checkpoint(ctx); err != nil {
 		c.log.Warn("reconcile: store checkpoint failed", "err", err)
 	}
+}
+
+func (c *Controller) vmOnHost(ctx context.Context, id string) bool {
+	if id == "" {
+		return false
+	}
+	insts, err := c.drv.List(ctx)
+	if err != nil {
+		return true // unknown: assume alive, Wait will tell
+	}
+	for _, in := range insts {
+		if in.ID == id {
+			return true
+		}
+	}
+	return false
 }
 
 // ownsVMNow re-checks the store for one VM id (the job may have started

@@ -89,7 +89,8 @@ func (c *Controller) startJob(ctx context.Context, t *task, j job.Job) (job.Job,
 	// crash can never leave a VM or runner the store does not know (runners
 	// created just before a crash are found by their description).
 	vmID := job.VMIDFor(j.ID)
-	j, err = c.store.UpdatePath(ctx, j.ID, []job.State{job.RunnerCreated, job.VMStarting}, func(r *job.Job) error {
+	id := j.ID
+	j, err = c.store.UpdatePath(ctx, id, []job.State{job.RunnerCreated, job.VMStarting}, func(r *job.Job) error {
 		now := time.Now()
 		r.RunnerID, r.Timeline.RunnerCreated = lease.RunnerID, now
 		r.VMID, r.Timeline.VMStartRequest = vmID, now
@@ -99,11 +100,11 @@ func (c *Controller) startJob(ctx context.Context, t *task, j job.Job) (job.Job,
 		// Could not record the runner: delete it now (reconcile would too).
 		log.Error("recording runner and vm id failed", "err", err, "runner_id", lease.RunnerID)
 		_ = c.prov.Release(context.WithoutCancel(ctx), lease)
-		c.finishWithoutResources(ctx, j.ID, job.Failed, job.ReasonRunnerCreate+": "+err.Error())
+		c.finishWithoutResources(ctx, id, job.Failed, job.ReasonRunnerCreate+": "+err.Error())
 		return j, false
 	}
-	log.Info("runner created", "runner", lease)
 	log = c.jobLog(j)
+	log.Info("runner created", "runner", lease)
 	spec := vm.Spec{
 		ID: vmID, VCPUs: j.VCPUs, MemoryMiB: j.MemoryMiB, Image: c.img,
 		Guest: guestconfig.Config{
@@ -261,7 +262,7 @@ func (c *Controller) cleanup(j job.Job, outcome job.State, reason string) {
 		return nil
 	})
 	if err != nil {
-		c.log.Error("entering cleaning failed", "job_id", j.ID, "err", err)
+		c.log.Error("entering cleaning failed; reconcile will retry", "job_id", mem.ID, "vm_id", mem.VMID, "err", err)
 		return
 	}
 	if j.State.Terminal() {

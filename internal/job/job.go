@@ -150,9 +150,9 @@ type Timeline struct {
 	TagsFetched     time.Time // tag_list read from the API
 	RunnerCreated   time.Time
 	VMStartRequest  time.Time // driver.Start called
-	VMStarted       time.Time // driver.Start returned
+	VMStarted       time.Time // driver.Start returned (persisted with the next write: cleaning)
 	JobPicked       time.Time // runner picked a job
-	VMExited        time.Time
+	VMExited        time.Time // persisted with the cleaning transition
 	VMDestroyed     time.Time
 	RunnerDeleted   time.Time
 	Finished        time.Time // terminal state reached
