@@ -6,13 +6,18 @@ BIN := $(CURDIR)/bin
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/firerunner/firerunner/internal/version.Version=$(VERSION)
 
-.PHONY: all build test bench demo lint
+.PHONY: all build deps demo
 all: build
 
-build:
-	@mkdir -p $(BIN)
-	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/firerunner ./cmd/firerunner
-	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/firerunner-agent ./cmd/firerunner-agent
+build: $(BIN)/firerunner $(BIN)/firerunner-agent
+
+# Debian packages for building images, booting VMs and the tests (as root).
+deps:
+	@bash scripts/host-deps.sh
+
+# A real pipeline in real microVMs (QEMU) against the built-in GitLab stand-in.
+demo: deps build gitlab-runner image
+	$(BIN)/firerunner demo
 
 include $(wildcard mk/*.mk)
 
@@ -21,7 +26,7 @@ include $(wildcard mk/*.mk)
 # binary and the guest image first (cached by input hash, outside the clone).
 TEST_TIMEOUT ?= 25m
 .PHONY: test test-go test-fuzz lint
-test: lint gitlab-runner image test-go test-fuzz test-install
+test: deps lint gitlab-runner image test-go test-fuzz test-install
 
 test-go:
 	FIRERUNNER_TEST_IMAGE=$$(readlink -e $(IMAGE_DIR_FILE)) \

@@ -1,0 +1,195 @@
+// Package daemon assembles a running FireRunner from a Config: GitLab client,
+// runner provider, VM driver, network, store, controller and HTTP server.
+// `firerunner serve` and `firerunner demo` both start FireRunner through it.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/firerunner/firerunner/internal/config"
+	"github.com/firerunner/firerunner/internal/controller"
+	"github.com/firerunner/firerunner/internal/gitlabapi"
+	"github.com/firerunner/firerunner/internal/image"
+	"github.com/firerunner/firerunner/internal/metrics"
+	"github.com/firerunner/firerunner/internal/netsetup"
+	"github.com/firerunner/firerunner/internal/runners"
+	"github.com/firerunner/firerunner/internal/store"
+	"github.com/firerunner/firerunner/internal/vm"
+	"github.com/firerunner/firerunner/internal/webhook"
+
+	// VM drivers register themselves by name (config vm.driver).
+	_ "github.com/firerunner/firerunner/internal/vm/firecracker"
+	_ "github.com/firerunner/firerunner/internal/vm/qemu"
+)
+
+// Daemon is a started FireRunner.
+type Daemon struct {
+	Config     config.Config
+	Controller *controller.Controller
+	Store      *store.Store
+	Driver     vm.Driver
+	Image      image.Manifest
+	log        *slog.Logger
+	srv        *http.Server
+	ln         net.Listener
+	srvErr     chan error
+}
+
+// Start reads the secrets, builds every part, listens on cfg.Listen, resumes
+// and reconciles the jobs in the store, and returns once FireRunner is ready.
+func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Daemon, err error) {
+	// Secrets come from 0600 files only (never flags or environment).
+	apiToken, err := config.ReadSecret(cfg.GitLab.TokenFile)
+	if err != nil {
+		return nil, fmt.Errorf("gitlab.token_file: %w", err)
+	}
+	hookSecret, err := config.ReadSecret(cfg.GitLab.WebhookSecretFile)
+	if err != nil {
+		return nil, fmt.Errorf("gitlab.webhook_secret_file: %w", err)
+	}
+	var regToken string
+	if cfg.Runners.Registration == "legacy" {
+		if regToken, err = config.ReadSecret(cfg.Runners.RegistrationTokenFile); err != nil {
+			return nil, fmt.Errorf("runners.registration_token_file: %w", err)
+		}
+	}
+
+	d := &Daemon{Config: cfg, log: log, srvErr: make(chan error, 1)}
+	m := metrics.New(func() metrics.Snapshot {
+		if d.Controller == nil {
+			return metrics.Snapshot{}
+		}
+		return d.Controller.Snapshot()
+	})
+	api, err := gitlabapi.New(cfg.GitLab.URL, apiToken,
+		gitlabapi.WithRetries(cfg.GitLab.MaxRetries), gitlabapi.WithTimeout(cfg.GitLab.RequestTimeout),
+		gitlabapi.WithLogger(log), gitlabapi.WithErrorCounter(m.APIErrorCounter),
+		gitlabapi.WithHTTPClient(controller.APIHTTPClient()))
+	if err != nil {
+		return nil, err
+	}
+	prov, err := runners.NewOneOff(api, runners.OneOffConfig{
+		Scope: cfg.Runners.Scope, GroupID: cfg.Runners.GroupID, MaximumTimeout: cfg.Runners.MaximumTimeout,
+		DescriptionPrefix: cfg.Runners.DescriptionPrefix, LegacyRegistrationToken: regToken,
+	})
+	if err != nil {
+		return nil, err
+	}
+	if d.Image, err = image.Load(cfg.VM.ImageDir); err != nil {
+		return nil, fmt.Errorf("vm.image_dir: %w", err)
+	}
+	if d.Driver, err = vm.New(cfg.VM.Driver, vm.Env{Config: cfg, Logger: log}); err != nil {
+		return nil, fmt.Errorf("vm.driver: %w", err)
+	}
+	nw, err := network(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	if d.Store, err = store.Open(ctx, cfg.StateDir); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			d.Store.Close()
+		}
+	}()
+	d.Controller, err = controller.New(controller.Options{
+		Config: cfg, Store: d.Store, Driver: d.Driver, Image: d.Image.VMImage(), GitLab: api, Runners: prov,
+		Network: nw, Metrics: m, Logger: log,
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	mux := http.NewServeMux()
+	mux.Handle("/webhook", webhook.NewHandler(hookSecret, d.Controller,
+		webhook.WithMaxBody(cfg.GitLab.WebhookMaxBody), webhook.WithLogger(log),
+		webhook.WithRejectCounter(func(r string) { m.WebhookRejects.WithLabelValues(r).Inc() }),
+		webhook.WithEventCounter(func(e, s string) { m.WebhookEvents.WithLabelValues(e, s).Inc() })))
+	mux.Handle("/metrics", m.Handler())
+	mux.Handle("/healthz", metrics.Healthz())
+	mux.Handle("/readyz", metrics.Readyz(d.Controller.Ready))
+	d.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout: time.Minute, WriteTimeout: time.Minute, IdleTimeout: 2 * time.Minute}
+	if d.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
+		return nil, fmt.Errorf("listen: %w", err)
+	}
+	// Serve first (so /healthz answers during start-up), then resume jobs
+	// and reconcile; /readyz turns ready once that is done.
+	go func() { d.srvErr <- d.srv.Serve(d.ln) }()
+	if err = d.Controller.Start(ctx); err != nil {
+		_ = d.srv.Close()
+		return nil, err
+	}
+	log.Info("firerunner serving", "listen", d.Addr(), "gitlab", cfg.GitLab.URL, "driver", cfg.VM.Driver,
+		"network", cfg.Network.Mode, "state_dir", cfg.StateDir, "image", d.Image.Dir,
+		"poll_projects", fmt.Sprint(cfg.Reconcile.PollProjects), "poll_groups", fmt.Sprint(cfg.Reconcile.PollGroups))
+	return d, nil
+}
+
+// network prepares tap networking; nil means QEMU user-mode networking.
+func network(ctx context.Context, cfg config.Config, log *slog.Logger) (controller.Network, error) {
+	if cfg.Network.Mode != "tap" {
+		return nil, nil
+	}
+	opts := []netsetup.Option{netsetup.WithLogger(log)}
+	// VMs must never reach FireRunner's own webhook/metrics port.
+	if _, p, err := net.SplitHostPort(cfg.Listen); err == nil {
+		if port, err := strconv.ParseUint(p, 10, 16); err == nil && port != 0 {
+			opts = append(opts, netsetup.WithHostPorts(uint16(port)))
+		}
+	}
+	// The jailed Firecracker process runs as firecracker.uid and must open its tap.
+	if cfg.VM.Driver == "firecracker" && cfg.Firecracker.UseJailer {
+		opts = append(opts, netsetup.WithTapOwner(uint32(cfg.Firecracker.UID), uint32(cfg.Firecracker.GID)))
+	}
+	mgr, err := netsetup.New(cfg.Network, cfg.StateDir, opts...)
+	if err != nil {
+		return nil, err
+	}
+	if err := mgr.Setup(ctx); err != nil {
+		return nil, fmt.Errorf("network setup: %w", err)
+	}
+	return mgr, nil
+}
+
+// Addr is the address the HTTP server listens on (useful with port 0).
+func (d *Daemon) Addr() string { return d.ln.Addr().String() }
+
+// Wait blocks until ctx ends or the HTTP server fails.
+func (d *Daemon) Wait(ctx context.Context) error {
+	select {
+	case err := <-d.srvErr:
+		if !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("http server: %w", err)
+		}
+		return nil
+	case <-ctx.Done():
+		return nil
+	}
+}
+
+// Shutdown stops intake, drains running VMs (up to limits.drain_timeout, then
+// cleans up), stops the HTTP server last so cancel/success webhooks still
+// tear VMs down while draining, and closes the store. State is kept.
+func (d *Daemon) Shutdown(ctx context.Context) error {
+	d.log.Info("shutdown requested: intake stopped, draining", "drain_timeout", d.Config.Limits.DrainTimeout.String())
+	shutErr := d.Controller.Shutdown(ctx)
+	hctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_ = d.srv.Shutdown(hctx)
+	if err := d.Store.Close(); err != nil && shutErr == nil {
+		shutErr = err
+	}
+	if shutErr == nil {
+		d.log.Info("firerunner stopped", "state_dir", d.Config.StateDir)
+	}
+	return shutErr
+}

@@ -1,0 +1,481 @@
+// Package demo runs FireRunner end to end on one host: the GitLab stand-in,
+// a real FireRunner (QEMU driver) and a pipeline whose jobs run in real
+// microVMs. `firerunner demo` and the end-to-end test both use it.
+package demo
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/firerunner/firerunner/internal/config"
+	"github.com/firerunner/firerunner/internal/daemon"
+	"github.com/firerunner/firerunner/internal/gitlabstandin"
+	"github.com/firerunner/firerunner/internal/job"
+	"github.com/firerunner/firerunner/internal/store"
+	"github.com/firerunner/firerunner/internal/tags"
+	"github.com/firerunner/firerunner/internal/vm"
+)
+
+// Options configure a run. ImageDir is required; the rest has defaults.
+type Options struct {
+	// ImageDir is a built guest image (firerunner image build) with gitlab-runner.
+	ImageDir string
+	// Jobs is the pipeline; default DefaultJobs().
+	Jobs []gitlabstandin.JobSpec
+	// CancelWhenRunning names jobs to cancel in GitLab once a runner picked them.
+	CancelWhenRunning []string
+	// VCPUs and MemoryMiB are FireRunner's capacity; default 3 and 4096.
+	VCPUs, MemoryMiB int
+	// WorkDir holds state, secrets, logs; default a temp dir removed at the end.
+	WorkDir string
+	// Out receives the human-readable progress, traces and timeline.
+	Out io.Writer
+	// LogOut receives FireRunner's JSON logs; default WorkDir/firerunner.log.
+	LogOut io.Writer
+	// Timeout bounds the whole run; default 15 minutes.
+	Timeout time.Duration
+}
+
+// DefaultJobs is the demo pipeline: two jobs of different sizes, and one
+// job without a FireRunner tag, which FireRunner must leave alone.
+func DefaultJobs() []gitlabstandin.JobSpec {
+	return []gitlabstandin.JobSpec{
+		{Name: "hello", Tags: []string{"firecracker-1cpu-1gb"}, Script: []string{
+			`echo "hello from $(hostname), kernel $(uname -r)"`,
+			`echo "NPROC=$(nproc) $(grep MemTotal /proc/meminfo)"`,
+			`cat README.md`, `git log --oneline -1`,
+		}},
+		{Name: "build", Tags: []string{"firecracker-2cpu-2gb"}, Script: []string{
+			`echo "NPROC=$(nproc) $(grep MemTotal /proc/meminfo)"`,
+			`sh ./build.sh`,
+		}, AfterScript: []string{`echo "after_script ran"`}},
+		{Name: "not-ours", Tags: []string{"docker"}, Script: []string{"echo never runs here"}},
+	}
+}
+
+// Files is the demo repository.
+var Files = map[string]string{
+	"README.md": "# demo/app\nA repository served by the GitLab stand-in over git smart HTTP.\n",
+	"build.sh":  "#!/bin/sh\nset -e\necho building...\nseq 1 200000 | sort -n | tail -1 > out.txt\necho \"built: $(cat out.txt)\"\n",
+}
+
+// JobResult is what happened to one job, seen from GitLab and FireRunner.
+type JobResult struct {
+	Spec   gitlabstandin.JobSpec
+	GitLab gitlabstandin.JobState
+	// Ours reports whether the job carried a FireRunner size tag.
+	Ours bool
+	// Record is FireRunner's record; nil when FireRunner has none.
+	Record *job.Job
+	// Runner is the runner FireRunner created for the job (zero if none).
+	Runner gitlabstandin.RunnerState
+	// Guest is the VM's boot timeline as seen by the driver (nil if no VM).
+	Guest *vm.Timeline
+	// CanceledAt is when the demo canceled the job in GitLab (zero if not).
+	CanceledAt time.Time
+}
+
+// Report is the outcome of a run.
+type Report struct {
+	Jobs []JobResult
+	// Leftovers lists anything FireRunner left behind: VMs the driver still
+	// knows, per-VM directories, runners not deleted. Empty means clean.
+	Leftovers []string
+	// RunnersCreated counts runners created in GitLab during the run.
+	RunnersCreated int
+}
+
+// Job returns the result of the job with the given name.
+func (r *Report) Job(name string) (JobResult, bool) {
+	for _, j := range r.Jobs {
+		if j.Spec.Name == name {
+			return j, true
+		}
+	}
+	return JobResult{}, false
+}
+
+// Run performs the demo and reports what happened. It cleans up after itself.
+func Run(ctx context.Context, o Options) (rep *Report, err error) {
+	if o.ImageDir == "" {
+		return nil, errors.New("demo: ImageDir is required (build one with make image)")
+	}
+	if o.Jobs == nil {
+		o.Jobs = DefaultJobs()
+	}
+	if o.VCPUs == 0 {
+		o.VCPUs = 3
+	}
+	if o.MemoryMiB == 0 {
+		o.MemoryMiB = 4096
+	}
+	if o.Timeout == 0 {
+		o.Timeout = 15 * time.Minute
+	}
+	if o.Out == nil {
+		o.Out = io.Discard
+	}
+	ctx, cancel := context.WithTimeout(ctx, o.Timeout)
+	defer cancel()
+	p := &printer{w: o.Out, t0: time.Now()}
+
+	if o.WorkDir == "" {
+		if o.WorkDir, err = os.MkdirTemp("", "firerunner-demo-"); err != nil {
+			return nil, err
+		}
+		defer os.RemoveAll(o.WorkDir)
+	}
+	logOut := o.LogOut
+	if logOut == nil {
+		f, err := os.OpenFile(filepath.Join(o.WorkDir, "firerunner.log"), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+		if err != nil {
+			return nil, err
+		}
+		defer f.Close()
+		logOut = f
+	}
+	log := slog.New(slog.NewJSONHandler(logOut, &slog.HandlerOptions{Level: slog.LevelDebug}))
+
+	// GitLab stand-in on loopback; VMs reach it through QEMU user-mode
+	// networking, where the host's loopback is 10.0.2.2.
+	gl, err := gitlabstandin.New(gitlabstandin.Options{
+		Addr: "127.0.0.1:0", ExternalHost: "10.0.2.2", Dir: filepath.Join(o.WorkDir, "gitlab"),
+		HardCancel: true, Logger: log.With("component", "gitlab-standin"),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("gitlab stand-in: %w", err)
+	}
+	defer gl.Close()
+	apiToken, hookSecret := "glpat-"+randHex(10), randHex(16)
+	gl.AddToken(apiToken, gitlabstandin.ScopeAPI)
+	proj, err := gl.AddProject(gitlabstandin.ProjectSpec{Path: "demo/app", Files: Files})
+	if err != nil {
+		return nil, err
+	}
+	p.say("GitLab stand-in at http://%s (VMs see %s), project %s #%d", gl.Addr(), gl.URL(), proj.Path, proj.ID)
+
+	cfg, err := Config(o, "http://"+gl.Addr(), gl.URL(), apiToken, hookSecret)
+	if err != nil {
+		return nil, err
+	}
+	d, err := daemon.Start(ctx, cfg, log)
+	if err != nil {
+		return nil, fmt.Errorf("start firerunner: %w", err)
+	}
+	shutdown := func() error {
+		sctx, scancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer scancel()
+		return d.Shutdown(sctx)
+	}
+	defer func() {
+		if d != nil {
+			_ = shutdown()
+		}
+	}()
+	gl.SetWebhook("http://"+d.Addr()+"/webhook", hookSecret)
+	p.say("FireRunner listening on %s (driver %s, image %s)", d.Addr(), cfg.VM.Driver, filepath.Base(d.Image.Dir))
+
+	pl, err := gl.CreatePipeline(proj.ID, o.Jobs...)
+	if err != nil {
+		return nil, err
+	}
+	p.say("pipeline #%d created with %d jobs", pl.ID, len(pl.JobIDs))
+
+	rep = &Report{}
+	results := make([]JobResult, len(o.Jobs))
+	for i, spec := range o.Jobs {
+		_, ours, _ := tags.Parse(spec.Tags, tags.Limits{})
+		results[i] = JobResult{Spec: spec, Ours: ours}
+	}
+	// Follow each job: grab the driver's boot timeline while its VM exists,
+	// cancel the ones asked for, report state changes.
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	for i, id := range pl.JobIDs {
+		if !results[i].Ours {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			follow(ctx, p, gl, d, id, &results[i], slices.Contains(o.CancelWhenRunning, results[i].Spec.Name), &mu)
+		}()
+	}
+	wg.Wait()
+	if err := ctx.Err(); err != nil {
+		return rep, fmt.Errorf("demo timed out: %w (FireRunner log: %s)", err, filepath.Join(o.WorkDir, "firerunner.log"))
+	}
+
+	// Jobs FireRunner must ignore are still pending: no runner, no VM.
+	for i, id := range pl.JobIDs {
+		js, _ := gl.Job(id)
+		results[i].GitLab = js
+		if rec, err := d.Store.Get(ctx, id); err == nil {
+			results[i].Record = &rec
+			if r, ok := gl.Runner(rec.RunnerID); ok {
+				results[i].Runner = r
+			}
+		}
+		if !results[i].Ours {
+			p.say("job %d %-10s not ours (tags %v): status %s, FireRunner record: %v", id, results[i].Spec.Name, results[i].Spec.Tags, js.Status, results[i].Record != nil)
+			_ = gl.Cancel(id)
+		}
+	}
+	rep.Jobs = results
+	rep.Leftovers = leftovers(ctx, d, gl)
+	for _, r := range gl.Runners() {
+		if r.Description != "" && strings.HasPrefix(r.Description, cfg.Runners.DescriptionPrefix) {
+			rep.RunnersCreated++
+		}
+	}
+	err = shutdown()
+	d = nil
+	if err != nil {
+		return rep, fmt.Errorf("shutdown: %w", err)
+	}
+	p.report(rep)
+	return rep, nil
+}
+
+// Config is the FireRunner configuration the demo runs with.
+func Config(o Options, apiURL, guestURL, apiToken, hookSecret string) (config.Config, error) {
+	secrets := filepath.Join(o.WorkDir, "secrets")
+	if err := os.MkdirAll(secrets, 0o700); err != nil {
+		return config.Config{}, err
+	}
+	cfg := config.Default()
+	cfg.Listen = "127.0.0.1:0"
+	cfg.LogLevel = "debug"
+	cfg.StateDir = filepath.Join(o.WorkDir, "state")
+	cfg.GitLab.URL, cfg.GitLab.GuestURL = apiURL, guestURL
+	cfg.GitLab.TokenFile = filepath.Join(secrets, "gitlab_token")
+	cfg.GitLab.WebhookSecretFile = filepath.Join(secrets, "webhook_secret")
+	cfg.Reconcile.Interval = 5 * time.Second
+	cfg.Capacity.VCPUs, cfg.Capacity.MemoryMiB = o.VCPUs, o.MemoryMiB
+	cfg.Capacity.MaxVCPUsPerVM, cfg.Capacity.MaxMemoryGiBPerVM = 4, 4
+	cfg.Limits.JobMaxDuration = 10 * time.Minute
+	cfg.Limits.VMStartTimeout = 5 * time.Minute
+	cfg.Limits.DrainTimeout = time.Minute
+	cfg.VM.Driver, cfg.VM.ImageDir = "qemu", o.ImageDir
+	cfg.VM.ConsoleLogDir = filepath.Join(o.WorkDir, "console")
+	cfg.Network.Mode = "user"
+	for path, secret := range map[string]string{cfg.GitLab.TokenFile: apiToken, cfg.GitLab.WebhookSecretFile: hookSecret} {
+		if err := os.WriteFile(path, []byte(secret+"\n"), 0o600); err != nil {
+			return cfg, err
+		}
+	}
+	return cfg, cfg.Validate()
+}
+
+// follow watches one of our jobs until GitLab and FireRunner are both done with it.
+func follow(ctx context.Context, p *printer, gl *gitlabstandin.Server, d *daemon.Daemon, id int64, res *JobResult, cancelIt bool, mu *sync.Mutex) {
+	name := res.Spec.Name
+	vmID := job.VMIDFor(id)
+	src, _ := d.Driver.(vm.TimelineSource)
+	var lastGL, lastFR string
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		js, _ := gl.Job(id)
+		if js.Status != lastGL {
+			p.say("job %d %-10s GitLab: %s", id, name, js.Status)
+			lastGL = js.Status
+		}
+		if cancelIt && res.CanceledAt.IsZero() && js.Status == "running" {
+			res.CanceledAt = time.Now()
+			p.say("job %d %-10s canceling it in GitLab", id, name)
+			_ = gl.Cancel(id)
+		}
+		rec, err := d.Store.Get(ctx, id)
+		if err == nil {
+			if st := string(rec.State); st != lastFR {
+				extra := ""
+				if rec.Reason != "" {
+					extra = " (" + rec.Reason + ")"
+				}
+				p.say("job %d %-10s FireRunner: %s%s", id, name, st, extra)
+				lastFR = st
+			}
+			if src != nil && res.Guest == nil {
+				if tl, ok := src.Timeline(vmID); ok {
+					mu.Lock()
+					res.Guest = tl
+					mu.Unlock()
+				}
+			}
+			glDone := js.Status == "success" || js.Status == "failed" || js.Status == "canceled"
+			if glDone && rec.State.Terminal() {
+				return
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// leftovers lists what FireRunner should have removed but did not.
+func leftovers(ctx context.Context, d *daemon.Daemon, gl *gitlabstandin.Server) []string {
+	var out []string
+	if vms, err := d.Driver.List(ctx); err != nil {
+		out = append(out, "driver list: "+err.Error())
+	} else {
+		for _, v := range vms {
+			out = append(out, fmt.Sprintf("vm %s (pid %d)", v.ID, v.PID))
+		}
+	}
+	if ents, err := os.ReadDir(filepath.Join(d.Config.StateDir, "vms")); err == nil {
+		for _, e := range ents {
+			out = append(out, "per-VM dir "+e.Name())
+		}
+	}
+	for _, r := range gl.Runners() {
+		if strings.HasPrefix(r.Description, d.Config.Runners.DescriptionPrefix) && r.DeletedAt.IsZero() {
+			out = append(out, fmt.Sprintf("runner %d (%s) not deleted", r.ID, r.Description))
+		}
+	}
+	if recs, err := d.Store.List(ctx, store.Filter{ActiveOnly: true}); err == nil {
+		for _, r := range recs {
+			out = append(out, fmt.Sprintf("job %d still %s", r.ID, r.State))
+		}
+	}
+	return out
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// printer writes timestamped progress lines.
+type printer struct {
+	mu sync.Mutex
+	w  io.Writer
+	t0 time.Time
+}
+
+func (p *printer) say(format string, a ...any) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	fmt.Fprintf(p.w, "[%6.1fs] %s\n", time.Since(p.t0).Seconds(), fmt.Sprintf(format, a...))
+}
+
+var (
+	ansi    = regexp.MustCompile(`\x1b\[[0-9;]*[A-Za-z]`)
+	section = regexp.MustCompile(`section_(start|end):[0-9]+:[A-Za-z0-9_.-]+(\[[^\]]*\])?`)
+)
+
+// CleanTrace strips gitlab-runner's ANSI colours and section markers.
+func CleanTrace(t string) string {
+	t = section.ReplaceAllString(ansi.ReplaceAllString(t, ""), "")
+	var lines []string
+	for _, l := range strings.Split(strings.ReplaceAll(t, "\r\n", "\n"), "\n") {
+		if i := strings.LastIndexByte(l, '\r'); i >= 0 {
+			l = l[i+1:]
+		}
+		lines = append(lines, l)
+	}
+	return strings.TrimRight(strings.Join(lines, "\n"), "\n")
+}
+
+// report prints each job's trace and timeline.
+func (p *printer) report(rep *Report) {
+	w := p.w
+	for _, r := range rep.Jobs {
+		fmt.Fprintf(w, "\n==== job %d %q  tags %v  GitLab status: %s", r.GitLab.ID, r.Spec.Name, r.Spec.Tags, r.GitLab.Status)
+		if r.GitLab.Status == "failed" {
+			fmt.Fprintf(w, " (exit code %d)", r.GitLab.ExitCode)
+		}
+		fmt.Fprintln(w)
+		if !r.Ours {
+			fmt.Fprintln(w, "  no firecracker size tag: FireRunner created no runner and no VM")
+			continue
+		}
+		if r.Record != nil {
+			fmt.Fprintf(w, "  FireRunner: %s (%s), runner #%d, vm %s, %d vCPU / %d MiB\n",
+				r.Record.State, r.Record.Reason, r.Record.RunnerID, r.Record.VMID, r.Record.VCPUs, r.Record.MemoryMiB)
+		}
+		if tr := CleanTrace(r.GitLab.Trace); tr != "" {
+			fmt.Fprintln(w, "  ---- trace ----")
+			for _, l := range strings.Split(tr, "\n") {
+				fmt.Fprintln(w, "  | "+l)
+			}
+		}
+		fmt.Fprintln(w, "  ---- timeline ----")
+		for _, e := range r.Timeline() {
+			fmt.Fprintf(w, "  %+8.2fs  %s\n", e.Since.Seconds(), e.Name)
+		}
+	}
+	fmt.Fprintf(w, "\nrunners created: %d; leftovers: %d\n", rep.RunnersCreated, len(rep.Leftovers))
+	for _, l := range rep.Leftovers {
+		fmt.Fprintln(w, "  LEFTOVER: "+l)
+	}
+}
+
+// Event is one timeline entry, relative to the webhook's arrival.
+type Event struct {
+	Name  string
+	At    time.Time
+	Since time.Duration
+}
+
+// Timeline merges FireRunner's, the driver's and GitLab's view of the job.
+func (r JobResult) Timeline() []Event {
+	var ev []Event
+	add := func(name string, at time.Time) {
+		if !at.IsZero() {
+			ev = append(ev, Event{Name: name, At: at})
+		}
+	}
+	if rec := r.Record; rec != nil {
+		t := rec.Timeline
+		add("webhook received", t.WebhookReceived)
+		add("tags fetched", t.TagsFetched)
+		add("runner created", t.RunnerCreated)
+		add("VM start requested", t.VMStartRequest)
+		add("VM gone", t.VMDestroyed)
+		add("runner deleted", t.RunnerDeleted)
+	}
+	if g := r.Guest; g != nil {
+		for _, m := range []struct {
+			name string
+			m    vm.Milestone
+		}{
+			{"VM process started", vm.MilestoneVMMStarted}, {"guest kernel", vm.MilestoneKernel},
+			{"guest init", vm.MilestoneInit}, {"guest agent start", vm.MilestoneAgentStart},
+			{"gitlab-runner started", vm.MilestoneJobStart}, {"gitlab-runner exited", vm.MilestoneJobEnd},
+			{"VM powered off", vm.MilestoneVMMExited},
+		} {
+			if at, ok := g.At(m.m); ok {
+				add(m.name, at)
+			}
+		}
+	}
+	add("runner's first job request", r.Runner.FirstRequestAt)
+	add("job picked by runner", r.GitLab.StartedAt)
+	add("canceled in GitLab", r.CanceledAt)
+	add("job finished in GitLab", r.GitLab.FinishedAt)
+	sort.SliceStable(ev, func(i, j int) bool { return ev[i].At.Before(ev[j].At) })
+	if len(ev) > 0 {
+		for i := range ev {
+			ev[i].Since = ev[i].At.Sub(ev[0].At)
+		}
+	}
+	return ev
+}

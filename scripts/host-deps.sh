@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the Debian packages FireRunner's build, tests and demo need, if
+# missing (as root). Used by `make deps` (and so `make demo`/`make test`) and CI.
+set -euo pipefail
+pkgs=(qemu-system-x86 qemu-utils debootstrap busybox-static cpio e2fsprogs xz-utils zstd kmod
+      nftables iptables iproute2 git ca-certificates make gcc python3 jq)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "host packages: all present"
+  exit 0
+fi
+if [ "$(id -u)" != 0 ]; then
+  echo "missing packages: ${missing[*]} (run as root, or: apt-get install ${missing[*]})" >&2
+  exit 1
+fi
+echo "host packages: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "host packages: installed"
