@@ -236,8 +236,8 @@ func Run(ctx context.Context, o Options) (rep *Report, err error) {
 	}
 	rep.Jobs = results
 	rep.Leftovers = leftovers(ctx, d, gl)
-	for _, r := range gl.Runners() {
-		if r.Description != "" && strings.HasPrefix(r.Description, cfg.Runners.DescriptionPrefix) {
+	for _, r := range results {
+		if r.Record != nil && r.Record.RunnerID != 0 {
 			rep.RunnersCreated++
 		}
 	}
@@ -344,10 +344,8 @@ func leftovers(ctx context.Context, d *daemon.Daemon, gl *gitlabstandin.Server) 
 			out = append(out, "per-VM dir "+e.Name())
 		}
 	}
-	for _, r := range gl.Runners() {
-		if strings.HasPrefix(r.Description, d.Config.Runners.DescriptionPrefix) && r.DeletedAt.IsZero() {
-			out = append(out, fmt.Sprintf("runner %d (%s) not deleted", r.ID, r.Description))
-		}
+	for _, r := range gl.Runners() { // the demo creates no runners of its own
+		out = append(out, fmt.Sprintf("runner %d (%s) not deleted", r.ID, r.Description))
 	}
 	if recs, err := d.Store.List(ctx, store.Filter{ActiveOnly: true}); err == nil {
 		for _, r := range recs {
@@ -379,9 +377,12 @@ func (p *printer) say(format string, a ...any) {
 var (
 	ansi    = regexp.MustCompile(`\x1b\[[0-9;]*[A-Za-z]`)
 	section = regexp.MustCompile(`section_(start|end):[0-9]+:[A-Za-z0-9_.-]+(\[[^\]]*\])?`)
+	// gitlab-runner >= 17 prefixes each line: "<RFC3339 time> <stream><O|E>[+] ".
+	stamp = regexp.MustCompile(`(?m)^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]+Z [0-9a-f]{2}[OE]\+? ?`)
 )
 
-// CleanTrace strips gitlab-runner's ANSI colours and section markers.
+// CleanTrace strips gitlab-runner's ANSI colours, section markers and line
+// timestamps.
 func CleanTrace(t string) string {
 	t = section.ReplaceAllString(ansi.ReplaceAllString(t, ""), "")
 	var lines []string
@@ -391,7 +392,7 @@ func CleanTrace(t string) string {
 		}
 		lines = append(lines, l)
 	}
-	return strings.TrimRight(strings.Join(lines, "\n"), "\n")
+	return strings.TrimRight(stamp.ReplaceAllString(strings.Join(lines, "\n"), ""), "\n")
 }
 
 // report prints each job's trace and timeline.

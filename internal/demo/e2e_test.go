@@ -1,0 +1,159 @@
+package demo
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/firerunner/firerunner/internal/gitlabstandin"
+	"github.com/firerunner/firerunner/internal/image"
+	"github.com/firerunner/firerunner/internal/job"
+	"github.com/firerunner/firerunner/internal/testenv"
+	"github.com/firerunner/firerunner/internal/vm"
+)
+
+// syncBuffer collects FireRunner's logs from concurrent goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+var memTotal = regexp.MustCompile(`MemTotal:\s+([0-9]+) kB`)
+
+// TestEndToEnd runs a pipeline through a real FireRunner, real microVMs (QEMU)
+// and the official gitlab-runner inside them, against the GitLab stand-in:
+// two sizes, an untagged job, a failing job and a canceled one.
+func TestEndToEnd(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.QEMU(t)
+	dir := testenv.ImageDir(t)
+	m, err := image.Load(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Inputs.GitLabRunnerSHA256 == "" {
+		t.Fatalf("image %s has no gitlab-runner; build it with make image", dir)
+	}
+	work := t.TempDir()
+	logs := &syncBuffer{}
+	script := []string{`echo "NPROC=$(nproc)"`, `grep MemTotal /proc/meminfo`, `cat README.md`, `echo "HEAD=$(git rev-parse HEAD)"`}
+	jobs := []gitlabstandin.JobSpec{
+		{Name: "small", Tags: []string{"firecracker-1cpu-1gb"}, Script: script},
+		{Name: "large", Tags: []string{"firecracker-2cpu-2gb"}, Script: script},
+		{Name: "untagged", Script: []string{"echo must not run in a FireRunner VM"}},
+		{Name: "fails", Tags: []string{"firecracker-1cpu-1gb"}, Script: []string{"echo about to fail", "exit 3"}},
+		{Name: "canceled", Tags: []string{"firecracker-1cpu-1gb"}, Script: []string{"echo started", "sleep 600"}},
+	}
+	var out bytes.Buffer
+	rep, err := Run(context.Background(), Options{
+		ImageDir: dir, Jobs: jobs, CancelWhenRunning: []string{"canceled"},
+		WorkDir: work, Out: &out, LogOut: logs,
+	})
+	os.Stdout.Write(out.Bytes()) // the timeline, for the CI log
+	if err != nil {
+		t.Fatalf("demo run: %v", err)
+	}
+
+	get := func(name string) JobResult {
+		t.Helper()
+		r, ok := rep.Job(name)
+		if !ok {
+			t.Fatalf("no result for job %s", name)
+		}
+		return r
+	}
+	// Sizes: the VM matches its tag (nproc and MemTotal from inside the VM).
+	for _, c := range []struct {
+		name       string
+		vcpus, mib int
+	}{{"small", 1, 1024}, {"large", 2, 2048}} {
+		r := get(c.name)
+		if r.GitLab.Status != "success" {
+			t.Errorf("%s: GitLab status %s, want success\n%s", c.name, r.GitLab.Status, CleanTrace(r.GitLab.Trace))
+			continue
+		}
+		tr := CleanTrace(r.GitLab.Trace)
+		if !strings.Contains(tr, "NPROC="+strconv.Itoa(c.vcpus)+"\n") {
+			t.Errorf("%s: trace lacks NPROC=%d:\n%s", c.name, c.vcpus, tr)
+		}
+		if mm := memTotal.FindStringSubmatch(tr); mm == nil {
+			t.Errorf("%s: no MemTotal in trace", c.name)
+		} else if kb, _ := strconv.Atoi(mm[1]); kb > c.mib*1024 || kb < c.mib*1024*85/100 {
+			t.Errorf("%s: MemTotal %d kB does not match a %d MiB VM", c.name, kb, c.mib)
+		}
+		if !strings.Contains(tr, "HEAD="+r.GitLab.SHA) || !strings.Contains(tr, "A repository served by the GitLab stand-in") {
+			t.Errorf("%s: the VM did not clone the pipeline's commit %s:\n%s", c.name, r.GitLab.SHA, tr)
+		}
+		if r.Record == nil || r.Record.VCPUs != c.vcpus || r.Record.MemoryMiB != c.mib || r.Record.State != job.Done {
+			t.Errorf("%s: FireRunner record %+v", c.name, r.Record)
+		}
+		if r.Runner.ID == 0 || r.Runner.DeletedAt.IsZero() || !sameTags(r.Runner.Tags, r.Spec.Tags) || r.Runner.RunUntagged || !r.Runner.Locked {
+			t.Errorf("%s: runner %+v: want deleted, tags %v, run_untagged=false, locked", c.name, r.Runner, r.Spec.Tags)
+		}
+		if r.Guest == nil {
+			t.Errorf("%s: no guest timeline", c.name)
+		} else if _, ok := r.Guest.At(vm.MilestoneAgentStart); !ok {
+			t.Errorf("%s: guest agent never started:\n%s", c.name, r.Guest)
+		}
+	}
+	// The job without a FireRunner tag got nothing.
+	if r := get("untagged"); r.Record != nil || r.GitLab.Status != "pending" || r.GitLab.RunnerID != 0 {
+		t.Errorf("untagged: record %+v, status %s, runner %d; want no record, still pending", r.Record, r.GitLab.Status, r.GitLab.RunnerID)
+	}
+	// The failing job failed with its exit code, and its VM is gone.
+	if r := get("fails"); r.GitLab.Status != "failed" || r.GitLab.ExitCode != 3 || r.Record == nil ||
+		!r.Record.State.Terminal() || !strings.HasPrefix(r.Record.Reason, job.ReasonJobFailed) || r.Record.Timeline.VMDestroyed.IsZero() {
+		t.Errorf("fails: GitLab %s exit %d, record %+v", r.GitLab.Status, r.GitLab.ExitCode, r.Record)
+	}
+	// The canceled job: canceled in GitLab, and FireRunner tore its VM down
+	// because of the cancel (not because `sleep 600` ended).
+	if r := get("canceled"); r.GitLab.Status != "canceled" || r.Record == nil || r.Record.State != job.Canceled ||
+		!strings.HasPrefix(r.Record.Reason, job.ReasonJobCanceled) || r.Record.Timeline.VMDestroyed.IsZero() || r.CanceledAt.IsZero() {
+		t.Errorf("canceled: GitLab %s, record %+v", r.GitLab.Status, r.Record)
+	}
+	if rep.RunnersCreated != 4 {
+		t.Errorf("runners created: %d, want 4 (one per tagged job)", rep.RunnersCreated)
+	}
+	if len(rep.Leftovers) > 0 {
+		t.Errorf("left behind: %v", rep.Leftovers)
+	}
+	if ps := vm.FindProcs(work); len(ps) > 0 {
+		t.Errorf("VMM processes still running: %v", ps)
+	}
+	if tok := regexp.MustCompile(`glrt-[A-Za-z0-9_-]{12,}`).FindString(logs.String()); tok != "" {
+		t.Errorf("a runner token appears in FireRunner's logs")
+	}
+}
+
+func sameTags(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for _, x := range a {
+		found := false
+		for _, y := range b {
+			found = found || x == y
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}
