@@ -39,6 +39,9 @@ func TestExampleConfigIsTheDefaults(t *testing.T) {
 		if len(c.Network.EgressAllow) == 0 {
 			c.Network.EgressAllow = nil
 		}
+		if len(c.Network.AllowHostPorts) == 0 {
+			c.Network.AllowHostPorts = nil
+		}
 	}
 	norm(&got)
 	norm(&want)

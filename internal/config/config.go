@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -143,6 +145,11 @@ type Network struct {
 	// Egress is "allow_all" or "allowlist" (only EgressAllow CIDRs).
 	Egress      string   `yaml:"egress"`
 	EgressAllow []string `yaml:"egress_allow"`
+	// AllowHostPorts are host TCP/UDP ports VMs may reach on the bridge
+	// address (tap mode), e.g. a DNS resolver or a GitLab on this host.
+	// Every other host port is closed to VMs; FireRunner's own listen port
+	// can never be opened.
+	AllowHostPorts []int `yaml:"allow_host_ports"`
 }
 
 // QEMU configures the qemu driver.
@@ -367,6 +374,13 @@ func (c Config) Validate() error {
 	case "allow_all", "allowlist":
 	default:
 		bad("network.egress", "%q is not one of allow_all, allowlist", c.Network.Egress)
+	}
+	for _, p := range c.Network.AllowHostPorts {
+		if p < 1 || p > 65535 {
+			bad("network.allow_host_ports", "%d is not a port (1-65535)", p)
+		} else if _, lp, err := net.SplitHostPort(c.Listen); err == nil && lp == strconv.Itoa(p) {
+			bad("network.allow_host_ports", "%d is FireRunner's own listen port, which VMs must never reach", p)
+		}
 	}
 	if c.VM.Driver == "firecracker" && c.Firecracker.Binary == "" {
 		bad("firecracker.binary", "must be set")

@@ -146,6 +146,10 @@ func network(ctx context.Context, cfg config.Config, log *slog.Logger) (controll
 			opts = append(opts, netsetup.WithHostPorts(uint16(port)))
 		}
 	}
+	// Ports the operator opened to VMs (validated 1-65535 by config).
+	for _, p := range cfg.Network.AllowHostPorts {
+		_ = p // MUTATION
+	}
 	// The jailed Firecracker process runs as firecracker.uid and must open its tap.
 	if cfg.VM.Driver == "firecracker" && cfg.Firecracker.UseJailer {
 		opts = append(opts, netsetup.WithTapOwner(uint32(cfg.Firecracker.UID), uint32(cfg.Firecracker.GID)))

@@ -11,11 +11,15 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -47,6 +51,13 @@ type Options struct {
 	LogOut io.Writer
 	// Timeout bounds the whole run; default 15 minutes.
 	Timeout time.Duration
+	// Network is how VMs are networked. "user" (default): QEMU user-mode
+	// networking, the stand-in on loopback. "tap": production networking (a
+	// tap per VM on FireRunner's bridge, an address from network.cidr,
+	// nftables NAT and isolation); the stand-in listens on all addresses and
+	// VMs reach it at the bridge address. Tap mode creates the bridge and
+	// nft tables in the caller's network namespace: run it in a throwaway one.
+	Network string
 }
 
 // DefaultJobs is the demo pipeline: two jobs of different sizes, and one
@@ -128,6 +139,13 @@ func Run(ctx context.Context, o Options) (rep *Report, err error) {
 	if o.Out == nil {
 		o.Out = io.Discard
 	}
+	switch o.Network {
+	case "":
+		o.Network = "user"
+	case "user", "tap":
+	default:
+		return nil, fmt.Errorf("demo: network %q is not one of user, tap", o.Network)
+	}
 	ctx, cancel := context.WithTimeout(ctx, o.Timeout)
 	defer cancel()
 	p := &printer{w: o.Out, t0: time.Now()}
@@ -150,11 +168,20 @@ func Run(ctx context.Context, o Options) (rep *Report, err error) {
 	log := slog.New(slog.NewJSONHandler(logOut, &slog.HandlerOptions{Level: slog.LevelDebug}))
 
 	// GitLab stand-in on loopback; VMs reach it through QEMU user-mode
-	// networking, where the host's loopback is 10.0.2.2.
-	gl, err := gitlabstandin.New(gitlabstandin.Options{
+	// networking, where the host's loopback is 10.0.2.2. With taps, VMs
+	// reach it at the bridge (gateway) address instead.
+	glOpts := gitlabstandin.Options{
 		Addr: "127.0.0.1:0", ExternalHost: "10.0.2.2", Dir: filepath.Join(o.WorkDir, "gitlab"),
 		HardCancel: true, Logger: log.With("component", "gitlab-standin"),
-	})
+	}
+	if o.Network == "tap" {
+		gw, err := TapGateway()
+		if err != nil {
+			return nil, err
+		}
+		glOpts.Addr, glOpts.ExternalHost = "0.0.0.0:0", gw.String()
+	}
+	gl, err := gitlabstandin.New(glOpts)
 	if err != nil {
 		return nil, fmt.Errorf("gitlab stand-in: %w", err)
 	}
@@ -167,7 +194,8 @@ func Run(ctx context.Context, o Options) (rep *Report, err error) {
 	}
 	p.say("GitLab stand-in at http://%s (VMs see %s), project %s #%d", gl.Addr(), gl.URL(), proj.Path, proj.ID)
 
-	cfg, err := Config(o, "http://"+gl.Addr(), gl.URL(), apiToken, hookSecret)
+	_, glPort, _ := net.SplitHostPort(gl.Addr())
+	cfg, err := Config(o, "http://"+net.JoinHostPort("127.0.0.1", glPort), gl.URL(), apiToken, hookSecret)
 	if err != nil {
 		return nil, err
 	}
@@ -272,12 +300,36 @@ func Config(o Options, apiURL, guestURL, apiToken, hookSecret string) (config.Co
 	cfg.VM.Driver, cfg.VM.ImageDir = "qemu", o.ImageDir
 	cfg.VM.ConsoleLogDir = filepath.Join(o.WorkDir, "console")
 	cfg.Network.Mode = "user"
+	if o.Network == "tap" {
+		// Production networking. Host ports are closed to VMs, so open
+		// exactly the one GitLab (guest_url) listens on.
+		cfg.Network.Mode = "tap"
+		u, err := url.Parse(guestURL)
+		if err != nil {
+			return cfg, fmt.Errorf("guest url: %w", err)
+		}
+		port, err := strconv.Atoi(u.Port())
+		if err != nil {
+			return cfg, fmt.Errorf("guest url %s: no port: %w", guestURL, err)
+		}
+		cfg.Network.AllowHostPorts = []int{port}
+	}
 	for path, secret := range map[string]string{cfg.GitLab.TokenFile: apiToken, cfg.GitLab.WebhookSecretFile: hookSecret} {
 		if err := os.WriteFile(path, []byte(secret+"\n"), 0o600); err != nil {
 			return cfg, err
 		}
 	}
 	return cfg, cfg.Validate()
+}
+
+// TapGateway is the bridge address VMs reach the host at in tap mode: the
+// first address of the default network.cidr.
+func TapGateway() (netip.Addr, error) {
+	p, err := netip.ParsePrefix(config.Default().Network.CIDR)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	return p.Masked().Addr().Next(), nil
 }
 
 // follow watches one of our jobs until GitLab and FireRunner are both done with it.
