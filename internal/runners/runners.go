@@ -90,6 +90,9 @@ type API interface {
 	RegisterRunnerLegacy(ctx context.Context, regToken string, s gitlabapi.RunnerSpec) (gitlabapi.Runner, error)
 	DeleteRunner(ctx context.Context, id int64) error
 	ListOwnedRunners(ctx context.Context, descriptionPrefix string) ([]gitlabapi.RunnerInfo, error)
+	// ListAllRunners is GET /runners/all: GET /runners does not list
+	// instance runners, so scope instance needs it (admin token).
+	ListAllRunners(ctx context.Context, descriptionPrefix string) ([]gitlabapi.RunnerInfo, error)
 }
 
 // OneOffConfig configures the one-off provider.
@@ -194,7 +197,11 @@ func (o *OneOff) Release(ctx context.Context, l Lease) error {
 // Owned implements Provider: runners whose description starts with
 // "<prefix> job <id>".
 func (o *OneOff) Owned(ctx context.Context) ([]Owned, error) {
-	list, err := o.api.ListOwnedRunners(ctx, o.cfg.DescriptionPrefix+" ")
+	listRunners := o.api.ListOwnedRunners
+	if o.cfg.Scope == "instance" {
+		listRunners = o.api.ListAllRunners
+	}
+	list, err := listRunners(ctx, o.cfg.DescriptionPrefix+" ")
 	if err != nil {
 		return nil, err
 	}

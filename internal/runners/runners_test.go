@@ -21,6 +21,8 @@ type recordingAPI struct {
 	deleted []int64
 	err     error
 	list    []gitlabapi.RunnerInfo
+	// listedAll counts GET /runners/all calls.
+	listedAll int
 }
 
 func (a *recordingAPI) CreateRunner(_ context.Context, s gitlabapi.RunnerSpec) (gitlabapi.Runner, error) {
@@ -39,6 +41,11 @@ func (a *recordingAPI) RegisterRunnerLegacy(ctx context.Context, tok string, s g
 func (a *recordingAPI) DeleteRunner(_ context.Context, id int64) error {
 	a.deleted = append(a.deleted, id)
 	return nil
+}
+
+func (a *recordingAPI) ListAllRunners(ctx context.Context, prefix string) ([]gitlabapi.RunnerInfo, error) {
+	a.listedAll++
+	return a.ListOwnedRunners(ctx, prefix)
 }
 
 func (a *recordingAPI) ListOwnedRunners(_ context.Context, prefix string) ([]gitlabapi.RunnerInfo, error) {
@@ -84,6 +91,9 @@ func TestOneOff(t *testing.T) {
 	if err != nil || len(owned) != 2 || owned[0].JobID != 42 || owned[1].JobID != 99 {
 		t.Fatalf("owned %+v %v", owned, err)
 	}
+	if api.listedAll != 0 {
+		t.Fatal("project scope listed /runners/all")
+	}
 
 	api.err = fmt.Errorf("wrapped: %w", gitlabapi.ErrRunnerLimit)
 	if _, err := p.Acquire(context.Background(), Request{JobID: 43, ProjectID: 7}); !errors.Is(err, ErrLimit) || !errors.Is(err, gitlabapi.ErrRunnerLimit) {
@@ -108,5 +118,19 @@ func TestOneOffScopesAndLegacy(t *testing.T) {
 	}
 	if _, err := NewOneOff(api, OneOffConfig{Scope: "project"}); err == nil {
 		t.Fatal("empty prefix accepted")
+	}
+}
+
+// Instance runners are missing from GET /runners: scope instance must list
+// /runners/all, or a runner leaked by a crash would never be found.
+func TestOneOffInstanceScopeListsAllRunners(t *testing.T) {
+	api := &recordingAPI{list: []gitlabapi.RunnerInfo{{ID: 5, Description: "fr job 7 project 1"}}}
+	p, err := NewOneOff(api, OneOffConfig{Scope: "instance", MaximumTimeout: time.Hour, DescriptionPrefix: "fr"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	owned, err := p.Owned(context.Background())
+	if err != nil || len(owned) != 1 || owned[0].RunnerID != 5 || api.listedAll != 1 {
+		t.Fatalf("owned %+v, err %v, /runners/all calls %d", owned, err, api.listedAll)
 	}
 }
