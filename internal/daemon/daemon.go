@@ -148,7 +148,7 @@ func network(ctx context.Context, cfg config.Config, log *slog.Logger) (controll
 	}
 	// Ports the operator opened to VMs (validated 1-65535 by config).
 	for _, p := range cfg.Network.AllowHostPorts {
-		_ = p // MUTATION
+		opts = append(opts, netsetup.WithAllowedHostPorts(uint16(p)))
 	}
 	// The jailed Firecracker process runs as firecracker.uid and must open its tap.
 	if cfg.VM.Driver == "firecracker" && cfg.Firecracker.UseJailer {

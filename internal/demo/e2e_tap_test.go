@@ -240,10 +240,16 @@ func tapChild(t *testing.T, work, egress string) {
 		{Name: "small", Tags: []string{"firecracker-1cpu-1gb"}, Script: script},
 		{Name: "large", Tags: []string{"firecracker-2cpu-2gb"}, Script: script},
 	}
+	// End the run well before the test binary's own timeout, so a hang still
+	// ends with FireRunner's shutdown (VMs destroyed), not a panic.
+	timeout := 15 * time.Minute
+	if dl, ok := t.Deadline(); ok {
+		timeout = max(time.Until(dl)-3*time.Minute, time.Minute)
+	}
 	logs := &syncBuffer{}
 	var out bytes.Buffer
 	rep, err := Run(context.Background(), Options{
-		ImageDir: dir, Jobs: jobs, WorkDir: work, Out: &out, LogOut: logs, Network: "tap",
+		ImageDir: dir, Jobs: jobs, WorkDir: work, Out: &out, LogOut: logs, Network: "tap", Timeout: timeout,
 	})
 	os.Stdout.Write(out.Bytes()) // the timeline, for the CI log
 	if err != nil {

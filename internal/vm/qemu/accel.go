@@ -9,9 +9,11 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -87,6 +89,13 @@ func probeBoot(ctx context.Context, binary, kernel string, accel []string, extra
 		"-append", strings.TrimSpace(strings.Join(BaseKernelArgs, " ")+" "+extraCmdline))
 	cmd := exec.CommandContext(ctx, binary, args...)
 	cmd.SysProcAttr = vm.SysProcAttr()
+	// Unlike a VM, the probe must not outlive FireRunner: after a kill -9 a
+	// probe hung on nested KVM would run forever, and reconcile cannot find
+	// it (its argv names no VM dir). Pdeathsig fires when the forking thread
+	// exits, so pin this goroutine to it until the probe is reaped.
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	cmd.Cancel = func() error { return unix.Kill(-cmd.Process.Pid, unix.SIGKILL) }
 	cmd.WaitDelay = time.Second
 	out, _ := cmd.CombinedOutput()
