@@ -19,6 +19,9 @@ func isNotFound(err error) bool { return gitlabapi.IsNotFound(err) }
 //   - queued: back into the FIFO (re-checked against GitLab when admitted);
 //   - runner_created: the token was never persisted, so the runner is
 //     deleted and the job re-queued;
+//   - vm_starting with no live VMM and no job picked (crash between
+//     recording the runner and the VMM running): VM leftovers and runner
+//     removed, job re-queued (GitLab re-checked when admitted);
 //   - vm_starting/running: if the VM is still on the host, supervise it
 //     again (its capacity is reserved); otherwise clean up as failed;
 //   - cleaning: finish the cleanup.
@@ -34,11 +37,20 @@ func (c *Controller) resume(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("list vms: %w", err)
 	}
-	onHost := map[string]bool{}
+	onHost, live := map[string]bool{}, map[string]bool{}
 	for _, in := range insts {
 		onHost[in.ID] = true
+		live[in.ID] = in.PID != 0
 	}
 	for _, j := range active {
+		if j.State == job.VMStarting && j.PickedJobID == 0 && !live[j.VMID] {
+			// Crashed between recording the runner and the VMM running: the
+			// job never ran here, so start it over (GitLab is re-checked on
+			// admission) instead of failing a job GitLab still has pending.
+			if err := c.requeueUnstarted(ctx, j); err == nil {
+				continue
+			}
+		}
 		if err := c.adopt(ctx, j, onHost); err != nil {
 			return err
 		}
@@ -83,6 +95,38 @@ func (c *Controller) adopt(ctx context.Context, j job.Job, onHost map[string]boo
 		c.sched.Reserve(scheduler.Request{ID: j.ID, VCPUs: j.VCPUs, MemoryMiB: j.MemoryMiB})
 		c.spawn(j.ID, true)
 	}
+	return nil
+}
+
+// requeueUnstarted removes what a vm_starting job without a VMM left (VM
+// dir, network, runner) and puts it back in the queue.
+func (c *Controller) requeueUnstarted(ctx context.Context, j job.Job) error {
+	log := c.jobLog(j)
+	if err := c.drv.Destroy(ctx, j.VMID); err != nil {
+		log.Error("resume: removing unstarted vm failed", "err", err)
+		return err
+	}
+	if c.net != nil {
+		if err := c.net.Release(ctx, j.VMID); err != nil {
+			log.Error("resume: releasing unstarted vm network failed", "err", err)
+			return err
+		}
+	}
+	if err := c.prov.Release(ctx, runners.Lease{RunnerID: j.RunnerID}); err != nil {
+		log.Error("resume: deleting runner of unstarted vm failed", "err", err)
+		return err
+	}
+	j2, err := c.store.Update(ctx, j.ID, func(r *job.Job) error {
+		r.State, r.Reason, r.RunnerID, r.VMID = job.Queued, job.ReasonRestartRequeued, 0, ""
+		r.Timeline.RunnerCreated, r.Timeline.VMStartRequest = time.Time{}, time.Time{}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	log.Info("resume: vm never started; runner deleted, job re-queued")
+	c.markRecheck(j.ID)
+	c.enqueue(ctx, j2)
 	return nil
 }
 

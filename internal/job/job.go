@@ -29,9 +29,11 @@ import (
 //	  - done, failed, canceled: terminal; nothing of the job is left on the host
 //	    or in GitLab.
 //
-// runner_created → queued exists for restarts only: the runner token is never
-// persisted, so after a crash before the VM started, the runner is deleted and
-// the job goes back to the queue to get a fresh one.
+// runner_created → queued and vm_starting → queued exist for restarts only:
+// the runner token is never persisted, so after a crash before the VMM ran
+// (runner_created, or vm_starting with no live VMM and no job picked), the
+// runner and any VM leftovers are deleted and the job goes back to the queue
+// to get a fresh runner.
 type State string
 
 // The states, in lifecycle order.
@@ -53,7 +55,7 @@ var States = []State{Queued, RunnerCreated, VMStarting, Running, Cleaning, Done,
 var transitions = map[State][]State{
 	Queued:        {RunnerCreated, Cleaning, Failed, Canceled},
 	RunnerCreated: {VMStarting, Cleaning, Queued},
-	VMStarting:    {Running, Cleaning},
+	VMStarting:    {Running, Cleaning, Queued},
 	Running:       {Cleaning},
 	Cleaning:      {Done, Failed, Canceled},
 }
