@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,30 +17,13 @@ import (
 	"github.com/firerunner/firerunner/internal/runners"
 	"github.com/firerunner/firerunner/internal/scheduler"
 	"github.com/firerunner/firerunner/internal/store"
+	"github.com/firerunner/firerunner/internal/testenv"
 	"github.com/firerunner/firerunner/internal/vm"
 	"github.com/firerunner/firerunner/internal/vm/fake"
 	"github.com/firerunner/firerunner/internal/webhook"
 )
 
 const testSecret = "webhook-secret-for-tests"
-
-// syncBuffer collects logs from many goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // harness is one FireRunner controller wired like serve.go does, against
 // the GitLab stub, the fake driver and a real SQLite store.
@@ -55,7 +37,7 @@ type harness struct {
 	st    *store.Store
 	c     *Controller
 	web   *httptest.Server
-	logs  *syncBuffer
+	logs  *testenv.Buffer
 	api   *gitlabapi.Client
 	stopd bool
 }
@@ -75,7 +57,7 @@ func testConfig(glURL string) config.Config {
 
 func newHarness(t *testing.T, mod func(h *harness)) *harness {
 	t.Helper()
-	h := &harness{t: t, gl: newGitLabStub(t), drv: fake.New(fake.Options{}), dir: t.TempDir(), logs: &syncBuffer{},
+	h := &harness{t: t, gl: newGitLabStub(t), drv: fake.New(fake.Options{}), dir: t.TempDir(), logs: &testenv.Buffer{},
 		capa: scheduler.Capacity{VCPUs: 16, MemoryMiB: 64 * 1024, MaxVMs: 8}}
 	h.cfg = testConfig(h.gl.URL())
 	if mod != nil {

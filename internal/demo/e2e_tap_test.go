@@ -246,7 +246,7 @@ func tapChild(t *testing.T, work, egress string) {
 	if dl, ok := t.Deadline(); ok {
 		timeout = max(time.Until(dl)-3*time.Minute, time.Minute)
 	}
-	logs := &syncBuffer{}
+	logs := &testenv.Buffer{}
 	var out bytes.Buffer
 	rep, err := Run(context.Background(), Options{
 		ImageDir: dir, Jobs: jobs, WorkDir: work, Out: &out, LogOut: logs, Network: "tap", Timeout: timeout,

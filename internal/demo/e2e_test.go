@@ -7,7 +7,6 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/firerunner/firerunner/internal/gitlabstandin"
@@ -17,23 +16,6 @@ import (
 	"github.com/firerunner/firerunner/internal/vm"
 )
 
-// syncBuffer collects FireRunner's logs from concurrent goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 var memTotal = regexp.MustCompile(`MemTotal:\s+([0-9]+) kB`)
 
@@ -52,7 +34,7 @@ func TestEndToEnd(t *testing.T) {
 		t.Fatalf("image %s has no gitlab-runner; build it with make image", dir)
 	}
 	work := t.TempDir()
-	logs := &syncBuffer{}
+	logs := &testenv.Buffer{}
 	script := []string{`echo "NPROC=$(nproc)"`, `grep MemTotal /proc/meminfo`, `cat README.md`, `echo "HEAD=$(git rev-parse HEAD)"`}
 	jobs := []gitlabstandin.JobSpec{
 		{Name: "small", Tags: []string{"firecracker-1cpu-1gb"}, Script: script},

@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,25 +19,8 @@ import (
 // runnerProc is a real `gitlab-runner run-single` (shell executor) on the host.
 type runnerProc struct {
 	cmd  *exec.Cmd
-	out  *syncBuffer
+	out  *testenv.Buffer
 	done chan error
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 // startRunner runs one job with the real gitlab-runner; the token goes via
@@ -50,7 +32,7 @@ func startRunner(t *testing.T, bin string, s *Server, token string) *runnerProc 
 		"--max-builds", "1", "--wait-timeout", "120",
 		"--builds-dir", home+"/builds", "--cache-dir", home+"/cache")
 	cmd.Env = append(os.Environ(), "HOME="+home, "CI_SERVER_URL="+s.URL(), "CI_SERVER_TOKEN="+token)
-	rp := &runnerProc{cmd: cmd, out: &syncBuffer{}, done: make(chan error, 1)}
+	rp := &runnerProc{cmd: cmd, out: &testenv.Buffer{}, done: make(chan error, 1)}
 	cmd.Stdout, cmd.Stderr = rp.out, rp.out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
