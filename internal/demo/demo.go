@@ -338,6 +338,7 @@ func follow(ctx context.Context, p *printer, gl *gitlabstandin.Server, d *daemon
 	vmID := job.VMIDFor(id)
 	src, _ := d.Driver.(vm.TimelineSource)
 	var lastGL, lastFR string
+	var gaveUp time.Time
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -371,6 +372,16 @@ func follow(ctx context.Context, p *printer, gl *gitlabstandin.Server, d *daemon
 			glDone := js.Status == "success" || js.Status == "failed" || js.Status == "canceled"
 			if glDone && rec.State.Terminal() {
 				return
+			}
+			// FireRunner gave up on a job GitLab still has open (e.g. its VM
+			// never picked it): report that instead of waiting for GitLab.
+			if rec.State.Terminal() && !glDone {
+				if gaveUp.IsZero() {
+					gaveUp = time.Now()
+				} else if time.Since(gaveUp) > 30*time.Second {
+					p.say("job %d %-10s FireRunner is done with it (%s) but GitLab still says %s", id, name, rec.Reason, js.Status)
+					return
+				}
 			}
 		}
 		select {
