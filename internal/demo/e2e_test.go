@@ -16,7 +16,6 @@ import (
 	"github.com/firerunner/firerunner/internal/vm"
 )
 
-
 var memTotal = regexp.MustCompile(`MemTotal:\s+([0-9]+) kB`)
 
 // TestEndToEnd runs a pipeline through a real FireRunner, real microVMs (QEMU)
