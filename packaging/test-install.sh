@@ -155,7 +155,7 @@ tar -czf "$T/rel/$V/firecracker-$V-$A.tgz" -C "$T/build" "release-$V-$A"
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 python3 -m http.server --bind 127.0.0.1 --directory "$T/rel" "$PORT" >/dev/null 2>&1 &
 SRV=$!
-trap 'kill $SRV 2>/dev/null; rm -rf "$T"' EXIT
+trap 'kill $SRV 2>/dev/null || true; rm -rf "$T"' EXIT
 for _ in $(seq 50); do curl -fsI "http://127.0.0.1:$PORT/" >/dev/null 2>&1 && break; sleep 0.1; done
 R2=$T/root2
 mkdir -p "$R2/etc"
@@ -174,7 +174,7 @@ rm -f "$R2/usr/local/bin/firecracker" "$R2/usr/local/bin/jailer"
 echo "0000000000000000000000000000000000000000000000000000000000000000  firecracker-$V-$A.tgz" >"$T/rel/$V/firecracker-$V-$A.tgz.sha256.txt"
 if dl >"$T/dl2.log" 2>&1; then fail "install accepted a tarball whose .sha256.txt does not match"; else pass "tampered tarball refused"; fi
 [ -e "$R2/usr/local/bin/firecracker" ] && fail "firecracker installed from a tampered tarball"
-kill $SRV
+kill $SRV 2>/dev/null || true
 
 if [ $FAILS -gt 0 ]; then
 	echo "test-install: $FAILS failure(s)" >&2
