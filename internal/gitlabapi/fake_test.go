@@ -41,7 +41,7 @@ type fault struct {
 }
 
 func newFake(t *testing.T) *fakeGitLab {
-	f := &fakeGitLab{t: t, token: "glpat-TESTTOKEN0123456789", faults: map[string][]fault{}, calls: map[string]int{},
+	f := &fakeGitLab{t: t, token: "glpat" + "-TESTTOKEN0123456789", faults: map[string][]fault{}, calls: map[string]int{},
 		bodies: map[string][]map[string]any{}, queries: map[string][]url.Values{}, jobs: map[int64]map[string]any{},
 		pending: map[int64][]int64{}, projects: map[int64][]int64{}, runners: map[int64]map[string]any{}, nextID: 9000}
 	f.srv = httptest.NewServer(http.HandlerFunc(f.serve))

@@ -366,13 +366,19 @@ func (s *Server) listGroupProjects(w http.ResponseWriter, r *http.Request, ref s
 	}
 	// GitLab orders by created_at desc by default.
 	slices.SortFunc(list, func(a, b *project) int { return int(b.id - a.id) })
+	writePage(s, w, r, q, list, s.projectJSONLocked)
+}
+
+// writePage writes one page of list, rendered by render, with GitLab's
+// pagination headers.
+func writePage[T any](s *Server, w http.ResponseWriter, r *http.Request, q params, list []T, render func(T) map[string]any) {
 	from, to, ok := s.paginate(w, r, q, len(list))
 	if !ok {
 		return
 	}
 	out := []map[string]any{}
-	for _, p := range list[from:to] {
-		out = append(out, s.projectJSONLocked(p))
+	for _, v := range list[from:to] {
+		out = append(out, render(v))
 	}
 	writeJSON(w, 200, out)
 }
@@ -566,15 +572,7 @@ func (s *Server) listJobs(w http.ResponseWriter, r *http.Request, pref string) {
 		}
 	}
 	slices.SortFunc(list, func(a, b *job) int { return int(b.id - a.id) })
-	from, to, ok := s.paginate(w, r, q, len(list))
-	if !ok {
-		return
-	}
-	out := []map[string]any{}
-	for _, j := range list[from:to] {
-		out = append(out, s.jobJSONLocked(j))
-	}
-	writeJSON(w, 200, out)
+	writePage(s, w, r, q, list, s.jobJSONLocked)
 }
 
 func (s *Server) runnerStatusLocked(r *runner) string {
@@ -659,15 +657,7 @@ func (s *Server) listRunners(w http.ResponseWriter, r *http.Request) {
 			list = append(list, rn)
 		}
 	}
-	from, to, ok := s.paginate(w, r, q, len(list))
-	if !ok {
-		return
-	}
-	out := []map[string]any{}
-	for _, rn := range list[from:to] {
-		out = append(out, s.runnerJSONLocked(rn))
-	}
-	writeJSON(w, 200, out)
+	writePage(s, w, r, q, list, s.runnerJSONLocked)
 }
 
 func (s *Server) getRunner(w http.ResponseWriter, r *http.Request, ref string) {
