@@ -25,7 +25,6 @@ import (
 	"github.com/firerunner/firerunner/internal/config"
 	"github.com/firerunner/firerunner/internal/daemon"
 	"github.com/firerunner/firerunner/internal/gitlabstandin"
-	"github.com/firerunner/firerunner/internal/image"
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/store"
 	"github.com/firerunner/firerunner/internal/testenv"
@@ -54,13 +53,7 @@ func TestCrashRecovery(t *testing.T) {
 	testenv.RequireRoot(t)
 	testenv.QEMU(t)
 	dir := testenv.ImageDir(t)
-	m, err := image.Load(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m.Inputs.GitLabRunnerSHA256 == "" {
-		t.Fatalf("image %s has no gitlab-runner; build it with make image", dir)
-	}
+	requireRunnerImage(t, dir)
 	h := newCrashHarness(t, dir)
 
 	tags := []string{"firecracker-1cpu-1gb"}

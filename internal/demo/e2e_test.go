@@ -10,7 +10,6 @@ import (
 	"testing"
 
 	"github.com/firerunner/firerunner/internal/gitlabstandin"
-	"github.com/firerunner/firerunner/internal/image"
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/testenv"
 	"github.com/firerunner/firerunner/internal/vm"
@@ -25,13 +24,7 @@ func TestEndToEnd(t *testing.T) {
 	testenv.RequireRoot(t)
 	testenv.QEMU(t)
 	dir := testenv.ImageDir(t)
-	m, err := image.Load(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m.Inputs.GitLabRunnerSHA256 == "" {
-		t.Fatalf("image %s has no gitlab-runner; build it with make image", dir)
-	}
+	requireRunnerImage(t, dir)
 	work := t.TempDir()
 	logs := &testenv.Buffer{}
 	script := []string{`echo "NPROC=$(nproc)"`, `grep MemTotal /proc/meminfo`, `cat README.md`, `echo "HEAD=$(git rev-parse HEAD)"`}
