@@ -8,6 +8,11 @@ missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
 done
+# The image builder resolves the kernel package with apt-cache: it needs lists.
+if [ "$(id -u)" = 0 ] && ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
+  echo "host packages: no apt lists yet, running apt-get update"
+  apt-get update -qq
+fi
 if [ ${#missing[@]} -eq 0 ]; then
   echo "host packages: all present"
   exit 0
