@@ -805,3 +805,20 @@ func (s *Server) Wait(ctx context.Context, cond func() bool) error {
 		}
 	}
 }
+
+// durations are GitLab's duration (started → finished, or now) and
+// queued_duration (queued → started, or now while pending), in seconds; nil
+// when not applicable, as GitLab's API and Job Hook render them.
+func (j *job) durations() (duration, queued any) {
+	if !j.startedAt.IsZero() {
+		end := j.finishedAt
+		if end.IsZero() {
+			end = time.Now()
+		}
+		return end.Sub(j.startedAt).Seconds(), j.startedAt.Sub(j.queuedAt).Seconds()
+	}
+	if !j.queuedAt.IsZero() {
+		return nil, time.Since(j.queuedAt).Seconds()
+	}
+	return nil, nil
+}

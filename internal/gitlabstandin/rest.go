@@ -449,15 +449,7 @@ func (s *Server) jobJSONLocked(j *job) map[string]any {
 	if r, ok := s.runners[j.runnerID]; ok && j.runnerID != 0 {
 		runnerObj = s.runnerJSONLocked(r)
 	}
-	var duration, queued any
-	if !j.startedAt.IsZero() {
-		end := j.finishedAt
-		if end.IsZero() {
-			end = time.Now()
-		}
-		duration = end.Sub(j.startedAt).Seconds()
-		queued = j.startedAt.Sub(j.queuedAt).Seconds()
-	}
+	duration, queued := j.durations()
 	out := map[string]any{
 		"id": j.id, "name": j.spec.Name, "stage": j.spec.Stage, "status": j.status,
 		"ref": pl.ref, "tag": false, "tag_list": nonNil(j.spec.Tags), "coverage": nil,

@@ -208,17 +208,7 @@ func (s *Server) jobHookPayloadLocked(j *job) map[string]any {
 			"active": !r.paused, "is_shared": r.runnerType == "instance_type", "tags": nonNil(r.tags),
 		}
 	}
-	var duration, queued any
-	if !j.startedAt.IsZero() {
-		end := j.finishedAt
-		if end.IsZero() {
-			end = time.Now()
-		}
-		duration = end.Sub(j.startedAt).Seconds()
-		queued = j.startedAt.Sub(j.queuedAt).Seconds()
-	} else if !j.queuedAt.IsZero() {
-		queued = time.Since(j.queuedAt).Seconds()
-	}
+	duration, queued := j.durations()
 	var failure any
 	if j.failureReason != "" {
 		failure = j.failureReason
