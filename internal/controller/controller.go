@@ -382,13 +382,7 @@ func (c *Controller) onRunning(ctx context.Context, ev webhook.JobEvent) {
 
 // onFinished tears down the VM running the job promptly.
 func (c *Controller) onFinished(ctx context.Context, ev webhook.JobEvent) {
-	outcome, reason := job.Done, job.ReasonJobSucceeded
-	switch ev.Status {
-	case "failed":
-		outcome, reason = job.Failed, job.ReasonJobFailed
-	case "canceled":
-		outcome, reason = job.Canceled, job.ReasonJobCanceled
-	}
+	outcome, reason := outcomeOf(ev.Status)
 	// The VM that ran the job: found by the runner that ran it.
 	if ev.RunnerID != 0 {
 		if j, err := c.store.FindByRunner(ctx, ev.RunnerID); err == nil && j.State.Active() {
@@ -408,6 +402,17 @@ func (c *Controller) onFinished(ctx context.Context, ev webhook.JobEvent) {
 	if j.PickedJobID == 0 {
 		c.stopJob(ctx, j, outcome, reason, ev.JobID)
 	}
+}
+
+// outcomeOf maps a finished GitLab job status to our outcome.
+func outcomeOf(status string) (job.State, string) {
+	switch status {
+	case "failed":
+		return job.Failed, job.ReasonJobFailed
+	case "canceled":
+		return job.Canceled, job.ReasonJobCanceled
+	}
+	return job.Done, job.ReasonJobSucceeded
 }
 
 func (c *Controller) stopJob(ctx context.Context, j job.Job, outcome job.State, reason string, eventJobID int64) {

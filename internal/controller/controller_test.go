@@ -458,6 +458,26 @@ func TestRestartMidJob(t *testing.T) {
 	}
 }
 
+// TestVMExitBeforeFinishedWebhook: the VM powers off before GitLab's
+// "finished" webhook arrives (GitLab sends hooks asynchronously); the
+// record still gets the outcome of the job the VM ran, read from GitLab.
+func TestVMExitBeforeFinishedWebhook(t *testing.T) {
+	h := newHarness(t, nil)
+	h.gl.addJob(stubJob{ID: 301, ProjectID: 5, Tags: []string{tag2x4}})
+	h.event(301, 5, "pending", 0)
+	j := h.waitStarted(301)
+	h.event(301, 5, "running", j.RunnerID)
+	h.waitState(301, job.Running)
+	h.gl.setStatus(301, "failed")
+	if err := h.drv.Exit(j.VMID, 0); err != nil {
+		t.Fatal(err)
+	}
+	j = h.waitState(301, job.Failed)
+	if j.Reason != job.ReasonJobFailed || h.vmRunning(j.VMID) || len(h.gl.runnerList()) != 0 {
+		t.Fatalf("record %+v, vm running %v, runners %v", j, h.vmRunning(j.VMID), h.gl.runnerList())
+	}
+}
+
 func TestRunnerSwapAndShutdown(t *testing.T) {
 	h := newHarness(t, func(h *harness) { h.cfg.Limits.DrainTimeout = 100 * time.Millisecond })
 	for _, id := range []int64{1201, 1202, 1203} {

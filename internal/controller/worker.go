@@ -196,7 +196,8 @@ func (c *Controller) supervise(t *task, j job.Job) (job.State, string, job.Job) 
 				return job.Failed, job.ReasonVMExit + ": " + w.err.Error(), j
 			case w.res.ExitCode == 0 && w.res.Reason == "":
 				log.Info("vm powered off", "exit_code", 0)
-				return job.Done, job.ReasonCompleted, j
+				outcome, reason := c.pickedOutcome(j)
+				return outcome, reason, j
 			default:
 				log.Warn("vm ended with an error", "exit_code", w.res.ExitCode, "vm_reason", w.res.Reason, "console_log", w.res.ConsoleLog)
 				return job.Failed, fmt.Sprintf("%s: exit code %d %s", job.ReasonVMExit, w.res.ExitCode, w.res.Reason), j
@@ -231,6 +232,32 @@ func (c *Controller) supervise(t *task, j job.Job) (job.State, string, job.Job) 
 			return job.Failed, fmt.Sprintf("%s: ran longer than %s", job.ReasonMaxDuration, c.cfg.Limits.JobMaxDuration), j
 		}
 	}
+}
+
+// pickedOutcome is the outcome of a VM that powered off by itself: the
+// GitLab status of the job its runner ran, since the VM often exits before
+// the "finished" webhook arrives. "completed" when that status is unknown.
+func (c *Controller) pickedOutcome(j job.Job) (job.State, string) {
+	picked := j.PickedJobID
+	if cur, err := c.store.Get(c.baseCtx, j.ID); err == nil && cur.PickedJobID != 0 {
+		picked = cur.PickedJobID
+	}
+	if picked == 0 {
+		return job.Done, job.ReasonCompleted
+	}
+	ctx, cancel := context.WithTimeout(c.baseCtx, 10*time.Second)
+	defer cancel()
+	gj, err := c.gl.GetJob(ctx, j.ProjectID, picked)
+	if err != nil {
+		// E.g. a group or instance runner ran a job of another project.
+		c.jobLog(j).Info("status of the job the VM ran is unknown", "picked_job_id", picked, "err", err)
+		return job.Done, job.ReasonCompleted
+	}
+	switch gj.Status {
+	case "success", "failed", "canceled":
+		return outcomeOf(gj.Status)
+	}
+	return job.Done, job.ReasonCompleted
 }
 
 // cleanup moves the job to cleaning with its outcome, destroys the VM,

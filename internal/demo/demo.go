@@ -89,9 +89,11 @@ type JobResult struct {
 	GitLab gitlabstandin.JobState
 	// Ours reports whether the job carried a FireRunner size tag.
 	Ours bool
-	// Record is FireRunner's record; nil when FireRunner has none.
+	// Record is FireRunner's record of the VM that ran the job: the one
+	// started for this job or, when a runner made for another job with the
+	// same tags picked it first, that job's. Nil when FireRunner has none.
 	Record *job.Job
-	// Runner is the runner FireRunner created for the job (zero if none).
+	// Runner is the runner of Record's VM (zero if none).
 	Runner gitlabstandin.RunnerState
 	// Guest is the VM's boot timeline as seen by the driver (nil if no VM).
 	Guest *vm.Timeline
@@ -231,7 +233,7 @@ func Run(ctx context.Context, o Options) (rep *Report, err error) {
 	// Follow each job: grab the driver's boot timeline while its VM exists,
 	// cancel the ones asked for, report state changes.
 	var wg sync.WaitGroup
-	var mu sync.Mutex
+	guests := &guestTimelines{m: map[string]*vm.Timeline{}}
 	for i, id := range pl.JobIDs {
 		if !results[i].Ours {
 			continue
@@ -239,7 +241,7 @@ func Run(ctx context.Context, o Options) (rep *Report, err error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			follow(ctx, p, gl, d, id, &results[i], slices.Contains(o.CancelWhenRunning, results[i].Spec.Name), &mu)
+			follow(ctx, p, gl, d, id, &results[i], slices.Contains(o.CancelWhenRunning, results[i].Spec.Name), guests)
 		}()
 	}
 	wg.Wait()
@@ -247,12 +249,30 @@ func Run(ctx context.Context, o Options) (rep *Report, err error) {
 		return rep, fmt.Errorf("demo timed out: %w (FireRunner log: %s)", err, filepath.Join(o.WorkDir, "firerunner.log"))
 	}
 
+	// A runner made for job A may run job B with the same tags: report each
+	// job with the record of the VM that ran it.
+	all, err := d.Store.List(ctx, store.Filter{})
+	if err != nil {
+		return rep, fmt.Errorf("list records: %w", err)
+	}
+	ranBy := map[int64]job.Job{}
+	for _, rec := range all {
+		if rec.PickedJobID != 0 {
+			ranBy[rec.PickedJobID] = rec
+		}
+	}
 	// Jobs FireRunner must ignore are still pending: no runner, no VM.
 	for i, id := range pl.JobIDs {
 		js, _ := gl.Job(id)
 		results[i].GitLab = js
-		if rec, err := d.Store.Get(ctx, id); err == nil {
+		rec, ok := ranBy[id]
+		if !ok {
+			rec, err = d.Store.Get(ctx, id)
+			ok = err == nil
+		}
+		if ok {
 			results[i].Record = &rec
+			results[i].Guest = guests.get(rec.VMID)
 			if r, ok := gl.Runner(rec.RunnerID); ok {
 				results[i].Runner = r
 			}
@@ -264,8 +284,8 @@ func Run(ctx context.Context, o Options) (rep *Report, err error) {
 	}
 	rep.Jobs = results
 	rep.Leftovers = leftovers(ctx, d, gl)
-	for _, r := range results {
-		if r.Record != nil && r.Record.RunnerID != 0 {
+	for _, rec := range all {
+		if rec.RunnerID != 0 {
 			rep.RunnersCreated++
 		}
 	}
@@ -333,12 +353,13 @@ func TapGateway() (netip.Addr, error) {
 }
 
 // follow watches one of our jobs until GitLab and FireRunner are both done with it.
-func follow(ctx context.Context, p *printer, gl *gitlabstandin.Server, d *daemon.Daemon, id int64, res *JobResult, cancelIt bool, mu *sync.Mutex) {
+func follow(ctx context.Context, p *printer, gl *gitlabstandin.Server, d *daemon.Daemon, id int64, res *JobResult, cancelIt bool, guests *guestTimelines) {
 	name := res.Spec.Name
 	vmID := job.VMIDFor(id)
 	src, _ := d.Driver.(vm.TimelineSource)
 	var lastGL, lastFR string
 	var gaveUp time.Time
+	var haveGuest bool
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -362,11 +383,10 @@ func follow(ctx context.Context, p *printer, gl *gitlabstandin.Server, d *daemon
 				p.say("job %d %-10s FireRunner: %s%s", id, name, st, extra)
 				lastFR = st
 			}
-			if src != nil && res.Guest == nil {
+			if src != nil && !haveGuest {
 				if tl, ok := src.Timeline(vmID); ok {
-					mu.Lock()
-					res.Guest = tl
-					mu.Unlock()
+					guests.put(vmID, tl)
+					haveGuest = true
 				}
 			}
 			glDone := js.Status == "success" || js.Status == "failed" || js.Status == "canceled"
@@ -390,6 +410,24 @@ func follow(ctx context.Context, p *printer, gl *gitlabstandin.Server, d *daemon
 		case <-tick.C:
 		}
 	}
+}
+
+// guestTimelines holds each VM's boot timeline, grabbed while the VM exists.
+type guestTimelines struct {
+	mu sync.Mutex
+	m  map[string]*vm.Timeline
+}
+
+func (g *guestTimelines) put(id string, tl *vm.Timeline) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.m[id] = tl
+}
+
+func (g *guestTimelines) get(id string) *vm.Timeline {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.m[id]
 }
 
 // leftovers lists what FireRunner should have removed but did not.
@@ -474,6 +512,9 @@ func (p *printer) report(rep *Report) {
 		if r.Record != nil {
 			fmt.Fprintf(w, "  FireRunner: %s (%s), runner #%d, vm %s, %d vCPU / %d MiB\n",
 				r.Record.State, r.Record.Reason, r.Record.RunnerID, r.Record.VMID, r.Record.VCPUs, r.Record.MemoryMiB)
+			if r.Record.ID != r.GitLab.ID {
+				fmt.Fprintf(w, "  ran in the VM started for job %d: its runner (same tags) picked this job first\n", r.Record.ID)
+			}
 		}
 		if tr := CleanTrace(r.GitLab.Trace); tr != "" {
 			fmt.Fprintln(w, "  ---- trace ----")
