@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -48,6 +49,7 @@ type GitLab interface {
 	GetJob(ctx context.Context, projectID, jobID int64) (gitlabapi.Job, error)
 	ListPendingJobs(ctx context.Context, projectID int64) ([]gitlabapi.Job, error)
 	ListGroupProjects(ctx context.Context, groupID int64) ([]int64, error)
+	RunnerJobs(ctx context.Context, runnerID int64) ([]gitlabapi.Job, error)
 }
 
 // APIHTTPClient is the HTTP client for the GitLab API: Go's default keeps
@@ -101,6 +103,9 @@ type Controller struct {
 	stopLoop  chan struct{}
 	stopOnce  sync.Once
 
+	reapMu sync.Mutex     // one idle-runner count at a time
+	ended  map[int64]bool // jobs GitLab reported finished whose record is still active
+
 	reconcileMu sync.Mutex     // one reconcile pass at a time
 	recheck     map[int64]bool // queued jobs resumed from the store: re-check GitLab when admitted
 }
@@ -139,7 +144,7 @@ func New(o Options) (*Controller, error) {
 	}
 	c := &Controller{
 		cfg: o.Config, store: o.Store, drv: o.Driver, img: o.Image, gl: o.GitLab, prov: o.Runners,
-		net: o.Network, log: o.Logger, tasks: map[int64]*task{}, stopLoop: make(chan struct{}),
+		net: o.Network, log: o.Logger, tasks: map[int64]*task{}, ended: map[int64]bool{}, stopLoop: make(chan struct{}),
 		tagLim: tags.Limits{MaxVCPUs: o.Config.Capacity.MaxVCPUsPerVM, MaxMemoryGiB: o.Config.Capacity.MaxMemoryGiBPerVM},
 	}
 	if c.log == nil {
@@ -380,7 +385,8 @@ func (c *Controller) onRunning(ctx context.Context, ev webhook.JobEvent) {
 	}
 }
 
-// onFinished tears down the VM running the job promptly.
+// onFinished tears down the VM that ran the job, and any VM whose runner
+// has nothing left to run.
 func (c *Controller) onFinished(ctx context.Context, ev webhook.JobEvent) {
 	outcome, reason := outcomeOf(ev.Status)
 	// The VM that ran the job: found by the runner that ran it.
@@ -388,20 +394,102 @@ func (c *Controller) onFinished(ctx context.Context, ev webhook.JobEvent) {
 		if j, err := c.store.FindByRunner(ctx, ev.RunnerID); err == nil && j.State.Active() {
 			c.stopJob(ctx, j, outcome, reason, ev.JobID)
 		}
-		// The job's own VM (if another runner ran the job) stays: its runner
-		// may serve the job whose VM ran this one (same tags). The start
-		// timeout and the guest's wait timeout bound it.
+	}
+	own, err := c.store.Get(ctx, ev.JobID)
+	if err != nil || own.State.Terminal() {
+		return // not ours, or already over
+	}
+	if own.State == job.Queued {
+		c.stopJob(ctx, own, outcome, reason, ev.JobID)
 		return
 	}
-	// No runner ever picked the job (canceled or failed while pending): its
-	// VM's runner is idle, unless it already runs another job.
-	j, err := c.store.Get(ctx, ev.JobID)
-	if err != nil || j.State.Terminal() {
+	c.reapIdle(ctx, own, outcome, reason)
+}
+
+// reapIdle stops VMs whose runner can no longer get a job. A runner made for
+// job A may run job B with the same tags, so runners are counted per tag
+// set. An idle VM whose own job is still unserved keeps waiting for it; an
+// idle VM whose own job ended or ran elsewhere is free, and free VMs beyond
+// the unserved jobs that have no idle VM of their own are stopped: the
+// ended job's own VM first (with the job's outcome), then the newest.
+func (c *Controller) reapIdle(ctx context.Context, ended job.Job, outcome job.State, reason string) {
+	c.reapMu.Lock()
+	defer c.reapMu.Unlock()
+	c.ended[ended.ID] = true
+	active, err := c.store.List(ctx, store.Filter{ActiveOnly: true})
+	if err != nil {
+		c.log.Error("listing jobs to find idle runners failed", "err", err)
 		return
 	}
-	if j.PickedJobID == 0 {
-		c.stopJob(ctx, j, outcome, reason, ev.JobID)
+	isActive := map[int64]bool{}
+	picked := map[int64]bool{}
+	for _, r := range active {
+		isActive[r.ID] = true
+		if r.PickedJobID != 0 {
+			picked[r.PickedJobID] = true
+		}
 	}
+	for id := range c.ended {
+		if !isActive[id] {
+			delete(c.ended, id)
+		}
+	}
+	var free []job.Job
+	orphans := 0
+	for _, r := range active {
+		// Queued jobs bring their own runner when admitted.
+		if r.State == job.Queued || !sameTagSet(r.Tags, ended.Tags) {
+			continue
+		}
+		served := picked[r.ID] || c.ended[r.ID]
+		idle := r.State == job.VMStarting && r.PickedJobID == 0 && !c.stopping(r.ID)
+		switch {
+		case idle && served:
+			free = append(free, r)
+		case !idle && !served:
+			orphans++ // its own VM runs another job (or is gone)
+		}
+	}
+	slices.SortStableFunc(free, func(a, b job.Job) int {
+		switch {
+		case a.ID == ended.ID:
+			return -1
+		case b.ID == ended.ID:
+			return 1
+		}
+		return b.CreatedAt.Compare(a.CreatedAt)
+	})
+	for i := 0; i < len(free)-orphans; i++ {
+		r := free[i]
+		if r.ID == ended.ID {
+			c.stopJob(ctx, r, outcome, reason, ended.ID)
+			continue
+		}
+		c.jobLog(r).Info("runner idle: its job ran on another of our VMs and no job with its tags is waiting", "ended_job_id", ended.ID)
+		c.stopJob(ctx, r, job.Done, job.ReasonIdleRunner, ended.ID)
+	}
+}
+
+// stopping reports whether the job's worker was already asked to stop.
+func (c *Controller) stopping(id int64) bool {
+	t := c.task(id)
+	if t == nil {
+		return false
+	}
+	select {
+	case <-t.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// sameTagSet compares tag lists as sets (runners get the job's exact tags).
+func sameTagSet(a, b []string) bool {
+	x, y := slices.Clone(a), slices.Clone(b)
+	slices.Sort(x)
+	slices.Sort(y)
+	return slices.Equal(slices.Compact(x), slices.Compact(y))
 }
 
 // outcomeOf maps a finished GitLab job status to our outcome.

@@ -317,8 +317,9 @@ func TestReconcilePollFindsJobWhoseWebhookWasLost(t *testing.T) {
 
 func TestStartTimeoutAndMaxDuration(t *testing.T) {
 	h := newHarness(t, func(h *harness) {
-		h.cfg.Limits.VMStartTimeout = 300 * time.Millisecond
-		h.cfg.Limits.JobMaxDuration = 2 * time.Second
+		// Long enough for the test to act on a started VM before it fires.
+		h.cfg.Limits.VMStartTimeout = time.Second
+		h.cfg.Limits.JobMaxDuration = 3 * time.Second
 	})
 	// 1001: the runner never picks the job (still pending in GitLab).
 	h.gl.addJob(stubJob{ID: 1001, ProjectID: 5, Tags: []string{tag2x4}})
@@ -336,6 +337,24 @@ func TestStartTimeoutAndMaxDuration(t *testing.T) {
 	if !strings.HasPrefix(b.Reason, job.ReasonMaxDuration) || h.vmRunning(b.VMID) {
 		t.Fatalf("max duration: reason %q", b.Reason)
 	}
+	// 1003: its runner picked it but the "running" webhook was lost: GitLab
+	// (GET /runners/:id/jobs) says so at the start timeout; the VM is kept.
+	// 1004: its job ran on another runner and its own runner took nothing:
+	// the VM is idle and goes at the start timeout.
+	h.gl.addJob(stubJob{ID: 1003, ProjectID: 5, Tags: []string{tag2x4}})
+	h.gl.addJob(stubJob{ID: 1004, ProjectID: 5, Tags: []string{tag2x4}})
+	h.event(1003, 5, "pending", 0)
+	h.event(1004, 5, "pending", 0)
+	c3, d4 := h.waitStarted(1003), h.waitStarted(1004)
+	h.gl.pick(1003, c3.RunnerID)
+	h.gl.pick(1004, 999)
+	if j := h.waitState(1003, job.Running); j.PickedJobID != 1003 || j.Timeline.JobPicked.IsZero() || !h.vmRunning(c3.VMID) {
+		t.Fatalf("lost running webhook: %+v, vm running %v", j, h.vmRunning(c3.VMID))
+	}
+	if j := h.waitState(1004, job.Failed); !strings.HasPrefix(j.Reason, job.ReasonStartTimeout) || h.vmRunning(d4.VMID) {
+		t.Fatalf("idle VM: %s %q, vm running %v", j.State, j.Reason, h.vmRunning(d4.VMID))
+	}
+	h.waitState(1003, job.Failed) // max duration
 	if len(h.gl.runnerList()) != 0 {
 		t.Fatal("runners left after timeouts")
 	}
@@ -455,6 +474,70 @@ func TestRestartMidJob(t *testing.T) {
 	}
 	if act, _ := h.st.List(ctx, store.Filter{ActiveOnly: true}); len(act) != 0 {
 		t.Fatalf("active jobs left: %d", len(act))
+	}
+}
+
+// TestIdleRunnersCountedPerTagSet: runners are interchangeable within a tag
+// set, so when a job ends FireRunner stops exactly the idle VMs that no
+// unserved job can use, whichever job they were made for.
+func TestIdleRunnersCountedPerTagSet(t *testing.T) {
+	h := newHarness(t, nil)
+	start := func(tags []string, ids ...int64) []job.Job {
+		var out []job.Job
+		for _, id := range ids {
+			h.gl.addJob(stubJob{ID: id, ProjectID: 5, Tags: tags})
+			h.event(id, 5, "pending", 0)
+		}
+		for _, id := range ids {
+			out = append(out, h.waitStarted(id))
+		}
+		return out
+	}
+	running := func(want map[string]bool) {
+		t.Helper()
+		for id, w := range want {
+			if got := h.vmRunning(id); got != w {
+				t.Errorf("vm %s running=%v, want %v", id, got, w)
+			}
+		}
+	}
+	set1 := start([]string{tag2x4}, 1301, 1302, 1303, 1304)
+	a, b, c, d := set1[0], set1[1], set1[2], set1[3]
+	// A's runner picks B. A is then canceled while pending: B's VM is idle
+	// and its job is served, so it goes; C's and D's wait for their own jobs.
+	h.event(1302, 5, "running", a.RunnerID)
+	h.waitState(1301, job.Running)
+	h.event(1301, 5, "canceled", 0)
+	if j := h.waitState(1302, job.Done); j.Reason != job.ReasonIdleRunner {
+		t.Fatalf("B's idle VM: %s %q", j.State, j.Reason)
+	}
+	// C runs on a runner that is not ours: C's idle VM goes with C's outcome.
+	h.event(1303, 5, "success", 999)
+	if j := h.waitState(1303, job.Done); j.Reason != job.ReasonJobSucceeded {
+		t.Fatalf("C's idle VM: %s %q", j.State, j.Reason)
+	}
+	running(map[string]bool{a.VMID: true, b.VMID: false, c.VMID: false, d.VMID: true})
+	// B ends on A's VM: A's VM goes, D's keeps waiting for D.
+	h.event(1302, 5, "success", a.RunnerID)
+	h.waitState(1301, job.Done)
+	running(map[string]bool{a.VMID: false, d.VMID: true})
+
+	// Another tag set: E's runner picks F, so E's job has no idle VM of its
+	// own, and F's idle VM must stay to serve it. G runs elsewhere: G's VM
+	// is the one surplus.
+	set2 := start([]string{tag2x4, "linux"}, 1401, 1402, 1403)
+	e, f, g := set2[0], set2[1], set2[2]
+	h.event(1402, 5, "running", e.RunnerID)
+	h.waitState(1401, job.Running)
+	h.event(1403, 5, "failed", 998)
+	if j := h.waitState(1403, job.Failed); j.Reason != job.ReasonJobFailed {
+		t.Fatalf("G's idle VM: %s %q", j.State, j.Reason)
+	}
+	running(map[string]bool{e.VMID: true, f.VMID: true, g.VMID: false, d.VMID: true})
+	for _, j := range []job.Job{d, f} {
+		if h.c.stopping(j.ID) || h.job(j.ID).State != job.VMStarting {
+			t.Errorf("job %d's VM is being stopped though a job waits for it", j.ID)
+		}
 	}
 }
 

@@ -16,7 +16,8 @@ import (
 // controller uses (api/v4): GET /projects/:id/jobs/:job_id (with tag_list),
 // GET /projects/:id/jobs?scope[]=pending, GET /groups/:id/projects,
 // POST /user/runners -> 201 {id, token: "glrt-..."}, POST /runners (legacy),
-// DELETE /runners/:id -> 204 (404 when unknown), GET /runners.
+// DELETE /runners/:id -> 204 (404 when unknown), GET /runners,
+// GET /runners/:id/jobs (newest first).
 type gitLabStub struct {
 	srv   *httptest.Server
 	token string
@@ -38,6 +39,7 @@ type stubJob struct {
 	Name, Ref     string
 	Status        string
 	Tags          []string
+	RunnerID      int64 // the runner that picked it (0: none)
 }
 
 type stubRunner struct {
@@ -67,6 +69,7 @@ func newGitLabStub(t testing.TB) *gitLabStub {
 	mux.HandleFunc("POST /api/v4/runners", g.registerLegacy) // authenticated by registration token
 	mux.HandleFunc("DELETE /api/v4/runners/{rid}", g.auth("delete_runner", g.deleteRunner))
 	mux.HandleFunc("GET /api/v4/runners", g.auth("list_runners", g.listRunners))
+	mux.HandleFunc("GET /api/v4/runners/{rid}/jobs", g.auth("runner_jobs", g.runnerJobs))
 	g.srv = httptest.NewServer(mux)
 	t.Cleanup(g.srv.Close)
 	return g
@@ -130,6 +133,31 @@ func (g *gitLabStub) setStatus(id int64, status string) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.jobs[id].Status = status
+}
+
+// pick records that runner rid took job id (as POST /jobs/request would).
+func (g *gitLabStub) pick(id, rid int64) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.jobs[id].Status, g.jobs[id].RunnerID = "running", rid
+}
+
+func (g *gitLabStub) runnerJobs(w http.ResponseWriter, r *http.Request) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	rid := id(r, "rid")
+	if _, ok := g.runners[rid]; !ok {
+		writeJSON(w, 404, map[string]string{"message": "404 Runner Not Found"})
+		return
+	}
+	out := []map[string]any{}
+	for _, j := range g.jobs {
+		if j.RunnerID == rid {
+			out = append(out, jobJSON(j))
+		}
+	}
+	sort.Slice(out, func(a, b int) bool { return out[a]["id"].(int64) > out[b]["id"].(int64) })
+	writeJSON(w, 200, out)
 }
 
 func (g *gitLabStub) callCount(op string) int {

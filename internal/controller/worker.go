@@ -212,6 +212,25 @@ func (c *Controller) supervise(t *task, j job.Job) (job.State, string, job.Job) 
 				continue
 			}
 			// The "running" webhook may have been lost: ask GitLab.
+			if picked, ok := c.runnerPick(j); ok {
+				if picked == 0 {
+					log.Warn("runner did not pick a job before the start timeout; killing vm", "timeout", c.cfg.Limits.VMStartTimeout)
+					return job.Failed, fmt.Sprintf("%s: no job picked within %s", job.ReasonStartTimeout, c.cfg.Limits.VMStartTimeout), j
+				}
+				log.Info("start timeout reached, but GitLab shows the runner picked a job (its webhook was lost); VM kept", "picked_job_id", picked)
+				if u, err := c.store.Update(c.baseCtx, j.ID, func(r *job.Job) error {
+					if r.PickedJobID == 0 {
+						r.PickedJobID, r.Timeline.JobPicked = picked, time.Now()
+					}
+					if r.State == job.VMStarting {
+						r.State = job.Running
+					}
+					return nil
+				}); err == nil {
+					j = u
+				}
+				continue
+			}
 			gj, err := c.gl.GetJob(c.baseCtx, j.ProjectID, j.ID)
 			if err == nil && gj.Status != "pending" {
 				log.Info("start timeout reached but the job left pending (webhook lost, or another of our runners took it); VM kept", "status", gj.Status)
@@ -232,6 +251,25 @@ func (c *Controller) supervise(t *task, j job.Job) (job.State, string, job.Job) 
 			return job.Failed, fmt.Sprintf("%s: ran longer than %s", job.ReasonMaxDuration, c.cfg.Limits.JobMaxDuration), j
 		}
 	}
+}
+
+// runnerPick asks GitLab which job the VM's runner picked (0: none).
+// ok=false when GitLab could not say (then the job's own status decides).
+func (c *Controller) runnerPick(j job.Job) (picked int64, ok bool) {
+	if j.RunnerID == 0 {
+		return 0, false
+	}
+	ctx, cancel := context.WithTimeout(c.baseCtx, 30*time.Second)
+	defer cancel()
+	jobs, err := c.gl.RunnerJobs(ctx, j.RunnerID)
+	if err != nil {
+		c.jobLog(j).Warn("listing the runner's jobs failed", "err", err)
+		return 0, false
+	}
+	if len(jobs) == 0 {
+		return 0, true
+	}
+	return jobs[0].ID, true
 }
 
 // pickedOutcome is the outcome of a VM that powered off by itself: the

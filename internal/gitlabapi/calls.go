@@ -43,6 +43,35 @@ func (c *Client) GetJob(ctx context.Context, projectID, jobID int64) (Job, error
 	return toJob(j, projectID), nil
 }
 
+// RunnerJobs lists the jobs a runner has picked, newest first
+// (GET /runners/:id/jobs, first page): FireRunner's runners take at most
+// one job, so this tells whether a VM's runner is busy when the "running"
+// webhook was lost. The token needs read_api (and a Maintainer role).
+func (c *Client) RunnerJobs(ctx context.Context, runnerID int64) ([]Job, error) {
+	var list []*gitlab.Job
+	opt := &gitlab.ListRunnerJobsOptions{
+		ListOptions: gitlab.ListOptions{PerPage: 20, Page: 1},
+		OrderBy:     gitlab.Ptr("id"), Sort: gitlab.Ptr("desc"),
+	}
+	err := c.call(ctx, "runner_jobs", nil, []any{"runner_id", runnerID},
+		func(ro ...gitlab.RequestOptionFunc) (*gitlab.Response, error) {
+			var resp *gitlab.Response
+			var err error
+			list, resp, err = c.gl.Runners.ListRunnerJobs(runnerID, opt, ro...)
+			return resp, err
+		})
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Job, 0, len(list))
+	for _, j := range list {
+		if j != nil {
+			out = append(out, toJob(j, 0))
+		}
+	}
+	return out, nil
+}
+
 // ListPendingJobs lists a project's pending jobs, all pages
 // (GET /projects/:id/jobs?scope[]=pending).
 func (c *Client) ListPendingJobs(ctx context.Context, projectID int64) ([]Job, error) {

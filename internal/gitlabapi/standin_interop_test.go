@@ -72,6 +72,12 @@ func TestAgainstStandin(t *testing.T) {
 	if _, err := c.CreateRunner(ctx, spec); !errors.Is(err, ErrRunnerLimit) || !strings.Contains(err.Error(), "Maximum number") {
 		t.Fatalf("over the cap: want ErrRunnerLimit, got %v", err)
 	}
+	if jobs, err := c.RunnerJobs(ctx, created[0].ID); err != nil || len(jobs) != 0 {
+		t.Fatalf("RunnerJobs before a pick: %+v %v", jobs, err)
+	}
+	if _, err := c.RunnerJobs(ctx, 999999); !IsNotFound(err) {
+		t.Fatalf("RunnerJobs of an unknown runner: want not found, got %v", err)
+	}
 	owned, err := c.ListOwnedRunners(ctx, "firerunner ")
 	if err != nil || len(owned) != 2 {
 		t.Fatalf("ListOwnedRunners: %+v %v", owned, err)

@@ -1,6 +1,7 @@
 package gitlabstandin
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -242,6 +243,8 @@ func (s *Server) serveAPI(w http.ResponseWriter, r *http.Request) {
 		s.listRunners(w, r)
 	case route("GET", "runners", "*"):
 		s.getRunner(w, r, seg[1])
+	case route("GET", "runners", "*", "jobs"):
+		s.listRunnerJobs(w, r, seg[1])
 	case route("DELETE", "runners", "*"):
 		s.deleteRunner(w, r, seg[1])
 	default:
@@ -665,6 +668,59 @@ func (s *Server) getRunner(w http.ResponseWriter, r *http.Request, ref string) {
 		return
 	}
 	writeJSON(w, 200, s.runnerDetailsJSONLocked(rn))
+}
+
+// listRunnerJobs is GET /runners/:id/jobs: the jobs a runner picked,
+// optionally filtered by status; order_by=id, sort=asc|desc (default desc).
+// Each job carries its project, as in GitLab's response.
+func (s *Server) listRunnerJobs(w http.ResponseWriter, r *http.Request, ref string) {
+	if !s.auth(w, r, ScopeAPI, ScopeReadAPI, ScopeManageRunner) {
+		return
+	}
+	q, err := readParams(r)
+	if err != nil {
+		msg(w, 400, "400 Bad request - "+err.Error())
+		return
+	}
+	status, sort, orderBy := q.str("status"), q.str("sort"), q.str("order_by")
+	switch {
+	case status != "" && !slices.Contains([]string{StatusRunning, StatusSuccess, StatusFailed, StatusCanceled}, status):
+		writeJSON(w, 400, map[string]any{"error": "status does not have a valid value"})
+		return
+	case sort != "" && sort != "asc" && sort != "desc":
+		writeJSON(w, 400, map[string]any{"error": "sort does not have a valid value"})
+		return
+	case orderBy != "" && orderBy != "id":
+		writeJSON(w, 400, map[string]any{"error": "order_by does not have a valid value"})
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	id, _ := strconv.ParseInt(ref, 10, 64)
+	if _, ok := s.runners[id]; !ok {
+		msg(w, 404, "404 Runner Not Found")
+		return
+	}
+	var list []*job
+	for _, j := range s.jobs {
+		if j.runnerID == id && (status == "" || j.status == status) {
+			list = append(list, j)
+		}
+	}
+	slices.SortFunc(list, func(a, b *job) int {
+		if sort == "asc" {
+			return cmp.Compare(a.id, b.id)
+		}
+		return cmp.Compare(b.id, a.id)
+	})
+	writePage(s, w, r, q, list, func(j *job) map[string]any {
+		out := s.jobJSONLocked(j)
+		p := s.projects[j.projectID]
+		out["project"] = map[string]any{"id": p.id, "name": p.name, "description": "",
+			"name_with_namespace": strings.ReplaceAll(p.path, "/", " / "), "path": p.path[strings.LastIndex(p.path, "/")+1:],
+			"path_with_namespace": p.path}
+		return out
+	})
 }
 
 func (s *Server) deleteRunner(w http.ResponseWriter, r *http.Request, ref string) {

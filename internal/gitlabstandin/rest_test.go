@@ -480,3 +480,49 @@ func TestExternalHost(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestRunnerJobs(t *testing.T) {
+	s := newServer(t, Options{LongPoll: 10 * time.Millisecond})
+	p := addProject(t, s, "acme/app")
+	tags := []string{"firecracker-1cpu-1gb"}
+	pl, err := s.CreatePipeline(p.ID, JobSpec{Name: "build", Script: []string{"true"}, Tags: tags})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := client(t, s, adminToken)
+	rt, untagged := "project_type", false
+	r, _, err := c.Users.CreateUserRunner(&gitlab.CreateUserRunnerOptions{RunnerType: &rt, ProjectID: &p.ID, TagList: &tags, RunUntagged: &untagged})
+	if err != nil {
+		t.Fatal(err)
+	}
+	jobs, _, err := c.Runners.ListRunnerJobs(r.ID, nil)
+	if err != nil || len(jobs) != 0 {
+		t.Fatalf("before the pick: %v %+v", err, jobs)
+	}
+	// The runner picks the job through the runner API.
+	resp, err := http.Post(s.URL()+"/api/v4/jobs/request", "application/json", strings.NewReader(`{"token":"`+r.Token+`"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 201 {
+		t.Fatalf("jobs/request: HTTP %d", resp.StatusCode)
+	}
+	jobs, _, err = c.Runners.ListRunnerJobs(r.ID, &gitlab.ListRunnerJobsOptions{OrderBy: gitlab.Ptr("id"), Sort: gitlab.Ptr("desc")})
+	if err != nil || len(jobs) != 1 || jobs[0].ID != pl.JobIDs[0] || jobs[0].Status != "running" || jobs[0].Project == nil || jobs[0].Project.ID != p.ID {
+		t.Fatalf("after the pick: %v %+v", err, jobs)
+	}
+	if jobs, _, err := c.Runners.ListRunnerJobs(r.ID, &gitlab.ListRunnerJobsOptions{Status: gitlab.Ptr("success")}); err != nil || len(jobs) != 0 {
+		t.Fatalf("status=success: %v %+v", err, jobs)
+	}
+	if _, _, err := c.Runners.ListRunnerJobs(r.ID, &gitlab.ListRunnerJobsOptions{Status: gitlab.Ptr("bogus")}); statusOf(err) != 400 {
+		t.Fatalf("bad status: want 400, got %v", err)
+	}
+	if _, _, err := c.Runners.ListRunnerJobs(r.ID+100, nil); statusOf(err) != 404 {
+		t.Fatalf("unknown runner: want 404, got %v", err)
+	}
+	s.AddToken("glpat-create-only", ScopeCreateRunner)
+	if _, _, err := client(t, s, "glpat-create-only").Runners.ListRunnerJobs(r.ID, nil); statusOf(err) != 403 {
+		t.Fatalf("create_runner scope: want 403, got %v", err)
+	}
+}

@@ -116,6 +116,7 @@ const (
 	ReasonRestartLost     = "restart_vm_lost"  // after restart, the VM was gone
 	ReasonShutdown        = "shutdown"         // drain timeout hit at SIGTERM
 	ReasonRestartRequeued = "restart_requeued" // runner_created → queued after restart
+	ReasonIdleRunner      = "idle_runner"      // its job ran on another of our VMs; nothing left for its runner
 )
 
 // Job is one GitLab CI job FireRunner serves, as persisted by the store.
