@@ -267,8 +267,9 @@ func Run(ctx context.Context, o Options) (rep *Report, err error) {
 		results[i].GitLab = js
 		rec, ok := ranBy[id]
 		if !ok {
-			rec, err = d.Store.Get(ctx, id)
-			ok = err == nil
+			var gerr error
+			rec, gerr = d.Store.Get(ctx, id)
+			ok = gerr == nil
 		}
 		if ok {
 			results[i].Record = &rec
