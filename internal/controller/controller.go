@@ -103,8 +103,8 @@ type Controller struct {
 	stopLoop  chan struct{}
 	stopOnce  sync.Once
 
-	reapMu sync.Mutex     // one idle-runner count at a time
-	ended  map[int64]bool // jobs GitLab reported finished whose record is still active
+	reapMu sync.Mutex         // one idle-runner count at a time
+	ended  map[int64]endedJob // jobs GitLab reported finished (or no longer pending)
 
 	reconcileMu sync.Mutex     // one reconcile pass at a time
 	recheck     map[int64]bool // queued jobs resumed from the store: re-check GitLab when admitted
@@ -144,7 +144,7 @@ func New(o Options) (*Controller, error) {
 	}
 	c := &Controller{
 		cfg: o.Config, store: o.Store, drv: o.Driver, img: o.Image, gl: o.GitLab, prov: o.Runners,
-		net: o.Network, log: o.Logger, tasks: map[int64]*task{}, ended: map[int64]bool{}, stopLoop: make(chan struct{}),
+		net: o.Network, log: o.Logger, tasks: map[int64]*task{}, ended: map[int64]endedJob{}, stopLoop: make(chan struct{}),
 		tagLim: tags.Limits{MaxVCPUs: o.Config.Capacity.MaxVCPUsPerVM, MaxMemoryGiB: o.Config.Capacity.MaxMemoryGiBPerVM},
 	}
 	if c.log == nil {
@@ -385,8 +385,8 @@ func (c *Controller) onRunning(ctx context.Context, ev webhook.JobEvent) {
 	}
 }
 
-// onFinished tears down the VM that ran the job, and any VM whose runner
-// has nothing left to run.
+// onFinished tears down the VM that ran the job, and any VM (or queued job)
+// whose runner has nothing left to run.
 func (c *Controller) onFinished(ctx context.Context, ev webhook.JobEvent) {
 	outcome, reason := outcomeOf(ev.Status)
 	// The VM that ran the job: found by the runner that ran it.
@@ -396,78 +396,145 @@ func (c *Controller) onFinished(ctx context.Context, ev webhook.JobEvent) {
 		}
 	}
 	own, err := c.store.Get(ctx, ev.JobID)
-	if err != nil || own.State.Terminal() {
-		return // not ours, or already over
+	if err != nil {
+		return // not ours
 	}
-	if own.State == job.Queued {
-		c.stopJob(ctx, own, outcome, reason, ev.JobID)
-		return
+	if own.State.Terminal() && (own.PickedJobID == 0 || own.PickedJobID == own.ID) {
+		return // already over; a displaced job that ended may free a spare runner below
 	}
 	c.reapIdle(ctx, own, outcome, reason)
 }
 
-// reapIdle stops VMs whose runner can no longer get a job. A runner made for
-// job A may run job B with the same tags, so runners are counted per tag
-// set. An idle VM whose own job is still unserved keeps waiting for it; an
-// idle VM whose own job ended or ran elsewhere is free, and free VMs beyond
-// the unserved jobs that have no idle VM of their own are stopped: the
-// ended job's own VM first (with the job's outcome), then the newest.
+// displacedWindow bounds how long a displaced job is looked for: GitLab
+// fails jobs left pending this long ("stuck").
+const displacedWindow = 24 * time.Hour
+
+// endedJob is a job GitLab reported finished, remembered for displacedWindow.
+type endedJob struct {
+	at      time.Time
+	outcome job.State
+	reason  string
+}
+
+// reapIdle keeps one runner for every job still waiting for one, per tag
+// set, and stops the rest. A runner made for job A may run job B with the
+// same tags, so runners are counted per tag set:
+//   - waiting: a job whose own VM runs (or ran) another job and that no VM
+//     of ours picked: its own VM's cleanup, or a displaced record GitLab
+//     still holds pending;
+//   - spare: an idle VM whose own job ended or ran elsewhere, and a queued
+//     job that ended before it got a VM (its runner would still serve a
+//     waiting job).
+//
+// Spares beyond the waiting jobs go: queued ones first (they hold no
+// runner yet), then idle VMs, the ended job's own first, then the newest.
 func (c *Controller) reapIdle(ctx context.Context, ended job.Job, outcome job.State, reason string) {
 	c.reapMu.Lock()
 	defer c.reapMu.Unlock()
-	c.ended[ended.ID] = true
+	now := time.Now()
+	c.ended[ended.ID] = endedJob{at: now, outcome: outcome, reason: reason}
+	for id, e := range c.ended {
+		if now.Sub(e.at) > displacedWindow {
+			delete(c.ended, id)
+		}
+	}
 	active, err := c.store.List(ctx, store.Filter{ActiveOnly: true})
 	if err != nil {
 		c.log.Error("listing jobs to find idle runners failed", "err", err)
 		return
 	}
-	isActive := map[int64]bool{}
+	displaced, err := c.store.Displaced(ctx, now.Add(-displacedWindow))
+	if err != nil {
+		c.log.Error("listing displaced jobs failed", "err", err)
+		return
+	}
 	picked := map[int64]bool{}
 	for _, r := range active {
-		isActive[r.ID] = true
 		if r.PickedJobID != 0 {
 			picked[r.PickedJobID] = true
 		}
 	}
-	for id := range c.ended {
-		if !isActive[id] {
-			delete(c.ended, id)
-		}
+	served := func(id int64) bool {
+		_, over := c.ended[id]
+		return over || picked[id]
 	}
-	var free []job.Job
-	orphans := 0
+	var spareQueued, spareVMs []job.Job
+	waiting := 0
+	seen := map[int64]bool{}
 	for _, r := range active {
-		// Queued jobs bring their own runner when admitted.
-		if r.State == job.Queued || !sameTagSet(r.Tags, ended.Tags) {
+		seen[r.ID] = true
+		if !sameTagSet(r.Tags, ended.Tags) {
 			continue
 		}
-		served := picked[r.ID] || c.ended[r.ID]
-		idle := r.State == job.VMStarting && r.PickedJobID == 0 && !c.stopping(r.ID)
+		_, over := c.ended[r.ID]
 		switch {
-		case idle && served:
-			free = append(free, r)
-		case !idle && !served:
-			orphans++ // its own VM runs another job (or is gone)
+		case r.State == job.Queued:
+			if over {
+				spareQueued = append(spareQueued, r)
+			} // else it brings its own runner when admitted
+		case r.State == job.VMStarting && r.PickedJobID == 0 && !c.stopping(r.ID):
+			if served(r.ID) {
+				spareVMs = append(spareVMs, r)
+			}
+		case r.PickedJobID != 0 && r.PickedJobID != r.ID && !served(r.ID):
+			waiting++ // its own VM runs another job (or is being torn down)
 		}
 	}
-	slices.SortStableFunc(free, func(a, b job.Job) int {
-		switch {
-		case a.ID == ended.ID:
-			return -1
-		case b.ID == ended.ID:
-			return 1
+	for _, r := range displaced {
+		// seen: counted above, finished between the two reads.
+		if !seen[r.ID] && sameTagSet(r.Tags, ended.Tags) && !served(r.ID) && c.stillPending(ctx, r) {
+			waiting++
 		}
-		return b.CreatedAt.Compare(a.CreatedAt)
-	})
-	for i := 0; i < len(free)-orphans; i++ {
-		r := free[i]
-		if r.ID == ended.ID {
+	}
+	first := func(list []job.Job, newestFirst bool) {
+		slices.SortStableFunc(list, func(a, b job.Job) int {
+			switch {
+			case a.ID == ended.ID:
+				return -1
+			case b.ID == ended.ID:
+				return 1
+			case newestFirst:
+				return b.CreatedAt.Compare(a.CreatedAt)
+			}
+			return 0
+		})
+	}
+	first(spareQueued, false)
+	first(spareVMs, true)
+	spares := append(spareQueued, spareVMs...)
+	for i := 0; i < len(spares)-waiting; i++ {
+		r := spares[i]
+		switch {
+		case r.ID == ended.ID:
 			c.stopJob(ctx, r, outcome, reason, ended.ID)
-			continue
+		case r.State == job.Queued:
+			e := c.ended[r.ID]
+			c.stopJob(ctx, r, e.outcome, e.reason, ended.ID)
+		default:
+			c.jobLog(r).Info("runner idle: its job ran on another of our VMs and no job with its tags is waiting", "ended_job_id", ended.ID)
+			c.stopJob(ctx, r, job.Done, job.ReasonIdleRunner, ended.ID)
 		}
-		c.jobLog(r).Info("runner idle: its job ran on another of our VMs and no job with its tags is waiting", "ended_job_id", ended.ID)
-		c.stopJob(ctx, r, job.Done, job.ReasonIdleRunner, ended.ID)
 	}
+	if n := min(waiting, len(spares)); n > 0 {
+		c.log.Debug("runners kept for jobs whose own VM ran another job", "tags", ended.Tags, "waiting", waiting, "kept", n)
+	}
+}
+
+// stillPending asks GitLab whether a displaced job still waits for a
+// runner; a job that does not is remembered as over. When GitLab cannot
+// answer, the job counts as waiting: an idle VM costs less than a lost job.
+func (c *Controller) stillPending(ctx context.Context, r job.Job) bool {
+	gj, err := c.gl.GetJob(ctx, r.ProjectID, r.ID)
+	switch {
+	case err == nil && gj.Status == "pending":
+		return true
+	case err == nil || c.gone(err):
+		outcome, reason := outcomeOf(gj.Status)
+		c.ended[r.ID] = endedJob{at: time.Now(), outcome: outcome, reason: reason}
+		return false
+	}
+	c.log.Warn("cannot tell whether a displaced job still waits; keeping a runner for it", "job_id", r.ID, "err", err)
+	return true
 }
 
 // stopping reports whether the job's worker was already asked to stop.

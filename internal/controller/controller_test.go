@@ -541,6 +541,75 @@ func TestIdleRunnersCountedPerTagSet(t *testing.T) {
 	}
 }
 
+// TestDisplacedJobKeepsARunner: with room for one VM, A's runner picks B
+// (same tags) while B still waits for capacity. When B ends, A's own job is
+// still pending with no VM: B's queued job must not just be dropped but
+// bring the runner that serves A. A job that waited so and then was
+// canceled frees that runner again.
+func TestDisplacedJobKeepsARunner(t *testing.T) {
+	h := newHarness(t, func(h *harness) { h.capa = scheduler2cpu() })
+	for _, id := range []int64{1501, 1502} {
+		h.gl.addJob(stubJob{ID: id, ProjectID: 5, Tags: []string{tag2x4}})
+		h.event(id, 5, "pending", 0)
+	}
+	// runsOther: own's VM runs job other, which succeeds.
+	runsOther := func(own, other int64) job.Job {
+		vm := h.waitStarted(own)
+		h.gl.pick(other, vm.RunnerID)
+		h.event(other, 5, "running", vm.RunnerID)
+		h.waitState(own, job.Running)
+		h.gl.setStatus(other, "success")
+		h.event(other, 5, "success", vm.RunnerID)
+		return h.waitState(own, job.Done)
+	}
+	if j := runsOther(1501, 1502); j.PickedJobID != 1502 || j.Reason != job.ReasonJobSucceeded {
+		t.Fatalf("A's record: picked %d, reason %q", j.PickedJobID, j.Reason)
+	}
+	// B's record, queued for a job that is over, now starts the VM that A's
+	// job waits for, and its runner takes A.
+	b := h.waitStarted(1502)
+	h.gl.pick(1501, b.RunnerID)
+	h.event(1501, 5, "running", b.RunnerID)
+	h.gl.setStatus(1501, "failed")
+	h.event(1501, 5, "failed", b.RunnerID)
+	if j := h.waitState(1502, job.Failed); j.PickedJobID != 1501 || j.Reason != job.ReasonJobFailed {
+		t.Fatalf("B's record: picked %d, reason %q", j.PickedJobID, j.Reason)
+	}
+	if list, _ := h.drv.List(context.Background()); len(list) != 0 || len(h.gl.runnerList()) != 0 {
+		t.Fatalf("left behind: vms %v, runners %v", list, h.gl.runnerList())
+	}
+
+	// Again, but X (other tags) takes the capacity first, so D's record is
+	// still queued when the displaced job C is canceled: nothing waits any
+	// more, and D's record ends with D's own outcome, without a runner.
+	for _, id := range []int64{1503, 1505, 1504} {
+		tags := []string{tag2x4}
+		if id == 1505 {
+			tags = append(tags, "linux")
+		}
+		h.gl.addJob(stubJob{ID: id, ProjectID: 5, Tags: tags})
+		h.event(id, 5, "pending", 0)
+	}
+	runsOther(1503, 1504)
+	x := h.waitStarted(1505)
+	if j := h.job(1504); j.State != job.Queued {
+		t.Fatalf("D's record, kept for C: %s %q", j.State, j.Reason)
+	}
+	h.gl.setStatus(1503, "canceled")
+	h.event(1503, 5, "canceled", 0)
+	if j := h.waitState(1504, job.Done); j.Reason != job.ReasonJobSucceeded || j.RunnerID != 0 {
+		t.Fatalf("D's record: %s %q runner %d", j.State, j.Reason, j.RunnerID)
+	}
+	h.event(1505, 5, "success", x.RunnerID)
+	h.waitState(1505, job.Done)
+	if list, _ := h.drv.List(context.Background()); len(list) != 0 || len(h.gl.runnerList()) != 0 {
+		t.Fatalf("left behind: vms %v, runners %v", list, h.gl.runnerList())
+	}
+	if n := h.gl.createdCount(); n != 4 {
+		t.Fatalf("runners created: %d, want 4 (A, B's for A, C, X)", n)
+	}
+}
+
 // TestVMExitBeforeFinishedWebhook: the VM powers off before GitLab's
 // "finished" webhook arrives (GitLab sends hooks asynchronously); the
 // record still gets the outcome of the job the VM ran, read from GitLab.

@@ -15,9 +15,11 @@ import (
 //		queued ──► runner_created ──► vm_starting ──► running ──► cleaning ──► done | failed | canceled
 //		  │  ▲            │                 │                        ▲
 //		  │  └────────────┘ restart         └────────────────────────┘ (any mid-flight state → cleaning)
-//		  └──► failed | canceled   (nothing was created yet: no cleanup needed)
+//		  └──► done | failed | canceled   (nothing was created yet: no cleanup needed)
 //
 //	  - queued:         accepted (webhook or poll), waiting for host capacity.
+//	    It ends without a runner when its job ends first: canceled, or run
+//	    (done or failed) by a runner with the same tags made for another job.
 //	  - runner_created: capacity reserved; a GitLab runner exists (runner_id set).
 //	  - vm_starting:    vm_id set and the driver asked to start the VM; the runner
 //	    in it has not been seen picking a job yet (start timeout applies).
@@ -53,7 +55,7 @@ var States = []State{Queued, RunnerCreated, VMStarting, Running, Cleaning, Done,
 
 // transitions is the whole state machine: from → allowed next states.
 var transitions = map[State][]State{
-	Queued:        {RunnerCreated, Cleaning, Failed, Canceled},
+	Queued:        {RunnerCreated, Cleaning, Done, Failed, Canceled},
 	RunnerCreated: {VMStarting, Cleaning, Queued},
 	VMStarting:    {Running, Cleaning, Queued},
 	Running:       {Cleaning},

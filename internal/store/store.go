@@ -97,6 +97,11 @@ CREATE TABLE transitions (
 );
 CREATE INDEX transitions_job ON transitions(job_id, id);
 `,
+	// Displaced: finding jobs no VM of ours picked.
+	2: `
+CREATE INDEX jobs_picked ON jobs(picked_job_id) WHERE picked_job_id != 0;
+CREATE INDEX jobs_updated ON jobs(updated_at);
+`,
 }
 
 // Open opens (creating if needed) the store in stateDir and migrates it.
@@ -470,6 +475,11 @@ func (s *Store) List(ctx context.Context, f Filter) ([]job.Job, error) {
 		q += ` ORDER BY created_at, job_id`
 	}
 	rows, err := s.db.QueryContext(ctx, q, a...)
+	return scanAll(rows, err)
+}
+
+// scanAll reads every row of a job query.
+func scanAll(rows *sql.Rows, err error) ([]job.Job, error) {
 	if err != nil {
 		return nil, err
 	}
@@ -483,6 +493,19 @@ func (s *Store) List(ctx context.Context, f Filter) ([]job.Job, error) {
 		out = append(out, j)
 	}
 	return out, rows.Err()
+}
+
+// Displaced returns the jobs whose VM ran another job (a runner made for
+// job A may take job B with the same tags), that ended since the given time
+// and that no VM of ours has picked since: GitLab may still hold them
+// pending, waiting for a runner with their tags.
+func (s *Store) Displaced(ctx context.Context, since time.Time) ([]job.Job, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+columns+` FROM jobs j
+		WHERE state IN (?, ?, ?) AND updated_at >= ? AND picked_job_id NOT IN (0, job_id)
+		AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.picked_job_id = j.job_id)
+		ORDER BY created_at, job_id`,
+		string(job.Done), string(job.Failed), string(job.Canceled), ns(since))
+	return scanAll(rows, err)
 }
 
 // FindByRunner returns the active job holding runner id (ErrNotFound if none).

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -109,5 +110,47 @@ func TestCreateIdempotentAndTransitions(t *testing.T) {
 	}
 	if _, _, err := ro.Create(ctx, newJob(2)); err == nil {
 		t.Fatal("read-only store accepted a write")
+	}
+}
+
+// TestDisplaced: a job whose VM ran another job is displaced until a VM of
+// ours picks it; old records and jobs that ran on their own VM are not.
+func TestDisplaced(t *testing.T) {
+	ctx := context.Background()
+	s, err := Open(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	// finish runs job id on its own VM, which picked job picked (0: none).
+	finish := func(id, picked int64, end job.State) {
+		t.Helper()
+		if _, _, err := s.Create(ctx, newJob(id)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.UpdatePath(ctx, id, []job.State{job.RunnerCreated, job.VMStarting, job.Running, job.Cleaning, end}, func(j *job.Job) error {
+			j.RunnerID, j.VMID, j.PickedJobID = id+1000, job.VMIDFor(id), picked
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	since := time.Now()
+	finish(1, 2, job.Done)   // ran 2: 1 is displaced...
+	finish(2, 2, job.Done)   // ran its own job
+	finish(3, 4, job.Failed) // ran 4: 3 is displaced...
+	finish(5, 3, job.Done)   // ...until 5's VM picked 3 (now 5 is displaced)
+	finish(6, 0, job.Failed) // picked nothing
+	finish(7, 5, job.Done)   // 7's VM picked 5 (7 is displaced)
+	got, err := s.Displaced(ctx, since)
+	var ids []int64
+	for _, j := range got {
+		ids = append(ids, j.ID)
+	}
+	if err != nil || !slices.Equal(ids, []int64{1, 7}) {
+		t.Fatalf("displaced = %v, %v; want [1 7]", ids, err)
+	}
+	if got, err := s.Displaced(ctx, time.Now().Add(time.Minute)); err != nil || len(got) != 0 {
+		t.Fatalf("displaced since later = %+v, %v; want none", got, err)
 	}
 }
