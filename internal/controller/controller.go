@@ -103,8 +103,9 @@ type Controller struct {
 	stopLoop  chan struct{}
 	stopOnce  sync.Once
 
-	reapMu sync.Mutex         // one idle-runner count at a time
-	ended  map[int64]endedJob // jobs GitLab reported finished (or no longer pending)
+	reapMu      sync.Mutex         // one idle-runner count at a time
+	ended       map[int64]endedJob // jobs GitLab reported finished (or no longer pending)
+	endedPruned time.Time          // entries older than displacedWindow last dropped
 
 	reconcileMu sync.Mutex     // one reconcile pass at a time
 	recheck     map[int64]bool // queued jobs resumed from the store: re-check GitLab when admitted
@@ -433,9 +434,12 @@ func (c *Controller) reapIdle(ctx context.Context, ended job.Job, outcome job.St
 	defer c.reapMu.Unlock()
 	now := time.Now()
 	c.ended[ended.ID] = endedJob{at: now, outcome: outcome, reason: reason}
-	for id, e := range c.ended {
-		if now.Sub(e.at) > displacedWindow {
-			delete(c.ended, id)
+	if now.Sub(c.endedPruned) > time.Minute {
+		c.endedPruned = now
+		for id, e := range c.ended {
+			if now.Sub(e.at) > displacedWindow {
+				delete(c.ended, id)
+			}
 		}
 	}
 	active, err := c.store.List(ctx, store.Filter{ActiveOnly: true})
@@ -458,7 +462,7 @@ func (c *Controller) reapIdle(ctx context.Context, ended job.Job, outcome job.St
 		_, over := c.ended[id]
 		return over || picked[id]
 	}
-	var spareQueued, spareVMs []job.Job
+	var spares []job.Job
 	waiting := 0
 	seen := map[int64]bool{}
 	for _, r := range active {
@@ -470,11 +474,11 @@ func (c *Controller) reapIdle(ctx context.Context, ended job.Job, outcome job.St
 		switch {
 		case r.State == job.Queued:
 			if over {
-				spareQueued = append(spareQueued, r)
+				spares = append(spares, r)
 			} // else it brings its own runner when admitted
 		case r.State == job.VMStarting && r.PickedJobID == 0 && !c.stopping(r.ID):
 			if served(r.ID) {
-				spareVMs = append(spareVMs, r)
+				spares = append(spares, r)
 			}
 		case r.PickedJobID != 0 && r.PickedJobID != r.ID && !served(r.ID):
 			waiting++ // its own VM runs another job (or is being torn down)
@@ -486,22 +490,20 @@ func (c *Controller) reapIdle(ctx context.Context, ended job.Job, outcome job.St
 			waiting++
 		}
 	}
-	first := func(list []job.Job, newestFirst bool) {
-		slices.SortStableFunc(list, func(a, b job.Job) int {
-			switch {
-			case a.ID == ended.ID:
-				return -1
-			case b.ID == ended.ID:
-				return 1
-			case newestFirst:
-				return b.CreatedAt.Compare(a.CreatedAt)
-			}
-			return 0
-		})
-	}
-	first(spareQueued, false)
-	first(spareVMs, true)
-	spares := append(spareQueued, spareVMs...)
+	slices.SortStableFunc(spares, func(a, b job.Job) int {
+		aq, bq := a.State == job.Queued, b.State == job.Queued
+		switch {
+		case aq && !bq:
+			return -1
+		case bq && !aq:
+			return 1
+		case a.ID == ended.ID:
+			return -1
+		case b.ID == ended.ID:
+			return 1
+		}
+		return b.CreatedAt.Compare(a.CreatedAt)
+	})
 	for i := 0; i < len(spares)-waiting; i++ {
 		r := spares[i]
 		switch {

@@ -99,8 +99,8 @@ CREATE INDEX transitions_job ON transitions(job_id, id);
 `,
 	// Displaced: finding jobs no VM of ours picked.
 	2: `
-CREATE INDEX jobs_picked ON jobs(picked_job_id) WHERE picked_job_id != 0;
-CREATE INDEX jobs_updated ON jobs(updated_at);
+CREATE INDEX jobs_picked ON jobs(picked_job_id);
+CREATE INDEX jobs_swapped ON jobs(updated_at) WHERE picked_job_id NOT IN (0, job_id);
 `,
 }
 
@@ -500,8 +500,10 @@ func scanAll(rows *sql.Rows, err error) ([]job.Job, error) {
 // and that no VM of ours has picked since: GitLab may still hold them
 // pending, waiting for a runner with their tags.
 func (s *Store) Displaced(ctx context.Context, since time.Time) ([]job.Job, error) {
+	// "+state": plan by the partial index of swapped jobs, not by state
+	// (almost every row is terminal).
 	rows, err := s.db.QueryContext(ctx, `SELECT `+columns+` FROM jobs j
-		WHERE state IN (?, ?, ?) AND updated_at >= ? AND picked_job_id NOT IN (0, job_id)
+		WHERE +state IN (?, ?, ?) AND updated_at >= ? AND picked_job_id NOT IN (0, job_id)
 		AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.picked_job_id = j.job_id)
 		ORDER BY created_at, job_id`,
 		string(job.Done), string(job.Failed), string(job.Canceled), ns(since))
