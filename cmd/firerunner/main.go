@@ -1,18 +1,23 @@
 // Command firerunner is the FireRunner daemon and its operator CLI. Each
-// subcommand lives in its own file and registers itself in init.
+// subcommand lives in its own file and registers itself in init. The
+// conventions (help exits 0 on stdout, bad usage exits 2 on stderr) are
+// internal/cli's.
 package main
 
 import (
-	"fmt"
+	"io"
 	"os"
-	"sort"
+
+	"github.com/firerunner/firerunner/internal/cli"
 )
 
-// command is one `firerunner <name>` subcommand.
+// command is one `firerunner <name>` subcommand, or a group of them (subs).
 type command struct {
 	name    string
+	args    string // synopsis of the positional arguments, e.g. "[DIR]"
 	summary string
 	run     func(args []string) error
+	subs    []command
 }
 
 var commands = map[string]command{}
@@ -24,32 +29,23 @@ func register(c command) {
 	commands[c.name] = c
 }
 
-func usage() {
-	fmt.Fprintln(os.Stderr, "usage: firerunner <command> [flags]\n\ncommands:")
-	var names []string
-	for n := range commands {
-		names = append(names, n)
+func toCLI(c command) cli.Command {
+	cc := cli.Command{Name: c.name, Args: c.args, Summary: c.summary, Run: c.run}
+	for _, s := range c.subs {
+		cc.Subs = append(cc.Subs, toCLI(s))
 	}
-	sort.Strings(names)
-	for _, n := range names {
-		fmt.Fprintf(os.Stderr, "  %-8s %s\n", n, commands[n].summary)
+	return cc
+}
+
+// run is main without the exit: the exit code for args (os.Args[1:]).
+func run(args []string, stdout, stderr io.Writer) int {
+	var cmds []cli.Command
+	for _, c := range commands {
+		cmds = append(cmds, toCLI(c))
 	}
-	fmt.Fprintln(os.Stderr, "\nRun 'firerunner <command> -h' for a command's flags.")
+	return cli.Main("firerunner", cmds, args, stdout, stderr)
 }
 
 func main() {
-	if len(os.Args) < 2 || os.Args[1] == "-h" || os.Args[1] == "--help" || os.Args[1] == "help" {
-		usage()
-		os.Exit(2)
-	}
-	c, ok := commands[os.Args[1]]
-	if !ok {
-		fmt.Fprintf(os.Stderr, "firerunner: unknown command %q\n\n", os.Args[1])
-		usage()
-		os.Exit(2)
-	}
-	if err := c.run(os.Args[2:]); err != nil {
-		fmt.Fprintf(os.Stderr, "firerunner %s: %v\n", c.name, err)
-		os.Exit(1)
-	}
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }

@@ -9,6 +9,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/firerunner/firerunner/internal/cli"
 	"github.com/firerunner/firerunner/internal/config"
 	"github.com/firerunner/firerunner/internal/daemon"
 )
@@ -26,7 +27,10 @@ func newLogger(level string) *slog.Logger {
 func serve(args []string) error {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	cfgPath := fs.String("config", config.DefaultPath, "configuration file (YAML)")
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
+		return err
+	}
+	if err := cli.NoArgs(fs); err != nil {
 		return err
 	}
 	cfg, err := config.Load(*cfgPath)

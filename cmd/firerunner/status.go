@@ -9,6 +9,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/firerunner/firerunner/internal/cli"
 	"github.com/firerunner/firerunner/internal/config"
 	"github.com/firerunner/firerunner/internal/store"
 )
@@ -24,7 +25,10 @@ func status(args []string) error {
 	limit := fs.Int("n", 50, "show the newest N jobs (0 = all)")
 	activeOnly := fs.Bool("active", false, "only jobs still in flight")
 	jobID := fs.Int64("job", 0, "show one job's timeline and transitions")
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
+		return err
+	}
+	if err := cli.NoArgs(fs); err != nil {
 		return err
 	}
 	dir := *stateDir

@@ -9,6 +9,8 @@ import (
 	"os/signal"
 	"path/filepath"
 	"syscall"
+
+	"github.com/firerunner/firerunner/internal/cli"
 )
 
 // DefaultCacheDir is $FIRERUNNER_CACHE/images, else /var/cache/firerunner/images.
@@ -19,47 +21,51 @@ func DefaultCacheDir() string {
 	return "/var/cache/firerunner/images"
 }
 
-// CLI runs `firerunner image build|verify|dir ARGS`; progress goes to stderr,
-// results to stdout.
-func CLI(args []string) error {
-	if len(args) == 0 {
-		return errors.New("usage: firerunner image build|verify|dir [flags]")
+// The `firerunner image` subcommands (registered in cmd/firerunner, which
+// applies internal/cli's conventions); progress goes to stderr, results to
+// stdout.
+
+// VerifyCLI runs `firerunner image verify [--cache DIR] [IMAGE-DIR]`.
+func VerifyCLI(args []string) error {
+	fs := flag.NewFlagSet("image verify", flag.ContinueOnError)
+	cache := fs.String("cache", DefaultCacheDir(), "image cache directory (default image: DIR/latest)")
+	if err := cli.Parse(fs, args); err != nil {
+		return err
 	}
-	switch args[0] {
-	case "build":
-		return imageBuild(args[1:])
-	case "verify":
-		fs := flag.NewFlagSet("image verify", flag.ContinueOnError)
-		cache := fs.String("cache", DefaultCacheDir(), "image cache directory")
-		if err := fs.Parse(args[1:]); err != nil {
-			return err
-		}
-		dir := fs.Arg(0)
-		if dir == "" {
-			dir = filepath.Join(*cache, "latest")
-		}
-		if err := Verify(dir); err != nil {
-			return err
-		}
-		fmt.Printf("image %s: all artefacts match the manifest\n", dir)
-		return nil
-	case "dir":
-		fs := flag.NewFlagSet("image dir", flag.ContinueOnError)
-		cache := fs.String("cache", DefaultCacheDir(), "image cache directory")
-		if err := fs.Parse(args[1:]); err != nil {
-			return err
-		}
-		m, err := Load(filepath.Join(*cache, "latest"))
-		if err != nil {
-			return err
-		}
-		fmt.Println(m.Dir)
-		return nil
+	if err := cli.MaxArgs(fs, 1); err != nil {
+		return err
 	}
-	return fmt.Errorf("unknown image subcommand %q (want build, verify or dir)", args[0])
+	dir := fs.Arg(0)
+	if dir == "" {
+		dir = filepath.Join(*cache, "latest")
+	}
+	if err := Verify(dir); err != nil {
+		return err
+	}
+	fmt.Printf("image %s: all artefacts match the manifest\n", dir)
+	return nil
 }
 
-func imageBuild(args []string) error {
+// DirCLI runs `firerunner image dir [--cache DIR]`.
+func DirCLI(args []string) error {
+	fs := flag.NewFlagSet("image dir", flag.ContinueOnError)
+	cache := fs.String("cache", DefaultCacheDir(), "image cache directory")
+	if err := cli.Parse(fs, args); err != nil {
+		return err
+	}
+	if err := cli.NoArgs(fs); err != nil {
+		return err
+	}
+	m, err := Load(filepath.Join(*cache, "latest"))
+	if err != nil {
+		return err
+	}
+	fmt.Println(m.Dir)
+	return nil
+}
+
+// BuildCLI runs `firerunner image build [flags]`.
+func BuildCLI(args []string) error {
 	fs := flag.NewFlagSet("image build", flag.ContinueOnError)
 	var o Options
 	fs.StringVar(&o.CacheDir, "cache", DefaultCacheDir(), "image cache directory (outputs in DIR/<input-hash>, DIR/latest)")
@@ -70,7 +76,10 @@ func imageBuild(args []string) error {
 	fs.StringVar(&o.Mirror, "mirror", "", "Debian mirror (default: the one in the apt sources)")
 	out := fs.String("out", "", "also create a symlink at this path pointing to the image directory")
 	printDir := fs.Bool("print-dir", false, "print only the image directory on stdout (progress goes to stderr)")
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
+		return err
+	}
+	if err := cli.NoArgs(fs); err != nil {
 		return err
 	}
 	if os.Geteuid() != 0 {
