@@ -16,8 +16,16 @@ deps:
 	@bash scripts/host-deps.sh
 
 # A real pipeline in real microVMs (QEMU) against the built-in GitLab stand-in.
-demo: deps build gitlab-runner image
-	$(BIN)/firerunner demo
+# The demo is its own binary, so the production bin/firerunner links no test
+# double. Flags: make demo DEMO_FLAGS='--workdir DIR --image DIR'.
+DEMO_FLAGS ?=
+demo: deps build gitlab-runner image $(BIN)/firerunner-demo
+	$(BIN)/firerunner-demo $(DEMO_FLAGS)
+
+.PHONY: $(BIN)/firerunner-demo
+$(BIN)/firerunner-demo:
+	@mkdir -p $(BIN)
+	$(GO) build -ldflags '$(LDFLAGS)' -o $@ ./cmd/firerunner-demo
 
 include $(wildcard mk/*.mk)
 

@@ -22,8 +22,8 @@ import (
 	"github.com/firerunner/firerunner/internal/runners"
 	"github.com/firerunner/firerunner/internal/scheduler"
 	"github.com/firerunner/firerunner/internal/store"
+	fake "github.com/firerunner/firerunner/internal/testsupport/fakevm"
 	"github.com/firerunner/firerunner/internal/vm"
-	"github.com/firerunner/firerunner/internal/vm/fake"
 	"github.com/firerunner/firerunner/internal/webhook"
 )
 

@@ -18,8 +18,8 @@ import (
 	"github.com/firerunner/firerunner/internal/scheduler"
 	"github.com/firerunner/firerunner/internal/store"
 	"github.com/firerunner/firerunner/internal/testenv"
+	fake "github.com/firerunner/firerunner/internal/testsupport/fakevm"
 	"github.com/firerunner/firerunner/internal/vm"
-	"github.com/firerunner/firerunner/internal/vm/fake"
 	"github.com/firerunner/firerunner/internal/webhook"
 )
 

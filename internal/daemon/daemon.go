@@ -1,6 +1,7 @@
 // Package daemon assembles a running FireRunner from a Config: GitLab client,
 // runner provider, VM driver, network, store, controller and HTTP server.
-// `firerunner serve` and `firerunner demo` both start FireRunner through it.
+// `firerunner serve` and the demo (`firerunner-demo`) both start FireRunner
+// through it.
 package daemon
 
 import (

@@ -24,10 +24,10 @@ import (
 
 	"github.com/firerunner/firerunner/internal/config"
 	"github.com/firerunner/firerunner/internal/daemon"
-	"github.com/firerunner/firerunner/internal/gitlabstandin"
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/store"
 	"github.com/firerunner/firerunner/internal/testenv"
+	"github.com/firerunner/firerunner/internal/testsupport/gitlabstandin"
 	"github.com/firerunner/firerunner/internal/vm"
 	"github.com/firerunner/firerunner/internal/vm/qemu"
 )

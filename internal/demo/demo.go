@@ -1,6 +1,7 @@
 // Package demo runs FireRunner end to end on one host: the GitLab stand-in,
 // a real FireRunner (QEMU driver) and a pipeline whose jobs run in real
-// microVMs. `firerunner demo` and the end-to-end test both use it.
+// microVMs. `firerunner-demo` (cmd/firerunner-demo) and the end-to-end test
+// both use it.
 package demo
 
 import (
@@ -26,10 +27,10 @@ import (
 
 	"github.com/firerunner/firerunner/internal/config"
 	"github.com/firerunner/firerunner/internal/daemon"
-	"github.com/firerunner/firerunner/internal/gitlabstandin"
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/store"
 	"github.com/firerunner/firerunner/internal/tags"
+	"github.com/firerunner/firerunner/internal/testsupport/gitlabstandin"
 	"github.com/firerunner/firerunner/internal/vm"
 )
 

@@ -23,11 +23,11 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/firerunner/firerunner/internal/config"
-	"github.com/firerunner/firerunner/internal/gitlabstandin"
 	"github.com/firerunner/firerunner/internal/image"
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/netsetup"
 	"github.com/firerunner/firerunner/internal/testenv"
+	"github.com/firerunner/firerunner/internal/testsupport/gitlabstandin"
 	"github.com/firerunner/firerunner/internal/vm"
 )
 

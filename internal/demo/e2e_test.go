@@ -9,9 +9,9 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/firerunner/firerunner/internal/gitlabstandin"
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/testenv"
+	"github.com/firerunner/firerunner/internal/testsupport/gitlabstandin"
 	"github.com/firerunner/firerunner/internal/vm"
 )
 

@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/firerunner/firerunner/internal/gitlabstandin"
+	"github.com/firerunner/firerunner/internal/testsupport/gitlabstandin"
 )
 
 // TestAgainstStandin runs the client against the repository's GitLab

@@ -16,8 +16,8 @@ import (
 	"time"
 
 	"github.com/firerunner/firerunner/internal/guestconfig"
+	"github.com/firerunner/firerunner/internal/testsupport/fcstandin"
 	"github.com/firerunner/firerunner/internal/vm"
-	"github.com/firerunner/firerunner/internal/vm/firecracker/fcstandin"
 )
 
 // TestMain lets the test binary play Firecracker and the jailer: the driver

@@ -9,8 +9,8 @@ import (
 	"testing"
 
 	"github.com/firerunner/firerunner/internal/config"
+	"github.com/firerunner/firerunner/internal/testsupport/fcstandin"
 	"github.com/firerunner/firerunner/internal/vm"
-	"github.com/firerunner/firerunner/internal/vm/firecracker/fcstandin"
 )
 
 func TestBootArgs(t *testing.T) {

@@ -1,5 +1,6 @@
-// Command gitlab-standin runs FireRunner's GitLab stand-in (internal/gitlabstandin)
-// with a seeded demo project, for the demo and manual testing.
+// Command gitlab-standin runs FireRunner's GitLab stand-in
+// (internal/testsupport/gitlabstandin) with a seeded demo project, for manual
+// testing.
 //
 // Secrets come from the environment, never argv: GITLAB_STANDIN_TOKEN (the
 // personal access token to accept, scope api; default: generated and written
@@ -20,7 +21,7 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/firerunner/firerunner/internal/gitlabstandin"
+	"github.com/firerunner/firerunner/internal/testsupport/gitlabstandin"
 )
 
 func main() {

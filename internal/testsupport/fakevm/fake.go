@@ -1,6 +1,6 @@
-// Package fake is a vm.Driver that boots nothing, with configurable delays,
+// Package fakevm is a vm.Driver that boots nothing, with configurable delays,
 // exit codes and failure injection. For controller unit tests and benchmarks only.
-package fake
+package fakevm
 
 import (
 	"context"

@@ -1,3 +1,7 @@
+// Command firerunner-demo runs the demo (internal/demo): the GitLab stand-in,
+// a real FireRunner (QEMU driver) and a small pipeline in real microVMs.
+// It is its own binary so that the production `firerunner` links no test
+// double (see cmd/firerunner's TestNoTestSupportLinked). `make demo` runs it.
 package main
 
 import (
@@ -10,19 +14,43 @@ import (
 	"path/filepath"
 	"syscall"
 
+	"github.com/firerunner/firerunner/internal/cli"
 	"github.com/firerunner/firerunner/internal/demo"
 	"github.com/firerunner/firerunner/internal/image"
 )
 
-func init() {
-	register(command{name: "demo", summary: "run a pipeline in real microVMs against the built-in GitLab stand-in", run: runDemo})
+const (
+	usageLine = "usage: firerunner-demo [flags]"
+	summary   = "Run a pipeline in real microVMs against the built-in GitLab stand-in (root)."
+)
+
+// main follows internal/cli's conventions: help on stdout with exit 0, bad
+// usage on stderr with exit 2, any other failure exit 1.
+func main() {
+	err := run(os.Args[1:])
+	var he *cli.HelpError
+	var ue *cli.UsageError
+	switch {
+	case err == nil:
+	case errors.As(err, &he):
+		fmt.Printf("%s\n\n%s\n\nflags:\n%s", usageLine, summary, he.Flags)
+	case errors.As(err, &ue):
+		fmt.Fprintf(os.Stderr, "firerunner-demo: %s\n\n%s\n\nflags:\n%s", ue.Msg, usageLine, ue.Flags)
+		os.Exit(2)
+	default:
+		fmt.Fprintf(os.Stderr, "firerunner-demo: %v\n", err)
+		os.Exit(1)
+	}
 }
 
-func runDemo(args []string) error {
-	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
+func run(args []string) error {
+	fs := flag.NewFlagSet("firerunner-demo", flag.ContinueOnError)
 	imageDir := fs.String("image", "", "guest image dir (default: the latest built image)")
 	keep := fs.String("workdir", "", "keep state, logs and console logs in this directory (default: a temp dir, removed)")
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args); err != nil {
+		return err
+	}
+	if err := cli.NoArgs(fs); err != nil {
 		return err
 	}
 	if *imageDir == "" {
