@@ -10,6 +10,7 @@ import (
 
 	"github.com/firerunner/firerunner/internal/cli"
 	"github.com/firerunner/firerunner/internal/config"
+	"github.com/firerunner/firerunner/internal/daemon"
 	"github.com/firerunner/firerunner/internal/doctor"
 )
 
@@ -34,8 +35,9 @@ func runDoctor(args []string) error {
 	defer stop()
 	// A bad config is reported as a failed check; the other checks still run
 	// on whatever loaded (defaults for the rest).
-	cfg, err := config.Load(*path)
-	r := doctor.Run(ctx, doctor.Env{Config: cfg, ConfigErr: err})
+	drivers := daemon.Drivers()
+	cfg, err := config.Load(*path, drivers)
+	r := doctor.Run(ctx, doctor.Env{Config: cfg, ConfigErr: err, Drivers: drivers})
 	if *asJSON {
 		if err := r.WriteJSON(os.Stdout); err != nil {
 			return err

@@ -33,7 +33,7 @@ func serve(args []string) error {
 	if err := cli.NoArgs(fs); err != nil {
 		return err
 	}
-	cfg, err := config.Load(*cfgPath)
+	cfg, err := config.Load(*cfgPath, daemon.Drivers())
 	if err != nil {
 		return err
 	}

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/firerunner/firerunner/internal/config"
+	"github.com/firerunner/firerunner/internal/daemon"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -50,7 +51,7 @@ func TestExampleConfigIsTheDefaults(t *testing.T) {
 	}
 	// With the one required field set, it is a valid configuration.
 	got.GitLab.URL = "https://gitlab.example.com"
-	if err := got.Validate(); err != nil {
+	if err := got.Validate(daemon.Drivers()); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/firerunner/firerunner/internal/cli"
 	"github.com/firerunner/firerunner/internal/config"
+	"github.com/firerunner/firerunner/internal/daemon"
 	"github.com/firerunner/firerunner/internal/store"
 )
 
@@ -33,7 +34,7 @@ func status(args []string) error {
 	}
 	dir := *stateDir
 	if dir == "" {
-		cfg, err := config.Load(*cfgPath)
+		cfg, err := config.Load(*cfgPath, daemon.Drivers())
 		if err != nil {
 			return fmt.Errorf("%w\n(or pass --state-dir)", err)
 		}

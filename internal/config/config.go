@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -121,7 +122,7 @@ type Limits struct {
 
 // VM selects the driver and the guest image.
 type VM struct {
-	// Driver is "qemu" or "firecracker".
+	// Driver names a driver of the daemon's registry: "qemu" or "firecracker".
 	Driver string `yaml:"driver"`
 	// ImageDir holds a built guest image (manifest.json, vmlinux, initrd, rootfs).
 	ImageDir string `yaml:"image_dir"`
@@ -152,7 +153,7 @@ type Network struct {
 	AllowHostPorts []int `yaml:"allow_host_ports"`
 }
 
-// QEMU configures the qemu driver.
+// QEMU configures the qemu driver; internal/vm/qemu's Provider validates it.
 type QEMU struct {
 	// Binary is the qemu-system-x86_64 path.
 	Binary string `yaml:"binary"`
@@ -160,7 +161,8 @@ type QEMU struct {
 	Accel string `yaml:"accel"`
 }
 
-// Firecracker configures the firecracker driver.
+// Firecracker configures the firecracker driver; internal/vm/firecracker's
+// Provider validates it.
 type Firecracker struct {
 	// Binary and JailerBinary are the firecracker and jailer paths.
 	Binary       string `yaml:"binary"`
@@ -226,27 +228,29 @@ func Default() Config {
 	}
 }
 
-// Load reads path over the defaults, rejects unknown fields and validates.
-func Load(path string) (Config, error) {
+// Load reads path over the defaults, rejects unknown fields and validates,
+// the VM driver sections through drivers.
+func Load(path string, drivers Drivers) (Config, error) {
 	c := Default()
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return c, fmt.Errorf("read config: %w", err)
 	}
-	if err := Parse(b, &c); err != nil {
+	if err := Parse(b, &c, drivers); err != nil {
 		return c, fmt.Errorf("%s: %w", path, err)
 	}
 	return c, nil
 }
 
-// Parse decodes YAML into c (which should hold the defaults) and validates.
-func Parse(b []byte, c *Config) error {
+// Parse decodes YAML into c (which should hold the defaults) and validates,
+// the VM driver sections through drivers.
+func Parse(b []byte, c *Config, drivers Drivers) error {
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true)
 	if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) { // empty file: all defaults
 		return fmt.Errorf("parse config: %w", err)
 	}
-	return c.Validate()
+	return c.Validate(drivers)
 }
 
 // FieldErrors lists every invalid field, one per line.
@@ -256,8 +260,21 @@ func (e FieldErrors) Error() string {
 	return "invalid configuration:\n  " + strings.Join(e, "\n  ")
 }
 
-// Validate checks every field and returns FieldErrors naming each bad one.
-func (c Config) Validate() error {
+// Drivers is what validation needs to know about the VM drivers: the
+// daemon's driver registry (daemon.Drivers) provides it. Config names no
+// driver itself: each driver validates its own section (qemu, firecracker),
+// so adding a driver touches no switch here.
+type Drivers interface {
+	// Names lists the drivers vm.driver may name.
+	Names() []string
+	// Validate checks every driver's section, and for the selected driver
+	// what it needs from the rest of c. Each error reads "field: problem".
+	Validate(selected string, c Config) []error
+}
+
+// Validate checks every field and returns FieldErrors naming each bad one,
+// the VM driver sections' included (through drivers).
+func (c Config) Validate(drivers Drivers) error {
 	var errs FieldErrors
 	bad := func(field, format string, a ...any) {
 		errs = append(errs, field+": "+fmt.Sprintf(format, a...))
@@ -344,19 +361,16 @@ func (c Config) Validate() error {
 	if c.Limits.DrainTimeout < 0 || c.Limits.QueueTimeout < 0 {
 		bad("limits", "timeouts must not be negative")
 	}
-	switch c.VM.Driver {
-	case "qemu", "firecracker":
-	default:
-		bad("vm.driver", "%q is not one of qemu, firecracker", c.VM.Driver)
+	if drivers == nil {
+		bad("vm.driver", "cannot check %q: no VM drivers given", c.VM.Driver)
+	} else if names := drivers.Names(); !slices.Contains(names, c.VM.Driver) {
+		bad("vm.driver", "%q is not one of %s", c.VM.Driver, strings.Join(names, ", "))
 	}
 	if c.VM.ImageDir == "" {
 		bad("vm.image_dir", "must be set")
 	}
 	switch c.Network.Mode {
-	case "user":
-		if c.VM.Driver == "firecracker" {
-			bad("network.mode", "user-mode networking is QEMU-only; firecracker needs tap")
-		}
+	case "user": // QEMU only: the firecracker driver refuses it (its Validate)
 	case "tap":
 		if c.Network.Bridge == "" || len(c.Network.Bridge) > 15 {
 			bad("network.bridge", "must be 1-15 characters")
@@ -382,16 +396,10 @@ func (c Config) Validate() error {
 			bad("network.allow_host_ports", "%d is FireRunner's own listen port, which VMs must never reach", p)
 		}
 	}
-	if c.VM.Driver == "firecracker" && c.Firecracker.Binary == "" {
-		bad("firecracker.binary", "must be set")
-	}
-	if c.VM.Driver == "qemu" && c.QEMU.Binary == "" {
-		bad("qemu.binary", "must be set")
-	}
-	switch c.QEMU.Accel {
-	case "auto", "kvm", "tcg":
-	default:
-		bad("qemu.accel", "%q is not one of auto, kvm, tcg", c.QEMU.Accel)
+	if drivers != nil {
+		for _, err := range drivers.Validate(c.VM.Driver, c) {
+			errs = append(errs, err.Error())
+		}
 	}
 	if len(errs) > 0 {
 		return errs

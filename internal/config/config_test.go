@@ -1,4 +1,4 @@
-package config
+package config_test
 
 import (
 	"os"
@@ -6,19 +6,33 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/firerunner/firerunner/internal/config"
+	"github.com/firerunner/firerunner/internal/vm"
+	"github.com/firerunner/firerunner/internal/vm/firecracker"
+	"github.com/firerunner/firerunner/internal/vm/qemu"
 )
 
-func valid() Config {
-	c := Default()
+// drivers holds the real providers, as daemon.Drivers does, so the driver
+// sections are validated here with their real messages.
+var drivers = func() *vm.Registry[config.Config] {
+	r := vm.NewRegistry[config.Config]()
+	r.Add(qemu.Provider{})
+	r.Add(firecracker.Provider{})
+	return r
+}()
+
+func valid() config.Config {
+	c := config.Default()
 	c.GitLab.URL = "https://gitlab.example.com"
 	return c
 }
 
 func TestDefaultsNeedOnlyTheGitLabURL(t *testing.T) {
-	if err := Default().Validate(); err == nil || !strings.Contains(err.Error(), "gitlab.url") {
+	if err := config.Default().Validate(drivers); err == nil || !strings.Contains(err.Error(), "gitlab.url") {
 		t.Fatalf("default config without gitlab.url: %v", err)
 	}
-	if err := valid().Validate(); err != nil {
+	if err := valid().Validate(drivers); err != nil {
 		t.Fatalf("defaults + url: %v", err)
 	}
 }
@@ -32,8 +46,8 @@ func TestValidateListsEveryBadField(t *testing.T) {
 	c.VM.Driver = "vbox"
 	c.Network.MTU = 100
 	c.Network.AllowHostPorts = []int{0, 70000}
-	err := c.Validate()
-	fe, ok := err.(FieldErrors)
+	err := c.Validate(drivers)
+	fe, ok := err.(config.FieldErrors)
 	if !ok {
 		t.Fatalf("want FieldErrors, got %T %v", err, err)
 	}
@@ -58,8 +72,8 @@ func TestParse(t *testing.T) {
 		{"user network with firecracker", "gitlab:\n  url: https://g.example.com\nnetwork:\n  mode: user\n", "network.mode"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := Default()
-			err := Parse([]byte(tc.yaml), &c)
+			c := config.Default()
+			err := config.Parse([]byte(tc.yaml), &c, drivers)
 			if tc.wantErr == "" && err != nil {
 				t.Fatalf("unexpected error: %v", err)
 			}
@@ -76,23 +90,99 @@ func TestReadSecret(t *testing.T) {
 	if err := os.WriteFile(p, []byte("  s3cret\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if s, err := ReadSecret(p); err != nil || s != "s3cret" {
+	if s, err := config.ReadSecret(p); err != nil || s != "s3cret" {
 		t.Fatalf("ReadSecret = %q, %v", s, err)
 	}
 	if err := os.Chmod(p, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ReadSecret(p); err == nil || !strings.Contains(err.Error(), "0600") {
+	if _, err := config.ReadSecret(p); err == nil || !strings.Contains(err.Error(), "0600") {
 		t.Fatalf("world-readable secret accepted: %v", err)
 	}
 	empty := filepath.Join(dir, "empty")
 	if err := os.WriteFile(empty, []byte("\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ReadSecret(empty); err == nil {
+	if _, err := config.ReadSecret(empty); err == nil {
 		t.Fatal("empty secret accepted")
 	}
-	if _, err := ReadSecret(filepath.Join(dir, "missing")); err == nil {
+	if _, err := config.ReadSecret(filepath.Join(dir, "missing")); err == nil {
 		t.Fatal("missing secret accepted")
+	}
+}
+
+// The driver sections are validated by their providers, through the
+// registry, with the field names and messages of the file, and listed with
+// every other bad field.
+func TestDriverSections(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		mut  func(c *config.Config)
+		want []string // every line must appear; nil = valid
+	}{
+		{"defaults", func(c *config.Config) {}, nil},
+		{"unknown driver lists the known ones", func(c *config.Config) { c.VM.Driver = "vbox" },
+			[]string{`vm.driver: "vbox" is not one of qemu, firecracker`}},
+		{"qemu binary", func(c *config.Config) { c.VM.Driver, c.QEMU.Binary = "qemu", "" },
+			[]string{"qemu.binary: must be set"}},
+		{"qemu accel, even with firecracker selected", func(c *config.Config) { c.QEMU.Accel = "fast" },
+			[]string{`qemu.accel: "fast" is not one of auto, kvm, tcg`}},
+		{"qemu state dir syntax", func(c *config.Config) { c.VM.Driver, c.StateDir = "qemu", "/var/lib/a,b" },
+			[]string{`state_dir: "/var/lib/a,b" must not contain ',' or ':'`}},
+		{"firecracker binary", func(c *config.Config) { c.Firecracker.Binary = "" },
+			[]string{"firecracker.binary: must be set"}},
+		{"firecracker with user networking", func(c *config.Config) { c.Network.Mode = "user" },
+			[]string{"network.mode: user-mode networking is QEMU-only; firecracker needs tap"}},
+		{"qemu with user networking", func(c *config.Config) { c.VM.Driver, c.Network.Mode = "qemu", "user" }, nil},
+		{"jailer fields", func(c *config.Config) {
+			c.Firecracker.JailerBinary, c.Firecracker.ChrootBase, c.Firecracker.UID, c.Firecracker.GID = "", "jail", 0, -1
+			c.Firecracker.Binary = "/usr/local/bin/fc"
+		}, []string{
+			"firecracker.jailer_binary: must be set when firecracker.use_jailer is on",
+			`firecracker.binary: "/usr/local/bin/fc": the jailer requires the file name to contain "firecracker"`,
+			`firecracker.chroot_base: "jail" must be an absolute path`,
+			"firecracker.uid: must be > 0", "firecracker.gid: must be > 0",
+		}},
+		{"jailer fields unused without the jailer", func(c *config.Config) {
+			c.Firecracker.UseJailer, c.Firecracker.ChrootBase, c.Firecracker.UID = false, "jail", 0
+		}, nil},
+		{"firecracker section unused with qemu", func(c *config.Config) {
+			c.VM.Driver, c.Firecracker.Binary, c.Firecracker.ChrootBase = "qemu", "", "jail"
+		}, nil},
+		{"driver and other fields at once", func(c *config.Config) {
+			c.LogLevel, c.QEMU.Accel, c.Firecracker.ChrootBase = "chatty", "fast", "jail"
+		}, []string{"log_level:", "qemu.accel:", "firecracker.chroot_base:"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := valid()
+			tc.mut(&c)
+			err := c.Validate(drivers)
+			if tc.want == nil {
+				if err != nil {
+					t.Fatalf("unexpected error: %v", err)
+				}
+				return
+			}
+			fe, ok := err.(config.FieldErrors)
+			if !ok {
+				t.Fatalf("want FieldErrors, got %T %v", err, err)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), "\n  "+w) {
+					t.Errorf("missing %q in:\n%v", w, err)
+				}
+			}
+			if len(fe) != len(tc.want) {
+				t.Errorf("want %d field errors, got %d:\n%v", len(tc.want), len(fe), err)
+			}
+		})
+	}
+}
+
+// Without a driver registry the driver cannot be checked, and says so.
+func TestValidateWithoutDrivers(t *testing.T) {
+	err := valid().Validate(nil)
+	if err == nil || !strings.Contains(err.Error(), "vm.driver: cannot check") {
+		t.Fatalf("Validate(nil) = %v", err)
 	}
 }

@@ -24,10 +24,6 @@ import (
 	"github.com/firerunner/firerunner/internal/store"
 	"github.com/firerunner/firerunner/internal/vm"
 	"github.com/firerunner/firerunner/internal/webhook"
-
-	// VM drivers register themselves by name (config vm.driver).
-	_ "github.com/firerunner/firerunner/internal/vm/firecracker"
-	_ "github.com/firerunner/firerunner/internal/vm/qemu"
 )
 
 // Daemon is a started FireRunner.
@@ -86,10 +82,14 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Daemon,
 	if d.Image, err = image.Load(cfg.VM.ImageDir); err != nil {
 		return nil, fmt.Errorf("vm.image_dir: %w", err)
 	}
-	if d.Driver, err = vm.New(cfg.VM.Driver, vm.Env{Config: cfg, Logger: log}); err != nil {
+	driver, err := Drivers().Get(cfg.VM.Driver)
+	if err != nil {
 		return nil, fmt.Errorf("vm.driver: %w", err)
 	}
-	nw, err := network(ctx, cfg, log)
+	if d.Driver, err = driver.New(cfg, log); err != nil {
+		return nil, fmt.Errorf("vm.driver: %w", err)
+	}
+	nw, err := network(ctx, cfg, driver, log)
 	if err != nil {
 		return nil, err
 	}
@@ -136,7 +136,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Daemon,
 }
 
 // network prepares tap networking; nil means QEMU user-mode networking.
-func network(ctx context.Context, cfg config.Config, log *slog.Logger) (controller.Network, error) {
+func network(ctx context.Context, cfg config.Config, driver vm.Provider[config.Config], log *slog.Logger) (controller.Network, error) {
 	if cfg.Network.Mode != "tap" {
 		return nil, nil
 	}
@@ -151,9 +151,12 @@ func network(ctx context.Context, cfg config.Config, log *slog.Logger) (controll
 	for _, p := range cfg.Network.AllowHostPorts {
 		opts = append(opts, netsetup.WithAllowedHostPorts(uint16(p)))
 	}
-	// The jailed Firecracker process runs as firecracker.uid and must open its tap.
-	if cfg.VM.Driver == "firecracker" && cfg.Firecracker.UseJailer {
-		opts = append(opts, netsetup.WithTapOwner(uint32(cfg.Firecracker.UID), uint32(cfg.Firecracker.GID)))
+	// A VMM that runs as its own user (the jailed Firecracker, as
+	// firecracker.uid) opens its tap itself, so the tap must be that user's.
+	if u, ok := driver.(vm.VMMUser[config.Config]); ok {
+		if uid, gid, ok := u.VMMUser(cfg); ok {
+			opts = append(opts, netsetup.WithTapOwner(uint32(uid), uint32(gid)))
+		}
 	}
 	mgr, err := netsetup.New(cfg.Network, cfg.StateDir, opts...)
 	if err != nil {

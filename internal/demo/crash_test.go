@@ -210,7 +210,7 @@ func runCrashDaemon(cfgPath, logPath string) {
 	if err := json.Unmarshal(b, &cfg); err != nil {
 		fail(err)
 	}
-	if err := cfg.Validate(); err != nil {
+	if err := cfg.Validate(daemon.Drivers()); err != nil {
 		fail(err)
 	}
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
@@ -296,7 +296,7 @@ func newCrashHarness(t *testing.T, imageDir string) *crashHarness {
 	cfg.Listen = h.listen
 	cfg.Reconcile.PollProjects = []int64{h.proj.ID}
 	cfg.Reconcile.Interval = 2 * time.Second
-	if err := cfg.Validate(); err != nil {
+	if err := cfg.Validate(daemon.Drivers()); err != nil {
 		t.Fatal(err)
 	}
 	b, err := json.Marshal(cfg)

@@ -341,7 +341,7 @@ func Config(o Options, apiURL, guestURL, apiToken, hookSecret string) (config.Co
 			return cfg, err
 		}
 	}
-	return cfg, cfg.Validate()
+	return cfg, cfg.Validate(daemon.Drivers())
 }
 
 // TapGateway is the bridge address VMs reach the host at in tap mode: the

@@ -25,6 +25,7 @@ import (
 	"github.com/firerunner/firerunner/internal/config"
 	"github.com/firerunner/firerunner/internal/image"
 	"github.com/firerunner/firerunner/internal/netsetup"
+	"github.com/firerunner/firerunner/internal/vm"
 )
 
 // Status of one check.
@@ -57,6 +58,9 @@ type Env struct {
 	Config config.Config
 	// ConfigErr is the error loading the config file, reported as a failure.
 	ConfigErr error
+	// Drivers are the VM drivers (daemon.Drivers); the selected driver's
+	// checks (its VMM binaries) run after the host's CPU checks.
+	Drivers *vm.Registry[config.Config]
 	// Root prefixes host paths (/dev, /proc, /sys); "" means "/".
 	Root string
 	// HTTPClient talks to GitLab; default a client with the config's timeout.
@@ -117,14 +121,16 @@ func (e *Env) defaults() {
 	}
 }
 
-// Run performs every check in order.
+type check func(context.Context, *Env) Result
+
+// Run performs every check in order: the host's, with the selected VM
+// driver's own checks in the middle.
 func Run(ctx context.Context, env Env) Report {
 	env.defaults()
-	checks := []func(context.Context, *Env) Result{
-		checkConfig, checkKVMDevice, checkKVMGuest, checkCPUVirt, checkVMM, checkJailer,
-		checkImage, checkCgroup, checkTun, checkNetwork, checkDisk, checkMemory, checkCPUs,
-		checkGitLabReachable, checkToken, checkWebhookSecret,
-	}
+	checks := []check{checkConfig, checkKVMDevice, checkKVMGuest, checkCPUVirt}
+	checks = append(checks, driverChecks(&env)...)
+	checks = append(checks, checkImage, checkCgroup, checkTun, checkNetwork, checkDisk, checkMemory, checkCPUs,
+		checkGitLabReachable, checkToken, checkWebhookSecret)
 	r := Report{OK: true}
 	for _, c := range checks {
 		res := c(ctx, &env)
@@ -134,6 +140,30 @@ func Run(ctx context.Context, env Env) Report {
 		r.Results = append(r.Results, res)
 	}
 	return r
+}
+
+// driverChecks are the checks the selected driver's provider gives (for
+// example its VMM binaries), or one failure when there is no such driver.
+func driverChecks(e *Env) []check {
+	if e.Drivers == nil {
+		return []check{func(context.Context, *Env) Result {
+			return res("vm-driver", Fail, "doctor needs the driver registry (daemon.Drivers)", "no VM drivers given: cannot check driver %q", e.Config.VM.Driver)
+		}}
+	}
+	vc, err := e.Drivers.Checks(e.Config.VM.Driver, e.Config)
+	if err != nil {
+		return []check{func(context.Context, *Env) Result {
+			return res("vm-driver", Fail, "set vm.driver to one of "+strings.Join(e.Drivers.Names(), ", "), "%v", err)
+		}}
+	}
+	var cs []check
+	for _, c := range vc {
+		cs = append(cs, func(ctx context.Context, e *Env) Result {
+			r := c.Run(ctx, vm.CheckHost{Root: e.Root, Command: e.Command})
+			return Result{Name: c.Name, Status: Status(r.Status), Detail: r.Detail, Fix: r.Fix}
+		})
+	}
+	return cs
 }
 
 // WriteText prints one line per check, with the fix indented under it.
@@ -232,49 +262,6 @@ func checkCPUVirt(_ context.Context, e *Env) Result {
 	default:
 		return res("cpu-virt", Fail, "enable VT-x/AMD-V in the firmware setup", "no vmx/svm CPU flag")
 	}
-}
-
-func firstLine(s string) string {
-	s, _, _ = strings.Cut(strings.TrimSpace(s), "\n")
-	return strings.TrimSpace(s)
-}
-
-func (e *Env) binVersion(ctx context.Context, name, bin, fix string) Result {
-	p, err := exec.LookPath(bin)
-	if err != nil {
-		return res(name, Fail, fix, "%s not found or not executable: %v", bin, err)
-	}
-	out, err := e.Command(ctx, p, "--version")
-	if err != nil {
-		return res(name, Fail, fix, "%s --version failed: %v: %s", p, err, firstLine(out))
-	}
-	return pass(name, "%s: %s", p, firstLine(out))
-}
-
-const fcFix = "install.sh --firecracker-bin PATH --jailer-bin PATH, or let install.sh download the official release (github.com/firecracker-microvm/firecracker/releases)"
-
-func checkVMM(ctx context.Context, e *Env) Result {
-	switch e.Config.VM.Driver {
-	case "qemu":
-		return e.binVersion(ctx, "qemu", e.Config.QEMU.Binary, "apt-get install qemu-system-x86 (dnf install qemu-kvm on RHEL/Rocky) or set qemu.binary")
-	default:
-		return e.binVersion(ctx, "firecracker", e.Config.Firecracker.Binary, fcFix)
-	}
-}
-
-func checkJailer(ctx context.Context, e *Env) Result {
-	if e.Config.VM.Driver != "firecracker" || !e.Config.Firecracker.UseJailer {
-		return res("jailer", Skip, "", "skipped: jailer not used (driver %s, use_jailer %v)", e.Config.VM.Driver, e.Config.Firecracker.UseJailer)
-	}
-	if os.Geteuid() != 0 && e.Root == "" {
-		r := e.binVersion(ctx, "jailer", e.Config.Firecracker.JailerBinary, fcFix)
-		if r.Status == Pass {
-			r.Status, r.Fix = Warn, "the jailer must start as root (the systemd unit runs firerunner as root for this)"
-			r.Detail += "; doctor is not running as root"
-		}
-		return r
-	}
-	return e.binVersion(ctx, "jailer", e.Config.Firecracker.JailerBinary, fcFix)
 }
 
 func checkImage(_ context.Context, e *Env) Result {

@@ -12,13 +12,25 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/firerunner/firerunner/internal/config"
 	"github.com/firerunner/firerunner/internal/image"
+	"github.com/firerunner/firerunner/internal/vm"
+	"github.com/firerunner/firerunner/internal/vm/firecracker"
+	"github.com/firerunner/firerunner/internal/vm/qemu"
 )
+
+// drivers are the real providers, as daemon.Drivers lists them.
+var drivers = func() *vm.Registry[config.Config] {
+	r := vm.NewRegistry[config.Config]()
+	r.Add(qemu.Provider{})
+	r.Add(firecracker.Provider{})
+	return r
+}()
 
 // goodToken is assembled so it never looks like a committed real token.
 var goodToken = "glpat" + "-doctor-test-token"
@@ -126,11 +138,12 @@ func healthy(t *testing.T) *fixture {
 	cfg.Firecracker.Binary = bin + "/firecracker"
 	cfg.Firecracker.JailerBinary = bin + "/jailer"
 	cfg.Capacity.MaxMemoryGiBPerVM = 16
-	if err := cfg.Validate(); err != nil {
+	if err := cfg.Validate(drivers); err != nil {
 		t.Fatal(err)
 	}
 	return &fixture{gl: gl, dir: root, env: Env{
 		Config:     cfg,
+		Drivers:    drivers,
 		Root:       root,
 		HTTPClient: srv.Client(),
 		ProbeKVM:   func(context.Context) error { return nil },
@@ -223,6 +236,8 @@ func TestEachCheckFails(t *testing.T) {
 		{"qemu", Fail, "not found", func(f *fixture) {
 			f.env.Config.VM.Driver, f.env.Config.QEMU.Binary = "qemu", "/nonexistent/qemu-system-x86_64"
 		}},
+		{"vm-driver", Fail, `unknown vm driver "vbox" (known: qemu, firecracker)`, func(f *fixture) { f.env.Config.VM.Driver = "vbox" }},
+		{"vm-driver", Fail, "no VM drivers given", func(f *fixture) { f.env.Drivers = nil }},
 		{"image", Fail, "checksum mismatch", func(f *fixture) {
 			write(t, filepath.Join(f.env.Config.VM.ImageDir, image.ArtRootfs), "tampered rootfs", 0o644)
 		}},
@@ -276,6 +291,37 @@ func TestEachCheckFails(t *testing.T) {
 			r.WriteText(&buf)
 			if !strings.Contains(buf.String(), "fix: "+got.Fix) {
 				t.Errorf("text report lacks the fix:\n%s", buf.String())
+			}
+		})
+	}
+}
+
+// Doctor runs the checks the selected driver's provider gives, where the
+// VMM checks always were: after cpu-virt, before image.
+func TestDriverChecksFollowTheDriver(t *testing.T) {
+	for _, tc := range []struct {
+		driver string
+		want   []string
+	}{
+		{"firecracker", []string{"cpu-virt", "firecracker", "jailer", "image"}},
+		{"qemu", []string{"cpu-virt", "qemu", "image"}},
+		{"vbox", []string{"cpu-virt", "vm-driver", "image"}},
+	} {
+		t.Run(tc.driver, func(t *testing.T) {
+			f := healthy(t)
+			f.env.Config.VM.Driver = tc.driver
+			f.env.Config.QEMU.Binary = f.env.Config.Firecracker.Binary // any executable answers --version here
+			r := Run(context.Background(), f.env)
+			var names []string
+			for _, c := range r.Results {
+				names = append(names, c.Name)
+			}
+			i := slices.Index(names, "cpu-virt")
+			if i < 0 || i+len(tc.want) > len(names) || !slices.Equal(names[i:i+len(tc.want)], tc.want) {
+				t.Fatalf("checks %q, want %q in a row", names, tc.want)
+			}
+			if tc.driver != "vbox" && find(t, r, tc.want[1]).Status != Pass {
+				t.Errorf("%s check: %+v", tc.want[1], find(t, r, tc.want[1]))
 			}
 		})
 	}

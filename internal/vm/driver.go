@@ -6,12 +6,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
-	"sort"
-	"sync"
 	"time"
 
-	"github.com/firerunner/firerunner/internal/config"
 	"github.com/firerunner/firerunner/internal/guestconfig"
 )
 
@@ -104,7 +100,7 @@ type Instance struct {
 // Driver runs microVMs. Every method is safe to call again (idempotent), and
 // Wait/Destroy/List work on VMs started by an earlier FireRunner process.
 type Driver interface {
-	// Name is the registry key ("qemu", "firecracker", "fake").
+	// Name is the driver's name, its Provider's ("qemu", "firecracker", "fake").
 	Name() string
 	// Start prepares per-VM files and starts the VMM; it returns once the VMM
 	// process runs (not when the guest has booted).
@@ -121,52 +117,3 @@ type Driver interface {
 
 // ErrNotFound is returned by Wait for an id the driver does not know.
 var ErrNotFound = errors.New("vm not found")
-
-// Env is what a driver factory gets: the whole daemon config (each driver
-// reads its own section plus StateDir, Network and VM) and a logger.
-type Env struct {
-	Config config.Config
-	Logger *slog.Logger
-}
-
-// Factory builds a driver from the daemon configuration. Drivers also export
-// their own Options struct and New(Options) for direct use in tests.
-type Factory func(env Env) (Driver, error)
-
-var (
-	mu       sync.Mutex
-	registry = map[string]Factory{}
-)
-
-// Register makes a driver available by name; drivers call it from init.
-func Register(name string, f Factory) {
-	mu.Lock()
-	defer mu.Unlock()
-	if _, dup := registry[name]; dup {
-		panic("vm: driver registered twice: " + name)
-	}
-	registry[name] = f
-}
-
-// New builds the named driver.
-func New(name string, env Env) (Driver, error) {
-	mu.Lock()
-	f, ok := registry[name]
-	mu.Unlock()
-	if !ok {
-		return nil, fmt.Errorf("unknown vm driver %q (known: %v)", name, Names())
-	}
-	return f(env)
-}
-
-// Names lists the registered drivers.
-func Names() []string {
-	mu.Lock()
-	defer mu.Unlock()
-	var n []string
-	for k := range registry {
-		n = append(n, k)
-	}
-	sort.Strings(n)
-	return n
-}

@@ -1,5 +1,6 @@
 // Package fakevm is a vm.Driver that boots nothing, with configurable delays,
-// exit codes and failure injection. For controller unit tests and benchmarks only.
+// exit codes and failure injection. For controller unit tests and benchmarks
+// only: it has no vm.Provider and is in no driver registry; tests call New.
 package fakevm
 
 import (
@@ -12,10 +13,6 @@ import (
 
 	"github.com/firerunner/firerunner/internal/vm"
 )
-
-func init() {
-	vm.Register("fake", func(vm.Env) (vm.Driver, error) { return New(Options{}), nil })
-}
 
 // Options shape the fake VMs.
 type Options struct {

@@ -61,7 +61,4 @@ func TestFakeDriver(t *testing.T) {
 	if r, err := auto.Wait(ctx, "fr-c"); err != nil || r.ExitCode != 0 || r.Reason != "" {
 		t.Fatalf("self power-off: %+v %v", r, err)
 	}
-	if got, err := vm.New("fake", vm.Env{}); err != nil || got.Name() != "fake" {
-		t.Fatalf("registry: %v", err)
-	}
 }

@@ -22,26 +22,8 @@ import (
 	"github.com/firerunner/firerunner/internal/vm"
 )
 
-// Name is the registry key.
+// Name is the driver's name (vm.driver), see Provider.
 const Name = "firecracker"
-
-// init registers the driver; its factory reads the firecracker section and
-// state_dir of config.Config.
-func init() {
-	vm.Register(Name, func(env vm.Env) (vm.Driver, error) {
-		c := env.Config
-		return New(Options{
-			Binary:       c.Firecracker.Binary,
-			JailerBinary: c.Firecracker.JailerBinary,
-			UseJailer:    c.Firecracker.UseJailer,
-			UID:          c.Firecracker.UID,
-			GID:          c.Firecracker.GID,
-			ChrootBase:   c.Firecracker.ChrootBase,
-			StateDir:     c.StateDir,
-			Logger:       env.Logger,
-		})
-	})
-}
 
 // Options configure the driver. Zero values get the documented defaults.
 type Options struct {

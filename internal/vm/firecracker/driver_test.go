@@ -75,17 +75,48 @@ func TestOptionsValidate(t *testing.T) {
 	}
 }
 
-func TestFactoryReadsConfig(t *testing.T) {
+func TestProviderReadsConfig(t *testing.T) {
 	c := config.Default()
 	c.StateDir = t.TempDir()
 	c.Firecracker.ChrootBase = "/srv/jail-test"
-	d, err := vm.New(Name, vm.Env{Config: c})
+	d, err := Provider{}.New(c, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	fd := d.(*Driver)
 	if !fd.opts.UseJailer || fd.opts.UID != 64000 || fd.opts.ChrootBase != "/srv/jail-test" || fd.opts.Binary != c.Firecracker.Binary || fd.sd.Root != filepath.Join(c.StateDir, "vms") {
-		t.Errorf("factory options = %+v", fd.opts)
+		t.Errorf("provider options = %+v", fd.opts)
+	}
+	if uid, gid, ok := (Provider{}).VMMUser(c); !ok || uid != 64000 || gid != 64000 {
+		t.Errorf("VMMUser with the jailer = %d:%d %v", uid, gid, ok)
+	}
+	c.Firecracker.UseJailer = false
+	if _, _, ok := (Provider{}).VMMUser(c); ok {
+		t.Error("VMMUser without the jailer: the VMM runs as FireRunner's user")
+	}
+	// A config that passes the provider's validation builds; one New refuses
+	// is caught by Validate first, with the file's field name.
+	c.Firecracker.UseJailer, c.Firecracker.ChrootBase = true, "jail"
+	if errs := (Provider{}).Validate(c, true); len(errs) != 1 || errs[0].Field != "firecracker.chroot_base" {
+		t.Errorf("Validate = %v", errs)
+	}
+	if _, err := (Provider{}).New(c, nil); err == nil {
+		t.Error("New accepted a relative chroot base")
+	}
+}
+
+func TestProviderChecks(t *testing.T) {
+	c := config.Default()
+	var names []string
+	for _, ch := range (Provider{}).Checks(c) {
+		names = append(names, ch.Name)
+	}
+	if !slices.Equal(names, []string{"firecracker", "jailer"}) {
+		t.Fatalf("checks %q", names)
+	}
+	c.Firecracker.UseJailer = false
+	if r := (Provider{}).Checks(c)[1].Run(context.Background(), vm.CheckHost{}); r.Status != vm.CheckSkip {
+		t.Errorf("jailer check without the jailer: %+v", r)
 	}
 }
 

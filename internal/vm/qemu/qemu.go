@@ -23,22 +23,8 @@ import (
 	"github.com/firerunner/firerunner/internal/vm"
 )
 
-// Name is the registry key.
+// Name is the driver's name (vm.driver), see Provider.
 const Name = "qemu"
-
-func init() {
-	vm.Register(Name, func(env vm.Env) (vm.Driver, error) {
-		c := env.Config
-		return New(Options{
-			Binary:        c.QEMU.Binary,
-			Accel:         c.QEMU.Accel,
-			StateDir:      c.StateDir,
-			NetworkMode:   c.Network.Mode,
-			ConsoleLogDir: c.VM.ConsoleLogDir,
-			Logger:        env.Logger,
-		})
-	})
-}
 
 // Per-VM files besides the shared ones in package vm.
 const (

@@ -1,0 +1,118 @@
+package firecracker
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/firerunner/firerunner/internal/config"
+	"github.com/firerunner/firerunner/internal/vm"
+)
+
+// Provider is the Firecracker driver's vm.Provider: it owns the firecracker
+// section of the configuration, the driver's doctor checks (firecracker and
+// jailer binaries), and building a Driver from the configuration. The
+// daemon adds it to its driver registry.
+type Provider struct{}
+
+var (
+	_ vm.Provider[config.Config] = Provider{}
+	_ vm.VMMUser[config.Config]  = Provider{}
+)
+
+// Name implements vm.Provider.
+func (Provider) Name() string { return Name }
+
+// Validate implements vm.Provider. The section is checked only when
+// Firecracker is selected; the jailer fields only when use_jailer is on.
+// The checks are those New would fail on, reported at load time with the
+// file's field names.
+func (Provider) Validate(c config.Config, selected bool) []vm.FieldError {
+	if !selected {
+		return nil
+	}
+	var errs []vm.FieldError
+	bad := func(field, format string, a ...any) { errs = append(errs, vm.Fieldf(field, format, a...)) }
+	f := c.Firecracker
+	if f.Binary == "" {
+		bad("firecracker.binary", "must be set")
+	}
+	if c.Network.Mode == "user" {
+		bad("network.mode", "user-mode networking is QEMU-only; firecracker needs tap")
+	}
+	if c.StateDir != "" && !filepath.IsAbs(c.StateDir) {
+		bad("state_dir", "%q must be an absolute path with the firecracker driver", c.StateDir)
+	}
+	if !f.UseJailer {
+		return errs
+	}
+	if f.JailerBinary == "" {
+		bad("firecracker.jailer_binary", "must be set when firecracker.use_jailer is on")
+	}
+	if f.Binary != "" && !strings.Contains(filepath.Base(f.Binary), "firecracker") {
+		bad("firecracker.binary", "%q: the jailer requires the file name to contain \"firecracker\"", f.Binary)
+	}
+	if !filepath.IsAbs(f.ChrootBase) {
+		bad("firecracker.chroot_base", "%q must be an absolute path", f.ChrootBase)
+	}
+	if f.UID <= 0 {
+		bad("firecracker.uid", "must be > 0 (a jailed VMM never runs as root), got %d", f.UID)
+	}
+	if f.GID <= 0 {
+		bad("firecracker.gid", "must be > 0 (a jailed VMM never runs as root), got %d", f.GID)
+	}
+	return errs
+}
+
+const fcFix = "install.sh --firecracker-bin PATH --jailer-bin PATH, or let install.sh download the official release (github.com/firecracker-microvm/firecracker/releases)"
+
+// Checks implements vm.Provider: the firecracker binary answers --version,
+// and so does the jailer when use_jailer is on (a warning when doctor is
+// not root on this host: the jailer must start as root).
+func (Provider) Checks(c config.Config) []vm.Check {
+	f := c.Firecracker
+	return []vm.Check{
+		{Name: "firecracker", Run: func(ctx context.Context, h vm.CheckHost) vm.CheckResult {
+			return h.BinaryVersion(ctx, f.Binary, fcFix)
+		}},
+		{Name: "jailer", Run: func(ctx context.Context, h vm.CheckHost) vm.CheckResult {
+			if !f.UseJailer {
+				return vm.CheckResult{Status: vm.CheckSkip, Detail: fmt.Sprintf("skipped: jailer not used (driver %s, use_jailer %v)", Name, f.UseJailer)}
+			}
+			r := h.BinaryVersion(ctx, f.JailerBinary, fcFix)
+			if r.Status == vm.CheckPass && h.Real() && os.Geteuid() != 0 {
+				r.Status, r.Fix = vm.CheckWarn, "the jailer must start as root (the systemd unit runs firerunner as root for this)"
+				r.Detail += "; doctor is not running as root"
+			}
+			return r
+		}},
+	}
+}
+
+// VMMUser implements vm.VMMUser: a jailed Firecracker runs as
+// firecracker.uid/gid and opens its tap itself.
+func (Provider) VMMUser(c config.Config) (uid, gid int, ok bool) {
+	return c.Firecracker.UID, c.Firecracker.GID, c.Firecracker.UseJailer
+}
+
+// New implements vm.Provider: a Driver from the firecracker section and
+// state_dir.
+func (Provider) New(c config.Config, log *slog.Logger) (vm.Driver, error) {
+	d, err := New(Options{
+		Binary:       c.Firecracker.Binary,
+		JailerBinary: c.Firecracker.JailerBinary,
+		UseJailer:    c.Firecracker.UseJailer,
+		UID:          c.Firecracker.UID,
+		GID:          c.Firecracker.GID,
+		ChrootBase:   c.Firecracker.ChrootBase,
+		StateDir:     c.StateDir,
+		Logger:       log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return d, nil
+}
