@@ -66,3 +66,18 @@ func TestNoTestSupportLinked(t *testing.T) {
 		t.Errorf("the check misses the demo binary's link to the GitLab stand-in; it reported %v", bad)
 	}
 }
+
+// TestVMIndependentOfConfig keeps internal/vm free of internal/config: the
+// driver providers (internal/vm/qemu, internal/vm/firecracker) read their
+// config sections, and vm.Registry takes the config type as a parameter.
+// Code in internal/vm that wants config values takes them as plain fields
+// filled in by a provider.
+func TestVMIndependentOfConfig(t *testing.T) {
+	list := deps(t, "./internal/vm")
+	if !slices.Contains(list, module+"/internal/guestconfig") {
+		t.Fatalf("go list -deps ./internal/vm does not list internal/guestconfig; the listing is incomplete:\n%s", strings.Join(list, "\n"))
+	}
+	if slices.Contains(list, module+"/internal/config") {
+		t.Errorf("internal/vm links internal/config; pass the values in from the driver's Provider instead")
+	}
+}
