@@ -2,8 +2,9 @@
 # Installs the Debian packages FireRunner's build, tests and demo need, if
 # missing (as root). Used by `make deps` (and so `make demo`/`make test`) and CI.
 set -euo pipefail
+# prometheus provides promtool, which checks packaging/prometheus's alert rules.
 pkgs=(qemu-system-x86 qemu-utils debootstrap busybox-static cpio e2fsprogs xz-utils zstd kmod
-      nftables iptables iproute2 git ca-certificates make gcc python3 jq)
+      nftables iptables iproute2 git ca-certificates make gcc python3 jq prometheus)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
