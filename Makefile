@@ -36,10 +36,28 @@ TEST_TIMEOUT ?= 25m
 .PHONY: test test-go test-fuzz lint
 test: deps lint gitlab-runner image test-go test-fuzz test-install
 
-test-go:
-	FIRERUNNER_TEST_IMAGE=$$(readlink -e $(IMAGE_DIR_FILE)) \
-	FIRERUNNER_TEST_GITLAB_RUNNER=$(GITLAB_RUNNER_BIN) \
-	  $(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...
+# FIRERUNNER_TEST_REQUIRE=1 (TEST_REQUIRE=0 to turn it off): a missing
+# prerequisite (guest image, gitlab-runner, QEMU, root, git, xz, promtool)
+# fails its test instead of skipping it (internal/testenv). go test -json goes
+# through scripts/testreport, which prints go test's ok/FAIL line per package,
+# the output of failing tests, a line for every skipped test with its reason,
+# then all skips again and "tests: N passed, N failed, N skipped".
+TEST_REQUIRE ?= 1
+test-go: $(BIN)/testreport
+	@img=$$(readlink -e $(IMAGE_DIR_FILE)) || img=; \
+	if [ "$(TEST_REQUIRE)" = 1 ]; then \
+	  if [ -z "$$img" ]; then echo "test-go: no guest image: $(IMAGE_DIR_FILE) is missing or dangling (make image builds it; make test does)" >&2; exit 1; fi; \
+	  if [ ! -x "$(GITLAB_RUNNER_BIN)" ]; then echo "test-go: no gitlab-runner binary at '$(GITLAB_RUNNER_BIN)' (make gitlab-runner builds it; make test does)" >&2; exit 1; fi; \
+	fi; \
+	echo "test-go: FIRERUNNER_TEST_REQUIRE=$(TEST_REQUIRE) FIRERUNNER_TEST_IMAGE=$$img FIRERUNNER_TEST_GITLAB_RUNNER=$(GITLAB_RUNNER_BIN)"; \
+	set -o pipefail; \
+	FIRERUNNER_TEST_REQUIRE=$(TEST_REQUIRE) FIRERUNNER_TEST_IMAGE=$$img FIRERUNNER_TEST_GITLAB_RUNNER=$(GITLAB_RUNNER_BIN) \
+	  $(GO) test -json -race -count=1 -timeout $(TEST_TIMEOUT) ./... | $(BIN)/testreport
+
+.PHONY: $(BIN)/testreport
+$(BIN)/testreport:
+	@mkdir -p $(BIN)
+	$(GO) build -o $@ ./scripts/testreport
 
 # Short fuzz runs of the two parsers that see untrusted input.
 test-fuzz:

@@ -147,9 +147,7 @@ func TestBootTimeout(t *testing.T) {
 
 func requireRunnerInImage(t *testing.T, m Manifest) {
 	if m.Inputs.GitLabRunnerSHA256 == "" {
-		msg := fmt.Sprintf("SKIPPED %s: prerequisite missing: image %s has no gitlab-runner (built with --no-gitlab-runner; run make image)", t.Name(), m.Dir)
-		fmt.Fprintf(os.Stderr, "\n!!!!!!!! %s\n\n", msg)
-		t.Skip(msg)
+		testenv.Missing(t, "gitlab-runner in the guest image", fmt.Sprintf("image %s was built with --no-gitlab-runner; run make image", m.Dir))
 	}
 }
 

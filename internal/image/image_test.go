@@ -46,9 +46,7 @@ Suites: bookworm-security
 // TestExtractVMLinux builds a fake bzImage: a setup header, a decoy xz magic,
 // the xz-compressed "kernel" and trailing data, as in a real bzImage.
 func TestExtractVMLinux(t *testing.T) {
-	if _, err := exec.LookPath("xz"); err != nil {
-		t.Skip("xz not installed")
-	}
+	testenv.XZ(t)
 	dir := t.TempDir()
 	elf := append([]byte("\x7fELF\x02\x01\x01"), bytes.Repeat([]byte("kernel"), 1000)...)
 	cmd := exec.Command("xz", "-c", "--check=crc32")

@@ -7,11 +7,11 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/firerunner/firerunner/internal/testenv"
 	gitlab "gitlab.com/gitlab-org/api/client-go"
 )
 
@@ -20,9 +20,7 @@ var adminToken = "glpat" + "-admin-token-0001"
 
 func newServer(t *testing.T, opts Options) *Server {
 	t.Helper()
-	if _, err := exec.LookPath("git"); err != nil {
-		t.Skip("git is not installed")
-	}
+	testenv.Git(t)
 	s, err := New(opts)
 	if err != nil {
 		t.Fatal(err)
