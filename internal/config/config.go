@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"net/url"
 	"os"
 	"slices"
@@ -128,6 +129,15 @@ type VM struct {
 	ImageDir string `yaml:"image_dir"`
 	// ConsoleLogDir keeps a copy of each VM's console log; "" = do not keep.
 	ConsoleLogDir string `yaml:"console_log_dir"`
+	// ConsoleLogMaxBytes caps each VM's live console log: past it, the
+	// middle is cut and the head and the newest output are kept (>= 64 KiB).
+	ConsoleLogMaxBytes int64 `yaml:"console_log_max_bytes"`
+	// ConsoleLogKeep is how many copies ConsoleLogDir keeps (newest first);
+	// 0 = no count limit.
+	ConsoleLogKeep int `yaml:"console_log_keep"`
+	// ConsoleLogMaxAge removes copies in ConsoleLogDir older than this;
+	// 0 = no age limit.
+	ConsoleLogMaxAge time.Duration `yaml:"console_log_max_age"`
 }
 
 // Network is the VM network shared by both drivers.
@@ -144,12 +154,18 @@ type Network struct {
 	// DNS servers handed to guests.
 	DNS []string `yaml:"dns"`
 	// Egress is "allow_all" or "allowlist" (only EgressAllow CIDRs).
-	Egress      string   `yaml:"egress"`
+	Egress string `yaml:"egress"`
+	// EgressAllow lists IPv4 CIDRs or addresses: the only destinations with
+	// egress allowlist, and the exceptions to DenyPrivate.
 	EgressAllow []string `yaml:"egress_allow"`
+	// DenyPrivate drops egress from VMs to private and internal ranges
+	// (RFC 1918 10/8, 172.16/12, 192.168/16, CGNAT 100.64/10, link-local
+	// 169.254/16) except EgressAllow and DNS (port 53) to the DNS servers.
+	DenyPrivate bool `yaml:"deny_private"`
 	// AllowHostPorts are host TCP/UDP ports VMs may reach on the bridge
-	// address (tap mode), e.g. a DNS resolver or a GitLab on this host.
-	// Every other host port is closed to VMs; FireRunner's own listen port
-	// can never be opened.
+	// (gateway) address only (tap mode), e.g. a DNS resolver or a GitLab on
+	// this host. Every other host port and every other host address is
+	// closed to VMs; FireRunner's own listen port can never be opened.
 	AllowHostPorts []int `yaml:"allow_host_ports"`
 }
 
@@ -208,13 +224,15 @@ func Default() Config {
 			VMStartTimeout: 5 * time.Minute,
 			DrainTimeout:   10 * time.Minute,
 		},
-		VM: VM{Driver: "firecracker", ImageDir: "/var/lib/firerunner/image"},
+		VM: VM{Driver: "firecracker", ImageDir: "/var/lib/firerunner/image",
+			ConsoleLogMaxBytes: 8 << 20, ConsoleLogKeep: 100, ConsoleLogMaxAge: 7 * 24 * time.Hour},
 		Network: Network{
-			Mode:   "tap",
-			Bridge: "firerunner0",
-			CIDR:   "172.30.0.0/24",
-			MTU:    1500,
-			Egress: "allow_all",
+			Mode:        "tap",
+			Bridge:      "firerunner0",
+			CIDR:        "172.30.0.0/24",
+			MTU:         1500,
+			Egress:      "allow_all",
+			DenyPrivate: true,
 		},
 		QEMU: QEMU{Binary: "qemu-system-x86_64", Accel: "auto"},
 		Firecracker: Firecracker{
@@ -226,6 +244,55 @@ func Default() Config {
 			ChrootBase:   "/srv/jailer",
 		},
 	}
+}
+
+// boundsErrors checks the console log bounds (vm.console_log_*) and the
+// network isolation lists (network.egress_allow, network.dns).
+func (c Config) boundsErrors() FieldErrors {
+	var errs FieldErrors
+	bad := func(field, format string, a ...any) {
+		errs = append(errs, field+": "+fmt.Sprintf(format, a...))
+	}
+	if c.VM.ConsoleLogMaxBytes < MinConsoleLogMaxBytes {
+		bad("vm.console_log_max_bytes", "must be >= %d (64 KiB), got %d", MinConsoleLogMaxBytes, c.VM.ConsoleLogMaxBytes)
+	}
+	if c.VM.ConsoleLogKeep < 0 {
+		bad("vm.console_log_keep", "must not be negative, got %d", c.VM.ConsoleLogKeep)
+	}
+	if c.VM.ConsoleLogMaxAge < 0 {
+		bad("vm.console_log_max_age", "must not be negative, got %s", c.VM.ConsoleLogMaxAge)
+	}
+	for _, s := range c.Network.EgressAllow {
+		if _, err := ParseIPv4Prefix(s); err != nil {
+			bad("network.egress_allow", "%v", err)
+		}
+	}
+	for _, s := range c.Network.DNS {
+		if ip, err := netip.ParseAddr(s); err != nil || !ip.Is4() {
+			bad("network.dns", "%q is not an IPv4 address", s)
+		}
+	}
+	return errs
+}
+
+// MinConsoleLogMaxBytes is the smallest vm.console_log_max_bytes.
+const MinConsoleLogMaxBytes = 64 << 10
+
+// ParseIPv4Prefix parses a network.egress_allow entry: an IPv4 CIDR or a
+// single IPv4 address (a /32). The result is masked.
+func ParseIPv4Prefix(s string) (netip.Prefix, error) {
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		ip, err2 := netip.ParseAddr(s)
+		if err2 != nil {
+			return netip.Prefix{}, fmt.Errorf("%q is not an IPv4 CIDR or address", s)
+		}
+		p = netip.PrefixFrom(ip, ip.BitLen())
+	}
+	if !p.Addr().Is4() {
+		return netip.Prefix{}, fmt.Errorf("%q is not IPv4", s)
+	}
+	return p.Masked(), nil
 }
 
 // Load reads path over the defaults, rejects unknown fields and validates,
@@ -389,6 +456,7 @@ func (c Config) Validate(drivers Drivers) error {
 	default:
 		bad("network.egress", "%q is not one of allow_all, allowlist", c.Network.Egress)
 	}
+	errs = append(errs, c.boundsErrors()...)
 	for _, p := range c.Network.AllowHostPorts {
 		if p < 1 || p > 65535 {
 			bad("network.allow_host_ports", "%d is not a port (1-65535)", p)

@@ -4,9 +4,13 @@
 // Tap names ARE the VM ids: a VM id matches vm.IDPattern (fr-[a-z0-9]{1,12},
 // at most 15 bytes = IFNAMSIZ-1), so reconciliation maps a leftover tap back
 // to its VM with no extra table. Every tap is an isolated bridge port
-// (BR_ISOLATED: no frames between VMs at layer 2) and the table
+// (BR_ISOLATED: no frames between VMs at layer 2) that does not learn MACs
+// and holds a static FDB entry for its VM's MAC; the table
+// `bridge firerunner` pins each tap to its VM's MAC and IPv4 address, and
 // `inet firerunner` stops VMs reaching each other through the gateway, the
-// host itself (except allowed ports) and 169.254.0.0/16; egress is NATed.
+// host itself (except allowed ports on the gateway address),
+// 169.254.0.0/16 and (deny_private) private ranges; egress is NATed. A
+// released address has its conntrack entries flushed before it is reused.
 package netsetup
 
 import (
@@ -27,6 +31,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/firerunner/firerunner/internal/config"
 	"github.com/firerunner/firerunner/internal/guestconfig"
@@ -126,24 +131,19 @@ func New(cfg config.Network, stateDir string, opts ...Option) (*Manager, error) 
 		}
 		m.dns = append(m.dns, ip.String())
 	}
+	// egress_allow: the only destinations with allowlist, the exceptions to
+	// deny_private with allow_all.
+	for _, s := range cfg.EgressAllow {
+		p, err := config.ParseIPv4Prefix(s)
+		if err != nil {
+			return nil, fmt.Errorf("network.egress_allow: %w", err)
+		}
+		m.egressAllow = append(m.egressAllow, p)
+	}
 	switch cfg.Egress {
 	case "", "allow_all":
 		m.cfg.Egress = "allow_all"
 	case "allowlist":
-		for _, s := range cfg.EgressAllow {
-			p, err := netip.ParsePrefix(s)
-			if err != nil {
-				ip, err2 := netip.ParseAddr(s)
-				if err2 != nil {
-					return nil, fmt.Errorf("network.egress_allow %q: not a CIDR or address", s)
-				}
-				p = netip.PrefixFrom(ip, ip.BitLen())
-			}
-			if !p.Addr().Is4() {
-				return nil, fmt.Errorf("network.egress_allow %q: must be IPv4", s)
-			}
-			m.egressAllow = append(m.egressAllow, p.Masked())
-		}
 		// The guests' resolvers must stay reachable or nothing resolves.
 		for _, d := range m.dns {
 			ip := netip.MustParseAddr(d)
@@ -220,6 +220,9 @@ func (m *Manager) Setup(ctx context.Context) error {
 		if err := m.applyRuleset(c, t.addrs()); err != nil {
 			return err
 		}
+		if err := m.pinExistingPorts(br, t.addrs()); err != nil {
+			return err
+		}
 		m.log.Info("network ready", "bridge", m.cfg.Bridge, "cidr", m.prefix.String(), "gateway", m.gateway.String(), "egress", m.cfg.Egress)
 		return nil
 	})
@@ -292,10 +295,16 @@ func (m *Manager) newTap(name string) (netlink.Link, error) {
 }
 
 // MAC derives the guest MAC from its address: locally administered (02:),
-// "fc" for FireRunner, then the 4 IPv4 bytes, so it is unique per VM.
+// "fc" for FireRunner, then the 4 IPv4 bytes, so it is unique per VM. It is
+// predictable, so it is never trusted on its own: the bridge pins each tap
+// to its VM's MAC (applyPortRules, static FDB entry, no learning).
 func MAC(ip netip.Addr) string {
+	return net.HardwareAddr(macBytes(ip)).String()
+}
+
+func macBytes(ip netip.Addr) []byte {
 	b := ip.As4()
-	return fmt.Sprintf("02:fc:%02x:%02x:%02x:%02x", b[0], b[1], b[2], b[3])
+	return []byte{0x02, 0xfc, b[0], b[1], b[2], b[3]}
 }
 
 func validID(id string) error {
@@ -326,6 +335,11 @@ func (m *Manager) Attach(ctx context.Context, vmID string) (*vm.NetAttachment, *
 		return nil, nil, err
 	}
 	if fresh {
+		// Release flushes too; this also covers addresses freed by an
+		// older FireRunner or by hand. The new tenant gets no old flows.
+		if err := m.run(func() error { return flushConntrack(ip) }); err != nil {
+			return nil, nil, fmt.Errorf("attach %s: %w", vmID, err)
+		}
 		if err := m.alloc.save(t); err != nil {
 			return nil, nil, err
 		}
@@ -333,7 +347,7 @@ func (m *Manager) Attach(ctx context.Context, vmID string) (*vm.NetAttachment, *
 	// Anti-spoofing rules first: the port never exists without them.
 	err = m.syncPortRules(t)
 	if err == nil {
-		err = m.run(func() error { return m.ensurePort(vmID) })
+		err = m.run(func() error { return m.ensurePort(vmID, macBytes(ip)) })
 	}
 	if err != nil {
 		if fresh { // leave nothing behind for a VM that never got a port
@@ -354,7 +368,7 @@ func (m *Manager) Attach(ctx context.Context, vmID string) (*vm.NetAttachment, *
 		}, nil
 }
 
-func (m *Manager) ensurePort(name string) error {
+func (m *Manager) ensurePort(name string, mac net.HardwareAddr) error {
 	br, err := netlink.LinkByName(m.cfg.Bridge)
 	if err != nil {
 		return fmt.Errorf("bridge %s missing (run Setup first): %w", m.cfg.Bridge, err)
@@ -383,8 +397,47 @@ func (m *Manager) ensurePort(name string) error {
 	if err := netlink.LinkSetIsolated(l, true); err != nil {
 		return fmt.Errorf("tap %s isolate: %w", name, err)
 	}
+	if err := pinPort(l, mac); err != nil {
+		return err
+	}
 	if err := netlink.LinkSetUp(l); err != nil {
 		return fmt.Errorf("tap %s up: %w", name, err)
+	}
+	return nil
+}
+
+// pinPort makes bridge port l carry only mac: the port never learns, so a
+// guest sending frames with a neighbour's MAC cannot move that MAC to its
+// own port (the bridge table drops such frames too, before learning would
+// happen). Its VM's MAC is a static FDB entry, and unknown unicast is not
+// flooded to it, so it receives only frames for its own MAC and broadcasts
+// (ARP).
+func pinPort(l netlink.Link, mac net.HardwareAddr) error {
+	name := l.Attrs().Name
+	if err := netlink.LinkSetLearning(l, false); err != nil {
+		return fmt.Errorf("tap %s learning off: %w", name, err)
+	}
+	if err := netlink.LinkSetFlood(l, false); err != nil {
+		return fmt.Errorf("tap %s unicast flood off: %w", name, err)
+	}
+	if err := netlink.NeighSet(&netlink.Neigh{LinkIndex: l.Attrs().Index, Family: unix.AF_BRIDGE,
+		State: netlink.NUD_NOARP, Flags: netlink.NTF_MASTER, HardwareAddr: mac}); err != nil {
+		return fmt.Errorf("tap %s static fdb entry %s: %w", name, mac, err)
+	}
+	return nil
+}
+
+// pinExistingPorts applies pinPort to the taps of allocated VMs that are
+// already on the bridge (VMs that outlived a restart or an upgrade).
+func (m *Manager) pinExistingPorts(br netlink.Link, vms map[string]netip.Addr) error {
+	for _, id := range sortedAddrIDs(vms) {
+		l, err := netlink.LinkByName(id)
+		if err != nil || l.Attrs().MasterIndex != br.Attrs().Index {
+			continue
+		}
+		if err := pinPort(l, macBytes(vms[id])); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -418,7 +471,16 @@ func (m *Manager) Release(ctx context.Context, vmID string) error {
 	if err != nil {
 		return err
 	}
-	if _, ok := t.VMs[vmID]; ok {
+	if s, ok := t.VMs[vmID]; ok {
+		// The lowest free address is handed out next: flush its flows
+		// before it is free, or the next tenant would receive replies
+		// (and established inbound flows) meant for this VM. On failure
+		// the address stays allocated and reconcile retries the Release.
+		if ip, err := netip.ParseAddr(s); err == nil && ip.Is4() {
+			if err := m.run(func() error { return flushConntrack(ip) }); err != nil {
+				return fmt.Errorf("release %s: %w", vmID, err)
+			}
+		}
 		delete(t.VMs, vmID)
 		if err := m.alloc.save(t); err != nil {
 			return err
@@ -426,6 +488,37 @@ func (m *Manager) Release(ctx context.Context, vmID string) error {
 		m.log.Info("vm network released", "vm", vmID)
 	}
 	return m.syncPortRules(t)
+}
+
+// flushConntrack deletes every conntrack entry with ip in its original or
+// reply tuple (the VM's own flows, NATed or not, and flows towards it).
+//
+// vishvananda/netlink's ConntrackDeleteFilters (already a dependency; no
+// shelling out to conntrack(8)) dumps the table and deletes the matches, so
+// its cost grows with the host's whole conntrack table; it runs once per
+// Release and per fresh Attach, never per packet.
+func flushConntrack(ip netip.Addr) error {
+	host := &net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(32, 32)}
+	var filters []netlink.CustomConntrackFilter
+	for _, tp := range []netlink.ConntrackFilterType{netlink.ConntrackOrigSrcIP, netlink.ConntrackOrigDstIP, netlink.ConntrackReplyAnyIP} {
+		f := &netlink.ConntrackFilter{}
+		if err := f.AddIPNet(tp, host); err != nil {
+			return err
+		}
+		filters = append(filters, f)
+	}
+	var err error
+	// A dump that raced with table changes is flagged interrupted (its
+	// matches are deleted all the same); go again until one is complete.
+	for try := 0; try < 5; try++ {
+		if _, err = netlink.ConntrackDeleteFilters(netlink.ConntrackTable, unix.AF_INET, filters...); !errors.Is(err, netlink.ErrDumpInterrupted) {
+			break
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("flush conntrack entries of %s: %w", ip, err)
+	}
+	return nil
 }
 
 // syncPortRules rebuilds table bridge firerunner from the address table.

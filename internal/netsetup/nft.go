@@ -17,6 +17,16 @@ const TableName = "firerunner"
 // metadataPrefix is link-local, home of cloud metadata services (169.254.169.254).
 var metadataPrefix = netip.MustParsePrefix("169.254.0.0/16")
 
+// privatePrefixes are the destinations network.deny_private drops: RFC 1918,
+// CGNAT (RFC 6598, often a provider's internal network) and link-local.
+var privatePrefixes = []netip.Prefix{
+	netip.MustParsePrefix("10.0.0.0/8"),
+	netip.MustParsePrefix("172.16.0.0/12"),
+	netip.MustParsePrefix("192.168.0.0/16"),
+	netip.MustParsePrefix("100.64.0.0/10"),
+	metadataPrefix,
+}
+
 func ifname(n string) []byte {
 	b := make([]byte, 16)
 	copy(b, n)
@@ -100,7 +110,8 @@ func join(parts ...[]expr.Any) []expr.Any {
 //	chain input { type filter hook input priority filter; policy accept;
 //	  iifname BR ct state established,related accept
 //	  iifname BR tcp/udp dport <blocked> drop      # WithHostPorts
-//	  iifname BR tcp/udp dport <allowed> accept    # WithAllowedHostPorts
+//	  iifname BR ip daddr GW tcp/udp dport <allowed> accept  # WithAllowedHostPorts:
+//	                                               # the gateway address only
 //	  iifname BR drop }                            # API, metrics, sshd... unreachable
 //	chain forward { type filter hook forward priority filter; policy accept;
 //	  oifname BR ct state established,related accept
@@ -108,7 +119,11 @@ func join(parts ...[]expr.Any) []expr.Any {
 //	  iifname BR meta nfproto != ipv4 drop
 //	  iifname BR ip saddr != CIDR drop             # spoofed sources
 //	  iifname BR ip daddr 169.254.0.0/16 drop      # link-local / metadata
-//	  allow_all: iifname BR accept
+//	  allow_all: [deny_private:
+//	               iifname BR ip daddr <egress_allow> accept
+//	               iifname BR ip daddr <dns> tcp/udp dport 53 accept
+//	               iifname BR ip daddr {10/8, 172.16/12, 192.168/16, 100.64/10} drop]
+//	             iifname BR accept
 //	  allowlist: iifname BR ip daddr {allow, dns} accept; iifname BR drop }
 //	chain postrouting { type nat hook postrouting priority srcnat;
 //	  ip saddr CIDR oifname != BR masquerade }
@@ -136,9 +151,10 @@ func (m *Manager) applyRuleset(c *nftables.Conn, vms map[string]netip.Addr) erro
 		add(in, iif(br), dport(unix.IPPROTO_TCP, p), v(expr.VerdictDrop))
 		add(in, iif(br), dport(unix.IPPROTO_UDP, p), v(expr.VerdictDrop))
 	}
+	gw := netip.PrefixFrom(m.gateway, 32)
 	for _, p := range m.allowedPorts {
-		add(in, iif(br), dport(unix.IPPROTO_TCP, p), v(expr.VerdictAccept))
-		add(in, iif(br), dport(unix.IPPROTO_UDP, p), v(expr.VerdictAccept))
+		add(in, iif(br), ip4(16, gw, expr.CmpOpEq), dport(unix.IPPROTO_TCP, p), v(expr.VerdictAccept))
+		add(in, iif(br), ip4(16, gw, expr.CmpOpEq), dport(unix.IPPROTO_UDP, p), v(expr.VerdictAccept))
 	}
 	add(in, iif(br), counter, v(expr.VerdictDrop))
 
@@ -153,6 +169,23 @@ func (m *Manager) applyRuleset(c *nftables.Conn, vms map[string]netip.Addr) erro
 		}
 		add(fwd, iif(br), counter, v(expr.VerdictDrop))
 	} else {
+		if m.cfg.DenyPrivate {
+			for _, p := range m.egressAllow {
+				add(fwd, iif(br), ip4(16, p, expr.CmpOpEq), v(expr.VerdictAccept))
+			}
+			// The guests' resolvers are often on a private network (a VPC
+			// resolver, the LAN router): DNS to them, and nothing else.
+			for _, d := range m.dns {
+				p := netip.PrefixFrom(netip.MustParseAddr(d), 32)
+				add(fwd, iif(br), ip4(16, p, expr.CmpOpEq), dport(unix.IPPROTO_UDP, 53), v(expr.VerdictAccept))
+				add(fwd, iif(br), ip4(16, p, expr.CmpOpEq), dport(unix.IPPROTO_TCP, 53), v(expr.VerdictAccept))
+			}
+			for _, p := range privatePrefixes {
+				if p != metadataPrefix { // dropped above, whatever egress_allow says
+					add(fwd, iif(br), ip4(16, p, expr.CmpOpEq), counter, v(expr.VerdictDrop))
+				}
+			}
+		}
 		add(fwd, iif(br), v(expr.VerdictAccept))
 	}
 
@@ -202,14 +235,23 @@ const (
 )
 
 // applyPortRules replaces table bridge firerunner: per VM port, frames must
-// carry the VM's own IPv4 source (IP header, and ARP sender address so a VM
-// cannot claim another VM's address in the host's neighbour table); anything
-// but IPv4 and ARP is dropped. It is rebuilt from the address table on every
-// Attach and Release, so it never drifts from the allocations.
+// carry the VM's own MAC (Ethernet source, and ARP sender hardware address)
+// and its own IPv4 source (IP header, and ARP sender address), so a VM can
+// claim neither another VM's MAC in the bridge's forwarding table nor another
+// VM's address in the host's neighbour table; anything but IPv4 and ARP is
+// dropped. (The ARP offsets are those of Ethernet/IPv4 ARP, the only layout
+// the host's ARP code accepts on an Ethernet bridge: arp_rcv drops other
+// address lengths.) The chain runs before the bridge learns, and
+// the ports do not learn at all (static FDB entries, see pinPort), so a
+// spoofed frame can never steal a neighbour's downlink. The table is rebuilt
+// from the address table on every Attach and Release, so it never drifts
+// from the allocations (a VM's MAC is derived from its address).
 //
 //	chain prerouting { type filter hook prerouting priority -200;
+//	  iifname VM ether saddr != MAC drop
 //	  iifname VM ether type != ip ether type != arp drop
 //	  iifname VM ether type ip ip saddr != ADDR drop
+//	  iifname VM ether type arp arp saddr ether != MAC drop
 //	  iifname VM ether type arp arp saddr ip != ADDR drop }
 func applyPortRules(c *nftables.Conn, vms map[string]netip.Addr) {
 	t := &nftables.Table{Family: nftables.TableFamilyBridge, Name: TableName}
@@ -225,11 +267,20 @@ func applyPortRules(c *nftables.Conn, vms map[string]netip.Addr) {
 	drop := []expr.Any{&expr.Counter{}, verdict(expr.VerdictDrop)}
 	for _, id := range sortedAddrIDs(vms) {
 		a := vms[id].As4()
+		mac := macBytes(vms[id])
 		add := func(e ...[]expr.Any) { c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: join(e...)}) }
+		add(iif(id), []expr.Any{
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseLLHeader, Offset: 6, Len: 6},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: mac},
+		}, drop)
 		add(iif(id), ethertype(etherIPv4, expr.CmpOpNeq), ethertype(etherARP, expr.CmpOpNeq), drop)
 		add(iif(id), ethertype(etherIPv4, expr.CmpOpEq), []expr.Any{
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
 			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: a[:]},
+		}, drop)
+		add(iif(id), ethertype(etherARP, expr.CmpOpEq), []expr.Any{
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 8, Len: 6},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: mac},
 		}, drop)
 		add(iif(id), ethertype(etherARP, expr.CmpOpEq), []expr.Any{
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 14, Len: 4},
