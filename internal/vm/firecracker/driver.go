@@ -57,6 +57,9 @@ type Options struct {
 	LogLevel string
 	// SocketTimeout bounds the wait for the API socket (default 10s).
 	SocketTimeout time.Duration
+	// Console caps the live console log (zero value: the defaults; see
+	// vm.NewConsolePolicy).
+	Console vm.ConsolePolicy
 	// Logger receives driver and SDK logs (default slog.Default()).
 	Logger *slog.Logger
 }
@@ -258,6 +261,12 @@ func (d *Driver) Wait(ctx context.Context, id string) (vm.Result, error) {
 	d.mu.Lock()
 	run := d.runs[id] // before waiting: a concurrent Destroy forgets it
 	d.mu.Unlock()
+	var adopted *vm.ConsoleWatcher
+	if run == nil && meta.Proc.Alive() {
+		// Adopted after a restart: keep its console log capped meanwhile.
+		adopted = d.opts.Console.Watch(res.ConsoleLog, nil)
+		defer adopted.Stop() // early returns; Stop is idempotent
+	}
 	wctx, cancel := ctx, context.CancelFunc(func() {})
 	if !meta.Deadline.IsZero() {
 		wctx, cancel = context.WithDeadline(ctx, meta.Deadline)
@@ -288,6 +297,9 @@ func (d *Driver) Wait(ctx context.Context, id string) (vm.Result, error) {
 		if run.watcher != nil {
 			run.watcher.Stop()
 		}
+	}
+	if adopted != nil {
+		adopted.Stop() // its last read and cut come before the scan
 	}
 	code, found, err := vm.ConsoleExitCode(res.ConsoleLog)
 	if err != nil {

@@ -98,8 +98,8 @@ func (Provider) VMMUser(c config.Config) (uid, gid int, ok bool) {
 	return c.Firecracker.UID, c.Firecracker.GID, c.Firecracker.UseJailer
 }
 
-// New implements vm.Provider: a Driver from the firecracker section and
-// state_dir.
+// New implements vm.Provider: a Driver from the firecracker section,
+// state_dir and vm.console_log_max_bytes.
 func (Provider) New(c config.Config, log *slog.Logger) (vm.Driver, error) {
 	d, err := New(Options{
 		Binary:       c.Firecracker.Binary,
@@ -109,6 +109,7 @@ func (Provider) New(c config.Config, log *slog.Logger) (vm.Driver, error) {
 		GID:          c.Firecracker.GID,
 		ChrootBase:   c.Firecracker.ChrootBase,
 		StateDir:     c.StateDir,
+		Console:      vm.NewConsolePolicy(c.VM.ConsoleLogMaxBytes, c.VM.ConsoleLogKeep, c.VM.ConsoleLogMaxAge),
 		Logger:       log,
 	})
 	if err != nil {

@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	sdk "github.com/firecracker-microvm/firecracker-go-sdk"
@@ -325,7 +326,7 @@ func (b *boot) prepareJail(ctx context.Context, m *sdk.Machine) error {
 func (b *boot) startVMM(ctx context.Context, m *sdk.Machine) error {
 	d, id := b.d, b.spec.ID
 	cmd := d.command(b.spec, b.socket)
-	console, err := os.OpenFile(filepath.Join(b.dir, vm.ConsoleFile), os.O_WRONLY|os.O_APPEND, 0)
+	console, err := os.OpenFile(filepath.Join(b.dir, vm.ConsoleFile), os.O_WRONLY|os.O_APPEND|syscall.O_NOFOLLOW, 0)
 	if err != nil {
 		return err
 	}
@@ -337,6 +338,7 @@ func (b *boot) startVMM(ctx context.Context, m *sdk.Machine) error {
 	defer stderr.Close()
 	// The guest's serial console is Firecracker's stdout: straight to the
 	// console log file, no pipe, so it keeps working if FireRunner restarts.
+	// O_APPEND lets the watcher cap the file in place (vm.ConsoleWatcher).
 	cmd.Stdout, cmd.Stderr = console, stderr
 	cmd.SysProcAttr = vm.SysProcAttr()
 	if err := cmd.Start(); err != nil {
@@ -372,7 +374,7 @@ func (b *boot) startVMM(ctx context.Context, m *sdk.Machine) error {
 	if err := d.sd.WriteMeta(b.meta); err != nil {
 		return err
 	}
-	vr.watcher = vm.WatchConsole(filepath.Join(b.dir, vm.ConsoleFile), vr.tl, 0)
+	vr.watcher = d.opts.Console.Watch(filepath.Join(b.dir, vm.ConsoleFile), vr.tl)
 	return b.waitForAPI(ctx, proc)
 }
 

@@ -59,7 +59,12 @@ func qemuArgs(spec vm.Spec, l launch) []string {
 		// qemu process must exit.
 		"-no-reboot",
 		"-display", "none", "-monitor", "none",
-		"-serial", "file:"+l.consoleLog,
+		// append=on: the console log is opened O_APPEND, so after the
+		// watcher cuts the middle out of it (vm.ConsoleWatcher) QEMU's
+		// next write lands at the new end of the file, not at its old
+		// offset.
+		"-chardev", "file,id=console,path="+escapeOpt(l.consoleLog)+",append=on",
+		"-serial", "chardev:console",
 		"-kernel", spec.Image.Kernel, // ELF vmlinux: PVH boot
 		"-initrd", spec.Image.Initrd,
 		"-append", kernelCmdline(l),

@@ -72,8 +72,11 @@ func TestArgvTCG(t *testing.T) {
 			t.Errorf("argv lacks %s", f)
 		}
 	}
-	if got := argValue(t, args, "-serial"); got != "file:/s/vms/fr-argv1/console.log" {
+	if got := argValue(t, args, "-serial"); got != "chardev:console" {
 		t.Errorf("-serial %s", got)
+	}
+	if got := argValue(t, args, "-chardev"); got != "file,id=console,path=/s/vms/fr-argv1/console.log,append=on" {
+		t.Errorf("-chardev %s: the console log must be appended to (the cap cuts it in place)", got)
 	}
 	if argValue(t, args, "-kernel") != "/img/vmlinux" || argValue(t, args, "-initrd") != "/img/initrd.img" {
 		t.Errorf("kernel/initrd wrong: %q", args)

@@ -47,7 +47,7 @@ func (Provider) Checks(c config.Config) []vm.Check {
 }
 
 // New implements vm.Provider: a Driver from the qemu section, state_dir,
-// network.mode and vm.console_log_dir.
+// network.mode and vm.console_log_*.
 func (Provider) New(c config.Config, log *slog.Logger) (vm.Driver, error) {
 	d, err := New(Options{
 		Binary:        c.QEMU.Binary,
@@ -55,6 +55,7 @@ func (Provider) New(c config.Config, log *slog.Logger) (vm.Driver, error) {
 		StateDir:      c.StateDir,
 		NetworkMode:   c.Network.Mode,
 		ConsoleLogDir: c.VM.ConsoleLogDir,
+		Console:       vm.NewConsolePolicy(c.VM.ConsoleLogMaxBytes, c.VM.ConsoleLogKeep, c.VM.ConsoleLogMaxAge),
 		Logger:        log,
 	})
 	if err != nil {

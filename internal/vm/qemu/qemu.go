@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -46,6 +45,9 @@ type Options struct {
 	// ConsoleLogDir, when set, keeps a copy of each console log
 	// (<dir>/<id>.log, 0600) when the VM is destroyed.
 	ConsoleLogDir string
+	// Console caps the live console log and prunes ConsoleLogDir (zero
+	// value: the defaults; see vm.NewConsolePolicy).
+	Console vm.ConsolePolicy
 	// KernelArgs are appended to the kernel command line (e.g. "quiet"). They
 	// must not be secret: the kernel command line is readable in the guest.
 	KernelArgs []string
@@ -271,7 +273,7 @@ func (d *Driver) Start(ctx context.Context, spec vm.Spec) (err error) {
 	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = vm.SysProcAttr()
-	watcher := vm.WatchConsole(l.consoleLog, tl, 0)
+	watcher := d.opts.Console.Watch(l.consoleLog, tl)
 	if err := cmd.Start(); err != nil {
 		watcher.Stop()
 		return fmt.Errorf("vm %s: start qemu: %w", spec.ID, err)
@@ -439,6 +441,9 @@ func (d *Driver) Wait(ctx context.Context, id string) (vm.Result, error) {
 	}
 	timedOut := false
 	if proc.Alive() {
+		// Adopted after a restart: keep its console log capped meanwhile.
+		w := d.opts.Console.Watch(d.sd.File(id, vm.ConsoleFile), nil)
+		defer w.Stop() // an early return; otherwise stopped below
 		wctx := ctx
 		if !meta.Deadline.IsZero() {
 			var cancel context.CancelFunc
@@ -459,6 +464,7 @@ func (d *Driver) Wait(ctx context.Context, id string) (vm.Result, error) {
 			}
 			timedOut = true
 		}
+		w.Stop() // its last read and cut come before the console is scanned
 	}
 	// Not our child: its exit status is unknown; the console tells the rest.
 	r := d.result(id, "", timedOut, false)
@@ -525,7 +531,7 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 		}
 	}
 	if d.opts.ConsoleLogDir != "" && d.sd.Exists(id) {
-		if err := copyLog(d.sd.File(id, vm.ConsoleFile), filepath.Join(d.opts.ConsoleLogDir, id+".log")); err != nil {
+		if err := vm.KeepConsoleLog(d.sd.File(id, vm.ConsoleFile), d.opts.ConsoleLogDir, id, d.opts.Console); err != nil {
 			d.log.Warn("could not keep console log", "vm", id, "err", err)
 		}
 	}
@@ -539,29 +545,6 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 		d.mu.Unlock()
 	}
 	return nil
-}
-
-func copyLog(src, dst string) error {
-	in, err := os.Open(src)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
-		return err
-	}
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
 }
 
 // List implements vm.Driver: every VM with a state dir, with its VMM pid
