@@ -33,7 +33,7 @@ include $(wildcard mk/*.mk)
 # namespaces, the installer in a throwaway root). Builds the gitlab-runner
 # binary and the guest image first (cached by input hash, outside the clone).
 TEST_TIMEOUT ?= 25m
-.PHONY: test test-go test-fuzz lint
+.PHONY: test test-go test-fuzz fuzz lint
 test: deps lint gitlab-runner image test-go test-fuzz test-install
 
 # FIRERUNNER_TEST_REQUIRE=1 (TEST_REQUIRE=0 to turn it off): a missing
@@ -59,10 +59,21 @@ $(BIN)/testreport:
 	@mkdir -p $(BIN)
 	$(GO) build -o $@ ./scripts/testreport
 
-# Short fuzz runs of the two parsers that see untrusted input.
+# Short fuzz runs of the parsers that see untrusted input (Job Hooks, tags,
+# the config file, the guest's config drive). `make fuzz` runs them longer.
 test-fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 10s ./internal/tags/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseJobEvent$$' -fuzztime 10s ./internal/webhook/
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 5s ./internal/config/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime 5s ./internal/guestconfig/
+
+# Every fuzz target for an equal share of FUZZ_TOTAL executions (at least
+# 1,000,000 in all), printing each count and the total (scripts/fuzz.sh).
+# A failing input stays under <package>/testdata/fuzz/ as a regression case
+# that every go test runs: commit it with the fix.
+FUZZ_TOTAL ?= 1000000
+fuzz:
+	GO=$(GO) FUZZ_TOTAL=$(FUZZ_TOTAL) bash scripts/fuzz.sh
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
