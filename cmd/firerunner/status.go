@@ -25,7 +25,8 @@ func status(args []string) error {
 	stateDir := fs.String("state-dir", "", "state directory (overrides the config file)")
 	limit := fs.Int("n", 50, "show the newest N jobs (0 = all)")
 	activeOnly := fs.Bool("active", false, "only jobs still in flight")
-	jobID := fs.Int64("job", 0, "show one job's timeline and transitions")
+	jobID := fs.Int64("job", 0, "show one job's timeline and transitions (with the VMs started for it or that ran it)")
+	vms := fs.Bool("vms", false, "show the live VMs and their runners instead of jobs")
 	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
@@ -49,7 +50,10 @@ func status(args []string) error {
 	if *jobID != 0 {
 		return showJob(ctx, st, *jobID)
 	}
-	jobs, err := st.List(ctx, store.Filter{ActiveOnly: *activeOnly, Limit: *limit})
+	if *vms {
+		return showVMs(ctx, st)
+	}
+	jobs, err := st.ListJobs(ctx, store.Filter{ActiveOnly: *activeOnly, Limit: *limit})
 	if err != nil {
 		return err
 	}
@@ -58,7 +62,7 @@ func status(args []string) error {
 		return nil
 	}
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(w, "JOB\tPROJECT\tSIZE\tSTATE\tRUNNER\tVM\tAGE\tTOTAL\tREASON")
+	fmt.Fprintln(w, "JOB\tPROJECT\tSIZE\tSTATE\tGITLAB\tRAN ON VM\tRUNNER\tATTEMPTS\tAGE\tTOTAL\tREASON")
 	now := time.Now()
 	for _, j := range jobs {
 		total := "-"
@@ -69,40 +73,83 @@ func status(args []string) error {
 		if proj == "" {
 			proj = fmt.Sprint(j.ProjectID)
 		}
-		fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", j.ID, proj, j.SizeTag, j.State, dash(j.RunnerID),
-			orDash(j.VMID), now.Sub(j.CreatedAt).Round(time.Second), total, clipReason(j.Reason, 70))
+		fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", j.ID, proj, orDash(j.SizeTag), j.State, orDash(j.GitLabStatus),
+			orDash(j.VMID), dash(j.RunnerID), j.Attempts, now.Sub(j.CreatedAt).Round(time.Second), total, clipReason(j.Reason, 70))
+	}
+	return w.Flush()
+}
+
+func showVMs(ctx context.Context, st *store.Store) error {
+	vms, err := st.ListVMs(ctx, true, 0)
+	if err != nil {
+		return err
+	}
+	if len(vms) == 0 {
+		fmt.Println("no live vms")
+		return nil
+	}
+	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "VM\tSTATE\tFOR JOB\tRAN JOB\tRUNNER\tSIZE\tTAGS\tAGE\tREASON")
+	now := time.Now()
+	for _, v := range vms {
+		fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\t%dcpu/%dMiB\t%s\t%s\t%s\n", v.ID, v.State, v.ForJob, dash(v.PickedJobID), dash(v.RunnerID),
+			v.VCPUs, v.MemoryMiB, strings.Join(v.Tags, ","), now.Sub(v.CreatedAt).Round(time.Second), clipReason(v.Reason, 60))
 	}
 	return w.Flush()
 }
 
 func showJob(ctx context.Context, st *store.Store, id int64) error {
-	j, err := st.Get(ctx, id)
+	j, err := st.GetJob(ctx, id)
 	if err != nil {
 		return fmt.Errorf("job %d: %w", id, err)
 	}
-	fmt.Printf("job %d  project %s (%d)  %s  ref %s  name %q\n", j.ID, j.ProjectPath, j.ProjectID, j.SizeTag, j.Ref, j.Name)
-	fmt.Printf("state %s  reason %q  runner %s  vm %s  picked job %s  source %s\n", j.State, j.Reason, dash(j.RunnerID), orDash(j.VMID), dash(j.PickedJobID), j.Source)
+	fmt.Printf("job %d  project %s (%d)  %s  ref %s  name %q  tags %v\n", j.ID, j.ProjectPath, j.ProjectID, orDash(j.SizeTag), j.Ref, j.Name, j.Tags)
+	fmt.Printf("state %s  reason %q  GitLab %s  ran on vm %s  runner %s  attempts %d  source %s\n", j.State, j.Reason,
+		orDash(j.GitLabStatus), orDash(j.VMID), dash(j.RunnerID), j.Attempts, j.Source)
 	if j.ExitCode != nil {
 		fmt.Printf("exit code %d\n", *j.ExitCode)
 	}
-	fmt.Println("\ntimeline:")
 	t := j.Timeline
 	base := t.WebhookReceived
-	for _, p := range []struct {
-		name string
-		at   time.Time
-	}{{"webhook received", t.WebhookReceived}, {"tags fetched", t.TagsFetched}, {"runner created", t.RunnerCreated},
-		{"vm start request", t.VMStartRequest}, {"vm started", t.VMStarted}, {"job picked", t.JobPicked},
-		{"vm exited", t.VMExited}, {"vm destroyed", t.VMDestroyed}, {"runner deleted", t.RunnerDeleted}, {"finished", t.Finished}} {
-		if p.at.IsZero() {
-			fmt.Printf("  %-17s -\n", p.name)
-			continue
+	at := func(name string, ts time.Time) {
+		if ts.IsZero() {
+			fmt.Printf("  %-22s -\n", name)
+			return
 		}
 		rel := ""
 		if !base.IsZero() {
-			rel = fmt.Sprintf("  (+%s)", p.at.Sub(base).Round(time.Microsecond))
+			rel = fmt.Sprintf("  (+%s)", ts.Sub(base).Round(time.Microsecond))
 		}
-		fmt.Printf("  %-17s %s%s\n", p.name, p.at.UTC().Format("2006-01-02 15:04:05.000"), rel)
+		fmt.Printf("  %-22s %s%s\n", name, ts.UTC().Format("2006-01-02 15:04:05.000"), rel)
+	}
+	fmt.Println("\ntimeline:")
+	at("webhook received", t.WebhookReceived)
+	at("tags fetched", t.TagsFetched)
+	at("vm start request", t.VMStartRequest)
+	at("job picked", t.JobPicked)
+	at("finished", t.Finished)
+	vms, err := st.ListVMs(ctx, false, id)
+	if err != nil {
+		return err
+	}
+	for _, v := range vms {
+		role := fmt.Sprintf("started for job %d", v.ForJob)
+		if v.PickedJobID == id {
+			role = "ran this job"
+			if v.ForJob != id {
+				role += fmt.Sprintf(" (started for job %d)", v.ForJob)
+			}
+		}
+		fmt.Printf("\nvm %s  %s  state %s  runner %s  tags %v  reason %q\n", v.ID, role, v.State, dash(v.RunnerID), v.Tags, v.Reason)
+		vt := v.Timeline
+		at("planned", vt.Planned)
+		at("runner created", vt.RunnerCreated)
+		at("vm started", vt.Started)
+		at("job picked", vt.Picked)
+		at("vm exited", vt.Exited)
+		at("stop requested", vt.StopRequested)
+		at("vm destroyed", vt.Destroyed)
+		at("runner deleted", vt.RunnerDeleted)
 	}
 	if stages := t.Stages(); len(stages) > 0 {
 		fmt.Println("\nstages:")
@@ -116,11 +163,11 @@ func showJob(ctx context.Context, st *store.Store, id int64) error {
 	}
 	fmt.Println("\ntransitions:")
 	for _, x := range tr {
-		from := string(x.From)
+		from := x.From
 		if from == "" {
 			from = "(new)"
 		}
-		fmt.Printf("  %s  %-14s -> %-14s %s\n", x.At.UTC().Format("15:04:05.000"), from, x.To, x.Reason)
+		fmt.Printf("  %s  %-3s %-13s %-10s -> %-10s %s\n", x.At.UTC().Format("15:04:05.000"), x.Object, x.ID, from, x.To, x.Reason)
 	}
 	return nil
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/store"
+	"github.com/firerunner/firerunner/internal/tags"
 )
 
 func captureStdout(t *testing.T, f func() error) string {
@@ -38,23 +39,37 @@ func TestStatusReadsTheStore(t *testing.T) {
 		t.Fatal(err)
 	}
 	now := time.Now()
-	if _, _, err := st.Create(ctx, job.Job{ID: 4242, ProjectID: 7, ProjectPath: "g/p", Tags: []string{"firecracker-2cpu-4gb"},
-		SizeTag: "firecracker-2cpu-4gb", VCPUs: 2, MemoryMiB: 4096, State: job.Queued, Source: "webhook",
-		Timeline: job.Timeline{WebhookReceived: now}}); err != nil {
+	if _, _, err := st.Observe(ctx, store.Observation{JobID: 4242, ProjectID: 7, ProjectPath: "g/p", Status: "pending", Source: "webhook", At: now, Create: true}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := st.UpdatePath(ctx, 4242, []job.State{job.RunnerCreated, job.VMStarting}, func(j *job.Job) error {
-		j.RunnerID, j.VMID, j.Timeline.RunnerCreated = 99, job.VMIDFor(4242), now.Add(time.Millisecond)
-		return nil
+	size, _, _ := tags.Parse([]string{"firecracker-2cpu-4gb"}, tags.Limits{})
+	j, err := st.UpdateJob(ctx, 4242, func(j *job.Job) error { return j.Accept([]string{"firecracker-2cpu-4gb"}, size, now) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := job.PlanVM("fr-aaaaaaaaaa", "h", j, now)
+	if err := st.Tx(ctx, func(tx *store.Tx) error {
+		if err := tx.CreateVM(&v); err != nil {
+			return err
+		}
+		if _, err := tx.UpdateVM(v.ID, func(x *job.VM) error { return x.RunnerCreated(99, x.Tags, now.Add(time.Millisecond)) }); err != nil {
+			return err
+		}
+		_, err := tx.UpdateJob(4242, func(r *job.Job) error { return r.Retry(job.ReasonVMStart+": boom", now) })
+		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
 	out := captureStdout(t, func() error { return status([]string{"--state-dir", dir}) })
-	if !strings.Contains(out, "4242") || !strings.Contains(out, "vm_starting") || !strings.Contains(out, job.VMIDFor(4242)) {
+	if !strings.Contains(out, "4242") || !strings.Contains(out, "queued") || !strings.Contains(out, "vm_start: boom (attempt 1)") {
 		t.Fatalf("status output:\n%s", out)
 	}
+	out = captureStdout(t, func() error { return status([]string{"--state-dir", dir, "--vms"}) })
+	if !strings.Contains(out, "fr-aaaaaaaaaa") || !strings.Contains(out, "starting") || !strings.Contains(out, "99") {
+		t.Fatalf("vms output:\n%s", out)
+	}
 	out = captureStdout(t, func() error { return status([]string{"--state-dir", dir, "--job", "4242"}) })
-	for _, want := range []string{"runner created", "(+1ms)", "queued", "runner_created", "-> vm_starting"} {
+	for _, want := range []string{"runner created", "(+1ms)", "vm  fr-aaaaaaaaaa", "-> starting", "-> queued", "attempt 1"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("job detail lacks %q:\n%s", want, out)
 		}

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -31,6 +32,9 @@ type Config struct {
 	LogLevel string `yaml:"log_level"`
 	// StateDir holds the SQLite store and per-VM directories.
 	StateDir string `yaml:"state_dir"`
+	// HostID names this host in runner descriptions; reconciliation deletes
+	// only runners carrying it. "" = the machine's hostname.
+	HostID string `yaml:"host_id"`
 
 	GitLab      GitLab      `yaml:"gitlab"`
 	Runners     Runners     `yaml:"runners"`
@@ -119,6 +123,13 @@ type Limits struct {
 	DrainTimeout time.Duration `yaml:"drain_timeout"`
 	// QueueTimeout fails a job that waited this long for capacity; 0 = never.
 	QueueTimeout time.Duration `yaml:"queue_timeout"`
+	// StartAttempts bounds the attempts to get a job a VM whose runner takes
+	// it (runner creation, VM start, start timeout); after the last failed
+	// one the job is failed with its reason. GitLab keeps it pending.
+	StartAttempts int `yaml:"start_attempts"`
+	// RetryBackoff is the wait after the first failed attempt; it doubles
+	// with each further one, up to 2 minutes.
+	RetryBackoff time.Duration `yaml:"retry_backoff"`
 }
 
 // VM selects the driver and the guest image.
@@ -223,6 +234,8 @@ func Default() Config {
 			JobMaxDuration: time.Hour,
 			VMStartTimeout: 5 * time.Minute,
 			DrainTimeout:   10 * time.Minute,
+			StartAttempts:  5,
+			RetryBackoff:   2 * time.Second,
 		},
 		VM: VM{Driver: "firecracker", ImageDir: "/var/lib/firerunner/image",
 			ConsoleLogMaxBytes: 8 << 20, ConsoleLogKeep: 100, ConsoleLogMaxAge: 7 * 24 * time.Hour},
@@ -425,6 +438,15 @@ func (c Config) Validate(drivers Drivers) error {
 	if c.Limits.VMStartTimeout <= 0 {
 		bad("limits.vm_start_timeout", "must be > 0")
 	}
+	if c.Limits.StartAttempts < 1 {
+		bad("limits.start_attempts", "must be >= 1, got %d", c.Limits.StartAttempts)
+	}
+	if c.Limits.RetryBackoff < 0 {
+		bad("limits.retry_backoff", "must be >= 0, got %s", c.Limits.RetryBackoff)
+	}
+	if c.HostID != "" && !hostIDPattern.MatchString(c.HostID) {
+		bad("host_id", "must be 1-63 characters of a-z, 0-9, '.', '-', starting with a letter or digit, got %q", c.HostID)
+	}
 	if c.Limits.DrainTimeout < 0 || c.Limits.QueueTimeout < 0 {
 		bad("limits", "timeouts must not be negative")
 	}
@@ -473,6 +495,23 @@ func (c Config) Validate(drivers Drivers) error {
 		return errs
 	}
 	return nil
+}
+
+var hostIDPattern = regexp.MustCompile(`^[a-z0-9][a-z0-9.-]{0,62}$`)
+
+// HostIdentity is host_id, or the machine's lower-cased hostname.
+func (c Config) HostIdentity() (string, error) {
+	if c.HostID != "" {
+		return c.HostID, nil
+	}
+	h, err := os.Hostname()
+	if err != nil {
+		return "", fmt.Errorf("host_id is empty and the hostname is unknown: %w", err)
+	}
+	if h = strings.ToLower(h); !hostIDPattern.MatchString(h) {
+		return "", fmt.Errorf("host_id is empty and the hostname %q is not a valid host id: set host_id", h)
+	}
+	return h, nil
 }
 
 // GuestGitLabURL is the URL VMs use to reach GitLab.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -70,6 +71,7 @@ func newGitLabStub(t testing.TB) *gitLabStub {
 	mux.HandleFunc("DELETE /api/v4/runners/{rid}", g.auth("delete_runner", g.deleteRunner))
 	mux.HandleFunc("GET /api/v4/runners", g.auth("list_runners", g.listRunners))
 	mux.HandleFunc("GET /api/v4/runners/{rid}/jobs", g.auth("runner_jobs", g.runnerJobs))
+	mux.HandleFunc("PUT /api/v4/runners/{rid}", g.auth("update_runner", g.updateRunner))
 	g.srv = httptest.NewServer(mux)
 	t.Cleanup(g.srv.Close)
 	return g
@@ -142,6 +144,79 @@ func (g *gitLabStub) pick(id, rid int64) {
 	g.jobs[id].Status, g.jobs[id].RunnerID = "running", rid
 }
 
+// request is POST /jobs/request by runner rid, by GitLab's rule: the oldest
+// pending job of the runner's project whose tags are a subset of the
+// runner's (0: none).
+func (g *gitLabStub) request(rid int64) int64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	r, ok := g.runners[rid]
+	if !ok {
+		return 0
+	}
+	var best *stubJob
+	for _, j := range g.jobs {
+		if j.Status != "pending" || (r.RunnerType == "project_type" && j.ProjectID != r.ProjectID) || len(j.Tags) == 0 {
+			continue
+		}
+		sub := true
+		for _, t := range j.Tags {
+			sub = sub && slices.Contains(r.Tags, t)
+		}
+		if sub && (best == nil || j.ID < best.ID) {
+			best = j
+		}
+	}
+	if best == nil {
+		return 0
+	}
+	best.Status, best.RunnerID = "running", rid
+	return best.ID
+}
+
+// runnerByToken is the runner a token authenticates (0: none).
+func (g *gitLabStub) runnerByToken(tok string) int64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, r := range g.runners {
+		if r.Token == tok {
+			return r.ID
+		}
+	}
+	return 0
+}
+
+// runnerTags returns runner rid's tags as GitLab holds them.
+func (g *gitLabStub) runnerTags(rid int64) []string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if r, ok := g.runners[rid]; ok {
+		return slices.Clone(r.Tags)
+	}
+	return nil
+}
+
+func (g *gitLabStub) updateRunner(w http.ResponseWriter, r *http.Request) {
+	var b struct {
+		TagList *[]string `json:"tag_list"`
+	}
+	if err := json.NewDecoder(r.Body).Decode(&b); err != nil {
+		writeJSON(w, 400, map[string]string{"error": "invalid body"})
+		return
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	rr, ok := g.runners[id(r, "rid")]
+	if !ok {
+		writeJSON(w, 404, map[string]string{"message": "404 Runner Not Found"})
+		return
+	}
+	if b.TagList != nil {
+		rr.Tags = *b.TagList
+	}
+	writeJSON(w, 200, map[string]any{"id": rr.ID, "description": rr.Description, "tag_list": rr.Tags})
+}
+
 func (g *gitLabStub) runnerJobs(w http.ResponseWriter, r *http.Request) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -198,11 +273,15 @@ func id(r *http.Request, name string) int64 {
 }
 
 func jobJSON(j *stubJob) map[string]any {
-	return map[string]any{
+	out := map[string]any{
 		"id": j.ID, "name": j.Name, "ref": j.Ref, "status": j.Status, "stage": "test", "tag_list": j.Tags,
 		"pipeline":   map[string]any{"id": 77, "project_id": j.ProjectID, "ref": j.Ref, "status": "pending"},
 		"created_at": "2025-05-21T16:06:02.000Z", "web_url": fmt.Sprintf("https://gitlab.example/p/-/jobs/%d", j.ID),
 	}
+	if j.RunnerID != 0 {
+		out["runner"] = map[string]any{"id": j.RunnerID, "description": "x", "active": true, "is_shared": false}
+	}
+	return out
 }
 
 func (g *gitLabStub) getJob(w http.ResponseWriter, r *http.Request) {

@@ -3,9 +3,11 @@ package controller
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -14,32 +16,38 @@ import (
 	"github.com/firerunner/firerunner/internal/gitlabapi"
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/metrics"
+	"github.com/firerunner/firerunner/internal/planner"
 	"github.com/firerunner/firerunner/internal/runners"
-	"github.com/firerunner/firerunner/internal/scheduler"
 	"github.com/firerunner/firerunner/internal/store"
+	"github.com/firerunner/firerunner/internal/tags"
 	"github.com/firerunner/firerunner/internal/testenv"
 	fake "github.com/firerunner/firerunner/internal/testsupport/fakevm"
 	"github.com/firerunner/firerunner/internal/vm"
 	"github.com/firerunner/firerunner/internal/webhook"
 )
 
-const testSecret = "webhook-secret-for-tests"
+const (
+	testSecret = "webhook-secret-for-tests"
+	testHost   = "test-host"
+)
 
 // harness is one FireRunner controller wired like serve.go does, against
 // the GitLab stub, the fake driver and a real SQLite store.
 type harness struct {
-	t     *testing.T
-	gl    *gitLabStub
-	drv   *fake.Driver
-	dir   string
-	cfg   config.Config
-	capa  scheduler.Capacity
-	st    *store.Store
-	c     *Controller
-	web   *httptest.Server
-	logs  *testenv.Buffer
-	api   *gitlabapi.Client
-	stopd bool
+	t    *testing.T
+	gl   *gitLabStub
+	drv  *fake.Driver
+	dir  string
+	cfg  config.Config
+	capa planner.Capacity
+	st   *store.Store
+	// beforeStart runs after the webhook server is up, before Start.
+	beforeStart func(h *harness)
+	c           *Controller
+	web         *httptest.Server
+	logs        *testenv.Buffer
+	api         *gitlabapi.Client
+	stopd       bool
 }
 
 func testConfig(glURL string) config.Config {
@@ -58,7 +66,7 @@ func testConfig(glURL string) config.Config {
 func newHarness(t *testing.T, mod func(h *harness)) *harness {
 	t.Helper()
 	h := &harness{t: t, gl: newGitLabStub(t), drv: fake.New(fake.Options{}), dir: t.TempDir(), logs: &testenv.Buffer{},
-		capa: scheduler.Capacity{VCPUs: 16, MemoryMiB: 64 * 1024, MaxVMs: 8}}
+		capa: planner.Capacity{VCPUs: 16, MemoryMiB: 64 * 1024, MaxVMs: 8}}
 	h.cfg = testConfig(h.gl.URL())
 	if mod != nil {
 		mod(h)
@@ -87,27 +95,46 @@ func (h *harness) start() {
 	}
 	h.api = api
 	prov, err := runners.NewOneOff(api, runners.OneOffConfig{Scope: h.cfg.Runners.Scope, GroupID: h.cfg.Runners.GroupID,
-		MaximumTimeout: h.cfg.Runners.MaximumTimeout, DescriptionPrefix: h.cfg.Runners.DescriptionPrefix})
+		MaximumTimeout: h.cfg.Runners.MaximumTimeout, DescriptionPrefix: h.cfg.Runners.DescriptionPrefix, HostID: testHost})
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err = New(Options{Config: h.cfg, Store: st, Driver: h.drv, GitLab: api, Runners: prov, Metrics: m, Logger: log,
+	c, err = New(Options{Config: h.cfg, HostID: testHost, Store: st, Driver: h.drv, GitLab: api, Runners: prov, Metrics: m, Logger: log,
 		Capacity: h.capa, Image: vm.Image{Kernel: "/img/vmlinux", Initrd: "/img/initrd.img", Rootfs: "/img/rootfs.ext4"}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	h.c = c
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	// Serving first, like the daemon: hooks that come during start-up are
+	// persisted and wait in the queue.
 	mux := http.NewServeMux()
-	mux.Handle("/webhook", webhook.NewHandler(testSecret, c, webhook.WithLogger(log),
+	mux.Handle("/webhook", metrics.Timed(webhook.NewHandler(testSecret, c, webhook.WithLogger(log),
 		webhook.WithRejectCounter(func(r string) { m.WebhookRejects.WithLabelValues(r).Inc() }),
-		webhook.WithEventCounter(func(e, s string) { m.WebhookEvents.WithLabelValues(e, s).Inc() })))
+		webhook.WithEventCounter(func(e, s string) { m.WebhookEvents.WithLabelValues(e, s).Inc() })), m.WebhookLatency))
 	mux.Handle("/metrics", m.Handler())
 	h.web = httptest.NewServer(mux)
 	h.stopd = false
 	t.Cleanup(h.stop)
+	if h.beforeStart != nil {
+		h.beforeStart(h)
+	}
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// crash leaves the store, the fake host and GitLab as kill -9 would: the
+// controller's goroutines stop and nothing is cleaned up.
+func (h *harness) crash() {
+	h.stopd = true
+	h.web.Close()
+	h.c.draining.Store(true)
+	h.c.stopOnce.Do(func() { close(h.c.stopLoop) })
+	h.c.q.ShutDown()
+	h.c.running.Wait()
+	h.c.cancel()
+	h.c.watchWG.Wait()
+	h.st.Close()
 }
 
 // stop shuts the controller down gracefully (idempotent).
@@ -166,7 +193,7 @@ func (h *harness) eventually(what string, cond func() bool) {
 
 func (h *harness) job(id int64) job.Job {
 	h.t.Helper()
-	j, err := h.st.Get(context.Background(), id)
+	j, err := h.st.GetJob(context.Background(), id)
 	if err != nil {
 		h.t.Fatalf("job %d: %v", id, err)
 	}
@@ -176,24 +203,59 @@ func (h *harness) job(id int64) job.Job {
 func (h *harness) waitState(id int64, want job.State) job.Job {
 	h.t.Helper()
 	var j job.Job
-	h.eventually("job "+job.VMIDFor(id)+" in state "+string(want), func() bool {
+	h.eventually(fmt.Sprintf("job %d in state %s", id, want), func() bool {
 		var err error
-		j, err = h.st.Get(context.Background(), id)
+		j, err = h.st.GetJob(context.Background(), id)
 		return err == nil && j.State == want
 	})
 	return j
 }
 
-// waitStarted waits until the job's VM has been started by the driver.
-func (h *harness) waitStarted(id int64) job.Job {
+// vms returns the VM records of a job: started for it or that ran it.
+func (h *harness) vms(jobID int64) []job.VM {
 	h.t.Helper()
-	var j job.Job
-	h.eventually("vm of job "+job.VMIDFor(id)+" started", func() bool {
-		var err error
-		j, err = h.st.Get(context.Background(), id)
-		return err == nil && (j.State == job.VMStarting || j.State == job.Running) && h.vmRunning(job.VMIDFor(id))
+	vs, err := h.st.ListVMs(context.Background(), false, jobID)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return vs
+}
+
+// waitStarted waits until a VM started for the job runs on the fake host
+// with its runner, and returns it.
+func (h *harness) waitStarted(jobID int64) job.VM {
+	h.t.Helper()
+	var v job.VM
+	h.eventually(fmt.Sprintf("a vm for job %d started", jobID), func() bool {
+		for _, x := range h.vms(jobID) {
+			if x.ForJob == jobID && (x.State == job.VMStarting || x.State == job.VMBusy) && !x.Timeline.Started.IsZero() && h.vmRunning(x.ID) {
+				v = x
+				return true
+			}
+		}
+		return false
 	})
-	return j
+	return v
+}
+
+func (h *harness) vm(id string) job.VM {
+	h.t.Helper()
+	v, err := h.st.GetVM(context.Background(), id)
+	if err != nil {
+		h.t.Fatalf("vm %s: %v", id, err)
+	}
+	return v
+}
+
+func (h *harness) waitVMState(id string, want job.VMState) job.VM {
+	h.t.Helper()
+	var v job.VM
+	h.eventually(fmt.Sprintf("vm %s in state %s", id, want), func() bool {
+		var err error
+		v, err = h.st.GetVM(context.Background(), id)
+		return err == nil && v.State == want
+	})
+	return v
 }
 
 func (h *harness) vmRunning(vmID string) bool {
@@ -204,6 +266,24 @@ func (h *harness) vmRunning(vmID string) bool {
 		}
 	}
 	return false
+}
+
+// clean asserts nothing is left: no VM on the host, no live VM record, no
+// runner in GitLab (but keep), no active runner record.
+func (h *harness) clean(keep ...int64) {
+	h.t.Helper()
+	h.eventually("nothing left", func() bool {
+		list, _ := h.drv.List(context.Background())
+		live, _ := h.st.ListVMs(context.Background(), true, 0)
+		rs, _ := h.st.ListRunners(context.Background(), true)
+		n := 0
+		for _, r := range h.gl.runnerList() {
+			if !slices.Contains(keep, r.ID) {
+				n++
+			}
+		}
+		return len(list) == 0 && len(live) == 0 && len(rs) == 0 && n == 0
+	})
 }
 
 func (h *harness) metricsText() string {
@@ -218,9 +298,18 @@ func (h *harness) metricsText() string {
 }
 
 func (h *harness) jobCount() int {
-	all, err := h.st.List(context.Background(), store.Filter{})
+	all, err := h.st.ListJobs(context.Background(), store.Filter{})
 	if err != nil {
 		h.t.Fatal(err)
 	}
 	return len(all)
+}
+
+func sizeOf(t *testing.T, tag string) tags.Size {
+	t.Helper()
+	s, ok, err := tags.Parse([]string{tag}, tags.Limits{})
+	if !ok || err != nil {
+		t.Fatalf("size tag %q: %v", tag, err)
+	}
+	return s
 }

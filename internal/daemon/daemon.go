@@ -58,6 +58,10 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Daemon,
 		}
 	}
 
+	hostID, err := cfg.HostIdentity()
+	if err != nil {
+		return nil, err
+	}
 	d := &Daemon{Config: cfg, log: log, srvErr: make(chan error, 1)}
 	m := metrics.New(func() metrics.Snapshot {
 		if d.Controller == nil {
@@ -74,7 +78,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Daemon,
 	}
 	prov, err := runners.NewOneOff(api, runners.OneOffConfig{
 		Scope: cfg.Runners.Scope, GroupID: cfg.Runners.GroupID, MaximumTimeout: cfg.Runners.MaximumTimeout,
-		DescriptionPrefix: cfg.Runners.DescriptionPrefix, LegacyRegistrationToken: regToken,
+		DescriptionPrefix: cfg.Runners.DescriptionPrefix, HostID: hostID, LegacyRegistrationToken: regToken,
 	})
 	if err != nil {
 		return nil, err
@@ -102,7 +106,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Daemon,
 		}
 	}()
 	d.Controller, err = controller.New(controller.Options{
-		Config: cfg, Store: d.Store, Driver: d.Driver, Image: d.Image.VMImage(), GitLab: api, Runners: prov,
+		Config: cfg, HostID: hostID, Store: d.Store, Driver: d.Driver, Image: d.Image.VMImage(), GitLab: api, Runners: prov,
 		Network: nw, Metrics: m, Logger: log,
 	})
 	if err != nil {
@@ -110,10 +114,10 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Daemon,
 	}
 
 	mux := http.NewServeMux()
-	mux.Handle("/webhook", webhook.NewHandler(hookSecret, d.Controller,
+	mux.Handle("/webhook", metrics.Timed(webhook.NewHandler(hookSecret, d.Controller,
 		webhook.WithMaxBody(cfg.GitLab.WebhookMaxBody), webhook.WithLogger(log),
 		webhook.WithRejectCounter(func(r string) { m.WebhookRejects.WithLabelValues(r).Inc() }),
-		webhook.WithEventCounter(func(e, s string) { m.WebhookEvents.WithLabelValues(e, s).Inc() })))
+		webhook.WithEventCounter(func(e, s string) { m.WebhookEvents.WithLabelValues(e, s).Inc() })), m.WebhookLatency))
 	mux.Handle("/metrics", m.Handler())
 	mux.Handle("/healthz", metrics.Healthz())
 	mux.Handle("/readyz", metrics.Readyz(d.Controller.Ready))
@@ -129,7 +133,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Daemon,
 		_ = d.srv.Close()
 		return nil, err
 	}
-	log.Info("firerunner serving", "listen", d.Addr(), "gitlab", cfg.GitLab.URL, "driver", cfg.VM.Driver,
+	log.Info("firerunner serving", "host_id", hostID, "listen", d.Addr(), "gitlab", cfg.GitLab.URL, "driver", cfg.VM.Driver,
 		"network", cfg.Network.Mode, "state_dir", cfg.StateDir, "image", d.Image.Dir,
 		"poll_projects", fmt.Sprint(cfg.Reconcile.PollProjects), "poll_groups", fmt.Sprint(cfg.Reconcile.PollGroups))
 	return d, nil

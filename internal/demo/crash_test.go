@@ -89,8 +89,8 @@ func TestCrashRecovery(t *testing.T) {
 		if js.Status != "success" || !strings.Contains(CleanTrace(js.Trace), "finished") {
 			t.Errorf("job %d: GitLab %s, want success with 'finished' in the trace:\n%s", id, js.Status, CleanTrace(js.Trace))
 		}
-		if rec.State != job.Done || !(strings.HasPrefix(rec.Reason, job.ReasonCompleted) || strings.HasPrefix(rec.Reason, job.ReasonJobSucceeded)) {
-			t.Errorf("job %d: record %s (%s), want done (completed or job_succeeded): the adopted VM was not supervised to its end", id, rec.State, rec.Reason)
+		if rec.State != job.Done || rec.Reason != job.ReasonSucceeded {
+			t.Errorf("job %d: record %s (%s), want done (job_succeeded): the adopted VM was not supervised to its end", id, rec.State, rec.Reason)
 		}
 		h.checkRunnerDeleted(t, rec)
 		h.waitClean(t, time.Minute)
@@ -137,7 +137,11 @@ func TestCrashRecovery(t *testing.T) {
 	t.Run("KillWhileVMStarts", func(t *testing.T) {
 		h.scenario = "3b kill -9 at VM start"
 		h.killBeforeVM(t, tags, "the job's per-VM dir", func(id int64) bool {
-			_, err := os.Stat(h.vmDir(job.VMIDFor(id)))
+			v, ok := h.vmOf(id)
+			if !ok {
+				return false
+			}
+			_, err := os.Stat(h.vmDir(v.ID))
 			return err == nil
 		})
 		h.stop(t)
@@ -169,11 +173,16 @@ func (h *crashHarness) killBeforeVM(t *testing.T, tags []string, what string, tr
 		runners = append(runners, fmt.Sprintf("#%d (%s)", r.ID, r.Description))
 	}
 	rec := h.record(t, id)
-	vmID := job.VMIDFor(id)
-	vmms := vm.FindProcs(h.vmDir(vmID))
-	_, dirErr := os.Stat(h.vmDir(vmID))
-	h.say("at the kill (%s seen): record %s runner #%d vm %q; runners in GitLab %v; per-VM dir: %v; VMMs alive: %d; orphans: %v",
-		what, rec.State, rec.RunnerID, rec.VMID, runners, dirErr == nil, len(vmms), h.orphans())
+	v, haveVM := h.vmOf(id)
+	vmms := vm.FindProcs(h.vmDir(v.ID))
+	_, dirErr := os.Stat(h.vmDir(v.ID))
+	h.say("at the kill (%s seen): job record %s; vm record %s (%s) runner #%d; runners in GitLab %v; per-VM dir: %v; VMMs alive: %d; orphans: %v",
+		what, rec.State, v.ID, v.State, v.RunnerID, runners, dirErr == nil, len(vmms), h.orphans())
+	// The kill hit the window it aims at: the job still waiting, its VM
+	// record written before anything of the VM exists, not yet picked.
+	if rec.State != job.Queued || !haveVM || (v.State != job.VMPending && v.State != job.VMStarting) || len(runners) == 0 {
+		t.Fatalf("killed outside the window: job %s, vm record %v %s, runners %v", rec.State, haveVM, v.State, runners)
+	}
 
 	h.start(t)
 	var final job.Job
@@ -513,7 +522,7 @@ func (h *crashHarness) record(t *testing.T, id int64) job.Job {
 	t.Helper()
 	var j job.Job
 	err := h.withStore(func(s *store.Store) (err error) {
-		j, err = s.Get(context.Background(), id)
+		j, err = s.GetJob(context.Background(), id)
 		return err
 	})
 	if errors.Is(err, store.ErrNotFound) {
@@ -525,12 +534,27 @@ func (h *crashHarness) record(t *testing.T, id int64) job.Job {
 	return j
 }
 
+// vmOf returns the newest VM record started for job id.
+func (h *crashHarness) vmOf(id int64) (job.VM, bool) {
+	var vs []job.VM
+	_ = h.withStore(func(s *store.Store) (err error) {
+		vs, err = s.ListVMs(context.Background(), false, id)
+		return err
+	})
+	for i := len(vs) - 1; i >= 0; i-- {
+		if vs[i].ForJob == id {
+			return vs[i], true
+		}
+	}
+	return job.VM{}, false
+}
+
 func (h *crashHarness) transitions(id int64) string {
 	var out []string
 	_ = h.withStore(func(s *store.Store) error {
 		tr, err := s.Transitions(context.Background(), id)
 		for _, x := range tr {
-			out = append(out, string(x.To))
+			out = append(out, x.Object+":"+x.To)
 		}
 		return err
 	})
@@ -575,9 +599,16 @@ func (h *crashHarness) leftovers() []string {
 		out = append(out, fmt.Sprintf("runner #%d (%s) not deleted", r.ID, r.Description))
 	}
 	if err := h.withStore(func(s *store.Store) error {
-		act, err := s.List(context.Background(), store.Filter{ActiveOnly: true})
+		act, err := s.ListJobs(context.Background(), store.Filter{ActiveOnly: true})
 		for _, j := range act {
 			out = append(out, fmt.Sprintf("job %d still %s", j.ID, j.State))
+		}
+		if err != nil {
+			return err
+		}
+		live, err := s.ListVMs(context.Background(), true, 0)
+		for _, v := range live {
+			out = append(out, fmt.Sprintf("vm record %s still %s", v.ID, v.State))
 		}
 		return err
 	}); err != nil {

@@ -90,11 +90,13 @@ type JobResult struct {
 	GitLab gitlabstandin.JobState
 	// Ours reports whether the job carried a FireRunner size tag.
 	Ours bool
-	// Record is FireRunner's record of the VM that ran the job: the one
-	// started for this job or, when a runner made for another job with the
-	// same tags picked it first, that job's. Nil when FireRunner has none.
+	// Record is FireRunner's record of the job (nil when it has none).
 	Record *job.Job
-	// Runner is the runner of Record's VM (zero if none).
+	// VM is the record of the VM that ran the job: started for it or, when
+	// a runner made for another job picked it first (GitLab matches tag
+	// subsets), for that job. Nil when no VM of ours ran it.
+	VM *job.VM
+	// Runner is the runner that ran it, as the stand-in saw it (zero if none).
 	Runner gitlabstandin.RunnerState
 	// Guest is the VM's boot timeline as seen by the driver (nil if no VM).
 	Guest *vm.Timeline
@@ -250,31 +252,23 @@ func Run(ctx context.Context, o Options) (rep *Report, err error) {
 		return rep, fmt.Errorf("demo timed out: %w (FireRunner log: %s)", err, filepath.Join(o.WorkDir, "firerunner.log"))
 	}
 
-	// A runner made for job A may run job B with the same tags: report each
-	// job with the record of the VM that ran it.
-	all, err := d.Store.List(ctx, store.Filter{})
-	if err != nil {
-		return rep, fmt.Errorf("list records: %w", err)
-	}
-	ranBy := map[int64]job.Job{}
-	for _, rec := range all {
-		if rec.PickedJobID != 0 {
-			ranBy[rec.PickedJobID] = rec
+	// A job's record ends with GitLab's status; its VM is torn down right
+	// after. Let the teardown finish before looking for leftovers.
+	for deadline := time.Now().Add(2 * time.Minute); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if live, err := d.Store.ListVMs(ctx, true, 0); err == nil && len(live) == 0 {
+			break
 		}
 	}
-	// Jobs FireRunner must ignore are still pending: no runner, no VM.
+	// Each job's record names the VM and runner that actually ran it.
 	for i, id := range pl.JobIDs {
 		js, _ := gl.Job(id)
 		results[i].GitLab = js
-		rec, ok := ranBy[id]
-		if !ok {
-			var gerr error
-			rec, gerr = d.Store.Get(ctx, id)
-			ok = gerr == nil
-		}
-		if ok {
+		if rec, err := d.Store.GetJob(ctx, id); err == nil && rec.State != job.Ignored {
 			results[i].Record = &rec
-			results[i].Guest = guests.get(rec.VMID)
+			if v, err := d.Store.GetVM(ctx, rec.VMID); err == nil {
+				results[i].VM = &v
+				results[i].Guest = guests.get(v.ID)
+			}
 			if r, ok := gl.Runner(rec.RunnerID); ok {
 				results[i].Runner = r
 			}
@@ -286,10 +280,8 @@ func Run(ctx context.Context, o Options) (rep *Report, err error) {
 	}
 	rep.Jobs = results
 	rep.Leftovers = leftovers(ctx, d, gl)
-	for _, rec := range all {
-		if rec.RunnerID != 0 {
-			rep.RunnersCreated++
-		}
+	if rs, err := d.Store.ListRunners(ctx, false); err == nil {
+		rep.RunnersCreated = len(rs)
 	}
 	err = shutdown()
 	d = nil
@@ -357,7 +349,6 @@ func TapGateway() (netip.Addr, error) {
 // follow watches one of our jobs until GitLab and FireRunner are both done with it.
 func follow(ctx context.Context, p *printer, gl *gitlabstandin.Server, d *daemon.Daemon, id int64, res *JobResult, cancelIt bool, guests *guestTimelines) {
 	name := res.Spec.Name
-	vmID := job.VMIDFor(id)
 	src, _ := d.Driver.(vm.TimelineSource)
 	var lastGL, lastFR string
 	var gaveUp time.Time
@@ -375,7 +366,7 @@ func follow(ctx context.Context, p *printer, gl *gitlabstandin.Server, d *daemon
 			p.say("job %d %-10s canceling it in GitLab", id, name)
 			_ = gl.Cancel(id)
 		}
-		rec, err := d.Store.Get(ctx, id)
+		rec, err := d.Store.GetJob(ctx, id)
 		if err == nil {
 			if st := string(rec.State); st != lastFR {
 				extra := ""
@@ -385,9 +376,9 @@ func follow(ctx context.Context, p *printer, gl *gitlabstandin.Server, d *daemon
 				p.say("job %d %-10s FireRunner: %s%s", id, name, st, extra)
 				lastFR = st
 			}
-			if src != nil && !haveGuest {
-				if tl, ok := src.Timeline(vmID); ok {
-					guests.put(vmID, tl)
+			if src != nil && !haveGuest && rec.VMID != "" {
+				if tl, ok := src.Timeline(rec.VMID); ok {
+					guests.put(rec.VMID, tl)
 					haveGuest = true
 				}
 			}
@@ -450,9 +441,19 @@ func leftovers(ctx context.Context, d *daemon.Daemon, gl *gitlabstandin.Server) 
 	for _, r := range gl.Runners() { // the demo creates no runners of its own
 		out = append(out, fmt.Sprintf("runner %d (%s) not deleted", r.ID, r.Description))
 	}
-	if recs, err := d.Store.List(ctx, store.Filter{ActiveOnly: true}); err == nil {
+	if recs, err := d.Store.ListJobs(ctx, store.Filter{ActiveOnly: true}); err == nil {
 		for _, r := range recs {
 			out = append(out, fmt.Sprintf("job %d still %s", r.ID, r.State))
+		}
+	}
+	if vms, err := d.Store.ListVMs(ctx, true, 0); err == nil {
+		for _, v := range vms {
+			out = append(out, fmt.Sprintf("vm record %s still %s", v.ID, v.State))
+		}
+	}
+	if rs, err := d.Store.ListRunners(ctx, true); err == nil {
+		for _, r := range rs {
+			out = append(out, fmt.Sprintf("runner record %d not deleted", r.ID))
 		}
 	}
 	return out
@@ -512,10 +513,10 @@ func (p *printer) report(rep *Report) {
 			continue
 		}
 		if r.Record != nil {
-			fmt.Fprintf(w, "  FireRunner: %s (%s), runner #%d, vm %s, %d vCPU / %d MiB\n",
-				r.Record.State, r.Record.Reason, r.Record.RunnerID, r.Record.VMID, r.Record.VCPUs, r.Record.MemoryMiB)
-			if r.Record.ID != r.GitLab.ID {
-				fmt.Fprintf(w, "  ran in the VM started for job %d: its runner (same tags) picked this job first\n", r.Record.ID)
+			fmt.Fprintf(w, "  FireRunner: %s (%s), runner #%d, vm %s, %d vCPU / %d MiB, attempts %d\n",
+				r.Record.State, r.Record.Reason, r.Record.RunnerID, r.Record.VMID, r.Record.VCPUs, r.Record.MemoryMiB, r.Record.Attempts)
+			if r.VM != nil && r.VM.ForJob != r.GitLab.ID {
+				fmt.Fprintf(w, "  ran in the VM started for job %d: its runner (tags %v) took this job first\n", r.VM.ForJob, r.VM.Tags)
 			}
 		}
 		if tr := CleanTrace(r.GitLab.Trace); tr != "" {
@@ -554,9 +555,13 @@ func (r JobResult) Timeline() []Event {
 		t := rec.Timeline
 		add("webhook received", t.WebhookReceived)
 		add("tags fetched", t.TagsFetched)
+	}
+	if v := r.VM; v != nil {
+		t := v.Timeline
+		add("VM planned", t.Planned)
 		add("runner created", t.RunnerCreated)
-		add("VM start requested", t.VMStartRequest)
-		add("VM gone", t.VMDestroyed)
+		add("VM start requested", t.StartRequest)
+		add("VM destroyed", t.Destroyed)
 		add("runner deleted", t.RunnerDeleted)
 	}
 	if g := r.Guest; g != nil {

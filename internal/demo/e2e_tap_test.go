@@ -296,7 +296,7 @@ func tapChild(t *testing.T, work, egress string) {
 		if !strings.Contains(tr, "HOSTPORT=closed\n") {
 			t.Errorf("%s: the VM reached a host port not in allow_host_ports:\n%s", c.name, tr)
 		}
-		if r.Record == nil || r.Record.State != job.Done || r.Record.VCPUs != c.vcpus || r.Record.Timeline.VMDestroyed.IsZero() {
+		if r.Record == nil || r.Record.State != job.Done || r.Record.VCPUs != c.vcpus || r.VM == nil || r.VM.Timeline.Destroyed.IsZero() {
 			t.Errorf("%s: FireRunner record %+v", c.name, r.Record)
 		}
 		if r.Runner.ID == 0 || r.Runner.DeletedAt.IsZero() {

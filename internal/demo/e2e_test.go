@@ -93,13 +93,13 @@ func TestEndToEnd(t *testing.T) {
 	}
 	// The failing job failed with its exit code, and its VM is gone.
 	if r := get("fails"); r.GitLab.Status != "failed" || r.GitLab.ExitCode != 3 || r.Record == nil ||
-		!r.Record.State.Terminal() || !strings.HasPrefix(r.Record.Reason, job.ReasonJobFailed) || r.Record.Timeline.VMDestroyed.IsZero() {
+		!r.Record.State.Terminal() || !strings.HasPrefix(r.Record.Reason, job.ReasonJobFailed) || r.VM == nil || r.VM.Timeline.Destroyed.IsZero() {
 		t.Errorf("fails: GitLab %s exit %d, record %+v", r.GitLab.Status, r.GitLab.ExitCode, r.Record)
 	}
 	// The canceled job: canceled in GitLab, and FireRunner tore its VM down
 	// because of the cancel (not because `sleep 600` ended).
 	if r := get("canceled"); r.GitLab.Status != "canceled" || r.Record == nil || r.Record.State != job.Canceled ||
-		!strings.HasPrefix(r.Record.Reason, job.ReasonJobCanceled) || r.Record.Timeline.VMDestroyed.IsZero() || r.CanceledAt.IsZero() {
+		!strings.HasPrefix(r.Record.Reason, job.ReasonJobCanceled) || r.VM == nil || r.VM.Timeline.Destroyed.IsZero() || r.CanceledAt.IsZero() {
 		t.Errorf("canceled: GitLab %s, record %+v", r.GitLab.Status, r.Record)
 	}
 	if rep.RunnersCreated != 4 {

@@ -98,9 +98,10 @@ func ctxAttrs(ctx context.Context) []any {
 
 // Job is a CI job as FireRunner needs it.
 type Job struct {
-	ID, ProjectID     int64
-	Name, Ref, Status string
-	TagList           []string
+	ID, ProjectID, PipelineID int64
+	Name, Ref, Status         string
+	TagList                   []string
+	RunnerID                  int64 // the runner that took it (0: none yet)
 }
 
 // RunnerSpec describes a runner to create.

@@ -13,7 +13,8 @@ import (
 var ErrInvalidSpec = errors.New("invalid runner spec")
 
 func toJob(j *gitlab.Job, projectID int64) Job {
-	out := Job{ID: j.ID, ProjectID: projectID, Name: j.Name, Ref: j.Ref, Status: j.Status, TagList: j.TagList}
+	out := Job{ID: j.ID, ProjectID: projectID, PipelineID: j.Pipeline.ID, Name: j.Name, Ref: j.Ref, Status: j.Status, TagList: j.TagList,
+		RunnerID: j.Runner.ID}
 	switch {
 	case j.Project != nil && j.Project.ID != 0:
 		out.ProjectID = j.Project.ID
@@ -346,4 +347,16 @@ func (c *Client) listRunners(ctx context.Context, op, descriptionPrefix string, 
 		opt.Page = next
 	}
 	return out, fmt.Errorf("gitlab %s: more than %d pages", op, maxPages)
+}
+
+// UpdateRunnerTags replaces a runner's tags (PUT /runners/:id; manage_runner
+// or api). GitLab matches jobs against the tags it holds at each job
+// request, so a runner that is already polling takes jobs by its new tags.
+func (c *Client) UpdateRunnerTags(ctx context.Context, id int64, tagList []string) error {
+	opt := &gitlab.UpdateRunnerDetailsOptions{TagList: &tagList}
+	return c.call(ctx, "update_runner", nil, []any{"runner_id", id},
+		func(ro ...gitlab.RequestOptionFunc) (*gitlab.Response, error) {
+			_, resp, err := c.gl.Runners.UpdateRunnerDetails(id, opt, ro...)
+			return resp, err
+		})
 }

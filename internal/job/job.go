@@ -1,82 +1,79 @@
-// Package job is THE job lifecycle: the states a FireRunner job goes through,
-// the allowed transitions between them, and the record the store persists.
+// Package job is every state change FireRunner makes: the records of GitLab
+// jobs, of the VMs that run them and of the runners inside those VMs, their
+// states, and the named operations that are the single writers of each move.
+//
+// Three records, linked but separate, because GitLab hands a runner any
+// pending job whose tags are a subset of its own: the VM started for job A
+// may run job B.
+//
+//   - Job: one GitLab job FireRunner serves, as GitLab sees it: waiting
+//     (queued), picked (running, with the VM and runner that took it), or
+//     ended with GitLab's status (done, failed, canceled) or with the reason
+//     FireRunner gave up on it.
+//   - VM: one microVM on this host and its one-job runner, from planned to
+//     gone.
+//   - Runner: one GitLab runner FireRunner created, from created to deleted.
+//
+// Every operation checks its precondition and changes the record in memory;
+// the store persists it (and logs the transition) in one transaction before
+// the controller acts on the new state.
 package job
 
 import (
+	"errors"
 	"fmt"
-	"strconv"
 	"time"
+
+	"github.com/firerunner/firerunner/internal/tags"
 )
 
-// State is where a job is in its lifecycle.
+// State is where a job is, as GitLab would say it.
 //
-//		                 ┌──────────────── cancel / fail / restart ───────────────┐
-//		                 │                                                        ▼
-//		queued ──► runner_created ──► vm_starting ──► running ──► cleaning ──► done | failed | canceled
-//		  │  ▲            │                 │                        ▲
-//		  │  └────────────┘ restart         └────────────────────────┘ (any mid-flight state → cleaning)
-//		  └──► done | failed | canceled   (nothing was created yet: no cleanup needed)
+//		new ──► queued ──► running ──► done | failed | canceled
+//		 │        │ ▲ retry   (picked)
+//		 │        │ └─┘
+//		 │        └──► done | failed | canceled   (ended while waiting; or failed: FireRunner gave up)
+//		 └──► ignored   (not FireRunner's: no size tag, a bad one, or unreadable)
 //
-//	  - queued:         accepted (webhook or poll), waiting for host capacity.
-//	    It ends without a runner when its job ends first: canceled, or run
-//	    (done or failed) by a runner with the same tags made for another job.
-//	  - runner_created: capacity reserved; a GitLab runner exists (runner_id set).
-//	  - vm_starting:    vm_id set and the driver asked to start the VM; the runner
-//	    in it has not been seen picking a job yet (start timeout applies).
-//	  - running:        the VM's runner picked a job (job event "running" with our
-//	    runner id, or the job is no longer pending); max job duration applies.
-//	  - cleaning:       the outcome is decided (Outcome, Reason); the VM is being
-//	    destroyed and the runner deleted. Every step is idempotent, so a restart
-//	    simply repeats cleaning.
-//	  - done, failed, canceled: terminal; nothing of the job is left on the host
-//	    or in GitLab.
-//
-// runner_created → queued and vm_starting → queued exist for restarts only:
-// the runner token is never persisted, so after a crash before the VMM ran
-// (runner_created, or vm_starting with no live VMM and no job picked), the
-// runner and any VM leftovers are deleted and the job goes back to the queue
-// to get a fresh runner.
+//	  - new:     an event named the job; its tags are not read yet.
+//	  - queued:  FireRunner's, pending in GitLab; a VM of ours is (being) made
+//	    ready to take it. Failed attempts (runner creation, VM start, start
+//	    timeout, …) come back here with back-off, up to a limit.
+//	  - running: a runner picked it: one of ours (VMID, RunnerID set) or
+//	    another one (VMID empty, RunnerID the other runner, 0 if unknown).
+//	  - done, failed, canceled: GitLab's final status (success is done); or
+//	    failed with FireRunner's reason when it gave up (Reason says why).
+//	  - ignored: not FireRunner's; kept so duplicate events stay cheap.
 type State string
 
-// The states, in lifecycle order.
+// Job states.
 const (
-	Queued        State = "queued"
-	RunnerCreated State = "runner_created"
-	VMStarting    State = "vm_starting"
-	Running       State = "running"
-	Cleaning      State = "cleaning"
-	Done          State = "done"
-	Failed        State = "failed"
-	Canceled      State = "canceled"
+	New      State = "new"
+	Queued   State = "queued"
+	Running  State = "running"
+	Done     State = "done"
+	Failed   State = "failed"
+	Canceled State = "canceled"
+	Ignored  State = "ignored"
 )
 
-// States lists every state in lifecycle order (metrics export all of them).
-var States = []State{Queued, RunnerCreated, VMStarting, Running, Cleaning, Done, Failed, Canceled}
+// States lists every job state (metrics export all of them).
+var States = []State{New, Queued, Running, Done, Failed, Canceled, Ignored}
 
-// transitions is the whole state machine: from → allowed next states.
 var transitions = map[State][]State{
-	Queued:        {RunnerCreated, Cleaning, Done, Failed, Canceled},
-	RunnerCreated: {VMStarting, Cleaning, Queued},
-	VMStarting:    {Running, Cleaning, Queued},
-	Running:       {Cleaning},
-	Cleaning:      {Done, Failed, Canceled},
+	New:     {Queued, Running, Done, Failed, Canceled, Ignored},
+	Queued:  {Queued, Running, Done, Failed, Canceled},
+	Running: {Done, Failed, Canceled},
 }
 
 // Terminal reports whether s is an end state.
-func (s State) Terminal() bool { return s == Done || s == Failed || s == Canceled }
+func (s State) Terminal() bool { return s == Done || s == Failed || s == Canceled || s == Ignored }
 
-// Active reports whether the job still holds (or may hold) resources.
+// Active reports whether the job may still need FireRunner.
 func (s State) Active() bool { return !s.Terminal() }
 
 // Valid reports whether s is a known state.
-func (s State) Valid() bool {
-	for _, k := range States {
-		if s == k {
-			return true
-		}
-	}
-	return false
-}
+func (s State) Valid() bool { return s == New || s == Queued || s == Running || s.Terminal() }
 
 // CanTransition reports whether from → to is allowed.
 func CanTransition(from, to State) bool {
@@ -90,133 +87,255 @@ func CanTransition(from, to State) bool {
 
 // TransitionError is returned for a move the state machine forbids.
 type TransitionError struct {
-	JobID    int64
-	From, To State
+	Object   string // "job 12" or "vm fr-x"
+	From, To string
 }
 
 func (e *TransitionError) Error() string {
-	return fmt.Sprintf("job %d: transition %s → %s is not allowed", e.JobID, e.From, e.To)
+	return fmt.Sprintf("%s: transition %s → %s is not allowed", e.Object, e.From, e.To)
 }
 
-// Reasons recorded when a job fails or is canceled; the record's Reason starts
-// with one of these, optionally followed by ": detail". Metrics use the prefix.
+// ErrStale is returned by an operation whose precondition no longer holds
+// (another event moved the record first); the caller re-reads and decides
+// again instead of acting.
+var ErrStale = errors.New("record moved on")
+
+// Reasons. A job's or VM's Reason starts with one of these, optionally
+// followed by ": detail"; metrics use the prefix.
 const (
-	ReasonCompleted       = "completed"        // VM ended after the job (done)
-	ReasonJobCanceled     = "job_canceled"     // GitLab said canceled
-	ReasonJobFailed       = "job_failed"       // GitLab said failed (the job, not FireRunner)
-	ReasonJobSucceeded    = "job_succeeded"    // GitLab said success; VM torn down
-	ReasonNotPending      = "not_pending"      // job no longer pending when we got to it
-	ReasonRunnerLimit     = "runner_limit"     // GitLab's runner creation cap reached
-	ReasonRunnerCreate    = "runner_create"    // other runner creation error
-	ReasonVMStart         = "vm_start"         // driver failed to start the VM
-	ReasonStartTimeout    = "start_timeout"    // runner did not pick a job in time
-	ReasonMaxDuration     = "max_duration"     // job ran past limits.job_max_duration
-	ReasonVMExit          = "vm_exit"          // VM ended with non-zero exit / error
-	ReasonNetwork         = "network"          // tap/address setup failed
-	ReasonTooBig          = "too_big"          // size exceeds total host capacity
-	ReasonQueueTimeout    = "queue_timeout"    // waited too long for capacity
-	ReasonRestartLost     = "restart_vm_lost"  // after restart, the VM was gone
-	ReasonShutdown        = "shutdown"         // drain timeout hit at SIGTERM
-	ReasonRestartRequeued = "restart_requeued" // runner_created → queued after restart
-	ReasonIdleRunner      = "idle_runner"      // its job ran on another of our VMs; nothing left for its runner
+	ReasonSucceeded    = "job_succeeded"   // GitLab: success
+	ReasonJobFailed    = "job_failed"      // GitLab: failed (the job, not FireRunner)
+	ReasonJobCanceled  = "job_canceled"    // GitLab: canceled or skipped
+	ReasonNotOurs      = "not_ours"        // no firecracker size tag
+	ReasonBadTag       = "bad_tag"         // a firecracker- tag the grammar rejects
+	ReasonUnreadable   = "unreadable"      // GitLab refused to show the job (404/403)
+	ReasonRunnerLimit  = "runner_limit"    // GitLab's runner creation cap
+	ReasonRunnerCreate = "runner_create"   // other runner creation error
+	ReasonVMStart      = "vm_start"        // the driver failed to start the VM
+	ReasonNetwork      = "network"         // tap/address setup failed
+	ReasonStartTimeout = "start_timeout"   // the VM's runner took no job in time
+	ReasonVMExit       = "vm_exit"         // the VM ended before or while running a job
+	ReasonMaxDuration  = "max_duration"    // ran longer than limits.job_max_duration
+	ReasonTooBig       = "too_big"         // larger than the host's total capacity
+	ReasonQueueTimeout = "queue_timeout"   // waited longer than limits.queue_timeout
+	ReasonAttempts     = "attempts"        // every start attempt failed
+	ReasonShutdown     = "shutdown"        // FireRunner stopped while the VM ran
+	ReasonRestartLost  = "restart_vm_lost" // the VM was gone after a restart
+	ReasonIdle         = "idle_runner"     // no waiting job can use the VM's runner
+	ReasonRanJob       = "ran_job"         // the VM ran its job and is torn down
+	ReasonJobEnded     = "job_ended"       // the job the VM was made for ended before the VM took any
+	ReasonVMLost       = "vm_lost"         // the VM that ran the job is gone and GitLab never ended the job
 )
 
-// Job is one GitLab CI job FireRunner serves, as persisted by the store.
+// GitLab job statuses FireRunner distinguishes.
+const (
+	StatusPending  = "pending"
+	StatusRunning  = "running"
+	StatusSuccess  = "success"
+	StatusFailed   = "failed"
+	StatusCanceled = "canceled"
+	StatusSkipped  = "skipped"
+)
+
+// StatusRank orders GitLab statuses so that a late, older event never
+// overwrites a newer one (0 = unknown).
+func StatusRank(s string) int {
+	switch s {
+	case "created", "waiting_for_resource", "preparing", "scheduled", "manual", StatusPending:
+		return 1
+	case StatusRunning:
+		return 2
+	case StatusSuccess, StatusFailed, StatusCanceled, StatusSkipped:
+		return 3
+	}
+	return 0
+}
+
+// StatusFinal reports whether a GitLab job status is final.
+func StatusFinal(s string) bool { return StatusRank(s) == 3 }
+
+// Job is one GitLab job, as FireRunner persists it.
 type Job struct {
-	ID          int64 // GitLab job (build) id; unique: one record, one VM
+	ID          int64 // GitLab job (build) id
 	ProjectID   int64
 	ProjectPath string
 	PipelineID  int64
 	Name        string
 	Ref         string
-	Tags        []string // the job's tag_list (the runner gets exactly these)
-	SizeTag     string   // the firecracker-NcpU-Mgb tag that chose the size
+	Tags        []string // the job's tag_list as GitLab gave it
+	SizeTag     string   // the size tag that chose the VM size
 	VCPUs       int
 	MemoryMiB   int
-	Source      string // "webhook" or "poll"
+	Source      string // how FireRunner learned of it: webhook, poll, picked
 
-	State   State
-	Outcome State  // while cleaning: the terminal state to end in
-	Reason  string // why the job failed/was canceled (see Reason* constants)
+	State  State
+	Reason string // for failed/canceled/ignored; the last retry reason while queued
 
-	RunnerID    int64  // GitLab runner created for this job (0 = none)
-	VMID        string // host VM id (empty = none)
-	PickedJobID int64  // job the VM's runner actually picked (may differ!)
-	ExitCode    *int   // guest workload exit code when known
+	Attempts  int       // failed attempts to get it a VM
+	NotBefore time.Time // queued: no new VM before this (back-off)
+
+	// GitLab's last word on the job (webhook or API), never moved backwards.
+	GitLabStatus string
+	GitLabRunner int64 // the runner GitLab says took it (0: none or unknown)
+	ObservedAt   time.Time
+
+	VMID     string // the VM of ours that ran it
+	RunnerID int64  // the runner that ran it (ours or not)
+	ExitCode *int   // exit code of the VM that ran it, when known
 
 	CreatedAt time.Time
 	UpdatedAt time.Time
 	Timeline  Timeline
 }
 
-// Timeline holds the wall-clock time of each milestone (zero = not reached).
+// TagSet is the job's canonical tag set.
+func (j *Job) TagSet() tags.Set { return tags.NewSet(j.Tags) }
+
+// Timeline holds when each milestone of a job was reached (zero = not yet).
 type Timeline struct {
-	WebhookReceived time.Time // webhook (or poll) saw the job pending
+	WebhookReceived time.Time // first event (or poll) that named the job
 	TagsFetched     time.Time // tag_list read from the API
-	RunnerCreated   time.Time
-	VMStartRequest  time.Time // driver.Start called
-	VMStarted       time.Time // driver.Start returned (persisted with the next write: cleaning)
-	JobPicked       time.Time // runner picked a job
-	VMExited        time.Time // persisted with the cleaning transition
-	VMDestroyed     time.Time
-	RunnerDeleted   time.Time
+	VMStartRequest  time.Time // a VM for it was asked to start (latest attempt)
+	JobPicked       time.Time // a runner took it
 	Finished        time.Time // terminal state reached
 }
 
-// Stage is one measured interval of the timeline (metrics histogram label).
+// Stage is one measured interval (metrics histogram label).
 type Stage struct {
-	Name       string
-	From, To   time.Time
-	Duration   time.Duration
-	Incomplete bool
+	Name     string
+	Duration time.Duration
 }
 
-// Stages derives the stage durations from the timeline, skipping stages
-// whose end points were not reached.
-func (t Timeline) Stages() []Stage {
-	type span struct {
-		name     string
-		from, to time.Time
-	}
-	spans := []span{
-		{"fetch_tags", t.WebhookReceived, t.TagsFetched},
-		{"queue_and_runner", t.TagsFetched, t.RunnerCreated},
-		{"vm_start", t.VMStartRequest, t.VMStarted},
-		{"webhook_to_vm_start_request", t.WebhookReceived, t.VMStartRequest},
-		{"wait_for_pick", t.VMStarted, t.JobPicked},
-		{"vm_run", t.VMStarted, t.VMExited},
-		{"cleanup", t.VMExited, t.Finished},
-		{"total", t.WebhookReceived, t.Finished},
-	}
+func stages(spans [][3]any) []Stage {
 	var out []Stage
 	for _, s := range spans {
-		if s.from.IsZero() || s.to.IsZero() {
+		from, to := s[1].(time.Time), s[2].(time.Time)
+		if from.IsZero() || to.IsZero() {
 			continue
 		}
-		out = append(out, Stage{Name: s.name, From: s.from, To: s.to, Duration: s.to.Sub(s.from)})
+		out = append(out, Stage{Name: s[0].(string), Duration: to.Sub(from)})
 	}
 	return out
 }
 
-// VMIDFor derives the host VM id from the job id: deterministic, so a crash
-// between choosing the id and persisting it cannot leave an orphan the
-// store does not know about (vm.IDPattern: "fr-" + up to 12 [a-z0-9]).
-func VMIDFor(jobID int64) string {
-	s := strconv.FormatUint(uint64(jobID), 36)
-	if len(s) > 12 {
-		s = s[len(s)-12:]
-	}
-	return "fr-" + s
+// Stages derives the job's stage durations.
+func (t Timeline) Stages() []Stage {
+	return stages([][3]any{
+		{"fetch_tags", t.WebhookReceived, t.TagsFetched},
+		{"webhook_to_vm_start_request", t.WebhookReceived, t.VMStartRequest},
+		{"webhook_to_pick", t.WebhookReceived, t.JobPicked},
+		{"run", t.JobPicked, t.Finished},
+		{"total", t.WebhookReceived, t.Finished},
+	})
 }
 
-// JobIDForVM inverts VMIDFor (ok=false for ids FireRunner did not derive).
-func JobIDForVM(vmID string) (int64, bool) {
-	if len(vmID) < 4 || vmID[:3] != "fr-" {
-		return 0, false
+// Observe records what GitLab said about the job (webhook or API) if it is
+// not older than what is known. It is input, not a state change: the
+// reconciler acts on it.
+func (j *Job) Observe(status string, runnerID int64, at time.Time) bool {
+	if StatusRank(status) == 0 || StatusRank(status) < StatusRank(j.GitLabStatus) {
+		return false
 	}
-	n, err := strconv.ParseUint(vmID[3:], 36, 63)
-	if err != nil || VMIDFor(int64(n)) != vmID { // round trip: lowercase, canonical
-		return 0, false
+	if status == j.GitLabStatus && (runnerID == 0 || runnerID == j.GitLabRunner) {
+		return false
 	}
-	return int64(n), true
+	j.GitLabStatus, j.ObservedAt = status, at
+	if runnerID != 0 {
+		j.GitLabRunner = runnerID
+	}
+	return true
+}
+
+// Accept makes a new job FireRunner's, with the size its tags chose.
+func (j *Job) Accept(tagList []string, size tags.Size, now time.Time) error {
+	if err := j.move(Queued, ""); err != nil {
+		return err
+	}
+	j.Tags, j.SizeTag, j.VCPUs, j.MemoryMiB = tagList, size.Tag(), size.VCPUs, size.MemoryMiB()
+	j.Timeline.TagsFetched = now
+	return nil
+}
+
+// Ignore ends a new job that is not FireRunner's.
+func (j *Job) Ignore(tagList []string, reason string) error {
+	j.Tags = tagList
+	return j.move(Ignored, reason)
+}
+
+// Retry records a failed attempt to get the job a VM and backs it off; it
+// stays queued.
+func (j *Job) Retry(reason string, notBefore time.Time) error {
+	if j.State != Queued {
+		return ErrStale
+	}
+	j.Attempts++
+	j.NotBefore = notBefore
+	return j.move(Queued, fmt.Sprintf("%s (attempt %d)", reason, j.Attempts))
+}
+
+// GiveUp fails a job that is still waiting: FireRunner cannot serve it.
+// GitLab keeps it pending for other runners (or its own stuck-job timeout).
+func (j *Job) GiveUp(reason string) error {
+	if j.State != Queued && j.State != New {
+		return ErrStale
+	}
+	return j.move(Failed, reason)
+}
+
+// Picked records that a runner took the job: ours when vmID is set.
+func (j *Job) Picked(vmID string, runnerID int64, now time.Time) error {
+	if j.State == Running && j.VMID == vmID && j.RunnerID == runnerID {
+		return nil
+	}
+	if j.State != Queued && j.State != New {
+		return ErrStale
+	}
+	j.VMID, j.RunnerID, j.Timeline.JobPicked = vmID, runnerID, now
+	return j.move(Running, "")
+}
+
+// Finish ends the job with GitLab's final status.
+func (j *Job) Finish(status string, exitCode *int) error {
+	if j.State.Terminal() {
+		return ErrStale
+	}
+	st, reason := OutcomeOf(status)
+	if exitCode != nil {
+		j.ExitCode = exitCode
+	}
+	return j.move(st, reason)
+}
+
+// Fail ends a running job whose VM FireRunner had to stop (max duration,
+// shutdown) or lost, before GitLab reported its end.
+func (j *Job) Fail(reason string, exitCode *int) error {
+	if j.State != Running {
+		return ErrStale
+	}
+	if exitCode != nil {
+		j.ExitCode = exitCode
+	}
+	return j.move(Failed, reason)
+}
+
+func (j *Job) move(to State, reason string) error {
+	if !CanTransition(j.State, to) {
+		return &TransitionError{Object: fmt.Sprintf("job %d", j.ID), From: string(j.State), To: string(to)}
+	}
+	j.State = to
+	if reason != "" || to != Queued {
+		j.Reason = reason
+	}
+	return nil
+}
+
+// OutcomeOf maps a final GitLab status to a job state and reason.
+func OutcomeOf(status string) (State, string) {
+	switch status {
+	case StatusFailed:
+		return Failed, ReasonJobFailed
+	case StatusCanceled, StatusSkipped:
+		return Canceled, ReasonJobCanceled
+	}
+	return Done, ReasonSucceeded
 }

@@ -1,59 +1,107 @@
 package job
 
-import "testing"
+import (
+	"errors"
+	"testing"
+	"time"
 
-func TestStateMachine(t *testing.T) {
-	// Every non-terminal state can reach cleaning or a terminal state, so a
-	// job can always be torn down; terminal states are final.
-	for _, s := range States {
-		if !s.Valid() {
-			t.Fatalf("%s invalid", s)
-		}
-		if s.Terminal() {
-			if len(transitions[s]) != 0 {
-				t.Errorf("terminal %s has transitions", s)
-			}
-			continue
-		}
-		if !CanTransition(s, Cleaning) && !(CanTransition(s, Failed) && CanTransition(s, Canceled)) {
-			t.Errorf("%s cannot be torn down", s)
-		}
+	"github.com/firerunner/firerunner/internal/tags"
+)
+
+func TestJobOperations(t *testing.T) {
+	now := time.Now()
+	size := tags.Size{VCPUs: 1, MemoryGiB: 1}
+	j := Job{ID: 7, State: New}
+	if !j.Observe(StatusPending, 0, now) || j.Observe(StatusPending, 0, now) {
+		t.Fatal("observe pending twice")
 	}
-	for from, tos := range transitions {
-		for _, to := range tos {
-			if !to.Valid() || !from.Valid() {
-				t.Errorf("unknown state in %s → %s", from, to)
-			}
-		}
+	if !j.Observe(StatusRunning, 5, now) || j.Observe(StatusPending, 0, now) || j.GitLabStatus != StatusRunning || j.GitLabRunner != 5 {
+		t.Fatalf("observations must never go backwards: %+v", j)
 	}
-	happy := []State{Queued, RunnerCreated, VMStarting, Running, Cleaning, Done}
-	for i := 1; i < len(happy); i++ {
-		if !CanTransition(happy[i-1], happy[i]) {
-			t.Errorf("happy path broken at %s → %s", happy[i-1], happy[i])
-		}
+	if err := j.Accept([]string{"firecracker-1cpu-1gb"}, size, now); err != nil || j.State != Queued || j.MemoryMiB != 1024 {
+		t.Fatalf("accept: %v %+v", err, j)
 	}
-	for _, bad := range [][2]State{{Queued, Running}, {Running, VMStarting}, {Done, Queued}, {Cleaning, Running}, {Running, Done}} {
-		if CanTransition(bad[0], bad[1]) {
-			t.Errorf("%s → %s must be refused", bad[0], bad[1])
-		}
+	if err := j.Retry(ReasonVMStart+": x", now.Add(time.Second)); err != nil || j.Attempts != 1 || j.Reason != "vm_start: x (attempt 1)" {
+		t.Fatalf("retry: %v %+v", err, j)
 	}
-	if State("bogus").Valid() {
-		t.Error("bogus state valid")
+	if err := j.Picked("fr-a", 5, now); err != nil || j.State != Running || j.Reason != "" {
+		t.Fatalf("picked: %v %+v", err, j)
+	}
+	if err := j.Picked("fr-a", 5, now); err != nil {
+		t.Fatalf("picked again by the same VM must be a no-op: %v", err)
+	}
+	if err := j.Picked("fr-b", 6, now); !errors.Is(err, ErrStale) {
+		t.Fatalf("picked by another runner: %v", err)
+	}
+	if err := j.Retry("x", now); !errors.Is(err, ErrStale) {
+		t.Fatalf("retry of a running job: %v", err)
+	}
+	code := 0
+	if err := j.Finish(StatusSkipped, &code); err != nil || j.State != Canceled || j.Reason != ReasonJobCanceled || *j.ExitCode != 0 {
+		t.Fatalf("finish: %v %+v", err, j)
+	}
+	if err := j.Finish(StatusSuccess, nil); !errors.Is(err, ErrStale) {
+		t.Fatalf("finish twice: %v", err)
+	}
+	n := Job{ID: 8, State: New}
+	if err := n.Ignore([]string{"linux"}, ReasonNotOurs); err != nil || !n.State.Terminal() {
+		t.Fatalf("ignore: %v", err)
+	}
+	q := Job{ID: 9, State: Queued}
+	if err := q.Fail("x", nil); !errors.Is(err, ErrStale) {
+		t.Fatalf("fail of a queued job: %v", err)
+	}
+	if err := q.GiveUp(ReasonTooBig); err != nil || q.State != Failed {
+		t.Fatalf("give up: %v", err)
+	}
+	var te *TransitionError
+	if err := (&Job{ID: 1, State: Done}).move(Queued, ""); !errors.As(err, &te) {
+		t.Fatalf("done → queued: %v", err)
 	}
 }
 
-func TestVMID(t *testing.T) {
-	for _, id := range []int64{1, 101, 4242424242, 1 << 50} {
-		v := VMIDFor(id)
-		if len(v) > 15 || v[:3] != "fr-" {
-			t.Fatalf("%d → %q", id, v)
-		}
-		back, ok := JobIDForVM(v)
-		if !ok || back != id {
-			t.Fatalf("%q → %d %v, want %d", v, back, ok, id)
-		}
+func TestVMOperations(t *testing.T) {
+	now := time.Now()
+	j := Job{ID: 1, ProjectID: 3, Tags: []string{"firecracker-1cpu-1gb"}, VCPUs: 1, MemoryMiB: 1024}
+	v := PlanVM(NewVMID(), "h", j, now)
+	if len(v.ID) != 13 || v.State != VMPending || !v.State.Idle() {
+		t.Fatalf("plan: %+v", v)
 	}
-	if _, ok := JobIDForVM("fr-UPPER"); ok {
-		t.Fatal("accepted a foreign id")
+	other := Job{ID: 2, ProjectID: 3, Tags: []string{"firecracker-1cpu-1gb", "linux"}, VCPUs: 1, MemoryMiB: 1024}
+	if err := v.Retarget(other); err != nil || v.ForJob != 2 || v.TagsStale {
+		t.Fatalf("retarget before the runner exists: %v %+v", err, v)
+	}
+	if err := v.RunnerCreated(10, j.Tags, now); err != nil || v.State != VMStarting || !v.TagsStale {
+		t.Fatalf("runner created with the old tags must mark them stale: %v %+v", err, v)
+	}
+	if err := v.Retarget(Job{ID: 3, ProjectID: 4, VCPUs: 1, MemoryMiB: 1024}); !errors.Is(err, ErrStale) {
+		t.Fatal("retargeted to another project's job")
+	}
+	if err := v.Picked(1, now); err != nil || v.State != VMBusy {
+		t.Fatalf("picked: %v", err)
+	}
+	if err := v.Picked(2, now); !errors.Is(err, ErrStale) {
+		t.Fatalf("one runner, one job: %v", err)
+	}
+	if err := v.Retarget(other); !errors.Is(err, ErrStale) {
+		t.Fatal("a busy VM was retargeted")
+	}
+	if err := v.Stop(ReasonRanJob, now); err != nil || v.Stop(ReasonIdle, now) != nil || v.Reason != ReasonRanJob {
+		t.Fatalf("stop: first reason wins: %+v", v)
+	}
+	if err := v.Gone(now); err != nil || v.State.Live() {
+		t.Fatalf("gone: %v", err)
+	}
+	if err := v.Stop(ReasonIdle, now); !errors.Is(err, ErrStale) {
+		t.Fatalf("stop after gone: %v", err)
+	}
+	// Stopped while its runner was being created: keeps the id, stays stopping.
+	w := PlanVM(NewVMID(), "h", j, now)
+	_ = w.Stop(ReasonJobEnded, now)
+	if err := w.RunnerCreated(11, j.Tags, now); err != nil || w.State != VMStopping || w.RunnerID != 11 {
+		t.Fatalf("runner created after stop: %v %+v", err, w)
+	}
+	if ReasonKey("vm_start: boom: x (attempt 2)") != "vm_start" || ReasonKey("attempts (attempt 3)") != "attempts" {
+		t.Fatal("reason key")
 	}
 }

@@ -19,6 +19,7 @@ const ns = "firerunner"
 // gauges are always exact (and correct after a restart) without bookkeeping.
 type Snapshot struct {
 	JobsByState    map[string]int
+	VMsByState     map[string]int // live VMs only
 	QueueDepth     int
 	VMsRunning     int
 	VCPUsInUse     int
@@ -40,6 +41,9 @@ type Metrics struct {
 	RunnerLimitHits prometheus.Counter
 	Reconcile       *prometheus.CounterVec // action
 	StageDuration   *prometheus.HistogramVec
+	Attempts        *prometheus.CounterVec // reason: failed attempts to get a job a VM
+	VMsFinished     *prometheus.CounterVec // reason
+	WebhookLatency  prometheus.Histogram   // time to answer POST /webhook
 }
 
 // New registers all collectors on a fresh registry (plus Go/process
@@ -65,9 +69,16 @@ func New(snap func() Snapshot) *Metrics {
 		StageDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Name: "job_stage_duration_seconds",
 			Help:    "Duration of each job lifecycle stage.",
 			Buckets: []float64{.001, .005, .02, .1, .5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400}}, []string{"stage"}),
+		Attempts: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "job_attempts_failed_total",
+			Help: "Failed attempts to get a job a VM whose runner takes it (the job is retried with back-off, then failed), by reason."}, []string{"reason"}),
+		VMsFinished: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "vms_finished_total",
+			Help: "VMs torn down, by reason (ran_job, idle_runner, start_timeout, ...)."}, []string{"reason"}),
+		WebhookLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "webhook_duration_seconds",
+			Help:    "Time to answer a POST /webhook (GitLab waits 10 s at most).",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1, 5, 10}}),
 	}
 	reg.MustRegister(m.WebhookRejects, m.WebhookEvents, m.APIErrors, m.TagRejects, m.JobsFinished,
-		m.RunnerLimitHits, m.Reconcile, m.StageDuration, &snapshotCollector{snap: snap},
+		m.RunnerLimitHits, m.Reconcile, m.StageDuration, m.Attempts, m.VMsFinished, m.WebhookLatency, &snapshotCollector{snap: snap},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -84,7 +95,8 @@ func (m *Metrics) Handler() http.Handler {
 
 var (
 	descJobs    = prometheus.NewDesc(ns+"_jobs", "Jobs in the store, by state.", []string{"state"}, nil)
-	descQueue   = prometheus.NewDesc(ns+"_queue_depth", "Jobs waiting for capacity.", nil, nil)
+	descVMState = prometheus.NewDesc(ns+"_vms", "Live VMs, by state (pending, starting, busy, stopping).", []string{"state"}, nil)
+	descQueue   = prometheus.NewDesc(ns+"_queue_depth", "Waiting jobs without a VM: no capacity yet, or backing off after a failed attempt.", nil, nil)
 	descVMs     = prometheus.NewDesc(ns+"_vms_running", "VMs holding capacity.", nil, nil)
 	descVCPU    = prometheus.NewDesc(ns+"_vcpus_in_use", "vCPUs handed to VMs.", nil, nil)
 	descVCPUCap = prometheus.NewDesc(ns+"_vcpus_capacity", "vCPUs FireRunner may hand out.", nil, nil)
@@ -96,7 +108,7 @@ var (
 type snapshotCollector struct{ snap func() Snapshot }
 
 func (c *snapshotCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descJobs, descQueue, descVMs, descVCPU, descVCPUCap, descMem, descMemCap, descRunners} {
+	for _, d := range []*prometheus.Desc{descJobs, descVMState, descQueue, descVMs, descVCPU, descVCPUCap, descMem, descMemCap, descRunners} {
 		ch <- d
 	}
 }
@@ -108,6 +120,9 @@ func (c *snapshotCollector) Collect(ch chan<- prometheus.Metric) {
 	s := c.snap()
 	for st, n := range s.JobsByState {
 		ch <- prometheus.MustNewConstMetric(descJobs, prometheus.GaugeValue, float64(n), st)
+	}
+	for st, n := range s.VMsByState {
+		ch <- prometheus.MustNewConstMetric(descVMState, prometheus.GaugeValue, float64(n), st)
 	}
 	g := func(d *prometheus.Desc, v int) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, float64(v))
@@ -121,6 +136,15 @@ func (c *snapshotCollector) Collect(ch chan<- prometheus.Metric) {
 	for t, n := range s.RunnersByTags {
 		ch <- prometheus.MustNewConstMetric(descRunners, prometheus.GaugeValue, float64(n), t)
 	}
+}
+
+// Timed observes how long h takes to answer into hist.
+func Timed(h http.Handler, hist prometheus.Observer) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		h.ServeHTTP(w, r)
+		hist.Observe(time.Since(start).Seconds())
+	})
 }
 
 // Healthz answers 200 while the process serves HTTP (liveness).

@@ -47,7 +47,7 @@ var covered = []string{
 func registeredSeries(t *testing.T) map[string]bool {
 	t.Helper()
 	m := New(func() Snapshot {
-		return Snapshot{JobsByState: map[string]int{"queued": 1}, RunnersByTags: map[string]int{"firecracker-1cpu-1gb": 1}}
+		return Snapshot{JobsByState: map[string]int{"queued": 1}, VMsByState: map[string]int{"stopping": 1}, RunnersByTags: map[string]int{"firecracker-1cpu-1gb": 1}}
 	})
 	v := reflect.ValueOf(m).Elem()
 	for i := 0; i < v.NumField(); i++ {
@@ -105,20 +105,23 @@ func sortedKeys(m map[string]bool) []string {
 }
 
 // stageNames are the stage label values FireRunner observes: every stage of
-// a timeline whose every timestamp is set.
+// a job's and a VM's timeline whose every timestamp is set.
 func stageNames(t *testing.T) map[string]bool {
 	t.Helper()
 	var tl job.Timeline
-	v := reflect.ValueOf(&tl).Elem()
+	var vt job.VMTimeline
 	at := time.Unix(1_700_000_000, 0)
-	for i := 0; i < v.NumField(); i++ {
-		if f := v.Field(i); f.Type() == reflect.TypeOf(time.Time{}) && f.CanSet() {
-			at = at.Add(time.Second)
-			f.Set(reflect.ValueOf(at))
+	for _, x := range []any{&tl, &vt} {
+		v := reflect.ValueOf(x).Elem()
+		for i := 0; i < v.NumField(); i++ {
+			if f := v.Field(i); f.Type() == reflect.TypeOf(time.Time{}) && f.CanSet() {
+				at = at.Add(time.Second)
+				f.Set(reflect.ValueOf(at))
+			}
 		}
 	}
 	names := map[string]bool{}
-	for _, s := range tl.Stages() {
+	for _, s := range append(tl.Stages(), vt.Stages()...) {
 		names[s.Name] = true
 	}
 	if !names["webhook_to_vm_start_request"] || !names["total"] {

@@ -1,22 +1,17 @@
-// Package runners is the runner-lifecycle seam: a Provider hands the
-// controller a GitLab runner (id + token) for a job and takes it back after.
+// Package runners is the runner-lifecycle seam: a Provider creates the GitLab
+// runner a VM's gitlab-runner uses, retags it, and deletes it after.
 //
-// Today there is one Provider, OneOff: one runner created per job with exactly
-// the job's tags (POST /user/runners, or legacy POST /runners), deleted once
-// the job's VM is gone.
+// OneOff creates one runner per VM (POST /user/runners, or legacy POST
+// /runners) with the tags of the job the VM is for, locked and tagged-only,
+// and deletes it once the VM is gone. GitLab gives a runner any pending job
+// whose tags are a subset of its own, so the controller never assumes a
+// runner runs the job it was made for; it records what each runner took.
 //
-// A pooled mode slots in behind the same interface: Pooled would keep one
-// runner per size class (tag set), created once and persisted, and Acquire
-// would return that shared Lease (Shared=true, same token for many VMs) while
-// Release only drops a reference instead of deleting the runner. The
-// controller never assumes one runner per job: it tracks leases by runner id
-// and counts runners per tag set, and a runner made for job A may run job B
-// with the same tags in either mode. Owned/Delete let reconciliation remove
-// runners no lease refers to; Pooled would report its class runners as owned
-// by no job and keep them while configured.
-//
-// GitLab caps runner creation (GitLab.com Free: 50 per project per 7 days),
-// which is why pooled mode exists: OneOff turns that error into ErrLimit.
+// Every runner's description names the host that created it
+// ("<prefix> <host> vm <vm-id> job <job-id>"), and Owned lists only this
+// host's, so hosts sharing a GitLab never delete each other's runners.
+// GitLab caps runner creation (GitLab.com Free: 50 per project per 7 days):
+// OneOff turns that error into ErrLimit.
 package runners
 
 import (
@@ -25,16 +20,17 @@ import (
 	"fmt"
 	"log/slog"
 	"regexp"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/firerunner/firerunner/internal/gitlabapi"
+	"github.com/firerunner/firerunner/internal/tags"
 )
 
-// Request asks for a runner able to run one job.
+// Request asks for a runner for one VM, able to run one job.
 type Request struct {
+	VMID      string
 	JobID     int64
 	ProjectID int64
 	Tags      []string // the job's tag_list; the runner gets exactly these
@@ -46,7 +42,7 @@ type Request struct {
 type Lease struct {
 	RunnerID int64
 	Token    string
-	TagSet   string // canonical tag set key (TagSetKey), for per-tag-set counts
+	TagSet   string // canonical tag set key (tags.Key)
 	Shared   bool   // pooled: the runner outlives the lease
 }
 
@@ -57,10 +53,12 @@ func (l Lease) LogValue() slog.Value {
 
 func (l Lease) String() string { return fmt.Sprintf("runner %d [%s]", l.RunnerID, l.TagSet) }
 
-// Owned is a runner in GitLab that this provider created.
+// Owned is a runner in GitLab that this host's provider created.
 type Owned struct {
 	RunnerID    int64
-	JobID       int64 // job it was created for; 0 when not per-job (pooled)
+	VMID        string // the VM it was created for ("" for a legacy runner)
+	JobID       int64  // the job it was created for
+	Legacy      bool   // description of releases before host ids: "<prefix> job <id> …"
 	Description string
 }
 
@@ -68,6 +66,10 @@ type Owned struct {
 type Provider interface {
 	// Name is the mode ("oneoff").
 	Name() string
+	// Init prepares background state before the first Acquire; Shutdown
+	// ends it. A provider without such state does nothing in either.
+	Init(ctx context.Context) error
+	Shutdown(ctx context.Context) error
 	// Acquire returns a runner for the job. Errors wrapping ErrLimit mean
 	// GitLab's runner cap was hit; other permanent errors should fail the job.
 	Acquire(ctx context.Context, r Request) (Lease, error)
@@ -75,7 +77,10 @@ type Provider interface {
 	// the runner). Idempotent: releasing a deleted runner is not an error.
 	// Only RunnerID and Shared need to be set (the token is not persisted).
 	Release(ctx context.Context, l Lease) error
-	// Owned lists runners this provider created that still exist in GitLab.
+	// Retag replaces a runner's tags: a VM that is still idle is pointed at
+	// another waiting job instead of creating a new runner.
+	Retag(ctx context.Context, runnerID int64, tags []string) error
+	// Owned lists runners this host's provider created that still exist in GitLab.
 	Owned(ctx context.Context) ([]Owned, error)
 	// Delete removes a leaked runner found by reconciliation (404 = nil).
 	Delete(ctx context.Context, runnerID int64) error
@@ -89,6 +94,7 @@ type API interface {
 	CreateRunner(ctx context.Context, s gitlabapi.RunnerSpec) (gitlabapi.Runner, error)
 	RegisterRunnerLegacy(ctx context.Context, regToken string, s gitlabapi.RunnerSpec) (gitlabapi.Runner, error)
 	DeleteRunner(ctx context.Context, id int64) error
+	UpdateRunnerTags(ctx context.Context, id int64, tags []string) error
 	ListOwnedRunners(ctx context.Context, descriptionPrefix string) ([]gitlabapi.RunnerInfo, error)
 	// ListAllRunners is GET /runners/all: GET /runners does not list
 	// instance runners, so scope instance needs it (admin token).
@@ -101,16 +107,18 @@ type OneOffConfig struct {
 	GroupID           int64  // scope group
 	MaximumTimeout    time.Duration
 	DescriptionPrefix string
+	HostID            string // this host's id; must not contain spaces
 	// LegacyRegistrationToken, when set, registers through POST /runners
 	// (GitLab < 15.10) instead of POST /user/runners.
 	LegacyRegistrationToken string
 }
 
-// OneOff creates one runner per job.
+// OneOff creates one runner per VM.
 type OneOff struct {
-	api API
-	cfg OneOffConfig
-	re  *regexp.Regexp
+	api    API
+	cfg    OneOffConfig
+	re     *regexp.Regexp
+	legacy *regexp.Regexp
 }
 
 // NewOneOff returns the one-off provider.
@@ -127,17 +135,28 @@ func NewOneOff(api API, cfg OneOffConfig) (*OneOff, error) {
 	if cfg.DescriptionPrefix == "" {
 		return nil, errors.New("runners: description prefix must be set")
 	}
+	if cfg.HostID == "" || strings.ContainsAny(cfg.HostID, " \t\n") {
+		return nil, fmt.Errorf("runners: host id %q must be set and contain no spaces", cfg.HostID)
+	}
+	p := regexp.QuoteMeta(cfg.DescriptionPrefix)
 	return &OneOff{api: api, cfg: cfg,
-		re: regexp.MustCompile(`^` + regexp.QuoteMeta(cfg.DescriptionPrefix) + ` job ([0-9]+)( |$)`)}, nil
+		re:     regexp.MustCompile(`^` + p + ` ` + regexp.QuoteMeta(cfg.HostID) + ` vm (fr-[a-z0-9]+) job ([0-9]+)( |$)`),
+		legacy: regexp.MustCompile(`^` + p + ` job ([0-9]+)( |$)`)}, nil
 }
 
 // Name implements Provider.
 func (o *OneOff) Name() string { return "oneoff" }
 
-// Description is the runner description for a job; reconciliation parses
-// the job id back out of it.
+// Init implements Provider (nothing to prepare).
+func (o *OneOff) Init(context.Context) error { return nil }
+
+// Shutdown implements Provider (nothing to stop).
+func (o *OneOff) Shutdown(context.Context) error { return nil }
+
+// Description is the runner description for a VM; reconciliation parses the
+// host and VM ids back out of it.
 func (o *OneOff) Description(r Request) string {
-	d := fmt.Sprintf("%s job %d project %d", o.cfg.DescriptionPrefix, r.JobID, r.ProjectID)
+	d := fmt.Sprintf("%s %s vm %s job %d project %d", o.cfg.DescriptionPrefix, o.cfg.HostID, r.VMID, r.JobID, r.ProjectID)
 	if r.JobName != "" {
 		d += " (" + r.JobName + ")"
 	}
@@ -181,9 +200,9 @@ func (o *OneOff) Acquire(ctx context.Context, r Request) (Lease, error) {
 		if run.ID != 0 {
 			_ = o.api.DeleteRunner(ctx, run.ID)
 		}
-		return Lease{}, fmt.Errorf("runner creation for job %d returned no id or token", r.JobID)
+		return Lease{}, fmt.Errorf("runner creation for vm %s returned no id or token", r.VMID)
 	}
-	return Lease{RunnerID: run.ID, Token: run.Token, TagSet: TagSetKey(r.Tags)}, nil
+	return Lease{RunnerID: run.ID, Token: run.Token, TagSet: tags.Key(r.Tags)}, nil
 }
 
 // Release implements Provider: deletes the runner (404 counts as done).
@@ -194,8 +213,13 @@ func (o *OneOff) Release(ctx context.Context, l Lease) error {
 	return o.api.DeleteRunner(ctx, l.RunnerID)
 }
 
+// Retag implements Provider.
+func (o *OneOff) Retag(ctx context.Context, runnerID int64, tagList []string) error {
+	return o.api.UpdateRunnerTags(ctx, runnerID, tagList)
+}
+
 // Owned implements Provider: runners whose description starts with
-// "<prefix> job <id>".
+// "<prefix> <host> vm <id> job <id>", and legacy ones ("<prefix> job <id>").
 func (o *OneOff) Owned(ctx context.Context) ([]Owned, error) {
 	listRunners := o.api.ListOwnedRunners
 	if o.cfg.Scope == "instance" {
@@ -207,15 +231,13 @@ func (o *OneOff) Owned(ctx context.Context) ([]Owned, error) {
 	}
 	var out []Owned
 	for _, r := range list {
-		m := o.re.FindStringSubmatch(r.Description)
-		if m == nil {
-			continue // same prefix, not our format: never touch it
-		}
-		id, err := strconv.ParseInt(m[1], 10, 64)
-		if err != nil {
-			continue
-		}
-		out = append(out, Owned{RunnerID: r.ID, JobID: id, Description: r.Description})
+		if m := o.re.FindStringSubmatch(r.Description); m != nil {
+			id, _ := strconv.ParseInt(m[2], 10, 64)
+			out = append(out, Owned{RunnerID: r.ID, VMID: m[1], JobID: id, Description: r.Description})
+		} else if m := o.legacy.FindStringSubmatch(r.Description); m != nil {
+			id, _ := strconv.ParseInt(m[1], 10, 64)
+			out = append(out, Owned{RunnerID: r.ID, JobID: id, Legacy: true, Description: r.Description})
+		} // same prefix, another host or not our format: never touch it
 	}
 	return out, nil
 }
@@ -223,14 +245,4 @@ func (o *OneOff) Owned(ctx context.Context) ([]Owned, error) {
 // Delete implements Provider.
 func (o *OneOff) Delete(ctx context.Context, runnerID int64) error {
 	return o.api.DeleteRunner(ctx, runnerID)
-}
-
-// TagSetKey is the canonical key of a tag set: lower-cased, sorted, comma-joined.
-func TagSetKey(tags []string) string {
-	t := make([]string, 0, len(tags))
-	for _, s := range tags {
-		t = append(t, strings.ToLower(strings.TrimSpace(s)))
-	}
-	sort.Strings(t)
-	return strings.Join(t, ",")
 }

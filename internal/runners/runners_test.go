@@ -23,6 +23,15 @@ type recordingAPI struct {
 	list    []gitlabapi.RunnerInfo
 	// listedAll counts GET /runners/all calls.
 	listedAll int
+	retagged  map[int64][]string
+}
+
+func (a *recordingAPI) UpdateRunnerTags(_ context.Context, id int64, t []string) error {
+	if a.retagged == nil {
+		a.retagged = map[int64][]string{}
+	}
+	a.retagged[id] = t
+	return nil
 }
 
 func (a *recordingAPI) CreateRunner(_ context.Context, s gitlabapi.RunnerSpec) (gitlabapi.Runner, error) {
@@ -60,17 +69,17 @@ func (a *recordingAPI) ListOwnedRunners(_ context.Context, prefix string) ([]git
 
 func TestOneOff(t *testing.T) {
 	api := &recordingAPI{}
-	p, err := NewOneOff(api, OneOffConfig{Scope: "project", MaximumTimeout: time.Hour, DescriptionPrefix: "fr"})
+	p, err := NewOneOff(api, OneOffConfig{Scope: "project", MaximumTimeout: time.Hour, DescriptionPrefix: "fr", HostID: "h1"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, err := p.Acquire(context.Background(), Request{JobID: 42, ProjectID: 7, Tags: []string{"firecracker-2cpu-4gb", "Linux"}, JobName: "test"})
+	l, err := p.Acquire(context.Background(), Request{VMID: "fr-abc", JobID: 42, ProjectID: 7, Tags: []string{"firecracker-2cpu-4gb", "Linux"}, JobName: "test"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	s := api.specs[0]
 	if s.Scope != "project" || s.ProjectID != 7 || !s.Locked || s.RunUntagged || s.MaximumTimeout != time.Hour ||
-		s.Description != "fr job 42 project 7 (test)" || len(s.TagList) != 2 {
+		s.Description != "fr h1 vm fr-abc job 42 project 7 (test)" || len(s.TagList) != 2 {
 		t.Fatalf("spec %+v", s)
 	}
 	if l.TagSet != "firecracker-2cpu-4gb,linux" || l.Token != "glrt-secret" {
@@ -85,10 +94,17 @@ func TestOneOff(t *testing.T) {
 		t.Fatal("release did not delete")
 	}
 
-	api.list = []gitlabapi.RunnerInfo{{ID: 1, Description: "fr job 42 project 7 (test)"}, {ID: 2, Description: "fr job x"},
-		{ID: 3, Description: "frobnicator job 5"}, {ID: 4, Description: "fr job 99"}}
+	if err := p.Retag(context.Background(), 9, []string{"a", "b"}); err != nil || len(api.retagged[9]) != 2 {
+		t.Fatalf("retag: %v %v", err, api.retagged)
+	}
+
+	// Only this host's runners, and legacy ones (from before host ids).
+	api.list = []gitlabapi.RunnerInfo{{ID: 1, Description: "fr h1 vm fr-abc job 42 project 7 (test)"}, {ID: 2, Description: "fr job x"},
+		{ID: 3, Description: "frobnicator job 5"}, {ID: 4, Description: "fr job 99"}, {ID: 5, Description: "fr h2 vm fr-xyz job 43 project 7"},
+		{ID: 6, Description: "fr h1x vm fr-abd job 44 project 7"}}
 	owned, err := p.Owned(context.Background())
-	if err != nil || len(owned) != 2 || owned[0].JobID != 42 || owned[1].JobID != 99 {
+	if err != nil || len(owned) != 2 || owned[0].JobID != 42 || owned[0].VMID != "fr-abc" || owned[0].Legacy ||
+		owned[1].JobID != 99 || !owned[1].Legacy {
 		t.Fatalf("owned %+v %v", owned, err)
 	}
 	if api.listedAll != 0 {
@@ -103,7 +119,7 @@ func TestOneOff(t *testing.T) {
 
 func TestOneOffScopesAndLegacy(t *testing.T) {
 	api := &recordingAPI{}
-	p, err := NewOneOff(api, OneOffConfig{Scope: "group", GroupID: 3, DescriptionPrefix: "fr", LegacyRegistrationToken: "GR1348941x"})
+	p, err := NewOneOff(api, OneOffConfig{Scope: "group", GroupID: 3, DescriptionPrefix: "fr", HostID: "h", LegacyRegistrationToken: "GR1348941x"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,10 +129,13 @@ func TestOneOffScopesAndLegacy(t *testing.T) {
 	if api.specs[0].GroupID != 3 || api.specs[0].ProjectID != 0 || len(api.legacy) != 1 {
 		t.Fatalf("group/legacy: %+v %v", api.specs[0], api.legacy)
 	}
-	if _, err := NewOneOff(api, OneOffConfig{Scope: "group", DescriptionPrefix: "fr"}); err == nil {
+	if _, err := NewOneOff(api, OneOffConfig{Scope: "project", DescriptionPrefix: "fr", HostID: "a b"}); err == nil {
+		t.Fatal("host id with a space accepted")
+	}
+	if _, err := NewOneOff(api, OneOffConfig{Scope: "group", DescriptionPrefix: "fr", HostID: "h"}); err == nil {
 		t.Fatal("group scope without id accepted")
 	}
-	if _, err := NewOneOff(api, OneOffConfig{Scope: "project"}); err == nil {
+	if _, err := NewOneOff(api, OneOffConfig{Scope: "project", HostID: "h"}); err == nil {
 		t.Fatal("empty prefix accepted")
 	}
 }
@@ -124,8 +143,8 @@ func TestOneOffScopesAndLegacy(t *testing.T) {
 // Instance runners are missing from GET /runners: scope instance must list
 // /runners/all, or a runner leaked by a crash would never be found.
 func TestOneOffInstanceScopeListsAllRunners(t *testing.T) {
-	api := &recordingAPI{list: []gitlabapi.RunnerInfo{{ID: 5, Description: "fr job 7 project 1"}}}
-	p, err := NewOneOff(api, OneOffConfig{Scope: "instance", MaximumTimeout: time.Hour, DescriptionPrefix: "fr"})
+	api := &recordingAPI{list: []gitlabapi.RunnerInfo{{ID: 5, Description: "fr h vm fr-a job 7 project 1"}}}
+	p, err := NewOneOff(api, OneOffConfig{Scope: "instance", MaximumTimeout: time.Hour, DescriptionPrefix: "fr", HostID: "h"})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,5 +1,6 @@
-// Package store is FireRunner's durable state: jobs, their state transitions
-// and timelines, in SQLite (modernc.org/sqlite, pure Go, WAL) with migrations.
+// Package store is FireRunner's durable state: jobs, VMs and runners, their
+// transitions and timelines, in SQLite (modernc.org/sqlite, pure Go, WAL)
+// with migrations.
 //
 // No secret is stored: runner tokens live only in memory and on the VM's 0600
 // config drive. The database file is still created 0600 and its directory
@@ -9,7 +10,6 @@ package store
 import (
 	"context"
 	"database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/url"
@@ -19,16 +19,14 @@ import (
 	"sync"
 	"time"
 
-	"github.com/firerunner/firerunner/internal/job"
-
 	_ "modernc.org/sqlite" // registers the "sqlite" database/sql driver
 )
 
 // FileName is the database file inside the state directory.
 const FileName = "firerunner.db"
 
-// ErrNotFound is returned for an unknown job id.
-var ErrNotFound = errors.New("job not found")
+// ErrNotFound is returned for an unknown job or VM id.
+var ErrNotFound = errors.New("not found")
 
 // ErrReadOnly is returned by writes to a store opened with OpenReadOnly.
 var ErrReadOnly = errors.New("store is open read-only")
@@ -38,7 +36,7 @@ type Store struct {
 	db       *sql.DB
 	readOnly bool
 	// Prepared once: re-parsing SQL was the largest CPU cost per job.
-	getStmt, insertStmt, updateStmt, transStmt *sql.Stmt
+	stmts map[string]*sql.Stmt
 	// ckpt is a second connection that checkpoints the WAL in the
 	// background, concurrently with the writer (WAL allows it).
 	ckpt      *sql.DB
@@ -102,6 +100,77 @@ CREATE INDEX transitions_job ON transitions(job_id, id);
 CREATE INDEX jobs_picked ON jobs(picked_job_id);
 CREATE INDEX jobs_swapped ON jobs(updated_at) WHERE picked_job_id NOT IN (0, job_id);
 `,
+	// One reconcile per job: VMs and runners become their own records; a
+	// job record describes the GitLab job. Jobs in flight under the old
+	// model go back to queued (their VMs and runners have no records now,
+	// so the sweep removes them) and are re-checked with GitLab.
+	3: `
+ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN not_before INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN gitlab_status TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN gitlab_runner INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN observed_at INTEGER NOT NULL DEFAULT 0;
+UPDATE jobs SET state = 'queued', reason = 'upgrade' WHERE state IN ('runner_created', 'vm_starting', 'running', 'cleaning');
+DROP INDEX jobs_picked;
+DROP INDEX jobs_swapped;
+DROP INDEX jobs_runner;
+CREATE TABLE vms (
+	vm_id             TEXT    PRIMARY KEY,
+	host_id           TEXT    NOT NULL,
+	for_job           INTEGER NOT NULL,
+	project_id        INTEGER NOT NULL DEFAULT 0,
+	tags              TEXT    NOT NULL DEFAULT '[]',
+	vcpus             INTEGER NOT NULL,
+	memory_mib        INTEGER NOT NULL,
+	state             TEXT    NOT NULL,
+	reason            TEXT    NOT NULL DEFAULT '',
+	runner_id         INTEGER NOT NULL DEFAULT 0,
+	tags_stale        INTEGER NOT NULL DEFAULT 0,
+	picked_job_id     INTEGER NOT NULL DEFAULT 0,
+	exit_code         INTEGER,
+	exit_reason       TEXT    NOT NULL DEFAULT '',
+	created_at        INTEGER NOT NULL,
+	updated_at        INTEGER NOT NULL,
+	t_planned         INTEGER NOT NULL DEFAULT 0,
+	t_runner_created  INTEGER NOT NULL DEFAULT 0,
+	t_start_req       INTEGER NOT NULL DEFAULT 0,
+	t_started         INTEGER NOT NULL DEFAULT 0,
+	t_picked          INTEGER NOT NULL DEFAULT 0,
+	t_exited          INTEGER NOT NULL DEFAULT 0,
+	t_stop_req        INTEGER NOT NULL DEFAULT 0,
+	t_destroyed       INTEGER NOT NULL DEFAULT 0,
+	t_runner_deleted  INTEGER NOT NULL DEFAULT 0,
+	t_gone            INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX vms_live ON vms(state) WHERE state != 'gone';
+CREATE INDEX vms_runner ON vms(runner_id) WHERE runner_id != 0;
+CREATE INDEX vms_for_job ON vms(for_job);
+CREATE INDEX vms_picked ON vms(picked_job_id) WHERE picked_job_id != 0;
+CREATE TABLE vm_transitions (
+	id         INTEGER PRIMARY KEY AUTOINCREMENT,
+	vm_id      TEXT    NOT NULL,
+	from_state TEXT    NOT NULL,
+	to_state   TEXT    NOT NULL,
+	reason     TEXT    NOT NULL DEFAULT '',
+	at         INTEGER NOT NULL
+);
+CREATE INDEX vm_transitions_vm ON vm_transitions(vm_id, id);
+CREATE TABLE runners (
+	runner_id  INTEGER PRIMARY KEY,               -- GitLab runner id
+	host_id    TEXT    NOT NULL,
+	mode       TEXT    NOT NULL,
+	vm_id      TEXT    NOT NULL DEFAULT '',
+	tags       TEXT    NOT NULL DEFAULT '[]',
+	created_at INTEGER NOT NULL,
+	deleted_at INTEGER NOT NULL DEFAULT 0         -- 0 while it exists in GitLab
+);
+CREATE INDEX runners_active ON runners(vm_id) WHERE deleted_at = 0;
+CREATE TABLE projects (
+	project_id   INTEGER PRIMARY KEY,
+	path         TEXT    NOT NULL DEFAULT '',
+	last_hook_at INTEGER NOT NULL                 -- unix ns of the last Job Hook from it
+);
+`,
 }
 
 // Open opens (creating if needed) the store in stateDir and migrates it.
@@ -135,7 +204,7 @@ func Open(ctx context.Context, stateDir string) (*Store, error) {
 		db.Close()
 		return nil, err
 	}
-	if err := s.prepare(ctx); err != nil {
+	if err := s.prepare(ctx, db); err != nil {
 		db.Close()
 		return nil, err
 	}
@@ -164,21 +233,17 @@ func (s *Store) checkpointer() {
 	}
 }
 
-func (s *Store) prepare(ctx context.Context) error {
-	for _, p := range []struct {
-		dst **sql.Stmt
-		sql string
-	}{
-		{&s.getStmt, `SELECT ` + columns + ` FROM jobs WHERE job_id = ?`},
-		{&s.insertStmt, `INSERT INTO jobs(` + columns + `) VALUES(` + placeholders + `) ON CONFLICT(job_id) DO NOTHING`},
-		{&s.updateStmt, `UPDATE jobs SET ` + setClause + ` WHERE job_id = ?`},
-		{&s.transStmt, `INSERT INTO transitions(job_id, from_state, to_state, reason, at) VALUES(?,?,?,?,?)`},
-	} {
-		st, err := s.db.PrepareContext(ctx, p.sql)
-		if err != nil {
-			return fmt.Errorf("prepare: %w", err)
+func (s *Store) prepare(ctx context.Context, db *sql.DB) error {
+	s.stmts = map[string]*sql.Stmt{}
+	for name, q := range queries {
+		if s.readOnly && !strings.HasPrefix(q, "SELECT") {
+			continue
 		}
-		*p.dst = st
+		st, err := db.PrepareContext(ctx, q)
+		if err != nil {
+			return fmt.Errorf("prepare %s: %w", name, err)
+		}
+		s.stmts[name] = st
 	}
 	return nil
 }
@@ -199,7 +264,7 @@ func OpenReadOnly(ctx context.Context, stateDir string) (*Store, error) {
 		return nil, err
 	}
 	s := &Store{db: db, readOnly: true}
-	if s.getStmt, err = db.PrepareContext(ctx, `SELECT `+columns+` FROM jobs WHERE job_id = ?`); err != nil {
+	if err := s.prepare(ctx, db); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open store: %w", err)
 	}
@@ -277,294 +342,6 @@ func (s *Store) SchemaVersion(ctx context.Context) (int, error) {
 	var v int
 	err := s.db.QueryRowContext(ctx, `SELECT COALESCE(MAX(version),0) FROM schema_migrations`).Scan(&v)
 	return v, err
-}
-
-var cols = []string{"job_id", "project_id", "project_path", "pipeline_id", "name", "ref", "tags", "size_tag", "vcpus", "memory_mib", "source",
-	"state", "outcome", "reason", "runner_id", "vm_id", "picked_job_id", "exit_code", "created_at", "updated_at",
-	"t_webhook", "t_tags", "t_runner_created", "t_vm_start_req", "t_vm_started", "t_job_picked", "t_vm_exited", "t_vm_destroyed", "t_runner_deleted", "t_finished"}
-
-var (
-	columns      = strings.Join(cols, ", ")
-	placeholders = strings.TrimSuffix(strings.Repeat("?, ", len(cols)), ", ")
-	setClause    = strings.Join(cols[1:], " = ?, ") + " = ?"
-)
-
-func ns(t time.Time) int64 {
-	if t.IsZero() {
-		return 0
-	}
-	return t.UnixNano()
-}
-
-func tm(n int64) time.Time {
-	if n == 0 {
-		return time.Time{}
-	}
-	return time.Unix(0, n)
-}
-
-func args(j *job.Job) []any {
-	tags, _ := json.Marshal(j.Tags)
-	if j.Tags == nil {
-		tags = []byte("[]")
-	}
-	var exit any
-	if j.ExitCode != nil {
-		exit = *j.ExitCode
-	}
-	t := j.Timeline
-	return []any{j.ID, j.ProjectID, j.ProjectPath, j.PipelineID, j.Name, j.Ref, string(tags), j.SizeTag, j.VCPUs, j.MemoryMiB, j.Source,
-		string(j.State), string(j.Outcome), j.Reason, j.RunnerID, j.VMID, j.PickedJobID, exit, ns(j.CreatedAt), ns(j.UpdatedAt),
-		ns(t.WebhookReceived), ns(t.TagsFetched), ns(t.RunnerCreated), ns(t.VMStartRequest), ns(t.VMStarted), ns(t.JobPicked),
-		ns(t.VMExited), ns(t.VMDestroyed), ns(t.RunnerDeleted), ns(t.Finished)}
-}
-
-type scanner interface{ Scan(dest ...any) error }
-
-func scan(r scanner) (job.Job, error) {
-	var j job.Job
-	var tags, state, outcome string
-	var exit sql.NullInt64
-	var created, updated int64
-	var tl [10]int64
-	err := r.Scan(&j.ID, &j.ProjectID, &j.ProjectPath, &j.PipelineID, &j.Name, &j.Ref, &tags, &j.SizeTag, &j.VCPUs, &j.MemoryMiB, &j.Source,
-		&state, &outcome, &j.Reason, &j.RunnerID, &j.VMID, &j.PickedJobID, &exit, &created, &updated,
-		&tl[0], &tl[1], &tl[2], &tl[3], &tl[4], &tl[5], &tl[6], &tl[7], &tl[8], &tl[9])
-	if err != nil {
-		return j, err
-	}
-	if err := json.Unmarshal([]byte(tags), &j.Tags); err != nil {
-		return j, fmt.Errorf("job %d: bad tags column: %w", j.ID, err)
-	}
-	j.State, j.Outcome = job.State(state), job.State(outcome)
-	if exit.Valid {
-		e := int(exit.Int64)
-		j.ExitCode = &e
-	}
-	j.CreatedAt, j.UpdatedAt = tm(created), tm(updated)
-	j.Timeline = job.Timeline{
-		WebhookReceived: tm(tl[0]), TagsFetched: tm(tl[1]), RunnerCreated: tm(tl[2]), VMStartRequest: tm(tl[3]),
-		VMStarted: tm(tl[4]), JobPicked: tm(tl[5]), VMExited: tm(tl[6]), VMDestroyed: tm(tl[7]), RunnerDeleted: tm(tl[8]), Finished: tm(tl[9]),
-	}
-	return j, nil
-}
-
-// Create inserts a new job in state j.State (normally queued). It returns
-// created=false, and the existing record, when the job id is already known:
-// this is what makes duplicate webhook deliveries harmless.
-func (s *Store) Create(ctx context.Context, j job.Job) (job.Job, bool, error) {
-	if s.readOnly {
-		return j, false, ErrReadOnly
-	}
-	if !j.State.Valid() {
-		return j, false, fmt.Errorf("job %d: invalid state %q", j.ID, j.State)
-	}
-	now := time.Now()
-	if j.CreatedAt.IsZero() {
-		j.CreatedAt = now
-	}
-	j.UpdatedAt = now
-	tx, err := s.db.BeginTx(ctx, nil)
-	if err != nil {
-		return j, false, err
-	}
-	defer tx.Rollback()
-	res, err := tx.StmtContext(ctx, s.insertStmt).ExecContext(ctx, args(&j)...)
-	if err != nil {
-		return j, false, fmt.Errorf("create job %d: %w", j.ID, err)
-	}
-	if n, _ := res.RowsAffected(); n == 0 {
-		existing, err := scan(tx.StmtContext(ctx, s.getStmt).QueryRowContext(ctx, j.ID))
-		return existing, false, err
-	}
-	if _, err := tx.StmtContext(ctx, s.transStmt).ExecContext(ctx, j.ID, "", string(j.State), j.Source, now.UnixNano()); err != nil {
-		return j, false, err
-	}
-	return j, true, tx.Commit()
-}
-
-// Get returns one job.
-func (s *Store) Get(ctx context.Context, id int64) (job.Job, error) {
-	j, err := scan(s.getStmt.QueryRowContext(ctx, id))
-	if errors.Is(err, sql.ErrNoRows) {
-		return j, ErrNotFound
-	}
-	return j, err
-}
-
-// Update loads job id, applies fn and saves it in one transaction. When fn
-// changes the state, the move is checked against the state machine
-// (job.CanTransition) and logged in the transitions table with j.Reason.
-// fn returning an error aborts without changes.
-func (s *Store) Update(ctx context.Context, id int64, fn func(j *job.Job) error) (job.Job, error) {
-	return s.UpdatePath(ctx, id, nil, fn)
-}
-
-// UpdatePath is Update that also walks the job through path (each step
-// checked and logged) in the same transaction, after fn: for consecutive
-// steps the controller takes at once (runner_created → vm_starting), one
-// commit instead of several.
-func (s *Store) UpdatePath(ctx context.Context, id int64, path []job.State, fn func(j *job.Job) error) (job.Job, error) {
-	if s.readOnly {
-		return job.Job{}, ErrReadOnly
-	}
-	tx, err := s.db.BeginTx(ctx, nil)
-	if err != nil {
-		return job.Job{}, err
-	}
-	defer tx.Rollback()
-	j, err := scan(tx.StmtContext(ctx, s.getStmt).QueryRowContext(ctx, id))
-	if errors.Is(err, sql.ErrNoRows) {
-		return j, ErrNotFound
-	}
-	if err != nil {
-		return j, err
-	}
-	from := j.State
-	if fn != nil {
-		if err := fn(&j); err != nil {
-			return j, err
-		}
-	}
-	j.ID = id
-	now := time.Now()
-	j.UpdatedAt = now
-	steps := path
-	if len(steps) == 0 && j.State != from {
-		steps = []job.State{j.State}
-	}
-	trans := tx.StmtContext(ctx, s.transStmt)
-	for _, to := range steps {
-		if !job.CanTransition(from, to) {
-			return j, &job.TransitionError{JobID: id, From: from, To: to}
-		}
-		if _, err := trans.ExecContext(ctx, id, string(from), string(to), j.Reason, now.UnixNano()); err != nil {
-			return j, err
-		}
-		from = to
-	}
-	j.State = from
-	if j.State.Terminal() && j.Timeline.Finished.IsZero() {
-		j.Timeline.Finished = now
-	}
-	a := args(&j)
-	if _, err := tx.StmtContext(ctx, s.updateStmt).ExecContext(ctx, append(a[1:], id)...); err != nil {
-		return j, fmt.Errorf("update job %d: %w", id, err)
-	}
-	return j, tx.Commit()
-}
-
-// Filter selects jobs for List.
-type Filter struct {
-	ActiveOnly bool // only non-terminal states
-	Limit      int  // 0 = no limit; newest first when set
-}
-
-// List returns jobs, oldest first (or the newest Limit, still oldest first).
-func (s *Store) List(ctx context.Context, f Filter) ([]job.Job, error) {
-	q := `SELECT ` + columns + ` FROM jobs`
-	var a []any
-	if f.ActiveOnly {
-		q += ` WHERE state NOT IN (?, ?, ?)`
-		a = append(a, string(job.Done), string(job.Failed), string(job.Canceled))
-	}
-	if f.Limit > 0 {
-		q = `SELECT * FROM (` + q + ` ORDER BY created_at DESC, job_id DESC LIMIT ?) ORDER BY created_at, job_id`
-		a = append(a, f.Limit)
-	} else {
-		q += ` ORDER BY created_at, job_id`
-	}
-	rows, err := s.db.QueryContext(ctx, q, a...)
-	return scanAll(rows, err)
-}
-
-// scanAll reads every row of a job query.
-func scanAll(rows *sql.Rows, err error) ([]job.Job, error) {
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []job.Job
-	for rows.Next() {
-		j, err := scan(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, j)
-	}
-	return out, rows.Err()
-}
-
-// Displaced returns the jobs whose VM ran another job (a runner made for
-// job A may take job B with the same tags), that ended since the given time
-// and that no VM of ours has picked since: GitLab may still hold them
-// pending, waiting for a runner with their tags.
-func (s *Store) Displaced(ctx context.Context, since time.Time) ([]job.Job, error) {
-	// "+state": plan by the partial index of swapped jobs, not by state
-	// (almost every row is terminal).
-	rows, err := s.db.QueryContext(ctx, `SELECT `+columns+` FROM jobs j
-		WHERE +state IN (?, ?, ?) AND updated_at >= ? AND picked_job_id NOT IN (0, job_id)
-		AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.picked_job_id = j.job_id)
-		ORDER BY created_at, job_id`,
-		string(job.Done), string(job.Failed), string(job.Canceled), ns(since))
-	return scanAll(rows, err)
-}
-
-// FindByRunner returns the active job holding runner id (ErrNotFound if none).
-func (s *Store) FindByRunner(ctx context.Context, runnerID int64) (job.Job, error) {
-	j, err := scan(s.db.QueryRowContext(ctx, `SELECT `+columns+` FROM jobs WHERE runner_id = ? ORDER BY created_at DESC LIMIT 1`, runnerID))
-	if errors.Is(err, sql.ErrNoRows) {
-		return j, ErrNotFound
-	}
-	return j, err
-}
-
-// CountByState returns how many jobs are in each state (metrics).
-func (s *Store) CountByState(ctx context.Context) (map[job.State]int, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT state, COUNT(*) FROM jobs GROUP BY state`)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	out := map[job.State]int{}
-	for rows.Next() {
-		var st string
-		var n int
-		if err := rows.Scan(&st, &n); err != nil {
-			return nil, err
-		}
-		out[job.State(st)] = n
-	}
-	return out, rows.Err()
-}
-
-// Transition is one logged state change.
-type Transition struct {
-	JobID    int64
-	From, To job.State
-	Reason   string
-	At       time.Time
-}
-
-// Transitions returns the state changes of one job in order.
-func (s *Store) Transitions(ctx context.Context, jobID int64) ([]Transition, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT job_id, from_state, to_state, reason, at FROM transitions WHERE job_id = ? ORDER BY id`, jobID)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []Transition
-	for rows.Next() {
-		var t Transition
-		var from, to string
-		var at int64
-		if err := rows.Scan(&t.JobID, &from, &to, &t.Reason, &at); err != nil {
-			return nil, err
-		}
-		t.From, t.To, t.At = job.State(from), job.State(to), time.Unix(0, at)
-		out = append(out, t)
-	}
-	return out, rows.Err()
 }
 
 // Checkpoint copies the WAL into the database file, on the checkpointer's

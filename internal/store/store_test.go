@@ -2,30 +2,41 @@ package store
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"os"
 	"path/filepath"
-	"slices"
 	"testing"
 	"time"
 
 	"github.com/firerunner/firerunner/internal/job"
+	"github.com/firerunner/firerunner/internal/tags"
 )
 
-func newJob(id int64) job.Job {
-	return job.Job{ID: id, ProjectID: 7, ProjectPath: "g/p", Tags: []string{"firecracker-2cpu-4gb", "linux"},
-		SizeTag: "firecracker-2cpu-4gb", VCPUs: 2, MemoryMiB: 4096, State: job.Queued, Source: "webhook",
-		Timeline: job.Timeline{WebhookReceived: time.Now()}}
-}
-
-func TestCreateIdempotentAndTransitions(t *testing.T) {
-	ctx := context.Background()
-	dir := filepath.Join(t.TempDir(), "state")
-	s, err := Open(ctx, dir)
+func open(t *testing.T, dir string) *Store {
+	t.Helper()
+	s, err := Open(context.Background(), dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close()
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func observe(t *testing.T, s *Store, id int64, status string, runner int64, create bool) (bool, bool) {
+	t.Helper()
+	known, changed, err := s.Observe(context.Background(), Observation{JobID: id, ProjectID: 7, ProjectPath: "g/p", Status: status,
+		RunnerID: runner, Source: "webhook", At: time.Now(), Create: create})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return known, changed
+}
+
+func TestJobLifecycleAndTransitions(t *testing.T) {
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "state")
+	s := open(t, dir)
 	for _, p := range []struct {
 		path string
 		mode os.FileMode
@@ -35,122 +46,188 @@ func TestCreateIdempotentAndTransitions(t *testing.T) {
 			t.Fatalf("%s: mode %v err %v, want %v", p.path, fi.Mode().Perm(), err, p.mode)
 		}
 	}
-	if _, created, err := s.Create(ctx, newJob(1)); err != nil || !created {
-		t.Fatalf("create: %v %v", created, err)
+	if known, changed := observe(t, s, 1, job.StatusPending, 0, true); !known || !changed {
+		t.Fatalf("first pending: known %v changed %v", known, changed)
 	}
-	dup := newJob(1)
-	dup.ProjectPath = "other"
-	got, created, err := s.Create(ctx, dup)
-	if err != nil || created || got.ProjectPath != "g/p" {
-		t.Fatalf("duplicate create: created=%v err=%v path=%q", created, err, got.ProjectPath)
+	if _, changed := observe(t, s, 1, job.StatusPending, 0, true); changed {
+		t.Fatal("duplicate pending changed the record")
 	}
-	if _, err := s.Update(ctx, 1, func(j *job.Job) error { j.State = job.Running; return nil }); !errors.As(err, new(*job.TransitionError)) {
-		t.Fatalf("queued→running must be refused, got %v", err)
+	if known, _ := observe(t, s, 2, job.StatusRunning, 5, false); known {
+		t.Fatal("an event for an unknown job without Create made a record")
 	}
-	if _, err := s.Update(ctx, 1, func(j *job.Job) error {
-		j.State, j.RunnerID, j.Timeline.RunnerCreated = job.RunnerCreated, 42, time.Now()
-		return nil
-	}); err != nil {
+	observe(t, s, 1, job.StatusSuccess, 9, true)
+	observe(t, s, 1, job.StatusRunning, 9, true) // late, older event
+	j, err := s.GetJob(ctx, 1)
+	if err != nil || j.State != job.New || j.GitLabStatus != job.StatusSuccess || j.GitLabRunner != 9 {
+		t.Fatalf("observations: %+v %v", j, err)
+	}
+	size, _, _ := tags.Parse([]string{"firecracker-2cpu-4gb"}, tags.Limits{})
+	if _, err := s.UpdateJob(ctx, 1, func(j *job.Job) error { return j.Accept([]string{"firecracker-2cpu-4gb"}, size, time.Now()) }); err != nil {
 		t.Fatal(err)
 	}
-	if j, err := s.FindByRunner(ctx, 42); err != nil || j.ID != 1 {
-		t.Fatalf("find by runner: %v %v", j.ID, err)
+	if _, err := s.UpdateJob(ctx, 1, func(j *job.Job) error { return j.Retry(job.ReasonVMStart+": boom", time.Now()) }); err != nil {
+		t.Fatal(err)
 	}
-	for _, st := range []job.State{job.VMStarting, job.Running, job.Cleaning, job.Failed} {
-		st := st
-		if _, err := s.Update(ctx, 1, func(j *job.Job) error {
-			j.State = st
-			if st == job.Cleaning {
-				j.Reason = job.ReasonMaxDuration
-				code := 3
-				j.ExitCode = &code
-			}
-			return nil
-		}); err != nil {
-			t.Fatal(err)
-		}
+	if _, err := s.UpdateJob(ctx, 1, func(j *job.Job) error { j.State = job.New; return nil }); !errors.As(err, new(*job.TransitionError)) {
+		t.Fatalf("queued → new must be refused, got %v", err)
+	}
+	if _, err := s.UpdateJob(ctx, 1, func(j *job.Job) error { return j.Finish(job.StatusFailed, nil) }); err != nil {
+		t.Fatal(err)
 	}
 	s.Close()
 
-	// Reopen: state survives, migrations are not re-applied.
-	s, err = Open(ctx, dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	j, err := s.Get(ctx, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if j.State != job.Failed || j.Reason != job.ReasonMaxDuration || j.ExitCode == nil || *j.ExitCode != 3 || j.Timeline.Finished.IsZero() || len(j.Tags) != 2 {
-		t.Fatalf("reloaded job wrong: %+v", j)
+	s = open(t, dir)
+	j, err = s.GetJob(ctx, 1)
+	if err != nil || j.State != job.Failed || j.Reason != job.ReasonJobFailed || j.Attempts != 1 || j.VCPUs != 2 || j.Timeline.Finished.IsZero() {
+		t.Fatalf("reloaded job wrong: %+v %v", j, err)
 	}
 	tr, err := s.Transitions(ctx, 1)
-	if err != nil || len(tr) != 6 || tr[0].To != job.Queued || tr[5].To != job.Failed {
+	if err != nil || len(tr) != 4 || tr[0].To != "new" || tr[1].To != "queued" || tr[2].Reason != "vm_start: boom (attempt 1)" || tr[3].To != "failed" {
 		t.Fatalf("transitions: %+v %v", tr, err)
 	}
 	if v, _ := s.SchemaVersion(ctx); v != len(migrations)-1 {
 		t.Fatalf("schema version %d", v)
 	}
-	act, _ := s.List(ctx, Filter{ActiveOnly: true})
-	if len(act) != 0 {
-		t.Fatalf("active jobs: %d", len(act))
-	}
-	if _, err := s.Get(ctx, 99); !errors.Is(err, ErrNotFound) {
+	if _, err := s.GetJob(ctx, 99); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("get unknown: %v", err)
+	}
+	if ps, err := s.Projects(ctx, time.Now().Add(-time.Hour)); err != nil || len(ps) != 1 || ps[0] != 7 {
+		t.Fatalf("projects: %v %v", ps, err)
 	}
 	ro, err := OpenReadOnly(ctx, dir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ro.Close()
-	all, err := ro.List(ctx, Filter{Limit: 10})
-	if err != nil || len(all) != 1 {
+	if all, err := ro.ListJobs(ctx, Filter{Limit: 10}); err != nil || len(all) != 1 {
 		t.Fatalf("read-only list: %d %v", len(all), err)
 	}
-	if _, _, err := ro.Create(ctx, newJob(2)); err == nil {
-		t.Fatal("read-only store accepted a write")
+	if _, _, err := ro.Observe(ctx, Observation{JobID: 3, Status: "pending", Create: true}); !errors.Is(err, ErrReadOnly) {
+		t.Fatalf("read-only store accepted a write: %v", err)
 	}
 }
 
-// TestDisplaced: a job whose VM ran another job is displaced until a VM of
-// ours picks it; old records and jobs that ran on their own VM are not.
-func TestDisplaced(t *testing.T) {
+// TestVMAndRunnerRecords: a VM and its runner commit together; the VM's
+// transitions show in the timeline of the job it ran.
+func TestVMAndRunnerRecords(t *testing.T) {
 	ctx := context.Background()
-	s, err := Open(ctx, t.TempDir())
+	s := open(t, t.TempDir())
+	observe(t, s, 1, job.StatusPending, 0, true)
+	observe(t, s, 2, job.StatusPending, 0, true)
+	size, _, _ := tags.Parse([]string{"firecracker-1cpu-1gb"}, tags.Limits{})
+	for _, id := range []int64{1, 2} {
+		if _, err := s.UpdateJob(ctx, id, func(j *job.Job) error { return j.Accept([]string{"firecracker-1cpu-1gb"}, size, time.Now()) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	j1, _ := s.GetJob(ctx, 1)
+	v := job.PlanVM(job.NewVMID(), "h1", j1, time.Now())
+	if err := s.Tx(ctx, func(tx *Tx) error { return tx.CreateVM(&v) }); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Tx(ctx, func(tx *Tx) error {
+		if _, err := tx.UpdateVM(v.ID, func(x *job.VM) error { return x.RunnerCreated(77, v.Tags, time.Now()) }); err != nil {
+			return err
+		}
+		return tx.PutRunner(job.Runner{ID: 77, HostID: "h1", Mode: "oneoff", VMID: v.ID, Tags: v.Tags})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// The runner made for job 1 takes job 2.
+	if err := s.Tx(ctx, func(tx *Tx) error {
+		if _, err := tx.UpdateVM(v.ID, func(x *job.VM) error { return x.Picked(2, time.Now()) }); err != nil {
+			return err
+		}
+		_, err := tx.UpdateJob(2, func(j *job.Job) error { return j.Picked(v.ID, 77, time.Now()) })
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.VMByRunner(ctx, 77); err != nil || got.State != job.VMBusy || got.PickedJobID != 2 {
+		t.Fatalf("vm by runner: %+v %v", got, err)
+	}
+	if _, err := s.UpdateVM(ctx, v.ID, func(x *job.VM) error { return x.Picked(1, time.Now()) }); !errors.Is(err, job.ErrStale) {
+		t.Fatalf("a runner taking a second job must be refused, got %v", err)
+	}
+	// A failing write inside a Tx leaves nothing behind.
+	boom := errors.New("boom")
+	if err := s.Tx(ctx, func(tx *Tx) error {
+		if err := tx.RunnerDeleted(77); err != nil {
+			return err
+		}
+		return boom
+	}); !errors.Is(err, boom) {
+		t.Fatal(err)
+	}
+	if rs, _ := s.ListRunners(ctx, true); len(rs) != 1 {
+		t.Fatalf("rolled-back delete took effect: %+v", rs)
+	}
+	for _, step := range []func(x *job.VM) error{
+		func(x *job.VM) error { return x.Stop(job.ReasonRanJob, time.Now()) },
+		func(x *job.VM) error { x.Destroyed(time.Now()); x.RunnerDeleted(time.Now()); return x.Gone(time.Now()) },
+	} {
+		if _, err := s.UpdateVM(ctx, v.ID, step); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Tx(ctx, func(tx *Tx) error { return tx.RunnerDeleted(77) }); err != nil {
+		t.Fatal(err)
+	}
+	if live, _ := s.ListVMs(ctx, true, 0); len(live) != 0 {
+		t.Fatalf("live vms: %+v", live)
+	}
+	if rs, _ := s.ListRunners(ctx, true); len(rs) != 0 {
+		t.Fatalf("active runners: %+v", rs)
+	}
+	tr, _ := s.Transitions(ctx, 2)
+	var vmSteps []string
+	for _, x := range tr {
+		if x.Object == "vm" {
+			vmSteps = append(vmSteps, x.To)
+		}
+	}
+	if len(vmSteps) != 5 || vmSteps[4] != "gone" {
+		t.Fatalf("job 2's timeline lacks the VM that ran it: %+v", tr)
+	}
+	jobs, vms, err := s.Count(ctx)
+	if err != nil || jobs[job.Queued] != 1 || jobs[job.Running] != 1 || len(vms) != 0 {
+		t.Fatalf("counts %v %v %v", jobs, vms, err)
+	}
+}
+
+// TestMigrationFromV2: a store written by the previous release, with jobs in
+// flight, opens with those jobs queued again and its history kept.
+func TestMigrationFromV2(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	db, err := sql.Open("sqlite", dsn(filepath.Join(dir, FileName), false))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close()
-	// finish runs job id on its own VM, which picked job picked (0: none).
-	finish := func(id, picked int64, end job.State) {
-		t.Helper()
-		if _, _, err := s.Create(ctx, newJob(id)); err != nil {
+	if _, err := db.Exec(`CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)`); err != nil {
+		t.Fatal(err)
+	}
+	for v := 1; v <= 2; v++ {
+		if _, err := db.Exec(migrations[v]); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := s.UpdatePath(ctx, id, []job.State{job.RunnerCreated, job.VMStarting, job.Running, job.Cleaning, end}, func(j *job.Job) error {
-			j.RunnerID, j.VMID, j.PickedJobID = id+1000, job.VMIDFor(id), picked
-			return nil
-		}); err != nil {
+		if _, err := db.Exec(`INSERT INTO schema_migrations VALUES (?, 0)`, v); err != nil {
 			t.Fatal(err)
 		}
 	}
-	since := time.Now()
-	finish(1, 2, job.Done)   // ran 2: 1 is displaced...
-	finish(2, 2, job.Done)   // ran its own job
-	finish(3, 4, job.Failed) // ran 4: 3 is displaced...
-	finish(5, 3, job.Done)   // ...until 5's VM picked 3 (now 5 is displaced)
-	finish(6, 0, job.Failed) // picked nothing
-	finish(7, 5, job.Done)   // 7's VM picked 5 (7 is displaced)
-	got, err := s.Displaced(ctx, since)
-	var ids []int64
-	for _, j := range got {
-		ids = append(ids, j.ID)
+	for _, r := range []struct {
+		id    int
+		state string
+	}{{1, "running"}, {2, "done"}, {3, "runner_created"}} {
+		if _, err := db.Exec(`INSERT INTO jobs(job_id, project_id, state, created_at, updated_at, tags) VALUES (?, 5, ?, 1, 1, '["firecracker-1cpu-1gb"]')`, r.id, r.state); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if err != nil || !slices.Equal(ids, []int64{1, 7}) {
-		t.Fatalf("displaced = %v, %v; want [1 7]", ids, err)
-	}
-	if got, err := s.Displaced(ctx, time.Now().Add(time.Minute)); err != nil || len(got) != 0 {
-		t.Fatalf("displaced since later = %+v, %v; want none", got, err)
+	db.Close()
+	s := open(t, dir)
+	for id, want := range map[int64]job.State{1: job.Queued, 2: job.Done, 3: job.Queued} {
+		if j, err := s.GetJob(ctx, id); err != nil || j.State != want {
+			t.Fatalf("job %d after migration: %s %v, want %s", id, j.State, err, want)
+		}
 	}
 }

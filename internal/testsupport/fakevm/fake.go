@@ -131,6 +131,22 @@ func (d *Driver) Destroy(_ context.Context, id string) error {
 	return nil
 }
 
+// Running reports whether VM id is running (started, not exited or destroyed).
+func (d *Driver) Running(id string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	i, ok := d.vms[id]
+	if !ok {
+		return false
+	}
+	select {
+	case <-i.done:
+		return false
+	default:
+		return true
+	}
+}
+
 // List implements vm.Driver.
 func (d *Driver) List(context.Context) ([]vm.Instance, error) {
 	d.mu.Lock()

@@ -247,6 +247,8 @@ func (s *Server) serveAPI(w http.ResponseWriter, r *http.Request) {
 		s.listRunnerJobs(w, r, seg[1])
 	case route("DELETE", "runners", "*"):
 		s.deleteRunner(w, r, seg[1])
+	case route("PUT", "runners", "*"):
+		s.updateRunner(w, r, seg[1])
 	default:
 		msg(w, http.StatusNotFound, "404 Not Found")
 	}
@@ -736,6 +738,66 @@ func (s *Server) deleteRunner(w http.ResponseWriter, r *http.Request, ref string
 	}
 	s.deleteRunnerLocked(id)
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// updateRunner is PUT /runners/:id: description, paused (or active),
+// tag_list, run_untagged, locked and maximum_timeout, each only when
+// given. GitLab matches jobs against the runner's tags at each job request,
+// so the new tags apply to the next one.
+func (s *Server) updateRunner(w http.ResponseWriter, r *http.Request, ref string) {
+	if !s.auth(w, r, ScopeAPI, ScopeManageRunner) {
+		return
+	}
+	q, err := readParams(r)
+	if err != nil {
+		msg(w, 400, "400 Bad request - "+err.Error())
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	id, _ := strconv.ParseInt(ref, 10, 64)
+	rn, ok := s.runners[id]
+	if !ok {
+		msg(w, 404, "404 Runner Not Found")
+		return
+	}
+	next := *rn
+	if q.has("description") {
+		next.description = q.str("description")
+	}
+	if q.has("tag_list") {
+		next.tags = normTags(q.list("tag_list"))
+	}
+	for _, f := range []struct {
+		name string
+		dst  *bool
+	}{{"run_untagged", &next.runUntagged}, {"locked", &next.locked}, {"paused", &next.paused}} {
+		if q.has(f.name) {
+			if *f.dst, err = q.bool(f.name, *f.dst); err != nil {
+				writeJSON(w, 400, map[string]any{"error": err.Error()})
+				return
+			}
+		}
+	}
+	if q.has("maximum_timeout") {
+		mt, _, err := q.int("maximum_timeout")
+		if err != nil {
+			writeJSON(w, 400, map[string]any{"error": err.Error()})
+			return
+		}
+		if mt != 0 && mt < 600 {
+			writeJSON(w, 400, map[string]any{"message": map[string][]string{"maximum_timeout": {"needs to be at least 10 minutes"}}})
+			return
+		}
+		next.maximumTimeout = mt
+	}
+	if !next.runUntagged && len(next.tags) == 0 {
+		writeJSON(w, 400, map[string]any{"message": map[string][]string{"tags_list": {"can not be empty when runner is not allowed to pick untagged jobs"}}})
+		return
+	}
+	*rn = next
+	s.notify()
+	writeJSON(w, 200, s.runnerDetailsJSONLocked(rn))
 }
 
 // createUserRunner is POST /user/runners (GitLab 15.10+ runner creation).

@@ -524,3 +524,79 @@ func TestRunnerJobs(t *testing.T) {
 		t.Fatalf("create_runner scope: want 403, got %v", err)
 	}
 }
+
+// TestUpdateRunnerTagsAndHold: PUT /runners/:id changes the tags GitLab
+// matches at the next job request; HoldRunners keeps chosen runners from
+// taking jobs until released.
+func TestUpdateRunnerTagsAndHold(t *testing.T) {
+	s := newServer(t, Options{LongPoll: 10 * time.Millisecond})
+	p := addProject(t, s, "acme/app")
+	pl, err := s.CreatePipeline(p.ID, JobSpec{Name: "linux", Script: []string{"true"}, Tags: []string{"firecracker-1cpu-1gb", "linux"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := client(t, s, adminToken)
+	rt, untagged := "project_type", false
+	r, _, err := c.Users.CreateUserRunner(&gitlab.CreateUserRunnerOptions{RunnerType: &rt, ProjectID: &p.ID,
+		TagList: &[]string{"firecracker-1cpu-1gb"}, RunUntagged: &untagged})
+	if err != nil {
+		t.Fatal(err)
+	}
+	request := func() int {
+		resp, err := http.Post(s.URL()+"/api/v4/jobs/request", "application/json", strings.NewReader(`{"token":"`+r.Token+`"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := request(); code != 204 {
+		t.Fatalf("runner without the linux tag: HTTP %d, want 204", code)
+	}
+	short := int64(60)
+	if _, _, err := c.Runners.UpdateRunnerDetails(r.ID, &gitlab.UpdateRunnerDetailsOptions{MaximumTimeout: &short}); statusOf(err) != 400 {
+		t.Fatalf("maximum_timeout 60: want 400, got %v", err)
+	}
+	if _, _, err := c.Runners.UpdateRunnerDetails(r.ID, &gitlab.UpdateRunnerDetailsOptions{TagList: &[]string{}}); statusOf(err) != 400 {
+		t.Fatalf("no tags on a tagged-only runner: want 400, got %v", err)
+	}
+	s.AddToken("glpat-read", ScopeReadAPI)
+	if _, _, err := client(t, s, "glpat-read").Runners.UpdateRunnerDetails(r.ID, &gitlab.UpdateRunnerDetailsOptions{TagList: &[]string{"x"}}); statusOf(err) != 403 {
+		t.Fatalf("read_api scope: want 403, got %v", err)
+	}
+	d, _, err := c.Runners.UpdateRunnerDetails(r.ID, &gitlab.UpdateRunnerDetailsOptions{TagList: &[]string{"firecracker-1cpu-1gb", "linux"}})
+	if err != nil || len(d.TagList) != 2 {
+		t.Fatalf("retag: %v %+v", err, d)
+	}
+	s.HoldRunners(func(rs RunnerState) bool { return rs.ID == r.ID })
+	if code := request(); code != 204 {
+		t.Fatalf("held runner: HTTP %d, want 204", code)
+	}
+	s.HoldRunners(nil)
+	if code := request(); code != 201 {
+		t.Fatalf("retagged runner: HTTP %d, want 201", code)
+	}
+	if js, _ := s.Job(pl.JobIDs[0]); js.RunnerID != r.ID {
+		t.Fatalf("job taken by runner %d", js.RunnerID)
+	}
+	if _, _, err := c.Runners.UpdateRunnerDetails(r.ID+100, &gitlab.UpdateRunnerDetailsOptions{TagList: &[]string{"x"}}); statusOf(err) != 404 {
+		t.Fatalf("unknown runner: want 404, got %v", err)
+	}
+}
+
+func TestFailFor(t *testing.T) {
+	s := newServer(t, Options{})
+	p := addProject(t, s, "acme/app")
+	start := time.Now()
+	s.FailFor("GET", "/api/v4/projects/", 503, 2*time.Second)
+	c := client(t, s, adminToken)
+	for range 3 {
+		if _, _, err := c.Projects.GetProject(p.ID, nil, gitlab.WithRequestRetry(func(context.Context, *http.Response, error) (bool, error) { return false, nil })); statusOf(err) != 503 {
+			t.Fatalf("during the outage: want 503, got %v", err)
+		}
+	}
+	time.Sleep(time.Until(start.Add(2100 * time.Millisecond)))
+	if _, _, err := c.Projects.GetProject(p.ID, nil); err != nil {
+		t.Fatalf("after the outage: %v", err)
+	}
+}

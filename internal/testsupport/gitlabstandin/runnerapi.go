@@ -200,6 +200,9 @@ func (s *Server) jobsRequest(w http.ResponseWriter, r *http.Request) {
 
 // pickLocked returns the oldest pending job runner rn may run.
 func (s *Server) pickLocked(rn *runner) *job {
+	if s.hold != nil && s.hold(rn.state()) {
+		return nil
+	}
 	var best *job
 	for _, j := range s.jobs {
 		if j.status == StatusPending && s.canPickLocked(rn, j) && (best == nil || j.id < best.id) {

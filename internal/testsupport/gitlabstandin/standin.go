@@ -92,6 +92,7 @@ type Server struct {
 	runners  map[int64]*runner
 	deleted  map[int64]*runner
 	faults   []*fault
+	hold     func(RunnerState) bool
 	requests []Request
 	projCap  int
 	groupCap int
@@ -219,6 +220,7 @@ func (s *Server) Requests() []Request {
 type fault struct {
 	method, prefix string
 	status, left   int
+	until          time.Time // FailFor: fail every match until then
 }
 
 // FailNext makes the next n requests whose method matches (empty: any) and
@@ -230,16 +232,40 @@ func (s *Server) FailNext(method, pathPrefix string, status, n int) {
 	s.faults = append(s.faults, &fault{method: method, prefix: pathPrefix, status: status, left: n})
 }
 
+// FailFor makes every request whose method matches (empty: any) and whose
+// path starts with pathPrefix fail with status for d: an outage.
+func (s *Server) FailFor(method, pathPrefix string, status int, d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults = append(s.faults, &fault{method: method, prefix: pathPrefix, status: status, until: time.Now().Add(d)})
+}
+
 func (s *Server) takeFault(r *http.Request) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, f := range s.faults {
-		if f.left > 0 && (f.method == "" || f.method == r.Method) && strings.HasPrefix(r.URL.Path, f.prefix) {
+		if (f.method != "" && f.method != r.Method) || !strings.HasPrefix(r.URL.Path, f.prefix) {
+			continue
+		}
+		if time.Now().Before(f.until) {
+			return f.status
+		}
+		if f.left > 0 {
 			f.left--
 			return f.status
 		}
 	}
 	return 0
+}
+
+// HoldRunners makes job requests of runners for which hold returns true
+// find no job (as if none matched) until HoldRunners(nil): a test decides
+// which runner polls "first", e.g. to make a runner take another job.
+func (s *Server) HoldRunners(hold func(RunnerState) bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.hold = hold
+	s.notify()
 }
 
 type statusRecorder struct {

@@ -1,0 +1,108 @@
+package controller
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/firerunner/firerunner/internal/job"
+	"github.com/firerunner/firerunner/internal/planner"
+	"github.com/firerunner/firerunner/internal/store"
+)
+
+// reconcilePlan compares the waiting jobs with the live VMs and carries out
+// the planner's decision: plan new VMs (records first, then their own
+// reconcile starts them), retarget surplus idle ones, mark the rest
+// surplus (their reconcile confirms with GitLab and stops them), and fail
+// jobs larger than the host. One plan at a time (it is one queue key), so
+// two events can never start two VMs for one job.
+func (c *Controller) reconcilePlan(ctx context.Context) error {
+	// Which jobs were re-read since start, taken before the list: a job is
+	// marked only after its status is stored, so the list below has it.
+	c.mu.Lock()
+	verified := make(map[int64]bool, len(c.checked))
+	for id := range c.checked {
+		verified[id] = true
+	}
+	c.mu.Unlock()
+	queued, err := c.store.ListJobs(ctx, store.Filter{State: job.Queued})
+	if err != nil {
+		return err
+	}
+	live, err := c.store.ListVMs(ctx, true, 0)
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	in := planner.Input{Capacity: c.capacity, NoStarts: c.draining.Load()}
+	byID := map[int64]job.Job{}
+	for _, j := range queued {
+		if j.VCPUs == 0 || job.StatusRank(j.GitLabStatus) >= 2 {
+			continue // not sized (picked by our runner without a size tag), or about to leave queued
+		}
+		byID[j.ID] = j
+		// A job not re-read since a restart keeps an idle VM that can take
+		// it, but gets no new one until GitLab confirms it still waits.
+		in.Jobs = append(in.Jobs, planner.Job{ID: j.ID, Pool: c.pool(j.ProjectID), Tags: j.TagSet(), VCPUs: j.VCPUs, MemoryMiB: j.MemoryMiB,
+			Ready: !now.Before(j.NotBefore) && verified[j.ID]})
+	}
+	for _, v := range live {
+		in.VMs = append(in.VMs, planner.VM{ID: v.ID, ForJob: v.ForJob, Pool: c.pool(v.ProjectID), Tags: v.TagSet(), VCPUs: v.VCPUs,
+			MemoryMiB: v.MemoryMiB, Idle: v.State.Idle() && v.Timeline.Exited.IsZero()})
+	}
+	p := planner.Decide(in)
+
+	surplus := map[string]bool{}
+	for _, id := range p.Stop {
+		surplus[id] = true
+	}
+	c.mu.Lock()
+	old := c.surplus
+	c.surplus, c.waiting = surplus, len(p.Waiting)
+	c.mu.Unlock()
+	for id := range surplus {
+		if !old[id] {
+			c.q.Add(vmKey(id))
+		}
+	}
+	var errs []error
+	for _, id := range p.TooBig {
+		j := byID[id]
+		errs = append(errs, c.giveUp(ctx, j, fmt.Sprintf("%s: %d vCPUs / %d MiB is more than the host's %d vCPUs / %d MiB",
+			job.ReasonTooBig, j.VCPUs, j.MemoryMiB, c.capacity.VCPUs, c.capacity.MemoryMiB)))
+	}
+	for _, rt := range p.Retarget {
+		j := byID[rt.JobID]
+		_, err := c.store.UpdateVM(ctx, rt.VMID, func(v *job.VM) error { return v.Retarget(j) })
+		if err != nil && !errors.Is(err, job.ErrStale) {
+			errs = append(errs, err)
+			continue
+		}
+		c.m.Reconcile.WithLabelValues("vm_retargeted").Inc()
+		c.log.Info("idle vm retargeted to a waiting job its runner could not take", "vm_id", rt.VMID, "job_id", rt.JobID, "tags", rt.Tags.Key())
+		c.q.Add(vmKey(rt.VMID))
+	}
+	for _, s := range p.Start {
+		v := job.PlanVM(job.NewVMID(), c.host, byID[s.JobID], now)
+		if err := c.store.Tx(ctx, func(tx *store.Tx) error { return tx.CreateVM(&v) }); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		c.q.Add(vmKey(v.ID))
+	}
+	if len(p.Start)+len(p.Retarget)+len(p.Stop)+len(p.TooBig) > 0 {
+		c.log.Debug("plan", "decision", p.String())
+	}
+	return errors.Join(errs...)
+}
+
+// pool is the set of jobs one runner may serve besides tags: a project
+// runner only its project's jobs; group and instance runners any job here.
+func (c *Controller) pool(projectID int64) string {
+	if c.cfg.Runners.Scope == "project" {
+		return strconv.FormatInt(projectID, 10)
+	}
+	return ""
+}

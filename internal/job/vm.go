@@ -1,0 +1,248 @@
+package job
+
+import (
+	"crypto/rand"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/firerunner/firerunner/internal/tags"
+)
+
+// VMState is where one VM (and its one-job runner) is.
+//
+//		pending ──► starting ──► busy ──► stopping ──► gone
+//		   │            │                    ▲
+//		   └────────────┴────────────────────┘ (stop at any point)
+//
+//	  - pending:  planned for a waiting job; capacity held; nothing exists yet.
+//	  - starting: its runner exists (RunnerID) and the VM is being started or
+//	    runs; the runner has not taken a job yet, so it may take any job its
+//	    tags cover (the planner counts it as idle).
+//	  - busy:     its runner took job PickedJobID.
+//	  - stopping: being torn down (Reason says why): VM destroyed, network
+//	    released, runner deleted, in that order, each step idempotent.
+//	  - gone:     nothing of it is left on the host or in GitLab.
+type VMState string
+
+// VM states.
+const (
+	VMPending  VMState = "pending"
+	VMStarting VMState = "starting"
+	VMBusy     VMState = "busy"
+	VMStopping VMState = "stopping"
+	VMGone     VMState = "gone"
+)
+
+// VMStates lists every VM state.
+var VMStates = []VMState{VMPending, VMStarting, VMBusy, VMStopping, VMGone}
+
+var vmTransitions = map[VMState][]VMState{
+	VMPending:  {VMStarting, VMStopping},
+	VMStarting: {VMBusy, VMStopping},
+	VMBusy:     {VMStopping},
+	VMStopping: {VMGone},
+}
+
+// Live reports whether the VM holds (or may hold) resources.
+func (s VMState) Live() bool { return s != VMGone }
+
+// Idle reports whether the VM's runner may still take a job.
+func (s VMState) Idle() bool { return s == VMPending || s == VMStarting }
+
+// VM is one microVM with its runner.
+type VM struct {
+	ID        string // vm.IDPattern: "fr-" + 10 random [a-z0-9]
+	HostID    string
+	ForJob    int64    // the waiting job it was started (or last retargeted) for
+	ProjectID int64    // ForJob's project (a project runner serves only it)
+	Tags      []string // its runner's tags: ForJob's tags
+	VCPUs     int
+	MemoryMiB int
+
+	State       VMState
+	Reason      string // why it is stopping
+	RunnerID    int64  // 0 until created
+	TagsStale   bool   // retargeted after its runner was created: GitLab has old tags
+	PickedJobID int64  // the job its runner took
+	ExitCode    *int   // from the guest, once it powered off
+	ExitReason  string // the driver's reason when the VM did not end cleanly
+
+	CreatedAt time.Time
+	UpdatedAt time.Time
+	Timeline  VMTimeline
+}
+
+// TagSet is the VM runner's canonical tag set.
+func (v *VM) TagSet() tags.Set { return tags.NewSet(v.Tags) }
+
+// VMTimeline holds when each milestone of a VM was reached (zero = not yet).
+type VMTimeline struct {
+	Planned       time.Time
+	RunnerCreated time.Time
+	StartRequest  time.Time // driver.Start called
+	Started       time.Time // driver.Start returned
+	Picked        time.Time // its runner took a job
+	Exited        time.Time // the VMM ended
+	StopRequested time.Time
+	Destroyed     time.Time
+	RunnerDeleted time.Time
+	Gone          time.Time
+}
+
+// Stages derives the VM's stage durations.
+func (t VMTimeline) Stages() []Stage {
+	return stages([][3]any{
+		{"runner_create", t.Planned, t.RunnerCreated},
+		{"vm_start", t.StartRequest, t.Started},
+		{"wait_for_pick", t.Started, t.Picked},
+		{"vm_run", t.Started, t.Exited},
+		{"cleanup", t.StopRequested, t.Gone},
+	})
+}
+
+// NewVMID returns a fresh VM id ("fr-" + 10 random base-36 characters: 15
+// characters in all, the longest a Linux interface name may be, since the
+// tap is named after the VM).
+func NewVMID() string {
+	const alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+	b := make([]byte, 10)
+	_, _ = rand.Read(b)
+	for i := range b {
+		b[i] = alphabet[int(b[i])%len(alphabet)]
+	}
+	return "fr-" + string(b)
+}
+
+// PlanVM is the record of a VM planned for a waiting job.
+func PlanVM(id, hostID string, j Job, now time.Time) VM {
+	return VM{ID: id, HostID: hostID, ForJob: j.ID, ProjectID: j.ProjectID, Tags: j.Tags, VCPUs: j.VCPUs, MemoryMiB: j.MemoryMiB,
+		State: VMPending, CreatedAt: now, Timeline: VMTimeline{Planned: now}}
+}
+
+// Retarget points an idle VM at another waiting job of the same size; its
+// runner gets that job's tags (TagsStale until GitLab has them).
+func (v *VM) Retarget(j Job) error {
+	if !v.State.Idle() || v.VCPUs != j.VCPUs || v.MemoryMiB != j.MemoryMiB || v.ProjectID != j.ProjectID {
+		return ErrStale
+	}
+	v.ForJob, v.Tags = j.ID, j.Tags
+	v.TagsStale = v.RunnerID != 0
+	return nil
+}
+
+// TagsSynced records that GitLab has the runner's current tags.
+func (v *VM) TagsSynced() { v.TagsStale = false }
+
+// RunnerCreated records the VM's runner, created with tags createdWith (the
+// VM may have been retargeted meanwhile: then GitLab's tags are stale). A
+// VM stopped meanwhile keeps the runner id, so that stopping deletes it.
+func (v *VM) RunnerCreated(runnerID int64, createdWith []string, now time.Time) error {
+	v.RunnerID, v.Timeline.RunnerCreated = runnerID, now
+	v.TagsStale = tags.Key(createdWith) != tags.Key(v.Tags)
+	switch v.State {
+	case VMStopping:
+		return nil
+	case VMPending:
+		v.Timeline.StartRequest = now
+		return v.move(VMStarting, "")
+	}
+	return ErrStale
+}
+
+// Started records that the driver started the VMM.
+func (v *VM) Started(now time.Time) { v.Timeline.Started = now }
+
+// Picked records the job the VM's runner took.
+func (v *VM) Picked(jobID int64, now time.Time) error {
+	switch {
+	case v.State == VMBusy && v.PickedJobID == jobID:
+		return nil
+	case v.PickedJobID != 0 && v.PickedJobID != jobID:
+		return fmt.Errorf("vm %s: runner %d took job %d, and now job %d: %w", v.ID, v.RunnerID, v.PickedJobID, jobID, ErrStale)
+	case v.State == VMStopping && v.PickedJobID == 0:
+		// Stopped as idle in the same instant its runner took a job: the
+		// record must say which job this VM ran even as it goes.
+		v.PickedJobID, v.Timeline.Picked = jobID, now
+		return nil
+	case v.State != VMStarting:
+		return ErrStale
+	}
+	v.PickedJobID, v.Timeline.Picked = jobID, now
+	return v.move(VMBusy, "")
+}
+
+// Exited records that the VMM ended (code from the guest, or a driver reason).
+func (v *VM) Exited(code *int, reason string, now time.Time) {
+	if v.Timeline.Exited.IsZero() {
+		v.ExitCode, v.ExitReason, v.Timeline.Exited = code, reason, now
+	}
+}
+
+// Stop starts tearing the VM down; the first reason wins.
+func (v *VM) Stop(reason string, now time.Time) error {
+	switch v.State {
+	case VMStopping:
+		return nil
+	case VMGone:
+		return ErrStale
+	}
+	v.Timeline.StopRequested = now
+	return v.move(VMStopping, reason)
+}
+
+// Destroyed records that the VM and its network are gone from the host.
+func (v *VM) Destroyed(now time.Time) {
+	if v.Timeline.Destroyed.IsZero() {
+		v.Timeline.Destroyed = now
+	}
+}
+
+// RunnerDeleted records that the VM's runner is deleted in GitLab.
+func (v *VM) RunnerDeleted(now time.Time) {
+	if v.Timeline.RunnerDeleted.IsZero() && v.RunnerID != 0 {
+		v.Timeline.RunnerDeleted = now
+	}
+}
+
+// Gone ends a stopped VM.
+func (v *VM) Gone(now time.Time) error {
+	v.Timeline.Gone = now
+	return v.move(VMGone, v.Reason)
+}
+
+func (v *VM) move(to VMState, reason string) error {
+	ok := false
+	for _, n := range vmTransitions[v.State] {
+		ok = ok || n == to
+	}
+	if !ok {
+		return &TransitionError{Object: "vm " + v.ID, From: string(v.State), To: string(to)}
+	}
+	v.State = to
+	if reason != "" {
+		v.Reason = reason
+	}
+	return nil
+}
+
+// ReasonKey is a reason's metric label: the part before the first colon.
+func ReasonKey(reason string) string {
+	k, _, _ := strings.Cut(reason, ":")
+	k, _, _ = strings.Cut(k, " (")
+	return k
+}
+
+// Runner is one GitLab runner FireRunner created.
+type Runner struct {
+	ID        int64 // GitLab runner id
+	HostID    string
+	Mode      string // "oneoff"
+	VMID      string // the VM whose gitlab-runner uses it
+	Tags      []string
+	CreatedAt time.Time
+	DeletedAt time.Time // zero while it exists
+}
+
+// Active reports whether the runner still exists in GitLab.
+func (r *Runner) Active() bool { return r.DeletedAt.IsZero() }
