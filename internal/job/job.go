@@ -206,27 +206,32 @@ type Stage struct {
 	Duration time.Duration
 }
 
-func stages(spans [][3]any) []Stage {
+// span is one named interval of a timeline.
+type span struct {
+	name     string
+	from, to time.Time
+}
+
+// stages measures the spans whose both ends were reached.
+func stages(spans ...span) []Stage {
 	var out []Stage
 	for _, s := range spans {
-		from, to := s[1].(time.Time), s[2].(time.Time)
-		if from.IsZero() || to.IsZero() {
-			continue
+		if !s.from.IsZero() && !s.to.IsZero() {
+			out = append(out, Stage{Name: s.name, Duration: s.to.Sub(s.from)})
 		}
-		out = append(out, Stage{Name: s[0].(string), Duration: to.Sub(from)})
 	}
 	return out
 }
 
 // Stages derives the job's stage durations.
 func (t Timeline) Stages() []Stage {
-	return stages([][3]any{
-		{"fetch_tags", t.WebhookReceived, t.TagsFetched},
-		{"webhook_to_vm_start_request", t.WebhookReceived, t.VMStartRequest},
-		{"webhook_to_pick", t.WebhookReceived, t.JobPicked},
-		{"run", t.JobPicked, t.Finished},
-		{"total", t.WebhookReceived, t.Finished},
-	})
+	return stages(
+		span{"fetch_tags", t.WebhookReceived, t.TagsFetched},
+		span{"webhook_to_vm_start_request", t.WebhookReceived, t.VMStartRequest},
+		span{"webhook_to_pick", t.WebhookReceived, t.JobPicked},
+		span{"run", t.JobPicked, t.Finished},
+		span{"total", t.WebhookReceived, t.Finished},
+	)
 }
 
 // Observe records what GitLab said about the job (webhook or API) if it is

@@ -92,13 +92,13 @@ type VMTimeline struct {
 
 // Stages derives the VM's stage durations.
 func (t VMTimeline) Stages() []Stage {
-	return stages([][3]any{
-		{"runner_create", t.Planned, t.RunnerCreated},
-		{"vm_start", t.StartRequest, t.Started},
-		{"wait_for_pick", t.Started, t.Picked},
-		{"vm_run", t.Started, t.Exited},
-		{"cleanup", t.StopRequested, t.Gone},
-	})
+	return stages(
+		span{"runner_create", t.Planned, t.RunnerCreated},
+		span{"vm_start", t.StartRequest, t.Started},
+		span{"wait_for_pick", t.Started, t.Picked},
+		span{"vm_run", t.Started, t.Exited},
+		span{"cleanup", t.StopRequested, t.Gone},
+	)
 }
 
 // NewVMID returns a fresh VM id ("fr-" + 10 random base-36 characters: 15
