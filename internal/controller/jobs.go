@@ -113,7 +113,7 @@ func (c *Controller) reconcileQueued(ctx context.Context, j job.Job) error {
 	if job.StatusRank(j.GitLabStatus) >= 2 && (j.GitLabRunner != 0 || !job.StatusFinal(j.GitLabStatus)) {
 		// Taken (and maybe already over: hooks come late and in any
 		// order): first record who took it.
-		if err := c.recordPick(ctx, j.ID, j.GitLabRunner); err != nil {
+		if err := c.recordPick(ctx, j.ID, j.GitLabRunner, false); err != nil {
 			return err
 		}
 		if !job.StatusFinal(j.GitLabStatus) {
@@ -125,7 +125,7 @@ func (c *Controller) reconcileQueued(ctx context.Context, j job.Job) error {
 		}
 	}
 	if job.StatusFinal(j.GitLabStatus) {
-		return c.finishJob(ctx, j, j.GitLabStatus)
+		return c.finishJob(ctx, j, j.GitLabStatus, false)
 	}
 	if c.checkDue(j) {
 		gj, err := c.gl.GetJob(ctx, j.ProjectID, j.ID)
@@ -160,7 +160,7 @@ func (c *Controller) reconcileQueued(ctx context.Context, j job.Job) error {
 // reconcileRunning waits for GitLab's end of a picked job.
 func (c *Controller) reconcileRunning(ctx context.Context, j job.Job) error {
 	if job.StatusFinal(j.GitLabStatus) {
-		return c.finishJob(ctx, j, j.GitLabStatus)
+		return c.finishJob(ctx, j, j.GitLabStatus, false)
 	}
 	var v job.VM
 	vmOver := false
@@ -184,7 +184,7 @@ func (c *Controller) reconcileRunning(ctx context.Context, j job.Job) error {
 		}
 		c.markChecked(j.ID)
 		if changed && job.StatusFinal(u.GitLabStatus) {
-			return c.finishJob(ctx, u, u.GitLabStatus)
+			return c.finishJob(ctx, u, u.GitLabStatus, true)
 		}
 	}
 	if !vmOver {
@@ -218,7 +218,11 @@ func (c *Controller) observe(ctx context.Context, id int64, status string, runne
 // recordPick records that runner took job id: with our VM when the runner
 // is one of ours (the VM turns busy in the same transaction), else as run
 // elsewhere. A job we have no record of gets one (it runs on our VM).
-func (c *Controller) recordPick(ctx context.Context, id, runnerID int64) error {
+//
+// A webhook saying another runner took the job is confirmed with GitLab
+// first (confirmed=false): recorded as taken elsewhere, the job would get no
+// VM, so a forged event could strand it.
+func (c *Controller) recordPick(ctx context.Context, id, runnerID int64, confirmed bool) error {
 	var v job.VM
 	ours := false
 	if runnerID != 0 {
@@ -228,6 +232,30 @@ func (c *Controller) recordPick(ctx context.Context, id, runnerID int64) error {
 			return err
 		}
 		ours = err == nil && v.HostID == c.host && v.State != job.VMGone
+	}
+	if !ours && !confirmed {
+		j, err := c.store.GetJob(ctx, id)
+		if err != nil {
+			return err
+		}
+		gj, err := c.gl.GetJob(ctx, j.ProjectID, id)
+		if err != nil {
+			return err
+		}
+		if job.StatusRank(gj.Status) < 2 {
+			c.m.Reconcile.WithLabelValues("pick_event_unconfirmed").Inc()
+			c.jobLog(j).Warn("a webhook said another runner took the job, but GitLab says it waits; the event is ignored",
+				"event_runner_id", runnerID, "gitlab_status", gj.Status)
+			_, err := c.store.UpdateJob(ctx, id, func(r *job.Job) error { r.Confirm(gj.Status, gj.RunnerID, time.Now()); return nil })
+			if err == nil {
+				c.q.Add(jobKey(id))
+			}
+			return err
+		}
+		c.markChecked(id)
+		if gj.RunnerID != runnerID && gj.RunnerID != 0 {
+			return c.recordPick(ctx, id, gj.RunnerID, true)
+		}
 	}
 	now := time.Now()
 	var j job.Job
@@ -278,8 +306,32 @@ func (c *Controller) recordPick(ctx context.Context, id, runnerID int64) error {
 }
 
 // finishJob ends a job with GitLab's final status; the VM that ran it is
-// torn down by its own reconcile.
-func (c *Controller) finishJob(ctx context.Context, j job.Job, status string) error {
+// torn down by its own reconcile. A final status heard only from a webhook
+// is confirmed with GitLab first: whoever sniffed the webhook secret must
+// not be able to kill running jobs, or strand waiting ones, with a forged
+// "canceled" or "success".
+func (c *Controller) finishJob(ctx context.Context, j job.Job, status string, confirmed bool) error {
+	if !confirmed {
+		gj, err := c.gl.GetJob(ctx, j.ProjectID, j.ID)
+		switch {
+		case gitlabapi.IsNotFound(err):
+			status = job.StatusCanceled // the job (or its project) was deleted
+		case err != nil:
+			return err
+		case !job.StatusFinal(gj.Status):
+			c.m.Reconcile.WithLabelValues("final_event_unconfirmed").Inc()
+			c.jobLog(j).Warn("a webhook said the job ended, but GitLab says it has not; the event is ignored",
+				"event_status", status, "gitlab_status", gj.Status)
+			_, err := c.store.UpdateJob(ctx, j.ID, func(r *job.Job) error { r.Confirm(gj.Status, gj.RunnerID, time.Now()); return nil })
+			if err == nil {
+				c.q.Add(jobKey(j.ID))
+			}
+			return err
+		default:
+			status = gj.Status
+		}
+		c.markChecked(j.ID)
+	}
 	var exit *int
 	if j.VMID != "" {
 		if v, err := c.store.GetVM(ctx, j.VMID); err == nil {

@@ -219,7 +219,7 @@ func (c *Controller) pickFromGitLab(ctx context.Context, v job.VM, gj gitlabapi.
 		return err
 	}
 	c.vmLog(v).Info("GitLab says the runner took a job whose running hook had not arrived", "picked_job_id", gj.ID)
-	return c.recordPick(ctx, gj.ID, v.RunnerID)
+	return c.recordPick(ctx, gj.ID, v.RunnerID, true)
 }
 
 // superviseBusy stops a VM whose job ended in GitLab, or that ran too long.

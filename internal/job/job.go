@@ -251,6 +251,16 @@ func (j *Job) Observe(status string, runnerID int64, at time.Time) bool {
 	return true
 }
 
+// Confirm records GitLab's status read from the API, which outranks any
+// webhook: it may move the status back when a final status came from a
+// forged (or mistaken) event.
+func (j *Job) Confirm(status string, runnerID int64, at time.Time) {
+	j.GitLabStatus, j.ObservedAt = status, at
+	if runnerID != 0 {
+		j.GitLabRunner = runnerID
+	}
+}
+
 // Accept makes a new job FireRunner's, with the size its tags chose.
 func (j *Job) Accept(tagList []string, size tags.Size, now time.Time) error {
 	if err := j.move(Queued, ""); err != nil {
