@@ -8,3 +8,11 @@ bench: bench-controller
 
 bench-controller:
 	$(GO) test -run '^$$' -bench 'BenchmarkControllerOverhead' -benchtime 1x -count 1 ./internal/controller/
+
+# Warm pools with real QEMU VMs and the real gitlab-runner (root): webhook →
+# runner's first job request on a warm hit (p50/p95 over 10 jobs) and cold,
+# refill time, RSS per idle warm VM. Needs the image and gitlab-runner.
+.PHONY: bench-pool
+bench-pool: gitlab-runner image
+	FIRERUNNER_TEST_IMAGE=$$(readlink -e $(IMAGE_DIR_FILE)) FIRERUNNER_TEST_GITLAB_RUNNER=$(GITLAB_RUNNER_BIN) \
+	  $(GO) test -run '^$$' -bench 'BenchmarkWarmPool' -benchtime 1x -count 1 -timeout 20m ./internal/demo/

@@ -47,6 +47,7 @@ func run(args []string) error {
 	fs := flag.NewFlagSet("firerunner-demo", flag.ContinueOnError)
 	imageDir := fs.String("image", "", "guest image dir (default: the latest built image)")
 	keep := fs.String("workdir", "", "keep state, logs and console logs in this directory (default: a temp dir, removed)")
+	warm := fs.String("warm", "firecracker-1cpu-1gb", "size tag with a warm pool of one VM: its job runs warm, the others cold (\"\" = no pool)")
 	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
@@ -69,7 +70,7 @@ func run(args []string) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	rep, err := demo.Run(ctx, demo.Options{ImageDir: *imageDir, WorkDir: *keep, Out: os.Stdout})
+	rep, err := demo.Run(ctx, demo.Options{ImageDir: *imageDir, WorkDir: *keep, Out: os.Stdout, WarmSize: *warm})
 	if err != nil {
 		return err
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/firerunner/firerunner/internal/cli"
 	"github.com/firerunner/firerunner/internal/config"
 	"github.com/firerunner/firerunner/internal/daemon"
+	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/store"
 )
 
@@ -53,6 +54,9 @@ func status(args []string) error {
 	if *vms {
 		return showVMs(ctx, st)
 	}
+	if err := showPools(ctx, st); err != nil {
+		return err
+	}
 	jobs, err := st.ListJobs(ctx, store.Filter{ActiveOnly: *activeOnly, Limit: *limit})
 	if err != nil {
 		return err
@@ -77,6 +81,45 @@ func status(args []string) error {
 			orDash(j.VMID), dash(j.RunnerID), j.Attempts, now.Sub(j.CreatedAt).Round(time.Second), total, clipReason(j.Reason, 70))
 	}
 	return w.Flush()
+}
+
+// showPools prints one line per size with warm VMs: how many wait for a job
+// and the capacity they hold (nothing when no pool has VMs).
+func showPools(ctx context.Context, st *store.Store) error {
+	vms, err := st.ListVMs(ctx, true, 0)
+	if err != nil {
+		return err
+	}
+	type agg struct{ ready, booting, vcpus, mib int }
+	by := map[string]*agg{}
+	var sizes []string
+	for _, v := range vms {
+		if !v.Warm() {
+			continue
+		}
+		size := fmt.Sprintf("firecracker-%dcpu-%dgb", v.VCPUs, v.MemoryMiB/1024)
+		a, ok := by[size]
+		if !ok {
+			a = &agg{}
+			by[size] = a
+			sizes = append(sizes, size)
+		}
+		if v.State == job.VMWarm {
+			a.ready++
+		} else {
+			a.booting++
+		}
+		a.vcpus += v.VCPUs
+		a.mib += v.MemoryMiB
+	}
+	for _, size := range sizes {
+		a := by[size]
+		fmt.Printf("pool %s: %d warm VMs ready, %d booting; they hold %d vCPUs and %d MiB\n", size, a.ready, a.booting, a.vcpus, a.mib)
+	}
+	if len(sizes) > 0 {
+		fmt.Println()
+	}
+	return nil
 }
 
 func showVMs(ctx context.Context, st *store.Store) error {

@@ -60,7 +60,20 @@ func TestStatusReadsTheStore(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
+	w := job.PlanWarmVM("fr-wwwwwwwwww", "h", 2, 4096, now)
+	if err := st.Tx(ctx, func(tx *store.Tx) error {
+		if err := tx.CreateVM(&w); err != nil {
+			return err
+		}
+		_, err := tx.UpdateVM(w.ID, func(x *job.VM) error { return x.WarmStarted(now) })
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
 	out := captureStdout(t, func() error { return status([]string{"--state-dir", dir}) })
+	if !strings.Contains(out, "pool firecracker-2cpu-4gb: 1 warm VMs ready, 0 booting; they hold 2 vCPUs and 4096 MiB") {
+		t.Fatalf("no pool line:\n%s", out)
+	}
 	if !strings.Contains(out, "4242") || !strings.Contains(out, "queued") || !strings.Contains(out, "vm_start: boom (attempt 1)") {
 		t.Fatalf("status output:\n%s", out)
 	}

@@ -16,6 +16,7 @@
 package agent
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -180,4 +181,45 @@ func FindConfigDrive(sysBlock, devDir string) (guestconfig.Config, string, error
 	}
 	errs = append(errs, fmt.Errorf("no config drive among %d block devices in %s", len(names), sysBlock))
 	return guestconfig.Config{}, "", errors.Join(errs...)
+}
+
+// FindAssignPort returns the device of the assignment channel's
+// virtio-serial port: the entry of sysPorts (/sys/class/virtio-ports) whose
+// name is guestconfig.AssignPort, under devDir ("" when there is none).
+func FindAssignPort(sysPorts, devDir string) string {
+	ents, err := os.ReadDir(sysPorts)
+	if err != nil {
+		return ""
+	}
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(sysPorts, e.Name(), "name"))
+		if err == nil && strings.TrimSpace(string(b)) == guestconfig.AssignPort {
+			return filepath.Join(devDir, e.Name())
+		}
+	}
+	return ""
+}
+
+// DecodeAssignment reads one JSON assignment (a line, or up to EOF) from r.
+func DecodeAssignment(r io.Reader) (guestconfig.Assignment, error) {
+	var a guestconfig.Assignment
+	dec := json.NewDecoder(io.LimitReader(r, guestconfig.MaxAssignment))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&a); err != nil {
+		return a, fmt.Errorf("read assignment: %w", err)
+	}
+	return a, a.Validate()
+}
+
+// AcceptAssignment reads an assignment from the channel and acknowledges a
+// valid one ("ok\n"): the host's Assign returns only then.
+func AcceptAssignment(rw io.ReadWriter) (guestconfig.Assignment, error) {
+	a, err := DecodeAssignment(rw)
+	if err != nil {
+		return a, err
+	}
+	if _, err := io.WriteString(rw, "ok\n"); err != nil {
+		return a, fmt.Errorf("acknowledge assignment: %w", err)
+	}
+	return a, nil
 }

@@ -2,12 +2,15 @@ package agent
 
 import (
 	"bytes"
+	"context"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/firerunner/firerunner/internal/guestconfig"
+	"github.com/firerunner/firerunner/internal/vm"
 )
 
 const secret = "glrt-SECRETtoken123"
@@ -176,5 +179,49 @@ func TestFindConfigDrive(t *testing.T) {
 	os.WriteFile(filepath.Join(dev, "vdc"), b, 0o600)
 	if _, p, err := FindConfigDrive(sys, dev); err == nil || p == "" {
 		t.Fatalf("invalid drive: path %q err %v", p, err)
+	}
+}
+
+func TestAssignmentChannel(t *testing.T) {
+	sys, dev := t.TempDir(), "/dev"
+	for name, port := range map[string]string{"vport0p1": "org.qemu.guest_agent.0", "vport1p1": guestconfig.AssignPort} {
+		if err := os.MkdirAll(filepath.Join(sys, name), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(sys, name, "name"), []byte(port+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := FindAssignPort(sys, dev); got != "/dev/vport1p1" {
+		t.Fatalf("port %q", got)
+	}
+	if got := FindAssignPort(t.TempDir(), dev); got != "" {
+		t.Fatalf("port without any: %q", got)
+	}
+	// The host side (vm.SendAssignment) against the agent side over a pipe.
+	host, guest := net.Pipe()
+	a := guestconfig.Assignment{GitLabURL: "https://gitlab.example", RunnerToken: "glrt-" + strings.Repeat("x", 20), JobTimeoutSec: 60}
+	got := make(chan guestconfig.Assignment, 1)
+	go func() {
+		x, err := AcceptAssignment(guest)
+		if err != nil {
+			t.Error(err)
+		}
+		got <- x
+	}()
+	if err := vm.SendAssignment(context.Background(), host, a); err != nil {
+		t.Fatal(err)
+	}
+	if x := <-got; x != a {
+		t.Fatalf("received %+v", x)
+	}
+	for _, bad := range []string{`{"gitlab_url":"https://g","job_timeout_sec":1}`, `{"runner_token":"t","gitlab_url":"ftp://x","job_timeout_sec":1}`,
+		`{"runner_token":"t","gitlab_url":"https://g","job_timeout_sec":1,"extra":1}`, `not json`} {
+		if _, err := DecodeAssignment(strings.NewReader(bad)); err == nil {
+			t.Errorf("accepted %s", bad)
+		}
+	}
+	if strings.Contains(a.String(), "glrt-") || strings.Contains((guestconfig.Config{}).Apply(a).String(), "glrt-") {
+		t.Fatal("assignment printed its token")
 	}
 }

@@ -71,6 +71,7 @@ func (a *Agent) run() error {
 		{"hostname", setHostname},
 		{"ca-certs", writeCACerts},
 		{"network", setupNetwork},
+		{"machine-id", setMachineID},
 		{"hardening", harden},
 	} {
 		if err := s.fn(cfg); err != nil {
@@ -81,9 +82,38 @@ func (a *Agent) run() error {
 	if err != nil {
 		return err
 	}
-	code := a.runWorkload(w, time.Duration(cfg.JobTimeoutSec)*time.Second)
+	var assign func() ([]byte, time.Duration, error)
+	if cfg.Warm {
+		// gitlab-runner starts now and blocks reading its config FIFO; the
+		// job's runner arrives later over the assignment channel.
+		assign = func() ([]byte, time.Duration, error) {
+			// Fault the rest of gitlab-runner into the page cache now, not
+			// on the job's latency path: it has only run its init so far.
+			if f, err := os.Open(w.Args[0]); err == nil {
+				_, _ = io.Copy(io.Discard, f)
+				f.Close()
+			}
+			fmt.Fprintln(a.Console, guestconfig.MarkerWarm)
+			as, err := ReadAssignment(a.DevDir, "/sys/class/virtio-ports")
+			if err != nil {
+				return nil, 0, err
+			}
+			fmt.Fprintln(a.Console, guestconfig.MarkerAssigned)
+			c := cfg.Apply(as)
+			return RunnerConfigTOML(c), time.Duration(c.JobTimeoutSec) * time.Second, nil
+		}
+	}
+	code := a.runWorkload(w, time.Duration(cfg.JobTimeoutSec)*time.Second, assign)
 	fmt.Fprintf(a.Console, "%s%d\n", guestconfig.ExitMarker, code)
 	return nil
+}
+
+// setMachineID gives the VM its own /etc/machine-id (the image's is shared).
+func setMachineID(c guestconfig.Config) error {
+	if c.MachineID == "" {
+		return nil
+	}
+	return os.WriteFile("/etc/machine-id", []byte(c.MachineID+"\n"), 0o444)
 }
 
 func (a *Agent) findConfig(wait time.Duration) (guestconfig.Config, string, error) {
@@ -281,7 +311,11 @@ func harden(guestconfig.Config) error {
 
 // runWorkload runs w as the CI user in its own session with output on the
 // console, kills its whole session at the timeout and returns its exit code.
-func (a *Agent) runWorkload(w Workload, timeout time.Duration) int {
+// runWorkload runs w and returns its exit code. For a warm VM, assign
+// blocks until the assignment arrives and returns the runner config and the
+// job's timeout, which then starts; before that the host bounds the VM's
+// life (the pool's idle timeout).
+func (a *Agent) runWorkload(w Workload, timeout time.Duration, assign func() ([]byte, time.Duration, error)) int {
 	cmd := exec.Command(w.Args[0], w.Args[1:]...)
 	if filepath.Base(w.Args[0]) == w.Args[0] {
 		if p, err := lookPath(w.Args[0], w.Env); err == nil {
@@ -309,22 +343,43 @@ func (a *Agent) runWorkload(w Workload, timeout time.Duration) int {
 		a.logf("error: start %s: %v", w.Args[0], err)
 		return 127
 	}
+	assigned := make(chan time.Duration, 1)
 	if w.ConfigTOML != nil {
 		stop := make(chan struct{})
 		defer close(stop)
 		fed = make(chan error, 1)
-		go func() { fed <- feedConfigFIFO(w.ConfigTOML, stop) }()
+		go func() {
+			toml := w.ConfigTOML
+			if assign != nil {
+				t, d, err := assign()
+				if err != nil {
+					fed <- err
+					return
+				}
+				toml = t
+				assigned <- d
+			}
+			fed <- feedConfigFIFO(toml, stop)
+		}()
 	}
 	var code int
 	timer := time.NewTimer(timeout)
 	defer timer.Stop()
+	if assign != nil {
+		timer.Stop() // runs from the assignment on
+	}
 wait:
 	for {
 		select {
+		case d := <-assigned:
+			timer.Reset(d)
 		case err := <-fed:
 			// The FIFO is gone now: gitlab-runner has its config, no job yet.
 			if err != nil {
 				a.logf("runner config: %v", err)
+				if assign != nil {
+					unix.Kill(-cmd.Process.Pid, unix.SIGKILL)
+				}
 			}
 			fed = nil
 		case ws := <-done:
@@ -476,3 +531,62 @@ func (r *reaper) start(cmd *exec.Cmd) (<-chan unix.WaitStatus, error) {
 	r.waiters[cmd.Process.Pid] = ch
 	return ch, nil
 }
+
+// ReadAssignment waits for a warm VM's assignment: on the virtio-serial port
+// named guestconfig.AssignPort (QEMU), or, when the VM has no such port, from
+// the host over vsock (Firecracker: CID 2, guestconfig.AssignVsockPort).
+func ReadAssignment(devDir, sysPorts string) (guestconfig.Assignment, error) {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if dev := FindAssignPort(sysPorts, devDir); dev != "" {
+			f, err := os.OpenFile(dev, os.O_RDWR, 0)
+			if err != nil {
+				return guestconfig.Assignment{}, err
+			}
+			defer f.Close()
+			// A virtio-serial port reads EOF while no host end is
+			// connected; the host connects only when it assigns a job.
+			return AcceptAssignment(&waitReader{rw: f})
+		}
+		if time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for {
+		fd, err := unix.Socket(unix.AF_VSOCK, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return guestconfig.Assignment{}, fmt.Errorf("no assignment port and no vsock: %w", err)
+		}
+		if err = unix.Connect(fd, &unix.SockaddrVM{CID: unix.VMADDR_CID_HOST, Port: guestconfig.AssignVsockPort}); err == nil {
+			f := os.NewFile(uintptr(fd), "vsock")
+			defer f.Close()
+			return AcceptAssignment(f)
+		}
+		unix.Close(fd)
+		time.Sleep(100 * time.Millisecond) // the host listens once it assigns a job
+	}
+}
+
+// waitReader turns the EOF of a port whose host end is not connected (yet)
+// into waiting, until the first byte arrives.
+type waitReader struct {
+	rw  io.ReadWriter
+	got bool
+}
+
+func (w *waitReader) Read(p []byte) (int, error) {
+	for {
+		n, err := w.rw.Read(p)
+		if n > 0 {
+			w.got = true
+			return n, nil
+		}
+		if !errors.Is(err, io.EOF) || w.got {
+			return n, err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (w *waitReader) Write(p []byte) (int, error) { return w.rw.Write(p) }

@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/firerunner/firerunner/internal/tags"
 )
 
 // DefaultPath is where `firerunner serve` looks without --config.
@@ -45,6 +47,23 @@ type Config struct {
 	Network     Network     `yaml:"network"`
 	QEMU        QEMU        `yaml:"qemu"`
 	Firecracker Firecracker `yaml:"firecracker"`
+	// Pools keep warm VMs ready per size class; none by default.
+	Pools []Pool `yaml:"pools"`
+}
+
+// Pool keeps warm VMs of one size booted to "agent ready", gitlab-runner
+// started and blocked on its config, so a job of that size gets a VM in
+// well under a second. Warm VMs hold their vCPUs and memory.
+type Pool struct {
+	// Size is a size tag, e.g. firecracker-2cpu-4gb.
+	Size string `yaml:"size"`
+	// MinIdle warm VMs are kept ready.
+	MinIdle int `yaml:"min_idle"`
+	// MaxIdle bounds warm VMs when demand raises the target; 0 = MinIdle.
+	// Extra demand boots cold.
+	MaxIdle int `yaml:"max_idle"`
+	// IdleTimeout recycles a warm VM older than this; 0 = 30m.
+	IdleTimeout time.Duration `yaml:"idle_timeout"`
 }
 
 // GitLab is how FireRunner reaches GitLab and authenticates webhooks.
@@ -247,7 +266,8 @@ func Default() Config {
 			Egress:      "allow_all",
 			DenyPrivate: true,
 		},
-		QEMU: QEMU{Binary: "qemu-system-x86_64", Accel: "auto"},
+		QEMU:  QEMU{Binary: "qemu-system-x86_64", Accel: "auto"},
+		Pools: []Pool{},
 		Firecracker: Firecracker{
 			Binary:       "/usr/local/bin/firecracker",
 			JailerBinary: "/usr/local/bin/jailer",
@@ -438,6 +458,25 @@ func (c Config) Validate(drivers Drivers) error {
 	if c.Limits.VMStartTimeout <= 0 {
 		bad("limits.vm_start_timeout", "must be > 0")
 	}
+	seenPool := map[string]bool{}
+	for i, p := range c.Pools {
+		f := fmt.Sprintf("pools[%d]", i)
+		size, ok, err := tags.Parse([]string{p.Size}, tags.Limits{MaxVCPUs: c.Capacity.MaxVCPUsPerVM, MaxMemoryGiB: c.Capacity.MaxMemoryGiBPerVM})
+		switch {
+		case err != nil || !ok:
+			bad(f+".size", "%q is not a valid size tag (firecracker-{N}cpu-{M}gb within capacity.max_*_per_vm)", p.Size)
+		case seenPool[size.Tag()]:
+			bad(f+".size", "%q has a pool already", p.Size)
+		default:
+			seenPool[size.Tag()] = true
+		}
+		if p.MinIdle < 0 || p.MaxIdle < 0 || (p.MaxIdle != 0 && p.MaxIdle < p.MinIdle) {
+			bad(f, "need 0 <= min_idle <= max_idle (or max_idle 0), got %d and %d", p.MinIdle, p.MaxIdle)
+		}
+		if p.IdleTimeout < 0 || (p.IdleTimeout > 0 && p.IdleTimeout < time.Minute) {
+			bad(f+".idle_timeout", "must be 0 (30m) or >= 1m, got %s", p.IdleTimeout)
+		}
+	}
 	if c.Limits.StartAttempts < 1 {
 		bad("limits.start_attempts", "must be >= 1, got %d", c.Limits.StartAttempts)
 	}
@@ -540,4 +579,12 @@ func ReadSecret(path string) (string, error) {
 		return "", fmt.Errorf("secret file %s is empty", path)
 	}
 	return s, nil
+}
+
+// PoolIdleTimeout is a pool's idle timeout with its default.
+func (p Pool) PoolIdleTimeout() time.Duration {
+	if p.IdleTimeout == 0 {
+		return 30 * time.Minute
+	}
+	return p.IdleTimeout
 }

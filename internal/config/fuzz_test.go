@@ -98,5 +98,8 @@ func normEmpty(c config.Config) config.Config {
 	if len(c.Network.AllowHostPorts) == 0 {
 		c.Network.AllowHostPorts = nil
 	}
+	if len(c.Pools) == 0 {
+		c.Pools = nil
+	}
 	return c
 }

@@ -133,6 +133,7 @@ type Controller struct {
 	capacity planner.Capacity
 	tagLim   tags.Limits
 	workers  int
+	pools    map[[2]int]config.Pool // by VCPUs, MemoryMiB
 
 	q       *workqueue.Queue[key]
 	baseCtx context.Context
@@ -170,6 +171,17 @@ func New(o Options) (*Controller, error) {
 	}
 	if c.log == nil {
 		c.log = slog.Default()
+	}
+	c.pools = map[[2]int]config.Pool{}
+	for _, p := range o.Config.Pools {
+		size, ok, err := tags.Parse([]string{p.Size}, c.tagLim)
+		if err != nil || !ok {
+			return nil, fmt.Errorf("controller: pool size %q: %v", p.Size, err)
+		}
+		c.pools[[2]int{size.VCPUs, size.MemoryMiB()}] = p
+	}
+	if _, ok := o.Driver.(vm.Assigner); len(c.pools) > 0 && !ok {
+		return nil, fmt.Errorf("controller: driver %s cannot keep warm VMs (pools)", o.Driver.Name())
 	}
 	if c.workers == 0 {
 		c.workers = 16
@@ -271,7 +283,7 @@ func (c *Controller) reconcile(k key) error {
 
 // Snapshot feeds the metrics gauges (read at scrape time, always exact).
 func (c *Controller) Snapshot() metrics.Snapshot {
-	s := metrics.Snapshot{JobsByState: map[string]int{}, VMsByState: map[string]int{}, RunnersByTags: map[string]int{},
+	s := metrics.Snapshot{JobsByState: map[string]int{}, VMsByState: map[string]int{}, RunnersByTags: map[string]int{}, PoolIdle: map[string]int{},
 		VCPUsCapacity: c.capacity.VCPUs, MemoryMiBCap: c.capacity.MemoryMiB}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
@@ -286,8 +298,14 @@ func (c *Controller) Snapshot() metrics.Snapshot {
 			s.JobsByState[string(k)] = n
 		}
 	}
+	for _, p := range c.cfg.Pools {
+		s.PoolIdle[p.Size] = 0
+	}
 	if live, err := c.store.ListVMs(ctx, true, 0); err == nil {
 		for _, v := range live {
+			if v.Warm() && v.State == job.VMWarm {
+				s.PoolIdle[tags.Size{VCPUs: v.VCPUs, MemoryGiB: v.MemoryMiB / 1024}.Tag()]++
+			}
 			s.VMsByState[string(v.State)]++
 			s.VMsRunning++
 			s.VCPUsInUse += v.VCPUs

@@ -128,7 +128,6 @@ func (h *harness) start() {
 func (h *harness) crash() {
 	h.stopd = true
 	h.web.Close()
-	h.c.draining.Store(true)
 	h.c.stopOnce.Do(func() { close(h.c.stopLoop) })
 	h.c.q.ShutDown()
 	h.c.running.Wait()

@@ -39,18 +39,24 @@ func (c *Controller) reconcilePlan(ctx context.Context) error {
 	in := planner.Input{Capacity: c.capacity, NoStarts: c.draining.Load()}
 	byID := map[int64]job.Job{}
 	for _, j := range queued {
-		if j.VCPUs == 0 || job.StatusRank(j.GitLabStatus) >= 2 {
-			continue // not sized (picked by our runner without a size tag), or about to leave queued
+		if j.VCPUs == 0 {
+			continue // not sized: picked by our runner without a size tag
 		}
 		byID[j.ID] = j
-		// A job not re-read since a restart keeps an idle VM that can take
-		// it, but gets no new one until GitLab confirms it still waits.
+		// A job not re-read since a restart, or that an event says was
+		// taken or ended (not yet confirmed with GitLab), keeps an idle VM
+		// that can take it, but gets no new one.
+		ready := !now.Before(j.NotBefore) && verified[j.ID] && job.StatusRank(j.GitLabStatus) < 2
 		in.Jobs = append(in.Jobs, planner.Job{ID: j.ID, Pool: c.pool(j.ProjectID), Tags: j.TagSet(), VCPUs: j.VCPUs, MemoryMiB: j.MemoryMiB,
-			Ready: !now.Before(j.NotBefore) && verified[j.ID]})
+			Ready: ready})
 	}
 	for _, v := range live {
+		warm := v.Warm() && v.Timeline.Exited.IsZero()
 		in.VMs = append(in.VMs, planner.VM{ID: v.ID, ForJob: v.ForJob, Pool: c.pool(v.ProjectID), Tags: v.TagSet(), VCPUs: v.VCPUs,
-			MemoryMiB: v.MemoryMiB, Idle: v.State.Idle() && v.Timeline.Exited.IsZero()})
+			MemoryMiB: v.MemoryMiB, Idle: !warm && v.ForJob != 0 && v.State.Idle() && v.Timeline.Exited.IsZero(), Warm: warm})
+	}
+	for size, pl := range c.pools {
+		in.Pools = append(in.Pools, planner.Pool{VCPUs: size[0], MemoryMiB: size[1], MinIdle: pl.MinIdle, MaxIdle: pl.MaxIdle})
 	}
 	p := planner.Decide(in)
 
@@ -84,15 +90,40 @@ func (c *Controller) reconcilePlan(ctx context.Context) error {
 		c.log.Info("idle vm retargeted to a waiting job its runner could not take", "vm_id", rt.VMID, "job_id", rt.JobID, "tags", rt.Tags.Key())
 		c.q.Add(vmKey(rt.VMID))
 	}
+	for _, a := range p.Assign {
+		j := byID[a.JobID]
+		if _, err := c.store.UpdateVM(ctx, a.VMID, func(v *job.VM) error { return v.AssignTo(j, now) }); err != nil {
+			if !errors.Is(err, job.ErrStale) {
+				errs = append(errs, err)
+			}
+			c.log.Debug("warm vm not assigned: it moved on", "vm_id", a.VMID, "job_id", j.ID, "err", err)
+			continue
+		}
+		c.m.PoolJobs.WithLabelValues(j.SizeTag, "hit").Inc()
+		c.log.Info("warm vm assigned to a waiting job", "vm_id", a.VMID, "job_id", j.ID, "size", j.SizeTag)
+		c.q.Add(vmKey(a.VMID))
+	}
 	for _, s := range p.Start {
-		v := job.PlanVM(job.NewVMID(), c.host, byID[s.JobID], now)
+		j := byID[s.JobID]
+		v := job.PlanVM(job.NewVMID(), c.host, j, now)
+		if err := c.store.Tx(ctx, func(tx *store.Tx) error { return tx.CreateVM(&v) }); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if _, pooled := c.pools[[2]int{j.VCPUs, j.MemoryMiB}]; pooled {
+			c.m.PoolJobs.WithLabelValues(j.SizeTag, "miss").Inc()
+		}
+		c.q.Add(vmKey(v.ID))
+	}
+	for _, r := range p.Refill {
+		v := job.PlanWarmVM(job.NewVMID(), c.host, r.VCPUs, r.MemoryMiB, now)
 		if err := c.store.Tx(ctx, func(tx *store.Tx) error { return tx.CreateVM(&v) }); err != nil {
 			errs = append(errs, err)
 			continue
 		}
 		c.q.Add(vmKey(v.ID))
 	}
-	if len(p.Start)+len(p.Retarget)+len(p.Stop)+len(p.TooBig) > 0 {
+	if len(p.Start)+len(p.Retarget)+len(p.Assign)+len(p.Refill)+len(p.Stop)+len(p.TooBig) > 0 {
 		c.log.Debug("plan", "decision", p.String())
 	}
 	return errors.Join(errs...)

@@ -10,11 +10,9 @@ import (
 	"time"
 
 	"github.com/firerunner/firerunner/internal/gitlabapi"
-	"github.com/firerunner/firerunner/internal/guestconfig"
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/runners"
 	"github.com/firerunner/firerunner/internal/store"
-	"github.com/firerunner/firerunner/internal/vm"
 )
 
 // reconcileVM takes the next step for one VM:
@@ -32,7 +30,12 @@ func (c *Controller) reconcileVM(ctx context.Context, id string) error {
 	}
 	switch v.State {
 	case job.VMPending:
+		if v.ForJob == 0 {
+			return c.startWarm(ctx, v)
+		}
 		return c.startVM(ctx, v)
+	case job.VMWarm:
+		return c.superviseWarm(ctx, v)
 	case job.VMStarting, job.VMBusy:
 		return c.superviseVM(ctx, v)
 	case job.VMStopping:
@@ -96,19 +99,8 @@ func (c *Controller) startVM(ctx context.Context, v job.VM) error {
 	if v.State == job.VMStopping {
 		return c.stopVM(ctx, v) // stopped while its runner was being created
 	}
-	spec := vm.Spec{
-		ID: v.ID, VCPUs: v.VCPUs, MemoryMiB: v.MemoryMiB, Image: c.img,
-		Guest: guestconfig.Config{
-			Hostname:       v.ID,
-			GitLabURL:      c.cfg.GuestGitLabURL(),
-			RunnerToken:    lease.Token,
-			JobTimeoutSec:  int(c.cfg.Limits.JobMaxDuration / time.Second),
-			WaitTimeoutSec: int(c.cfg.Limits.VMStartTimeout / time.Second),
-			UnixTimeNano:   time.Now().UnixNano(),
-			EntropySeed:    entropy(),
-		},
-		Timeout: c.cfg.Limits.VMStartTimeout + c.cfg.Limits.JobMaxDuration + time.Minute,
-	}
+	spec := c.spec(v, 0)
+	spec.Guest.GitLabURL, spec.Guest.RunnerToken = c.cfg.GuestGitLabURL(), lease.Token
 	if c.net != nil {
 		att, gnet, err := c.net.Attach(ctx, v.ID)
 		if err != nil {
@@ -171,10 +163,7 @@ func (c *Controller) superviseVM(ctx context.Context, v job.VM) error {
 		log.Info("runner retargeted to another waiting job", "tags", v.Tags)
 		c.m.Reconcile.WithLabelValues("runner_retagged").Inc()
 	}
-	started := v.Timeline.Started
-	if started.IsZero() {
-		started = v.Timeline.StartRequest
-	}
+	started := startedAt(v)
 	timedOut := time.Since(started) >= c.cfg.Limits.VMStartTimeout
 	if !timedOut && !c.isSurplus(v.ID) && !c.draining.Load() {
 		c.q.AddAfter(vmKey(v.ID), time.Until(started.Add(c.cfg.Limits.VMStartTimeout)))
@@ -222,6 +211,19 @@ func (c *Controller) pickFromGitLab(ctx context.Context, v job.VM, gj gitlabapi.
 	return c.recordPick(ctx, gj.ID, v.RunnerID, true)
 }
 
+// startedAt is when a VM's runner could start taking jobs: the VM's start,
+// or, for a pool's VM, when its runner was handed over.
+func startedAt(v job.VM) time.Time {
+	t := v.Timeline.Started
+	if t.IsZero() {
+		t = v.Timeline.StartRequest
+	}
+	if v.Timeline.RunnerCreated.After(t) {
+		t = v.Timeline.RunnerCreated
+	}
+	return t
+}
+
 // superviseBusy stops a VM whose job ended in GitLab, or that ran too long.
 func (c *Controller) superviseBusy(ctx context.Context, v job.VM) error {
 	pj, err := c.store.GetJob(ctx, v.PickedJobID)
@@ -231,11 +233,7 @@ func (c *Controller) superviseBusy(ctx context.Context, v job.VM) error {
 	if err == nil && pj.State.Terminal() {
 		return c.stopFor(ctx, v.ID, job.ReasonRanJob)
 	}
-	started := v.Timeline.Started
-	if started.IsZero() {
-		started = v.Timeline.StartRequest
-	}
-	deadline := started.Add(c.cfg.Limits.JobMaxDuration)
+	deadline := startedAt(v).Add(c.cfg.Limits.JobMaxDuration)
 	if time.Now().Before(deadline) {
 		c.q.AddAfter(vmKey(v.ID), time.Until(deadline))
 		return nil

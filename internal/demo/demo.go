@@ -27,6 +27,7 @@ import (
 
 	"github.com/firerunner/firerunner/internal/config"
 	"github.com/firerunner/firerunner/internal/daemon"
+	"github.com/firerunner/firerunner/internal/guestconfig"
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/store"
 	"github.com/firerunner/firerunner/internal/tags"
@@ -59,6 +60,10 @@ type Options struct {
 	// VMs reach it at the bridge address. Tap mode creates the bridge and
 	// nft tables in the caller's network namespace: run it in a throwaway one.
 	Network string
+	// WarmSize, when set (a size tag), gives FireRunner a warm pool of one
+	// VM of that size; the pipeline starts once that VM is ready, so its
+	// job of that size runs warm while the others boot cold.
+	WarmSize string
 }
 
 // DefaultJobs is the demo pipeline: two jobs of different sizes, and one
@@ -221,6 +226,12 @@ func Run(ctx context.Context, o Options) (rep *Report, err error) {
 	gl.SetWebhook("http://"+d.Addr()+"/webhook", hookSecret)
 	p.say("FireRunner listening on %s (driver %s, image %s)", d.Addr(), cfg.VM.Driver, filepath.Base(d.Image.Dir))
 
+	if o.WarmSize != "" {
+		if err := waitWarm(ctx, d); err != nil {
+			return nil, err
+		}
+		p.say("warm pool ready: a %s VM with gitlab-runner waiting for its config", o.WarmSize)
+	}
 	pl, err := gl.CreatePipeline(proj.ID, o.Jobs...)
 	if err != nil {
 		return nil, err
@@ -255,8 +266,8 @@ func Run(ctx context.Context, o Options) (rep *Report, err error) {
 	// A job's record ends with GitLab's status; its VM is torn down right
 	// after. Let the teardown finish before looking for leftovers.
 	for deadline := time.Now().Add(2 * time.Minute); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-		if live, err := d.Store.ListVMs(ctx, true, 0); err == nil && len(live) == 0 {
-			break
+		if live, err := d.Store.ListVMs(ctx, true, 0); err == nil && !slices.ContainsFunc(live, func(v job.VM) bool { return !v.Warm() }) {
+			break // a pool's warm VMs stay until shutdown
 		}
 	}
 	// Each job's record names the VM and runner that actually ran it.
@@ -284,6 +295,12 @@ func Run(ctx context.Context, o Options) (rep *Report, err error) {
 		rep.RunnersCreated = len(rs)
 	}
 	err = shutdown()
+	// After the shutdown not even a pool's warm VM may be left.
+	if vms, lerr := d.Driver.List(context.Background()); lerr == nil {
+		for _, v := range vms {
+			rep.Leftovers = append(rep.Leftovers, fmt.Sprintf("vm %s (pid %d) after shutdown", v.ID, v.PID))
+		}
+	}
 	d = nil
 	if err != nil {
 		return rep, fmt.Errorf("shutdown: %w", err)
@@ -314,6 +331,9 @@ func Config(o Options, apiURL, guestURL, apiToken, hookSecret string) (config.Co
 	cfg.VM.Driver, cfg.VM.ImageDir = "qemu", o.ImageDir
 	cfg.VM.ConsoleLogDir = filepath.Join(o.WorkDir, "console")
 	cfg.Network.Mode = "user"
+	if o.WarmSize != "" {
+		cfg.Pools = []config.Pool{{Size: o.WarmSize, MinIdle: 1, MaxIdle: 1}}
+	}
 	if o.Network == "tap" {
 		// Production networking. Host ports are closed to VMs, so open
 		// exactly the one GitLab (guest_url) listens on.
@@ -334,6 +354,29 @@ func Config(o Options, apiURL, guestURL, apiToken, hookSecret string) (config.Co
 		}
 	}
 	return cfg, cfg.Validate(daemon.Drivers())
+}
+
+// waitWarm waits until a pool's VM reports gitlab-runner waiting for its
+// config.
+func waitWarm(ctx context.Context, d *daemon.Daemon) error {
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	for {
+		live, _ := d.Store.ListVMs(ctx, true, 0)
+		for _, v := range live {
+			if v.Warm() && v.State == job.VMWarm {
+				b, err := os.ReadFile(filepath.Join(d.Config.StateDir, "vms", v.ID, vm.ConsoleFile))
+				if err == nil && strings.Contains(string(b), guestconfig.MarkerWarm) {
+					return nil
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("warm pool: no VM ready: %w", ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // TapGateway is the bridge address VMs reach the host at in tap mode: the
@@ -426,16 +469,26 @@ func (g *guestTimelines) get(id string) *vm.Timeline {
 // leftovers lists what FireRunner should have removed but did not.
 func leftovers(ctx context.Context, d *daemon.Daemon, gl *gitlabstandin.Server) []string {
 	var out []string
+	warm := map[string]bool{} // a pool's warm VMs stay until shutdown
+	if live, err := d.Store.ListVMs(ctx, true, 0); err == nil {
+		for _, v := range live {
+			warm[v.ID] = v.Warm()
+		}
+	}
 	if vms, err := d.Driver.List(ctx); err != nil {
 		out = append(out, "driver list: "+err.Error())
 	} else {
 		for _, v := range vms {
-			out = append(out, fmt.Sprintf("vm %s (pid %d)", v.ID, v.PID))
+			if !warm[v.ID] {
+				out = append(out, fmt.Sprintf("vm %s (pid %d)", v.ID, v.PID))
+			}
 		}
 	}
 	if ents, err := os.ReadDir(filepath.Join(d.Config.StateDir, "vms")); err == nil {
 		for _, e := range ents {
-			out = append(out, "per-VM dir "+e.Name())
+			if !warm[e.Name()] {
+				out = append(out, "per-VM dir "+e.Name())
+			}
 		}
 	}
 	for _, r := range gl.Runners() { // the demo creates no runners of its own
@@ -448,7 +501,9 @@ func leftovers(ctx context.Context, d *daemon.Daemon, gl *gitlabstandin.Server) 
 	}
 	if vms, err := d.Store.ListVMs(ctx, true, 0); err == nil {
 		for _, v := range vms {
-			out = append(out, fmt.Sprintf("vm record %s still %s", v.ID, v.State))
+			if !v.Warm() {
+				out = append(out, fmt.Sprintf("vm record %s still %s", v.ID, v.State))
+			}
 		}
 	}
 	if rs, err := d.Store.ListRunners(ctx, true); err == nil {
@@ -530,9 +585,63 @@ func (p *printer) report(rep *Report) {
 			fmt.Fprintf(w, "  %+8.2fs  %s\n", e.Since.Seconds(), e.Name)
 		}
 	}
+	p.compare(rep)
 	fmt.Fprintf(w, "\nrunners created: %d; leftovers: %d\n", rep.RunnersCreated, len(rep.Leftovers))
 	for _, l := range rep.Leftovers {
 		fmt.Fprintln(w, "  LEFTOVER: "+l)
+	}
+}
+
+// compare prints the jobs' timelines side by side, each relative to its own
+// webhook, so a warm job's path can be read against a cold one's.
+func (p *printer) compare(rep *Report) {
+	var cols []JobResult
+	for _, r := range rep.Jobs {
+		if r.Ours && r.Record != nil {
+			cols = append(cols, r)
+		}
+	}
+	if len(cols) < 2 {
+		return
+	}
+	var rows []string
+	at := make([]map[string]time.Duration, len(cols))
+	for i, r := range cols {
+		at[i] = map[string]time.Duration{}
+		var base time.Time
+		for _, e := range r.Timeline() {
+			if e.Name == "webhook received" {
+				base = e.At
+			}
+		}
+		for _, e := range r.Timeline() {
+			if _, seen := at[i][e.Name]; !seen && !slices.Contains(rows, e.Name) {
+				rows = append(rows, e.Name)
+			}
+			if !base.IsZero() {
+				at[i][e.Name] = e.At.Sub(base)
+			}
+		}
+	}
+	fmt.Fprintf(p.w, "\n==== timelines side by side (seconds after each job's webhook)\n%-32s", "")
+	for _, r := range cols {
+		kind := "cold"
+		if r.VM != nil && !r.VM.Timeline.Assigned.IsZero() {
+			kind = "warm"
+		}
+		fmt.Fprintf(p.w, " %16s", r.Spec.Name+" ("+kind+")")
+	}
+	fmt.Fprintln(p.w)
+	for _, row := range rows {
+		fmt.Fprintf(p.w, "%-32s", row)
+		for i := range cols {
+			if d, ok := at[i][row]; ok {
+				fmt.Fprintf(p.w, " %+16.2f", d.Seconds())
+			} else {
+				fmt.Fprintf(p.w, " %16s", "-")
+			}
+		}
+		fmt.Fprintln(p.w)
 	}
 }
 
@@ -558,7 +667,11 @@ func (r JobResult) Timeline() []Event {
 	}
 	if v := r.VM; v != nil {
 		t := v.Timeline
-		add("VM planned", t.Planned)
+		if !t.Assigned.IsZero() {
+			add("warm VM assigned to the job", t.Assigned)
+		} else {
+			add("VM planned", t.Planned)
+		}
 		add("runner created", t.RunnerCreated)
 		add("VM start requested", t.StartRequest)
 		add("VM destroyed", t.Destroyed)

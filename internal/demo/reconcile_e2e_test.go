@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -12,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/firerunner/firerunner/internal/config"
 	"github.com/firerunner/firerunner/internal/daemon"
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/store"
@@ -23,7 +26,7 @@ import (
 // gitlab-runner in every VM) that a test can stop and start again on the
 // same state.
 type reconcileRig struct {
-	t        *testing.T
+	t        testing.TB
 	o        Options
 	gl       *gitlabstandin.Server
 	proj     gitlabstandin.Project
@@ -32,12 +35,16 @@ type reconcileRig struct {
 	secret   string
 	logs     *testenv.Buffer
 	maxRetry int
+	mod      func(*config.Config) // config changes of a test
 }
 
-func newReconcileRig(t *testing.T, imageDir string) *reconcileRig {
+func newReconcileRig(t testing.TB, imageDir string, mods ...func(*config.Config)) *reconcileRig {
 	t.Helper()
 	r := &reconcileRig{t: t, o: Options{ImageDir: imageDir, WorkDir: t.TempDir(), VCPUs: 3, MemoryMiB: 3072},
 		apiTok: "glpat-" + randHex(10), secret: randHex(16), logs: &testenv.Buffer{}, maxRetry: 1}
+	if len(mods) > 0 {
+		r.mod = mods[0]
+	}
 	log := slog.New(slog.NewJSONHandler(r.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	gl, err := gitlabstandin.New(gitlabstandin.Options{Addr: "127.0.0.1:0", ExternalHost: "10.0.2.2",
 		Dir: filepath.Join(r.o.WorkDir, "gitlab"), HardCancel: true, Logger: log.With("component", "gitlab-standin")})
@@ -55,6 +62,11 @@ func newReconcileRig(t *testing.T, imageDir string) *reconcileRig {
 		if r.d != nil {
 			r.stop()
 		}
+		// For debugging: FireRunner's log and the VMs' console logs.
+		if keep := os.Getenv("FIRERUNNER_E2E_KEEP"); keep != "" {
+			_ = os.WriteFile(filepath.Join(keep, "firerunner.log"), []byte(r.logs.String()), 0o600)
+			_ = exec.Command("cp", "-r", filepath.Join(r.o.WorkDir, "console"), keep).Run()
+		}
 	})
 	return r
 }
@@ -71,6 +83,9 @@ func (r *reconcileRig) start() {
 	cfg.Limits.StartAttempts = 8 // 2+4+8+16 s of back-off outlast a 20 s outage
 	cfg.Limits.DrainTimeout = 3 * time.Second
 	cfg.Reconcile.Interval = 2 * time.Second
+	if r.mod != nil {
+		r.mod(&cfg) // after validation: tests may shorten what production must not
+	}
 	log := slog.New(slog.NewJSONHandler(r.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	if r.d, err = daemon.Start(context.Background(), cfg, log); err != nil {
 		r.t.Fatal(err)

@@ -40,6 +40,61 @@ type Config struct {
 	UnixTimeNano int64 `json:"unix_time_nano"`
 	// EntropySeed seeds the guest RNG before any TLS happens.
 	EntropySeed []byte `json:"entropy_seed,omitempty"`
+	// Warm: boot without a runner. The agent starts gitlab-runner blocked on
+	// its config FIFO and waits for an Assignment on the assignment channel
+	// (AssignPort); the drive then holds no token.
+	Warm bool `json:"warm,omitempty"`
+	// MachineID is this VM's /etc/machine-id (32 hex digits): every VM keeps
+	// its own identity, even when booted from one image.
+	MachineID string `json:"machine_id,omitempty"`
+}
+
+// Assignment is what a warm VM needs to run one job; it reaches the guest
+// over the assignment channel only (never argv, a kernel command line, a
+// log or the store). It holds the runner token: String redacts it.
+type Assignment struct {
+	GitLabURL      string `json:"gitlab_url"`
+	RunnerToken    string `json:"runner_token"`
+	JobTimeoutSec  int    `json:"job_timeout_sec"`
+	WaitTimeoutSec int    `json:"wait_timeout_sec,omitempty"`
+}
+
+// AssignPort is the virtio-serial port name (QEMU) of the assignment
+// channel; AssignVsockPort the vsock port (Firecracker), the host at CID 2.
+const (
+	AssignPort      = "org.firerunner.assign"
+	AssignVsockPort = 52
+)
+
+// MaxAssignment bounds what the agent reads from the channel.
+const MaxAssignment = 64 << 10
+
+// Validate reports the first problem with an assignment.
+func (a Assignment) Validate() error {
+	if a.RunnerToken == "" {
+		return errors.New("assignment: runner_token is required")
+	}
+	if a.JobTimeoutSec <= 0 {
+		return errors.New("assignment: job_timeout_sec must be > 0")
+	}
+	u, err := url.Parse(a.GitLabURL)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return fmt.Errorf("assignment: gitlab_url %q is not an http(s) URL", a.GitLabURL)
+	}
+	return nil
+}
+
+func (a Assignment) String() string {
+	return fmt.Sprintf("assignment{url=%s token=[redacted] timeout=%ds}", a.GitLabURL, a.JobTimeoutSec)
+}
+
+// Apply puts an assignment into a warm VM's config.
+func (c Config) Apply(a Assignment) Config {
+	c.GitLabURL, c.RunnerToken, c.JobTimeoutSec, c.Warm = a.GitLabURL, a.RunnerToken, a.JobTimeoutSec, false
+	if a.WaitTimeoutSec > 0 {
+		c.WaitTimeoutSec = a.WaitTimeoutSec
+	}
+	return c
 }
 
 // Network is a static IPv4 configuration for eth0.
@@ -54,6 +109,12 @@ type Network struct {
 func (c Config) Validate() error {
 	if c.JobTimeoutSec <= 0 {
 		return errors.New("guest config: job_timeout_sec must be > 0")
+	}
+	if c.Warm {
+		if c.RunnerToken != "" || len(c.Command) > 0 {
+			return errors.New("guest config: a warm VM's drive carries no runner token and no command")
+		}
+		return nil
 	}
 	if len(c.Command) == 0 {
 		if c.RunnerToken == "" {
@@ -73,7 +134,7 @@ func (c Config) String() string {
 	if c.RunnerToken != "" {
 		t = "[redacted]"
 	}
-	return fmt.Sprintf("guestconfig{host=%s url=%s token=%s timeout=%ds}", c.Hostname, c.GitLabURL, t, c.JobTimeoutSec)
+	return fmt.Sprintf("guestconfig{host=%s url=%s token=%s timeout=%ds warm=%v}", c.Hostname, c.GitLabURL, t, c.JobTimeoutSec, c.Warm)
 }
 
 // Drive layout: 8-byte magic, 8-byte big-endian JSON length, JSON, zero
@@ -157,4 +218,6 @@ const (
 	MarkerJobEnd     = "FIRERUNNER-JOB: end"        // workload ended
 	ExitMarker       = "FIRERUNNER-EXIT: "          // followed by the decimal exit code
 	MarkerPowerOff   = "FIRERUNNER-AGENT: poweroff" // about to power off
+	MarkerWarm       = "FIRERUNNER-AGENT: warm"     // warm VM: gitlab-runner waits for its config
+	MarkerAssigned   = "FIRERUNNER-AGENT: assigned" // warm VM got its assignment
 )

@@ -55,7 +55,7 @@ var DefaultPackages = []string{
 // dependencies, in load order). The Debian kernel builds these as modules.
 var DefaultModules = []string{
 	"virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng",
-	"vmw_vsock_virtio_transport", "ext4", "overlay",
+	"vmw_vsock_virtio_transport", "virtio_console", "ext4", "overlay",
 }
 
 // Options configure a build. Zero values pick the defaults.

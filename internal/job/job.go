@@ -125,6 +125,7 @@ const (
 	ReasonRanJob       = "ran_job"         // the VM ran its job and is torn down
 	ReasonJobEnded     = "job_ended"       // the job the VM was made for ended before the VM took any
 	ReasonVMLost       = "vm_lost"         // the VM that ran the job is gone and GitLab never ended the job
+	ReasonPoolIdle     = "idle_timeout"    // a pool's warm VM waited longer than its pool's idle_timeout
 )
 
 // GitLab job statuses FireRunner distinguishes.

@@ -28,6 +28,7 @@ type VMState string
 // VM states.
 const (
 	VMPending  VMState = "pending"
+	VMWarm     VMState = "warm"
 	VMStarting VMState = "starting"
 	VMBusy     VMState = "busy"
 	VMStopping VMState = "stopping"
@@ -35,10 +36,11 @@ const (
 )
 
 // VMStates lists every VM state.
-var VMStates = []VMState{VMPending, VMStarting, VMBusy, VMStopping, VMGone}
+var VMStates = []VMState{VMPending, VMWarm, VMStarting, VMBusy, VMStopping, VMGone}
 
 var vmTransitions = map[VMState][]VMState{
-	VMPending:  {VMStarting, VMStopping},
+	VMPending:  {VMStarting, VMWarm, VMStopping},
+	VMWarm:     {VMStarting, VMStopping},
 	VMStarting: {VMBusy, VMStopping},
 	VMBusy:     {VMStopping},
 	VMStopping: {VMGone},
@@ -79,6 +81,7 @@ func (v *VM) TagSet() tags.Set { return tags.NewSet(v.Tags) }
 // VMTimeline holds when each milestone of a VM was reached (zero = not yet).
 type VMTimeline struct {
 	Planned       time.Time
+	Assigned      time.Time // a pool's VM got its job
 	RunnerCreated time.Time
 	StartRequest  time.Time // driver.Start called
 	Started       time.Time // driver.Start returned
@@ -93,12 +96,29 @@ type VMTimeline struct {
 // Stages derives the VM's stage durations.
 func (t VMTimeline) Stages() []Stage {
 	return stages(
-		span{"runner_create", t.Planned, t.RunnerCreated},
+		span{"runner_create", later(t.Planned, t.Assigned), t.RunnerCreated},
+		span{"pool_refill", t.Planned, warmReady(t)},
 		span{"vm_start", t.StartRequest, t.Started},
 		span{"wait_for_pick", t.Started, t.Picked},
 		span{"vm_run", t.Started, t.Exited},
 		span{"cleanup", t.StopRequested, t.Gone},
 	)
+}
+
+func later(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
+}
+
+// warmReady is when a pool's VM was booted and ready for a job (zero for a
+// VM started for a job).
+func warmReady(t VMTimeline) time.Time {
+	if t.Assigned.IsZero() || t.Started.After(t.Assigned) {
+		return time.Time{}
+	}
+	return t.Started
 }
 
 // NewVMID returns a fresh VM id ("fr-" + 10 random base-36 characters: 15
@@ -112,6 +132,35 @@ func NewVMID() string {
 		b[i] = alphabet[int(b[i])%len(alphabet)]
 	}
 	return "fr-" + string(b)
+}
+
+// Warm reports whether the VM is a pool's VM that no job was assigned yet.
+func (v *VM) Warm() bool { return v.ForJob == 0 && (v.State == VMPending || v.State == VMWarm) }
+
+// PlanWarmVM is the record of a pool's VM: no job, no tags, no runner yet.
+func PlanWarmVM(id, hostID string, vcpus, memoryMiB int, now time.Time) VM {
+	return VM{ID: id, HostID: hostID, VCPUs: vcpus, MemoryMiB: memoryMiB, State: VMPending, CreatedAt: now,
+		Timeline: VMTimeline{Planned: now}}
+}
+
+// WarmStarted records that a pool's VM booted without a runner (it may have
+// been assigned a job meanwhile: its runner then goes over the channel).
+func (v *VM) WarmStarted(now time.Time) error {
+	v.Timeline.Started = now
+	if v.State == VMStopping {
+		return nil
+	}
+	return v.move(VMWarm, "")
+}
+
+// AssignTo gives a pool's unassigned VM a waiting job of its size: its
+// runner is made with the job's tags and handed over the assignment channel.
+func (v *VM) AssignTo(j Job, now time.Time) error {
+	if !v.Warm() || v.VCPUs != j.VCPUs || v.MemoryMiB != j.MemoryMiB {
+		return ErrStale
+	}
+	v.ForJob, v.ProjectID, v.Tags, v.Timeline.Assigned = j.ID, j.ProjectID, j.Tags, now
+	return nil
 }
 
 // PlanVM is the record of a VM planned for a waiting job.
@@ -146,6 +195,8 @@ func (v *VM) RunnerCreated(runnerID int64, createdWith []string, now time.Time) 
 	case VMPending:
 		v.Timeline.StartRequest = now
 		return v.move(VMStarting, "")
+	case VMWarm:
+		return v.move(VMStarting, "") // its runner goes over the assignment channel now
 	}
 	return ErrStale
 }

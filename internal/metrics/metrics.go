@@ -20,6 +20,7 @@ const ns = "firerunner"
 type Snapshot struct {
 	JobsByState    map[string]int
 	VMsByState     map[string]int // live VMs only
+	PoolIdle       map[string]int // warm VMs ready, per pool size tag
 	QueueDepth     int
 	VMsRunning     int
 	VCPUsInUse     int
@@ -44,6 +45,7 @@ type Metrics struct {
 	Attempts        *prometheus.CounterVec // reason: failed attempts to get a job a VM
 	VMsFinished     *prometheus.CounterVec // reason
 	WebhookLatency  prometheus.Histogram   // time to answer POST /webhook
+	PoolJobs        *prometheus.CounterVec // size, result (hit|miss)
 }
 
 // New registers all collectors on a fresh registry (plus Go/process
@@ -76,9 +78,11 @@ func New(snap func() Snapshot) *Metrics {
 		WebhookLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "webhook_duration_seconds",
 			Help:    "Time to answer a POST /webhook (GitLab waits 10 s at most).",
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1, 5, 10}}),
+		PoolJobs: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "pool_jobs_total",
+			Help: "Jobs of a pooled size: hit = took a warm VM, miss = booted cold (pool empty)."}, []string{"size", "result"}),
 	}
 	reg.MustRegister(m.WebhookRejects, m.WebhookEvents, m.APIErrors, m.TagRejects, m.JobsFinished,
-		m.RunnerLimitHits, m.Reconcile, m.StageDuration, m.Attempts, m.VMsFinished, m.WebhookLatency, &snapshotCollector{snap: snap},
+		m.RunnerLimitHits, m.Reconcile, m.StageDuration, m.Attempts, m.VMsFinished, m.WebhookLatency, m.PoolJobs, &snapshotCollector{snap: snap},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -95,7 +99,8 @@ func (m *Metrics) Handler() http.Handler {
 
 var (
 	descJobs    = prometheus.NewDesc(ns+"_jobs", "Jobs in the store, by state.", []string{"state"}, nil)
-	descVMState = prometheus.NewDesc(ns+"_vms", "Live VMs, by state (pending, starting, busy, stopping).", []string{"state"}, nil)
+	descVMState = prometheus.NewDesc(ns+"_vms", "Live VMs, by state (pending, warm, starting, busy, stopping).", []string{"state"}, nil)
+	descPool    = prometheus.NewDesc(ns+"_pool_idle_vms", "Warm VMs ready for a job, per pool size (they hold their vCPUs and memory).", []string{"size"}, nil)
 	descQueue   = prometheus.NewDesc(ns+"_queue_depth", "Waiting jobs without a VM: no capacity yet, or backing off after a failed attempt.", nil, nil)
 	descVMs     = prometheus.NewDesc(ns+"_vms_running", "VMs holding capacity.", nil, nil)
 	descVCPU    = prometheus.NewDesc(ns+"_vcpus_in_use", "vCPUs handed to VMs.", nil, nil)
@@ -108,7 +113,7 @@ var (
 type snapshotCollector struct{ snap func() Snapshot }
 
 func (c *snapshotCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descJobs, descVMState, descQueue, descVMs, descVCPU, descVCPUCap, descMem, descMemCap, descRunners} {
+	for _, d := range []*prometheus.Desc{descJobs, descVMState, descPool, descQueue, descVMs, descVCPU, descVCPUCap, descMem, descMemCap, descRunners} {
 		ch <- d
 	}
 }
@@ -123,6 +128,9 @@ func (c *snapshotCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for st, n := range s.VMsByState {
 		ch <- prometheus.MustNewConstMetric(descVMState, prometheus.GaugeValue, float64(n), st)
+	}
+	for size, n := range s.PoolIdle {
+		ch <- prometheus.MustNewConstMetric(descPool, prometheus.GaugeValue, float64(n), size)
 	}
 	g := func(d *prometheus.Desc, v int) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, float64(v))

@@ -12,7 +12,11 @@
 //     whose runner is retargeted to the job's tags (no new runner: GitLab
 //     caps runner creation), or else gets a new VM while capacity allows, in
 //     strict FIFO order so a large job cannot starve;
-//   - a surplus idle VM that no job can use is stopped.
+//   - a surplus idle VM that no job can use is stopped;
+//   - a job of a size that has a pool takes one of its warm VMs (booted,
+//     no runner yet) before a cold VM is started, and pools are refilled
+//     toward min_idle (more while jobs of that size keep coming, up to
+//     max_idle) with the capacity jobs leave free.
 package planner
 
 import (
@@ -45,6 +49,15 @@ type VM struct {
 	// Idle: its runner has picked no job and it is not being stopped, so it
 	// may still take any job its tags cover.
 	Idle bool
+	// Warm: a pool's VM with no job (and no runner) yet; it may be assigned
+	// any waiting job of its size. Not Idle.
+	Warm bool
+}
+
+// Pool keeps warm VMs of one size.
+type Pool struct {
+	VCPUs, MemoryMiB int
+	MinIdle, MaxIdle int // MaxIdle < MinIdle means MinIdle
 }
 
 // Capacity is what VMs may use in total; MaxVMs 0 means no VM-count limit.
@@ -58,6 +71,18 @@ type Input struct {
 	VMs      []VM
 	Capacity Capacity
 	NoStarts bool // draining: no new VMs
+	Pools    []Pool
+}
+
+// Assign gives a pool's warm VM a waiting job.
+type Assign struct {
+	VMID  string
+	JobID int64
+}
+
+// Refill boots a warm VM for a pool.
+type Refill struct {
+	VCPUs, MemoryMiB int
 }
 
 // Start asks for a new VM (and runner) with the job's tags and size.
@@ -78,15 +103,17 @@ type Retarget struct {
 type Plan struct {
 	Assigned map[int64]string // job → idle VM expected to take it
 	Retarget []Retarget
+	Assign   []Assign
 	Start    []Start
+	Refill   []Refill
 	Stop     []string // surplus idle VMs
 	TooBig   []int64  // jobs larger than the host's total capacity
 	Waiting  []int64  // jobs without a VM: waiting for capacity (or backing off)
 }
 
 func (p Plan) String() string {
-	return fmt.Sprintf("assigned=%d retarget=%d start=%d stop=%d too_big=%d waiting=%d",
-		len(p.Assigned), len(p.Retarget), len(p.Start), len(p.Stop), len(p.TooBig), len(p.Waiting))
+	return fmt.Sprintf("assigned=%d retarget=%d warm=%d start=%d refill=%d stop=%d too_big=%d waiting=%d",
+		len(p.Assigned), len(p.Retarget), len(p.Assign), len(p.Start), len(p.Refill), len(p.Stop), len(p.TooBig), len(p.Waiting))
 }
 
 // Decide computes the plan.
@@ -141,12 +168,20 @@ func Decide(in Input) Plan {
 		used.MemoryMiB += v.MemoryMiB
 		used.MaxVMs++
 	}
+	var warm []int // pools' VMs without a job, oldest first
+	for i, v := range in.VMs {
+		if v.Warm {
+			warm = append(warm, i)
+		}
+	}
+	demand := map[[2]int]int{} // jobs per size that needed a VM in this plan
 	blocked := in.NoStarts
 	for ji, j := range in.Jobs {
 		if vi := jobVM[ji]; vi >= 0 {
 			p.Assigned[j.ID] = in.VMs[vi].ID
 			continue
 		}
+		demand[[2]int{j.VCPUs, j.MemoryMiB}]++
 		if j.VCPUs > in.Capacity.VCPUs || j.MemoryMiB > in.Capacity.MemoryMiB {
 			p.TooBig = append(p.TooBig, j.ID)
 			continue
@@ -155,6 +190,13 @@ func Decide(in Input) Plan {
 			vi := surplus[k]
 			surplus = append(surplus[:k], surplus[k+1:]...)
 			p.Retarget = append(p.Retarget, Retarget{VMID: in.VMs[vi].ID, JobID: j.ID, Tags: j.Tags})
+			p.Assigned[j.ID] = in.VMs[vi].ID
+			continue
+		}
+		if k := ofSize(in.VMs, warm, j.VCPUs, j.MemoryMiB); k >= 0 && j.Ready {
+			vi := warm[k]
+			warm = append(warm[:k], warm[k+1:]...)
+			p.Assign = append(p.Assign, Assign{VMID: in.VMs[vi].ID, JobID: j.ID})
 			p.Assigned[j.ID] = in.VMs[vi].ID
 			continue
 		}
@@ -173,7 +215,63 @@ func Decide(in Input) Plan {
 	for _, vi := range surplus {
 		p.Stop = append(p.Stop, in.VMs[vi].ID)
 	}
+	refill(in, &p, warm, demand, used, blocked)
 	return p
+}
+
+// refill keeps each pool's warm VMs at min_idle, raised by this plan's demand
+// for the size up to max_idle; only with capacity no waiting job needs. Warm
+// VMs beyond max_idle, of sizes without a pool, or all while draining, stop.
+func refill(in Input, p *Plan, warm []int, demand map[[2]int]int, used Capacity, blocked bool) {
+	keep := map[[2]int]int{}
+	for _, pl := range in.Pools {
+		size := [2]int{pl.VCPUs, pl.MemoryMiB}
+		hi := max(pl.MaxIdle, pl.MinIdle)
+		keep[size] = hi
+		if blocked {
+			continue
+		}
+		have := 0
+		for _, vi := range warm {
+			if in.VMs[vi].VCPUs == pl.VCPUs && in.VMs[vi].MemoryMiB == pl.MemoryMiB {
+				have++
+			}
+		}
+		want := min(hi, pl.MinIdle+demand[size])
+		for ; have < want; have++ {
+			j := Job{VCPUs: pl.VCPUs, MemoryMiB: pl.MemoryMiB}
+			if !fits(in.Capacity, used, j) {
+				break
+			}
+			used.VCPUs += j.VCPUs
+			used.MemoryMiB += j.MemoryMiB
+			used.MaxVMs++
+			p.Refill = append(p.Refill, Refill{VCPUs: pl.VCPUs, MemoryMiB: pl.MemoryMiB})
+		}
+	}
+	// Newest first out: the oldest warm VMs are the readiest.
+	for i := len(warm) - 1; i >= 0; i-- {
+		v := in.VMs[warm[i]]
+		size := [2]int{v.VCPUs, v.MemoryMiB}
+		n := 0
+		for _, vj := range warm[:i] {
+			if in.VMs[vj].VCPUs == v.VCPUs && in.VMs[vj].MemoryMiB == v.MemoryMiB {
+				n++
+			}
+		}
+		if in.NoStarts || n >= keep[size] {
+			p.Stop = append(p.Stop, v.ID)
+		}
+	}
+}
+
+func ofSize(vms []VM, list []int, vcpus, mem int) int {
+	for k, vi := range list {
+		if vms[vi].VCPUs == vcpus && vms[vi].MemoryMiB == mem {
+			return k
+		}
+	}
+	return -1
 }
 
 // augment is one step of Kuhn's algorithm: find a VM for job ji, moving

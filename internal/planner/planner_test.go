@@ -41,6 +41,8 @@ func TestDecide(t *testing.T) {
 		stop     []string
 		tooBig   []int64
 		waiting  []int64
+		assign   []Assign
+		refill   int
 	}{
 		{name: "new jobs get VMs in FIFO order",
 			in:    Input{Jobs: []Job{job(1, small), job(2, linux)}, Capacity: capa},
@@ -86,6 +88,27 @@ func TestDecide(t *testing.T) {
 		{name: "a project runner serves only its project's jobs",
 			in:    Input{Jobs: []Job{{ID: 1, Pool: "p1", Tags: small, VCPUs: 1, MemoryMiB: 1024, Ready: true}}, VMs: []VM{{ID: "a", ForJob: 9, Pool: "p2", Tags: small, VCPUs: 1, MemoryMiB: 1024, Idle: true}}, Capacity: capa},
 			start: []int64{1}, stop: []string{"a"}},
+		{name: "a job of a pooled size takes a warm VM; the pool refills",
+			in: Input{Jobs: []Job{job(1, small)}, VMs: []VM{{ID: "w", VCPUs: 1, MemoryMiB: 1024, Warm: true}},
+				Pools: []Pool{{VCPUs: 1, MemoryMiB: 1024, MinIdle: 1, MaxIdle: 1}}, Capacity: capa},
+			assigned: map[int64]string{1: "w"}, assign: []Assign{{VMID: "w", JobID: 1}}, refill: 1},
+		{name: "pool exhausted: cold start; demand raises the target up to max_idle",
+			in:    Input{Jobs: []Job{job(1, small), job(2, small)}, Pools: []Pool{{VCPUs: 1, MemoryMiB: 1024, MinIdle: 0, MaxIdle: 1}}, Capacity: capa},
+			start: []int64{1, 2}, refill: 1},
+		{name: "no refill while a job waits for capacity",
+			in: Input{Jobs: []Job{job(1, big)}, VMs: []VM{vm("x", 9, small, false)},
+				Pools: []Pool{{VCPUs: 1, MemoryMiB: 1024, MinIdle: 2}}, Capacity: capa},
+			waiting: []int64{1}},
+		{name: "refill only within capacity",
+			in:     Input{Pools: []Pool{{VCPUs: 1, MemoryMiB: 1024, MinIdle: 9}}, Capacity: capa},
+			refill: 4},
+		{name: "warm VMs beyond max_idle, or of a size without a pool, stop (newest first)",
+			in: Input{VMs: []VM{{ID: "w1", VCPUs: 1, MemoryMiB: 1024, Warm: true}, {ID: "w2", VCPUs: 1, MemoryMiB: 1024, Warm: true},
+				{ID: "b1", VCPUs: 4, MemoryMiB: 8192, Warm: true}}, Pools: []Pool{{VCPUs: 1, MemoryMiB: 1024, MinIdle: 1}}, Capacity: Capacity{VCPUs: 8, MemoryMiB: 16384}},
+			stop: []string{"b1", "w2"}},
+		{name: "draining: warm VMs stop, nothing refills",
+			in:   Input{VMs: []VM{{ID: "w", VCPUs: 1, MemoryMiB: 1024, Warm: true}}, Pools: []Pool{{VCPUs: 1, MemoryMiB: 1024, MinIdle: 2}}, Capacity: capa, NoStarts: true},
+			stop: []string{"w"}},
 		{name: "VM count limit",
 			in:      Input{Jobs: []Job{job(1, small), job(2, small), job(3, small)}, Capacity: capMax},
 			start:   []int64{1, 2},
@@ -118,6 +141,8 @@ func TestDecide(t *testing.T) {
 			check("stop", p.Stop, c.stop)
 			check("too big", p.TooBig, c.tooBig)
 			check("waiting", p.Waiting, c.waiting)
+			check("assign", p.Assign, c.assign)
+			check("refill", len(p.Refill), c.refill)
 		})
 	}
 }

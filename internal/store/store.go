@@ -171,6 +171,10 @@ CREATE TABLE projects (
 	last_hook_at INTEGER NOT NULL                 -- unix ns of the last Job Hook from it
 );
 `,
+	// Warm pools: when a pool's VM got its job.
+	4: `
+ALTER TABLE vms ADD COLUMN t_assigned INTEGER NOT NULL DEFAULT 0;
+`,
 }
 
 // Open opens (creating if needed) the store in stateDir and migrates it.

@@ -4,8 +4,11 @@ package vm
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"time"
 
 	"github.com/firerunner/firerunner/internal/guestconfig"
@@ -117,3 +120,44 @@ type Driver interface {
 
 // ErrNotFound is returned by Wait for an id the driver does not know.
 var ErrNotFound = errors.New("vm not found")
+
+// AssignFile is the assignment channel's host end inside the VM's state
+// dir: a Unix socket (QEMU: the virtio-serial port's chardev; Firecracker:
+// the vsock device's uds_path prefix).
+const AssignFile = "assign.sock"
+
+// Assigner is a driver that can boot warm VMs (Spec.Guest.Warm) and hand
+// such a VM its job's runner later, over a host→guest channel only that VM
+// can read: the guest config with the token never touches argv, a kernel
+// command line, the config drive or the store.
+type Assigner interface {
+	// Assign delivers a to warm VM id and returns once the guest agent
+	// has acknowledged it (or ctx ends).
+	Assign(ctx context.Context, id string, a guestconfig.Assignment) error
+}
+
+// SendAssignment is the host side of the assignment protocol on an open
+// stream to the guest agent: one JSON object and a newline; the agent
+// answers "ok\n" once it has read and accepted it.
+func SendAssignment(ctx context.Context, conn net.Conn, a guestconfig.Assignment) error {
+	if err := a.Validate(); err != nil {
+		return err
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(dl)
+	}
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Now()) })
+	defer stop()
+	b, err := json.Marshal(a)
+	if err != nil {
+		return err
+	}
+	if _, err := conn.Write(append(b, '\n')); err != nil {
+		return fmt.Errorf("send assignment: %w", err)
+	}
+	ack := make([]byte, 3)
+	if _, err := io.ReadFull(conn, ack); err != nil || string(ack) != "ok\n" {
+		return fmt.Errorf("assignment not acknowledged by the guest (%q): %v", ack, err)
+	}
+	return nil
+}

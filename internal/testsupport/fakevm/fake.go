@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/firerunner/firerunner/internal/guestconfig"
 	"github.com/firerunner/firerunner/internal/vm"
 )
 
@@ -53,6 +54,7 @@ type Driver struct {
 	vms       map[string]*instance
 	specs     []vm.Spec
 	destroyed []string
+	assigned  map[string]guestconfig.Assignment
 }
 
 // New returns a fake driver.
@@ -129,6 +131,39 @@ func (d *Driver) Destroy(_ context.Context, id string) error {
 		in.stop(vm.Result{ExitCode: -1, Reason: "killed"})
 	}
 	return nil
+}
+
+// Assign implements vm.Assigner: a warm VM's assignment is recorded (the
+// token included: tests check it reached the right VM).
+func (d *Driver) Assign(_ context.Context, id string, a guestconfig.Assignment) error {
+	if err := a.Validate(); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	i, ok := d.vms[id]
+	if !ok {
+		return fmt.Errorf("fake: vm %s: %w", id, vm.ErrNotFound)
+	}
+	if !i.spec.Guest.Warm {
+		return fmt.Errorf("fake: vm %s was not started warm", id)
+	}
+	if _, dup := d.assigned[id]; dup {
+		return fmt.Errorf("fake: vm %s was assigned twice", id)
+	}
+	if d.assigned == nil {
+		d.assigned = map[string]guestconfig.Assignment{}
+	}
+	d.assigned[id] = a
+	return nil
+}
+
+// Assignment returns what warm VM id was assigned (ok=false: nothing yet).
+func (d *Driver) Assignment(id string) (guestconfig.Assignment, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	a, ok := d.assigned[id]
+	return a, ok
 }
 
 // Running reports whether VM id is running (started, not exited or destroyed).

@@ -5,6 +5,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/firerunner/firerunner/internal/guestconfig"
 	"github.com/firerunner/firerunner/internal/vm"
 )
 
@@ -18,6 +19,7 @@ type launch struct {
 	configDrive string
 	vhostNet    bool // tap + KVM + /dev/vhost-net
 	extraKernel []string
+	assignSock  string // warm VM: the assignment channel's Unix socket ("" = none)
 }
 
 // BaseKernelArgs are the kernel parameters of every QEMU guest: serial
@@ -76,6 +78,13 @@ func qemuArgs(spec vm.Spec, l launch) []string {
 		"-device", "virtio-blk-device,drive=config",
 		"-device", "virtio-rng-device",
 	)
+	if l.assignSock != "" {
+		// Warm VM: the job's runner arrives later on a virtio-serial port
+		// whose host end is a Unix socket in the VM's 0700 state dir.
+		a = append(a, "-device", "virtio-serial-device",
+			"-chardev", "socket,id=assign,path="+escapeOpt(l.assignSock)+",server=on,wait=off",
+			"-device", "virtserialport,chardev=assign,name="+guestconfig.AssignPort)
+	}
 	nic := "virtio-net-device,netdev=net0"
 	if spec.Network != nil {
 		nd := "tap,id=net0,ifname=" + spec.Network.TapName + ",script=no,downscript=no"

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -241,6 +242,9 @@ func (d *Driver) Start(ctx context.Context, spec vm.Spec) (err error) {
 		configDrive: filepath.Join(dir, vm.ConfigDrive),
 		extraKernel: d.opts.KernelArgs,
 	}
+	if spec.Guest.Warm {
+		l.assignSock = filepath.Join(dir, vm.AssignFile)
+	}
 	if accel == AccelTCG {
 		l.tscKHz = d.opts.TSCkHz
 		if l.tscKHz == 0 {
@@ -409,6 +413,22 @@ func (d *Driver) loadResult(id string) (vm.Result, bool) {
 		return r, false
 	}
 	return r, true
+}
+
+// Assign implements vm.Assigner: it connects to the warm VM's assignment
+// socket (QEMU listens on it for the virtio-serial port) and hands over the
+// job's runner.
+func (d *Driver) Assign(ctx context.Context, id string, a guestconfig.Assignment) error {
+	if !d.sd.Exists(id) {
+		return fmt.Errorf("vm %s: %w", id, vm.ErrNotFound)
+	}
+	var dl net.Dialer
+	conn, err := dl.DialContext(ctx, "unix", d.sd.File(id, vm.AssignFile))
+	if err != nil {
+		return fmt.Errorf("vm %s: assignment channel: %w", id, err)
+	}
+	defer conn.Close()
+	return vm.SendAssignment(ctx, conn, a)
 }
 
 // Wait implements vm.Driver. For a VM started by an earlier FireRunner
