@@ -59,16 +59,16 @@ type Env struct {
 	// ConfigErr is the error loading the config file, reported as a failure.
 	ConfigErr error
 	// Drivers are the VM drivers (daemon.Drivers); the selected driver's
-	// checks (its VMM binaries) run after the host's CPU checks.
+	// checks (its VMM binaries and kvm-guest, which boots the image's
+	// kernel) run after the image check.
 	Drivers *vm.Registry[config.Config]
 	// Root prefixes host paths (/dev, /proc, /sys); "" means "/".
 	Root string
 	// HTTPClient talks to GitLab; default a client with the config's timeout.
 	HTTPClient *http.Client
-	// ProbeKVM runs a tiny guest; default ProbeKVM on Root/dev/kvm.
-	ProbeKVM func(ctx context.Context) error
-	// KVMTimeout bounds the probe (default 5s).
-	KVMTimeout time.Duration
+	// BootProbe boots the guest kernel for the driver's kvm-guest check;
+	// default vm.RunBootProbe (tests fake it).
+	BootProbe func(ctx context.Context, argv []string, timeout time.Duration) error
 	// NetCheck lists network problems; default netsetup.Manager.Check.
 	NetCheck func(ctx context.Context) ([]string, error)
 	// Command runs a binary with args and returns its output (versions).
@@ -85,13 +85,6 @@ func (e *Env) path(p string) string {
 }
 
 func (e *Env) defaults() {
-	if e.KVMTimeout == 0 {
-		e.KVMTimeout = 5 * time.Second
-	}
-	if e.ProbeKVM == nil {
-		dev := e.path("/dev/kvm")
-		e.ProbeKVM = func(ctx context.Context) error { return ProbeKVM(ctx, dev, e.KVMTimeout) }
-	}
 	if e.HTTPClient == nil {
 		t := e.Config.GitLab.RequestTimeout
 		if t <= 0 {
@@ -124,12 +117,15 @@ func (e *Env) defaults() {
 type check func(context.Context, *Env) Result
 
 // Run performs every check in order: the host's, with the selected VM
-// driver's own checks in the middle.
+// driver's own checks in the middle. The driver's come after the image
+// check because its kvm-guest check boots the image's kernel: the
+// acceleration jobs get is decided by the driver's probe of the real guest,
+// never by a stand-in guest.
 func Run(ctx context.Context, env Env) Report {
 	env.defaults()
-	checks := []check{checkConfig, checkKVMDevice, checkKVMGuest, checkCPUVirt}
+	checks := []check{checkConfig, checkKVMDevice, checkCPUVirt, checkImage}
 	checks = append(checks, driverChecks(&env)...)
-	checks = append(checks, checkImage, checkCgroup, checkTun, checkNetwork, checkDisk, checkMemory, checkCPUs,
+	checks = append(checks, checkCgroup, checkTun, checkNetwork, checkDisk, checkMemory, checkCPUs,
 		checkGitLabReachable, checkToken, checkWebhookSecret)
 	r := Report{OK: true}
 	for _, c := range checks {
@@ -159,7 +155,7 @@ func driverChecks(e *Env) []check {
 	var cs []check
 	for _, c := range vc {
 		cs = append(cs, func(ctx context.Context, e *Env) Result {
-			r := c.Run(ctx, vm.CheckHost{Root: e.Root, Command: e.Command})
+			r := c.Run(ctx, vm.CheckHost{Root: e.Root, Command: e.Command, BootProbe: e.BootProbe})
 			return Result{Name: c.Name, Status: Status(r.Status), Detail: r.Detail, Fix: r.Fix}
 		})
 	}
@@ -220,22 +216,6 @@ func checkKVMDevice(_ context.Context, e *Env) Result {
 	}
 	f.Close()
 	return pass("kvm", "/dev/kvm present and opens read-write")
-}
-
-func checkKVMGuest(ctx context.Context, e *Env) Result {
-	if _, err := os.Stat(e.path("/dev/kvm")); err != nil {
-		return res("kvm-guest", Skip, "", "skipped: no /dev/kvm")
-	}
-	err := e.ProbeKVM(ctx)
-	switch {
-	case err == nil:
-		return pass("kvm-guest", "a test guest ran to HLT under KVM")
-	case errors.Is(err, ErrKVMHang):
-		fix := "use a host with hardware virtualisation (bare metal, or nested VMX/SVM exposed); Firecracker cannot run here. For development set vm.driver: qemu with qemu.accel: tcg"
-		return res("kvm-guest", Fail, fix, "KVM present but cannot run guests (nested paravirtual?): %v", err)
-	default:
-		return res("kvm-guest", Fail, kvmFix, "KVM cannot run a test guest: %v", err)
-	}
 }
 
 func checkCPUVirt(_ context.Context, e *Env) Result {

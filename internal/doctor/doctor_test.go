@@ -105,6 +105,22 @@ type fixture struct {
 	env Env
 	gl  *gitlab
 	dir string
+	// probes are the boot probes the driver's kvm-guest check ran: each
+	// command line and the config file it named (read before it is removed).
+	probes []probe
+	// probeErr is what the faked boot probe returns.
+	probeErr error
+}
+
+type probe struct {
+	argv   []string
+	config string
+}
+
+// versions answers --version like the real binaries of one release.
+var versions = map[string]string{
+	"firecracker": "Firecracker v1.12.1\n\nSupported snapshot data format versions: v5.0.0\n",
+	"jailer":      "Jailer v1.12.1\n\n",
 }
 
 // healthy builds a fake host on which every check passes.
@@ -141,21 +157,33 @@ func healthy(t *testing.T) *fixture {
 	if err := cfg.Validate(drivers); err != nil {
 		t.Fatal(err)
 	}
-	return &fixture{gl: gl, dir: root, env: Env{
+	f := &fixture{gl: gl, dir: root, env: Env{
 		Config:     cfg,
 		Drivers:    drivers,
 		Root:       root,
 		HTTPClient: srv.Client(),
-		ProbeKVM:   func(context.Context) error { return nil },
 		NetCheck:   func(context.Context) ([]string, error) { return nil, nil },
 		Command: func(_ context.Context, bin string, args ...string) (string, error) {
 			if len(args) != 1 || args[0] != "--version" {
 				return "", fmt.Errorf("unexpected args %v", args)
 			}
-			return "Firecracker v1.12.1\n\nSupported snapshot data format versions: v5.0.0\n", nil
+			return versions[filepath.Base(bin)], nil
 		},
 		NumCPU: 16,
 	}}
+	f.env.BootProbe = func(_ context.Context, argv []string, _ time.Duration) error {
+		p := probe{argv: argv}
+		if i := slices.Index(argv, "--config-file"); i >= 0 && i+1 < len(argv) {
+			b, err := os.ReadFile(argv[i+1])
+			if err != nil {
+				t.Errorf("probe config: %v", err)
+			}
+			p.config = string(b)
+		}
+		f.probes = append(f.probes, p)
+		return f.probeErr
+	}
+	return f
 }
 
 func find(t *testing.T, r Report, name string) Result {
@@ -181,8 +209,14 @@ func TestHealthyHostPasses(t *testing.T) {
 	if !r.OK {
 		t.Error("report not OK")
 	}
-	if d := find(t, r, "firecracker").Detail; !strings.Contains(d, "Firecracker v1.12.1") || strings.Contains(d, "snapshot") {
+	if d := find(t, r, "firecracker").Detail; !strings.Contains(d, "Firecracker v1.12.1 (>= v1.8.0") || strings.Contains(d, "snapshot") {
 		t.Errorf("version detail %q", d)
+	}
+	if d := find(t, r, "jailer").Detail; !strings.Contains(d, "Jailer v1.12.1, the same release as Firecracker") {
+		t.Errorf("jailer detail %q", d)
+	}
+	if d := find(t, r, "kvm-guest").Detail; !strings.HasPrefix(d, "jobs get KVM") {
+		t.Errorf("kvm-guest detail %q", d)
 	}
 	var text, js bytes.Buffer
 	r.WriteText(&text)
@@ -218,11 +252,31 @@ func TestEachCheckFails(t *testing.T) {
 				_ = os.Chmod(f.dir+"/dev/kvm", 0)
 			}
 		}},
-		{"kvm-guest", Fail, "cannot run guests (nested paravirtual?)", func(f *fixture) {
-			f.env.ProbeKVM = func(context.Context) error { return fmt.Errorf("%w within 5s", ErrKVMHang) }
+		{"kvm-guest", Fail, "KVM cannot run the guest kernel", func(f *fixture) {
+			f.probeErr = errors.New("no root-mount panic within 15s")
 		}},
-		{"kvm-guest", Fail, "KVM_CREATE_VM", func(f *fixture) {
-			f.env.ProbeKVM = func(context.Context) error { return errors.New("KVM_CREATE_VM: invalid argument") }
+		{"kvm-guest", Warn, "jobs get TCG (software emulation), not KVM: kvm boot probe failed (no root-mount panic within 15s)", func(f *fixture) {
+			f.env.Config.VM.Driver, f.env.Config.QEMU.Binary = "qemu", f.env.Config.Firecracker.Binary
+			f.probeErr = errors.New("no root-mount panic within 15s")
+		}},
+		{"kvm-guest", Fail, "qemu.accel is kvm, but KVM cannot boot the guest kernel", func(f *fixture) {
+			f.env.Config.VM.Driver, f.env.Config.QEMU.Binary, f.env.Config.QEMU.Accel = "qemu", f.env.Config.Firecracker.Binary, "kvm"
+			f.probeErr = errors.New(`qemu-system-x86_64 exited (signal: aborted) without a root-mount panic: "kvm_buf_set_msrs: Assertion failed"`)
+		}},
+		{"firecracker", Fail, "older than v1.8.0", func(f *fixture) {
+			versions := map[string]string{"firecracker": "Firecracker v1.7.0\n", "jailer": "Jailer v1.7.0\n"}
+			f.env.Command = func(_ context.Context, bin string, _ ...string) (string, error) {
+				return versions[filepath.Base(bin)], nil
+			}
+		}},
+		{"jailer", Fail, "jailer v1.12.0 differs from Firecracker v1.12.1", func(f *fixture) {
+			versions := map[string]string{"firecracker": "Firecracker v1.12.1\n", "jailer": "Jailer v1.12.0\n"}
+			f.env.Command = func(_ context.Context, bin string, _ ...string) (string, error) {
+				return versions[filepath.Base(bin)], nil
+			}
+		}},
+		{"jailer", Fail, "is Firecracker's version, not Jailer's", func(f *fixture) {
+			f.env.Command = func(context.Context, string, ...string) (string, error) { return "Firecracker v1.12.1\n", nil }
 		}},
 		{"cpu-virt", Fail, "without nested", func(f *fixture) {
 			write(t, f.dir+"/proc/cpuinfo", "flags\t: fpu hypervisor sse\n", 0o444)
@@ -296,16 +350,16 @@ func TestEachCheckFails(t *testing.T) {
 	}
 }
 
-// Doctor runs the checks the selected driver's provider gives, where the
-// VMM checks always were: after cpu-virt, before image.
+// Doctor runs the checks the selected driver's provider gives after the
+// image check, since its kvm-guest check boots the image's kernel.
 func TestDriverChecksFollowTheDriver(t *testing.T) {
 	for _, tc := range []struct {
 		driver string
 		want   []string
 	}{
-		{"firecracker", []string{"cpu-virt", "firecracker", "jailer", "image"}},
-		{"qemu", []string{"cpu-virt", "qemu", "image"}},
-		{"vbox", []string{"cpu-virt", "vm-driver", "image"}},
+		{"firecracker", []string{"image", "firecracker", "jailer", "kvm-guest", "cgroup-v2"}},
+		{"qemu", []string{"image", "qemu", "kvm-guest", "cgroup-v2"}},
+		{"vbox", []string{"image", "vm-driver", "cgroup-v2"}},
 	} {
 		t.Run(tc.driver, func(t *testing.T) {
 			f := healthy(t)
@@ -316,7 +370,7 @@ func TestDriverChecksFollowTheDriver(t *testing.T) {
 			for _, c := range r.Results {
 				names = append(names, c.Name)
 			}
-			i := slices.Index(names, "cpu-virt")
+			i := slices.Index(names, "image")
 			if i < 0 || i+len(tc.want) > len(names) || !slices.Equal(names[i:i+len(tc.want)], tc.want) {
 				t.Fatalf("checks %q, want %q in a row", names, tc.want)
 			}
@@ -345,27 +399,50 @@ func TestTokenScopes(t *testing.T) {
 	}
 }
 
-func TestProbeKVMRejectsNonKVMDevice(t *testing.T) {
-	err := ProbeKVM(context.Background(), "/dev/null", 5*time.Second)
-	if err == nil || !strings.Contains(err.Error(), "KVM_GET_API_VERSION") {
-		t.Fatalf("ProbeKVM(/dev/null) = %v", err)
-	}
-	if err := ProbeKVM(context.Background(), "/nonexistent/kvm", time.Second); err == nil {
-		t.Fatal("ProbeKVM on a missing device succeeded")
-	}
-}
-
-// TestProbeKVMReal runs the probe on the real /dev/kvm: it must either run
-// the guest or report the documented hang error; anything else (EINVAL,
-// EFAULT...) means the ioctl structs are wrong.
-func TestProbeKVMReal(t *testing.T) {
-	if _, err := os.Stat("/dev/kvm"); err != nil {
-		fmt.Fprintf(os.Stderr, "\n!!!!!!!! SKIPPED %s: prerequisite missing: /dev/kvm (run on a KVM host)\n\n", t.Name())
-		t.Skip("no /dev/kvm")
-	}
-	err := ProbeKVM(context.Background(), "/dev/kvm", 10*time.Second)
-	t.Logf("KVM probe on this host: %v", err)
-	if err != nil && !errors.Is(err, ErrKVMHang) {
-		t.Fatalf("probe failed unexpectedly: %v", err)
+// TestKVMGuestBootsTheImageKernel: doctor's kvm-guest check is the selected
+// driver's boot probe of the image's real kernel (vmlinux, no initrd, no
+// disk), never a stand-in guest, and its verdict says which accelerator
+// jobs get.
+func TestKVMGuestBootsTheImageKernel(t *testing.T) {
+	for _, driver := range []string{"firecracker", "qemu"} {
+		t.Run(driver, func(t *testing.T) {
+			f := healthy(t)
+			f.env.Config.VM.Driver, f.env.Config.QEMU.Binary = driver, f.env.Config.Firecracker.Binary
+			r := Run(context.Background(), f.env)
+			if got := find(t, r, "kvm-guest"); got.Status != Pass || !strings.HasPrefix(got.Detail, "jobs get KVM") {
+				t.Errorf("kvm-guest = %+v", got)
+			}
+			if len(f.probes) != 1 {
+				t.Fatalf("%d boot probes, want 1: %+v", len(f.probes), f.probes)
+			}
+			p := f.probes[0]
+			kernel := filepath.Join(f.env.Config.VM.ImageDir, image.ArtVMLinux)
+			if real, err := filepath.EvalSymlinks(kernel); err == nil {
+				kernel = real
+			}
+			if p.argv[0] != f.env.Config.Firecracker.Binary {
+				t.Errorf("probe runs %q, want the configured VMM %q", p.argv[0], f.env.Config.Firecracker.Binary)
+			}
+			switch driver {
+			case "qemu":
+				if i := slices.Index(p.argv, "-kernel"); i < 0 || p.argv[i+1] != kernel || !slices.Contains(p.argv, "kvm") || slices.Contains(p.argv, "-initrd") {
+					t.Errorf("qemu probe argv %q: want KVM booting %s without an initrd", p.argv, kernel)
+				}
+			case "firecracker":
+				var cfg struct {
+					BootSource struct {
+						Kernel string `json:"kernel_image_path"`
+						Initrd string `json:"initrd_path"`
+					} `json:"boot-source"`
+					Drives []any `json:"drives"`
+				}
+				if err := json.Unmarshal([]byte(p.config), &cfg); err != nil {
+					t.Fatalf("probe config %q: %v", p.config, err)
+				}
+				if !slices.Contains(p.argv, "--no-api") || cfg.BootSource.Kernel != kernel || cfg.BootSource.Initrd != "" || len(cfg.Drives) != 0 {
+					t.Errorf("firecracker probe %q with config %s: want %s without initrd or drives", p.argv, p.config, kernel)
+				}
+			}
+		})
 	}
 }

@@ -118,18 +118,39 @@ func builtImage(t *testing.T) Manifest {
 // TestBootSmoke: the initramfs finds the root, the agent reads the config
 // drive, runs the command as the CI user on a read-only base with the
 // network up, prints its output and exit status, and QEMU exits by itself.
+// The config drive carries a runner token, as every job's does: it must
+// reach neither the console nor the guest's kernel command line (which the
+// command prints, so the console check covers it).
 func TestBootSmoke(t *testing.T) {
 	m := builtImage(t)
+	token := "glrt-" + strconv.FormatInt(time.Now().UnixNano(), 36) + "SmOkEsEcReT"
 	log := bootImage(t, m, guestconfig.Config{
 		Hostname: "fr-smoke", JobTimeoutSec: 120, UnixTimeNano: time.Now().UnixNano(),
-		EntropySeed: bytes.Repeat([]byte{7}, 64),
+		EntropySeed: bytes.Repeat([]byte{7}, 64), RunnerToken: token,
 		Command: []string{"sh", "-c", `echo hello from $(id -un) on $(hostname); nproc; ip -4 -o addr show dev eth0 | grep -o '10.0.2.15/24';
-			test -w / && echo root-writable; grep -c glrt- /proc/cmdline; exit 3`},
+			test -w / && echo root-writable; echo "cmdline: $(cat /proc/cmdline)"; exit 3`},
 	})
 	wantInOrder(t, log, guestconfig.MarkerAgentStart, guestconfig.MarkerJobStart, "hello from ci on fr-smoke", "2",
-		"10.0.2.15/24", "0", guestconfig.MarkerJobEnd, guestconfig.ExitMarker+"3", guestconfig.MarkerPowerOff)
+		"10.0.2.15/24", guestconfig.MarkerJobEnd, guestconfig.ExitMarker+"3", guestconfig.MarkerPowerOff)
 	if strings.Contains(log, "root-writable") {
 		t.Error("the CI user can write to /")
+	}
+	// The kernel command line was printed, so the token check below covers it.
+	cmdline := ""
+	for _, l := range strings.Split(log, "\n") {
+		if c, ok := strings.CutPrefix(strings.TrimSpace(l), "cmdline: "); ok {
+			cmdline = c
+		}
+	}
+	if !strings.Contains(cmdline, "console=ttyS0") {
+		t.Fatalf("the guest's kernel command line was not printed (got %q)", cmdline)
+	}
+	// The agent logs the config it read, token redacted: it did get one.
+	if !strings.Contains(log, "token=[redacted]") {
+		t.Error("the agent's config line does not show a (redacted) runner token")
+	}
+	if strings.Contains(log, token) {
+		t.Fatalf("the runner token from the config drive appeared on the console or the kernel command line %q", cmdline)
 	}
 }
 
@@ -188,6 +209,10 @@ func TestBootRunnerReadsTokenFromPipe(t *testing.T) {
 		}
 	default:
 		t.Fatal("gitlab-runner never asked for a job")
+	}
+	// The agent logs the config it read, token redacted: it did get one.
+	if !strings.Contains(log, "token=[redacted]") {
+		t.Error("the agent's config line does not show a (redacted) runner token")
 	}
 	if strings.Contains(log, token) {
 		t.Fatal("the full runner token appeared on the console")

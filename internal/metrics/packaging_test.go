@@ -40,11 +40,37 @@ var covered = []string{
 	"firerunner_reconcile_actions_total",
 }
 
-// registeredSeries is every series name FireRunner's registry exports: it
-// builds New's collectors, creates one child of every labelled vector (a
-// vector without children exports nothing), gathers, and expands histograms
-// and summaries into their _bucket/_sum/_count series.
+// registeredSeries is every series name FireRunner's registry exports:
+// registeredFamilies with histograms and summaries expanded into their
+// _bucket/_sum/_count series.
 func registeredSeries(t *testing.T) map[string]bool {
+	t.Helper()
+	names := map[string]bool{}
+	for _, mf := range registeredFamilies(t) {
+		n := mf.GetName()
+		switch mf.GetType() {
+		case dto.MetricType_HISTOGRAM, dto.MetricType_GAUGE_HISTOGRAM:
+			names[n+"_bucket"], names[n+"_sum"], names[n+"_count"] = true, true, true
+		case dto.MetricType_SUMMARY:
+			names[n], names[n+"_sum"], names[n+"_count"] = true, true, true
+		default:
+			names[n] = true
+		}
+	}
+	// The gathering itself must be complete, or the checks below prove
+	// nothing.
+	for _, want := range append([]string{"firerunner_jobs", "firerunner_runners", "firerunner_tag_rejects_total", "go_goroutines"}, covered...) {
+		if !names[want] {
+			t.Fatalf("registry lacks %s; gathered: %v", want, sortedKeys(names))
+		}
+	}
+	return names
+}
+
+// registeredFamilies is every metric family FireRunner's registry exports:
+// it builds New's collectors, creates one child of every labelled vector (a
+// vector without children exports nothing) and gathers.
+func registeredFamilies(t *testing.T) []*dto.MetricFamily {
 	t.Helper()
 	m := New(func() Snapshot {
 		return Snapshot{JobsByState: map[string]int{"queued": 1}, VMsByState: map[string]int{"stopping": 1}, RunnersByTags: map[string]int{"firecracker-1cpu-1gb": 1}}
@@ -73,26 +99,7 @@ func registeredSeries(t *testing.T) map[string]bool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	names := map[string]bool{}
-	for _, mf := range fams {
-		n := mf.GetName()
-		switch mf.GetType() {
-		case dto.MetricType_HISTOGRAM, dto.MetricType_GAUGE_HISTOGRAM:
-			names[n+"_bucket"], names[n+"_sum"], names[n+"_count"] = true, true, true
-		case dto.MetricType_SUMMARY:
-			names[n], names[n+"_sum"], names[n+"_count"] = true, true, true
-		default:
-			names[n] = true
-		}
-	}
-	// The gathering itself must be complete, or the checks below prove
-	// nothing.
-	for _, want := range append([]string{"firerunner_jobs", "firerunner_runners", "firerunner_tag_rejects_total", "go_goroutines"}, covered...) {
-		if !names[want] {
-			t.Fatalf("registry lacks %s; gathered: %v", want, sortedKeys(names))
-		}
-	}
-	return names
+	return fams
 }
 
 func sortedKeys(m map[string]bool) []string {

@@ -44,6 +44,9 @@ type CheckHost struct {
 	// Command runs bin with args and returns its combined output; nil runs
 	// it for real with a 10 s limit.
 	Command func(ctx context.Context, bin string, args ...string) (string, error)
+	// BootProbe boots the guest kernel with a VMM command line (see
+	// RunBootProbe); nil runs RunBootProbe for real.
+	BootProbe func(ctx context.Context, argv []string, timeout time.Duration) error
 }
 
 // Path is p on the checked host.
@@ -56,6 +59,29 @@ func (h CheckHost) Path(p string) string {
 
 // Real reports whether the checks look at this machine itself (no Root).
 func (h CheckHost) Real() bool { return h.Root == "" }
+
+// RunBootProbe runs a boot probe on the checked host (see the package's
+// RunBootProbe).
+func (h CheckHost) RunBootProbe(ctx context.Context, argv []string, timeout time.Duration) error {
+	if h.BootProbe != nil {
+		return h.BootProbe(ctx, argv, timeout)
+	}
+	return RunBootProbe(ctx, argv, timeout)
+}
+
+// Version runs bin --version (bin: a path, or a name looked up in PATH)
+// and returns the path and the answer.
+func (h CheckHost) Version(ctx context.Context, bin string) (path, out string, err error) {
+	p, err := exec.LookPath(bin)
+	if err != nil {
+		return bin, "", fmt.Errorf("%s not found or not executable: %w", bin, err)
+	}
+	out, err = h.run(ctx, p, "--version")
+	if err != nil {
+		return p, out, fmt.Errorf("%s --version failed: %w: %s", p, err, firstLine(out))
+	}
+	return p, out, nil
+}
 
 func (h CheckHost) run(ctx context.Context, bin string, args ...string) (string, error) {
 	if h.Command != nil {
@@ -71,13 +97,9 @@ func (h CheckHost) run(ctx context.Context, bin string, args ...string) (string,
 // and answers --version. It passes with the path and the first line of the
 // answer, and fails with fix otherwise.
 func (h CheckHost) BinaryVersion(ctx context.Context, bin, fix string) CheckResult {
-	p, err := exec.LookPath(bin)
+	p, out, err := h.Version(ctx, bin)
 	if err != nil {
-		return CheckResult{Status: CheckFail, Fix: fix, Detail: fmt.Sprintf("%s not found or not executable: %v", bin, err)}
-	}
-	out, err := h.run(ctx, p, "--version")
-	if err != nil {
-		return CheckResult{Status: CheckFail, Fix: fix, Detail: fmt.Sprintf("%s --version failed: %v: %s", p, err, firstLine(out))}
+		return CheckResult{Status: CheckFail, Fix: fix, Detail: err.Error()}
 	}
 	return CheckResult{Status: CheckPass, Detail: fmt.Sprintf("%s: %s", p, firstLine(out))}
 }

@@ -16,7 +16,7 @@ import (
 // standIn serves a stand-in on a temp socket and returns a client for it.
 func standIn(t *testing.T) (*Server, func(method, path, body string) (int, string)) {
 	t.Helper()
-	c := loadBoth(t)
+	c, _ := loadSpecs(t)
 	dir, err := os.MkdirTemp("", "fcs")
 	if err != nil {
 		t.Fatal(err)

@@ -246,6 +246,39 @@ const SDKModule = "github.com/firecracker-microvm/firecracker-go-sdk"
 // directory beside the repository (../shared/specs relative to the repo root).
 const OfficialSpecName = "firecracker-api-1.17.0-dev.yaml"
 
+// Specs are the swagger specs the contract tests check every request
+// against. The SDK's own spec comes with the module, so a clone anywhere has
+// it; the newest official spec lives outside the repository and is checked
+// only where it was put.
+type Specs struct {
+	// SDK is the SDK's client/swagger.yaml (the API it was generated from).
+	SDK string
+	// Official is SharedDir/OfficialSpecName, or "" when SharedDir does not
+	// exist.
+	Official string
+	// SharedDir is ../shared/specs from the repository root.
+	SharedDir string
+}
+
+// Paths lists the specs to check against, the SDK's first.
+func (s Specs) Paths() []string {
+	if s.Official == "" {
+		return []string{s.SDK}
+	}
+	return []string{s.SDK, s.Official}
+}
+
+// Note is what a test should say when the official spec is not checked
+// (loudly: the requests are then checked against the older API only), or ""
+// when it is.
+func (s Specs) Note() string {
+	if s.Official != "" {
+		return ""
+	}
+	return fmt.Sprintf("!!!!!!!! NOT CHECKED against the newest Firecracker API: %s does not exist, so requests are checked against the SDK's %s only; put %s there to check both",
+		s.SharedDir, s.SDK, OfficialSpecName)
+}
+
 // RepoRoot walks up from dir to the directory holding go.mod.
 func RepoRoot(dir string) (string, error) {
 	d, err := filepath.Abs(dir)
@@ -264,13 +297,15 @@ func RepoRoot(dir string) (string, error) {
 	}
 }
 
-// SpecPaths finds the SDK's swagger.yaml (in the module cache, via `go list
-// -m`) and the official 1.17.0-dev spec (../shared/specs from the repo root).
-// It fails loudly when either is missing.
-func SpecPaths() ([]string, error) {
+// FindSpecs finds the SDK's swagger.yaml (in the module cache, via `go list
+// -m`), which must exist, and the official spec in ../shared/specs from the
+// repository root. A missing ../shared/specs only leaves Official empty; a
+// ../shared/specs without the spec is an error, since whoever made the
+// directory meant the spec to be checked.
+func FindSpecs() (Specs, error) {
 	root, err := RepoRoot(".")
 	if err != nil {
-		return nil, err
+		return Specs{}, err
 	}
 	cmd := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", SDKModule)
 	cmd.Dir = root
@@ -280,18 +315,30 @@ func SpecPaths() ([]string, error) {
 		if errors.As(err, &ee) {
 			err = fmt.Errorf("%v: %s", err, ee.Stderr)
 		}
-		return nil, fmt.Errorf("locate %s in the module cache (go list -m): %w", SDKModule, err)
+		return Specs{}, fmt.Errorf("locate %s in the module cache (go list -m): %w", SDKModule, err)
 	}
 	dir := strings.TrimSpace(string(out))
 	if dir == "" {
-		return nil, fmt.Errorf("%s is not downloaded; run go mod download %s", SDKModule, SDKModule)
+		return Specs{}, fmt.Errorf("%s is not downloaded; run go mod download %s", SDKModule, SDKModule)
 	}
-	sdkSpec := filepath.Join(dir, "client", "swagger.yaml")
-	official := filepath.Join(filepath.Dir(root), "shared", "specs", OfficialSpecName)
-	for _, p := range []string{sdkSpec, official} {
-		if _, err := os.Stat(p); err != nil {
-			return nil, fmt.Errorf("firecracker API spec missing: %w", err)
-		}
+	return specsIn(root, dir)
+}
+
+// specsIn finds the specs for the repository at root with the SDK module at
+// sdkDir.
+func specsIn(root, sdkDir string) (Specs, error) {
+	s := Specs{SDK: filepath.Join(sdkDir, "client", "swagger.yaml"), SharedDir: filepath.Join(filepath.Dir(root), "shared", "specs")}
+	if _, err := os.Stat(s.SDK); err != nil {
+		return Specs{}, fmt.Errorf("the SDK's firecracker API spec is missing: %w", err)
 	}
-	return []string{sdkSpec, official}, nil
+	if _, err := os.Stat(s.SharedDir); errors.Is(err, os.ErrNotExist) {
+		return s, nil
+	} else if err != nil {
+		return Specs{}, fmt.Errorf("shared specs directory: %w", err)
+	}
+	s.Official = filepath.Join(s.SharedDir, OfficialSpecName)
+	if _, err := os.Stat(s.Official); err != nil {
+		return Specs{}, fmt.Errorf("%s exists but the official firecracker API spec is missing from it: %w", s.SharedDir, err)
+	}
+	return s, nil
 }

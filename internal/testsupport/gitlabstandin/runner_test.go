@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -186,8 +187,51 @@ func testRealRunnerCancel(t *testing.T, bin string, hard bool) {
 	if testing.Verbose() {
 		t.Logf("gitlab-runner output:\n%s", rp.out.String())
 	}
-	t.Logf("runner exited %s after Cancel; after_script ran: %v", time.Since(canceledAt).Round(time.Millisecond),
-		strings.Contains(st.Trace, "after-cancel"))
+	t.Logf("runner exited %s after Cancel", time.Since(canceledAt).Round(time.Millisecond))
+	// What each mode is for: a graceful cancel (GitLab's "canceling", for a
+	// runner announcing cancel_gracefully) still runs after_script, after
+	// the script was stopped; a hard cancel ("canceled" at once) does not.
+	started, after := outputLine(st.Trace, "started-long-job"), outputLine(st.Trace, "after-cancel")
+	switch {
+	case !hard && (after < 0 || after < started):
+		t.Errorf("graceful cancel: after_script did not run after the script; trace:\n%s", st.Trace)
+	case hard && after >= 0:
+		t.Errorf("hard cancel: after_script ran; trace:\n%s", st.Trace)
+	}
+	if strings.Contains(st.Trace, "Job succeeded") {
+		t.Errorf("a canceled job's trace says it succeeded:\n%s", st.Trace)
+	}
+}
+
+var (
+	ansiEscape = regexp.MustCompile(`\x1b\[[0-9;]*[A-Za-z]`)
+	// traceStamp starts each line of gitlab-runner's timestamped trace:
+	// time, stream number, O(ut) or E(rr), + for a continued line.
+	traceStamp = regexp.MustCompile(`^[0-9]{4}-[0-9]{2}-[0-9]{2}T\S+Z [0-9A-Fa-f]{2}[OE]\+? ?`)
+)
+
+// outputLine is the number of the first trace line whose text is exactly
+// out (timestamp, colours and CRs dropped), so a command's output is told
+// from the "$ echo out" line that shows the command; -1 when there is none.
+func outputLine(trace, out string) int {
+	for i, l := range strings.Split(ansiEscape.ReplaceAllString(trace, ""), "\n") {
+		l = traceStamp.ReplaceAllString(strings.ReplaceAll(l, "\r", ""), "")
+		if strings.TrimSpace(l) == out {
+			return i
+		}
+	}
+	return -1
+}
+
+func TestOutputLine(t *testing.T) {
+	trace := "2026-11-30T05:42:59.498270Z 01O \x1b[32;1m$ echo after-cancel\x1b[0;m\n" +
+		"2026-11-30T05:42:59.498300Z 01O+after-cancel\r\n" +
+		"plain line\n"
+	for out, want := range map[string]int{"after-cancel": 1, "plain line": 2, "$ echo after-cancel": 0, "after": -1} {
+		if got := outputLine(trace, out); got != want {
+			t.Errorf("outputLine(%q) = %d, want %d", out, got, want)
+		}
+	}
 }
 
 // runnerAPI posts to the runner API like gitlab-runner does.

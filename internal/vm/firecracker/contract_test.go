@@ -32,7 +32,7 @@ var testToken = "glrt" + "-contract-test-SECRET-token"
 
 var (
 	specsOnce  sync.Once
-	specPaths  []string
+	specs      fcstandin.Specs
 	specsError error
 )
 
@@ -47,9 +47,12 @@ type testEnv struct {
 
 func newEnv(t testing.TB, jailer bool) *testEnv {
 	t.Helper()
-	specsOnce.Do(func() { specPaths, specsError = fcstandin.SpecPaths() })
+	specsOnce.Do(func() { specs, specsError = fcstandin.FindSpecs() })
 	if specsError != nil {
-		t.Fatalf("contract test needs both Firecracker API specs (SDK client/swagger.yaml and ../shared/specs/%s): %v", fcstandin.OfficialSpecName, specsError)
+		t.Fatalf("contract test needs the SDK's Firecracker API spec (client/swagger.yaml), and ../shared/specs/%s where ../shared/specs exists: %v", fcstandin.OfficialSpecName, specsError)
+	}
+	if n := specs.Note(); n != "" {
+		t.Log(n)
 	}
 	// A short root: Unix socket paths are limited to 107 bytes.
 	root, err := os.MkdirTemp("", "fc")
@@ -80,7 +83,7 @@ func newEnv(t testing.TB, jailer bool) *testEnv {
 			t.Fatal(err)
 		}
 	}
-	t.Setenv(fcstandin.EnvSpecs, strings.Join(specPaths, string(os.PathListSeparator)))
+	t.Setenv(fcstandin.EnvSpecs, strings.Join(specs.Paths(), string(os.PathListSeparator)))
 	t.Setenv(fcstandin.EnvLogDir, e.logDir)
 	t.Setenv(fcstandin.EnvCgroupRoot, e.cgRoot)
 	uid, gid := 64000, 64000
@@ -191,7 +194,8 @@ func (e *testEnv) assertClean(d *Driver, id string, pid int) {
 
 // TestContractBootAndDestroy drives the full boot, guest power-off, Wait and
 // Destroy sequence through the SDK against the stand-in, which checks every
-// request against API 1.4.1 (the SDK's spec) and 1.17.0-dev (newest official).
+// request against API 1.4.1 (the SDK's spec) and, where ../shared/specs
+// exists, 1.17.0-dev (newest official).
 func TestContractBootAndDestroy(t *testing.T) {
 	for _, jailer := range []bool{false, true} {
 		t.Run(map[bool]string{false: "direct", true: "jailer"}[jailer], func(t *testing.T) {

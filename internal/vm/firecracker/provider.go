@@ -2,9 +2,7 @@ package firecracker
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"strings"
 
@@ -69,25 +67,19 @@ func (Provider) Validate(c config.Config, selected bool) []vm.FieldError {
 
 const fcFix = "install.sh --firecracker-bin PATH --jailer-bin PATH, or let install.sh download the official release (github.com/firecracker-microvm/firecracker/releases)"
 
-// Checks implements vm.Provider: the firecracker binary answers --version,
-// and so does the jailer when use_jailer is on (a warning when doctor is
-// not root on this host: the jailer must start as root).
+// Checks implements vm.Provider: the firecracker binary is v1.8.0 or
+// later, the jailer (when use_jailer is on) is the same release, and
+// kvm-guest boots the image's kernel under Firecracker (checks.go).
 func (Provider) Checks(c config.Config) []vm.Check {
-	f := c.Firecracker
 	return []vm.Check{
 		{Name: "firecracker", Run: func(ctx context.Context, h vm.CheckHost) vm.CheckResult {
-			return h.BinaryVersion(ctx, f.Binary, fcFix)
+			return firecrackerCheck(ctx, h, c.Firecracker)
 		}},
 		{Name: "jailer", Run: func(ctx context.Context, h vm.CheckHost) vm.CheckResult {
-			if !f.UseJailer {
-				return vm.CheckResult{Status: vm.CheckSkip, Detail: fmt.Sprintf("skipped: jailer not used (driver %s, use_jailer %v)", Name, f.UseJailer)}
-			}
-			r := h.BinaryVersion(ctx, f.JailerBinary, fcFix)
-			if r.Status == vm.CheckPass && h.Real() && os.Geteuid() != 0 {
-				r.Status, r.Fix = vm.CheckWarn, "the jailer must start as root (the systemd unit runs firerunner as root for this)"
-				r.Detail += "; doctor is not running as root"
-			}
-			return r
+			return jailerCheck(ctx, h, c.Firecracker)
+		}},
+		{Name: "kvm-guest", Run: func(ctx context.Context, h vm.CheckHost) vm.CheckResult {
+			return kvmGuestCheck(ctx, h, c)
 		}},
 	}
 }

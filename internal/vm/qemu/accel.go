@@ -7,13 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"regexp"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -28,10 +25,8 @@ const (
 	AccelTCG  = "tcg"
 )
 
-// probeTimeout bounds the KVM boot probe. A working KVM boots a Debian
-// kernel to its "no root" panic in ~1-2 s; nested paravirtual KVM that opens
-// /dev/kvm fine but hangs ordinary guests never gets there.
-const probeTimeout = 15 * time.Second
+// probeTimeout bounds the KVM boot probe (see vm.BootProbeTimeout).
+const probeTimeout = vm.BootProbeTimeout
 
 var (
 	probeMu    sync.Mutex
@@ -66,12 +61,19 @@ func resolveAccel(ctx context.Context, binary, accel, kernel string) (string, st
 // open, and a real boot must get through (nested paravirtual KVM opens
 // /dev/kvm fine but hangs guest kernels).
 func probeKVM(ctx context.Context, binary, kernel string) probeResult {
-	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	return probeKVMOn(ctx, vm.CheckHost{}, binary, kernel)
+}
+
+// probeKVMOn is probeKVM on the host h sees. The driver (accel: auto) and
+// doctor's kvm-guest check run this one probe, so doctor reports the
+// acceleration jobs really get.
+func probeKVMOn(ctx context.Context, h vm.CheckHost, binary, kernel string) probeResult {
+	f, err := os.OpenFile(h.Path("/dev/kvm"), os.O_RDWR, 0)
 	if err != nil {
 		return probeResult{AccelTCG, "no usable /dev/kvm: " + err.Error()}
 	}
 	f.Close()
-	if err := probeBoot(ctx, binary, kernel, []string{"-accel", "kvm", "-cpu", "host"}, "", probeTimeout); err != nil {
+	if err := h.RunBootProbe(ctx, probeArgv(binary, kernel, []string{"-accel", "kvm", "-cpu", "host"}, ""), probeTimeout); err != nil {
 		return probeResult{AccelTCG, "kvm boot probe failed (" + err.Error() + "); using tcg"}
 	}
 	return probeResult{AccelKVM, "kvm boot probe reached the kernel's root-mount panic"}
@@ -81,38 +83,15 @@ func probeKVM(ctx context.Context, binary, kernel string) probeResult {
 // gets it to "VFS: Unable to mount root fs" and its panic, and with panic=-1
 // and -no-reboot QEMU then exits. Anything else within timeout is a failure.
 func probeBoot(ctx context.Context, binary, kernel string, accel []string, extraCmdline string, timeout time.Duration) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	args := append([]string{"-M", "microvm,x-option-roms=off,rtc=on"}, accel...)
-	args = append(args, "-m", "256", "-smp", "1", "-no-reboot", "-display", "none", "-monitor", "none",
+	return vm.RunBootProbe(ctx, probeArgv(binary, kernel, accel, extraCmdline), timeout)
+}
+
+// probeArgv is the QEMU command line of a boot probe.
+func probeArgv(binary, kernel string, accel []string, extraCmdline string) []string {
+	args := append([]string{binary, "-M", "microvm,x-option-roms=off,rtc=on"}, accel...)
+	return append(args, "-m", "256", "-smp", "1", "-no-reboot", "-display", "none", "-monitor", "none",
 		"-serial", "stdio", "-kernel", kernel,
 		"-append", strings.TrimSpace(strings.Join(BaseKernelArgs, " ")+" "+extraCmdline))
-	cmd := exec.CommandContext(ctx, binary, args...)
-	cmd.SysProcAttr = vm.SysProcAttr()
-	// Unlike a VM, the probe must not outlive FireRunner: after a kill -9 a
-	// probe hung on nested KVM would run forever, and reconcile cannot find
-	// it (its argv names no VM dir). Pdeathsig fires when the forking thread
-	// exits, so pin this goroutine to it until the probe is reaped.
-	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	cmd.Cancel = func() error { return unix.Kill(-cmd.Process.Pid, unix.SIGKILL) }
-	cmd.WaitDelay = time.Second
-	out, _ := cmd.CombinedOutput()
-	if bytes.Contains(out, []byte("Unable to mount root")) || bytes.Contains(out, []byte("Kernel panic")) {
-		return nil
-	}
-	if ctx.Err() != nil {
-		return fmt.Errorf("no root-mount panic within %s", timeout)
-	}
-	last := strings.TrimSpace(string(out))
-	if i := strings.LastIndexByte(last, '\n'); i >= 0 {
-		last = last[i+1:]
-	}
-	if len(last) > 200 {
-		last = last[:200]
-	}
-	return fmt.Errorf("qemu exited without a root-mount panic: %q", last)
 }
 
 // HostTSCkHz returns the host TSC frequency in kHz and where it came from.

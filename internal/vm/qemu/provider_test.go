@@ -50,7 +50,7 @@ func TestProviderChecks(t *testing.T) {
 	c := config.Default()
 	c.QEMU.Binary = "/nonexistent/qemu-system-x86_64"
 	cs := Provider{}.Checks(c)
-	if len(cs) != 1 || cs[0].Name != "qemu" {
+	if len(cs) != 2 || cs[0].Name != "qemu" || cs[1].Name != "kvm-guest" { // kvm-guest: accel_check_test.go
 		t.Fatalf("checks %+v", cs)
 	}
 	if r := cs[0].Run(context.Background(), vm.CheckHost{}); r.Status != vm.CheckFail || r.Fix == "" {
