@@ -473,8 +473,8 @@ func (c Config) Validate(drivers Drivers) error {
 		if p.MinIdle < 0 || p.MaxIdle < 0 || (p.MaxIdle != 0 && p.MaxIdle < p.MinIdle) {
 			bad(f, "need 0 <= min_idle <= max_idle (or max_idle 0), got %d and %d", p.MinIdle, p.MaxIdle)
 		}
-		if p.IdleTimeout < 0 || (p.IdleTimeout > 0 && p.IdleTimeout < time.Minute) {
-			bad(f+".idle_timeout", "must be 0 (30m) or >= 1m, got %s", p.IdleTimeout)
+		if p.IdleTimeout < 0 || (p.IdleTimeout > 0 && p.IdleTimeout < time.Second) {
+			bad(f+".idle_timeout", "must be 0 (30m) or >= 1s, got %s", p.IdleTimeout)
 		}
 	}
 	if c.Limits.StartAttempts < 1 {

@@ -25,7 +25,7 @@ func TestPoolsValidation(t *testing.T) {
 		{config.Pool{Size: "firecracker-64cpu-1gb", MinIdle: 1}, "pools[0].size"},
 		{config.Pool{Size: "firecracker-1cpu-1gb", MinIdle: 3, MaxIdle: 2}, "pools[0]: need 0 <= min_idle <= max_idle"},
 		{config.Pool{Size: "firecracker-1cpu-1gb", MinIdle: -1}, "pools[0]: need"},
-		{config.Pool{Size: "firecracker-1cpu-1gb", MinIdle: 1, IdleTimeout: time.Second}, "pools[0].idle_timeout"},
+		{config.Pool{Size: "firecracker-1cpu-1gb", MinIdle: 1, IdleTimeout: time.Millisecond}, "pools[0].idle_timeout"},
 	} {
 		c2 := valid()
 		c2.Pools = []config.Pool{c.pool}
