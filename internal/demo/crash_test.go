@@ -24,6 +24,7 @@ import (
 
 	"github.com/firerunner/firerunner/internal/config"
 	"github.com/firerunner/firerunner/internal/daemon"
+	"github.com/firerunner/firerunner/internal/guestconfig"
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/store"
 	"github.com/firerunner/firerunner/internal/testenv"
@@ -147,7 +148,73 @@ func TestCrashRecovery(t *testing.T) {
 		h.stop(t)
 		h.waitClean(t, 30*time.Second)
 	})
+	// A pool's warm VM (booted, no runner yet) when FireRunner dies; the
+	// next FireRunner runs without the pool: the VM is found and removed.
+	t.Run("KillWithWarmVMs", func(t *testing.T) {
+		h.scenario = "4 kill -9 with warm VMs"
+		h.setPools(t, []config.Pool{{Size: "firecracker-1cpu-1gb", MinIdle: 1}})
+		h.start(t)
+		var w job.VM
+		h.waitFor(t, 3*time.Minute, "a warm VM with gitlab-runner waiting", func() bool {
+			var ok bool
+			w, ok = h.warmVM()
+			return ok
+		})
+		h.kill(t)
+		if vmms := vm.FindProcs(h.vmDir(w.ID)); len(vmms) == 0 {
+			t.Fatalf("the warm VM %s did not survive FireRunner's death", w.ID)
+		}
+		h.say("killed with warm VM %s alive, gitlab-runner waiting in it; restarting without the pool", w.ID)
+		h.setPools(t, nil)
+		h.start(t)
+		h.waitFor(t, time.Minute, "the warm VM removed", func() bool {
+			var v job.VM
+			_ = h.withStore(func(s *store.Store) (err error) { v, err = s.GetVM(context.Background(), w.ID); return err })
+			return v.State == job.VMGone
+		})
+		h.stop(t)
+		h.waitClean(t, 30*time.Second)
+		if n := len(h.gl.Runners()); n != 0 {
+			t.Fatalf("%d runners: a warm VM must never have one", n)
+		}
+	})
 	h.printTimeline()
+}
+
+// setPools rewrites the config the next FireRunner process reads.
+func (h *crashHarness) setPools(t *testing.T, pools []config.Pool) {
+	t.Helper()
+	b, err := os.ReadFile(h.cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg config.Config
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	cfg.Pools = pools
+	if b, err = json.Marshal(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(h.cfgPath, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// warmVM returns a pool's VM whose guest reported gitlab-runner waiting.
+func (h *crashHarness) warmVM() (job.VM, bool) {
+	var live []job.VM
+	_ = h.withStore(func(s *store.Store) (err error) { live, err = s.ListVMs(context.Background(), true, 0); return err })
+	for _, v := range live {
+		if v.State != job.VMWarm {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(h.vmDir(v.ID), vm.ConsoleFile))
+		if err == nil && strings.Contains(string(b), guestconfig.MarkerWarm) {
+			return v, true
+		}
+	}
+	return job.VM{}, false
 }
 
 // killBeforeVM restarts FireRunner (a fresh process: its first VM start also
