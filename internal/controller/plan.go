@@ -53,7 +53,8 @@ func (c *Controller) reconcilePlan(ctx context.Context) error {
 	for _, v := range live {
 		warm := v.Warm() && v.Timeline.Exited.IsZero()
 		in.VMs = append(in.VMs, planner.VM{ID: v.ID, ForJob: v.ForJob, Pool: c.pool(v.ProjectID), Tags: v.TagSet(), VCPUs: v.VCPUs,
-			MemoryMiB: v.MemoryMiB, Idle: !warm && v.ForJob != 0 && v.State.Idle() && v.Timeline.Exited.IsZero(), Warm: warm})
+			MemoryMiB: v.MemoryMiB, Idle: !warm && v.ForJob != 0 && v.State.Idle() && v.Timeline.Exited.IsZero(), Warm: warm,
+			Booted: warm && v.State == job.VMWarm && !v.Timeline.Ready.IsZero()})
 	}
 	for size, pl := range c.pools {
 		in.Pools = append(in.Pools, planner.Pool{VCPUs: size[0], MemoryMiB: size[1], MinIdle: pl.MinIdle, MaxIdle: pl.MaxIdle})

@@ -97,6 +97,17 @@ func (c *Controller) superviseWarm(ctx context.Context, v job.VM) error {
 	if v.ForJob != 0 {
 		return c.assignWarm(ctx, v)
 	}
+	if v.Timeline.Ready.IsZero() {
+		if !c.guestReady(v.ID) {
+			c.q.AddAfter(vmKey(v.ID), 100*time.Millisecond) // the guest boots: look again soon
+		} else {
+			var err error
+			if v, err = c.store.UpdateVM(ctx, v.ID, func(x *job.VM) error { x.WarmReady(time.Now()); return nil }); err != nil {
+				return err
+			}
+			c.q.Add(planKey) // one more warm VM to assign
+		}
+	}
 	idle, ok := c.poolOf(v)
 	switch {
 	case c.draining.Load() || c.isSurplus(v.ID) || !ok:
@@ -105,8 +116,26 @@ func (c *Controller) superviseWarm(ctx context.Context, v job.VM) error {
 		c.vmLog(v).Info("warm vm idle too long; recycling it", "idle_timeout", idle)
 		return c.stopFor(ctx, v.ID, job.ReasonPoolIdle)
 	}
-	c.q.AddAfter(vmKey(v.ID), time.Until(v.Timeline.Started.Add(idle)))
+	if !v.Timeline.Ready.IsZero() {
+		c.q.AddAfter(vmKey(v.ID), time.Until(v.Timeline.Started.Add(idle)))
+	}
 	return nil
+}
+
+// guestReady reports whether a warm VM's guest said gitlab-runner waits for
+// its config (the console marker). A VM the driver has no timeline for was
+// started by an earlier process, long enough ago to count as ready.
+func (c *Controller) guestReady(id string) bool {
+	src, ok := c.drv.(vm.TimelineSource)
+	if !ok {
+		return true
+	}
+	tl, ok := src.Timeline(id)
+	if !ok {
+		return true
+	}
+	_, ready := tl.At(vm.MilestoneWarm)
+	return ready
 }
 
 // assignWarm creates the runner of the job assigned to a warm VM and hands

@@ -2,8 +2,6 @@ package demo
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -11,7 +9,6 @@ import (
 	"time"
 
 	"github.com/firerunner/firerunner/internal/config"
-	"github.com/firerunner/firerunner/internal/guestconfig"
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/testenv"
 	"github.com/firerunner/firerunner/internal/testsupport/gitlabstandin"
@@ -26,11 +23,7 @@ func (r *reconcileRig) warmReady() []job.VM {
 	live, _ := r.d.Store.ListVMs(context.Background(), true, 0)
 	var out []job.VM
 	for _, v := range live {
-		if v.State != job.VMWarm || v.ForJob != 0 {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join(r.d.Config.StateDir, "vms", v.ID, vm.ConsoleFile))
-		if err == nil && strings.Contains(string(b), guestconfig.MarkerWarm) {
+		if v.State == job.VMWarm && v.ForJob == 0 && !v.Timeline.Ready.IsZero() {
 			out = append(out, v)
 		}
 	}

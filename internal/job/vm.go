@@ -50,7 +50,7 @@ var vmTransitions = map[VMState][]VMState{
 func (s VMState) Live() bool { return s != VMGone }
 
 // Idle reports whether the VM's runner may still take a job.
-func (s VMState) Idle() bool { return s == VMPending || s == VMStarting }
+func (s VMState) Idle() bool { return s == VMPending || s == VMWarm || s == VMStarting }
 
 // VM is one microVM with its runner.
 type VM struct {
@@ -81,6 +81,7 @@ func (v *VM) TagSet() tags.Set { return tags.NewSet(v.Tags) }
 // VMTimeline holds when each milestone of a VM was reached (zero = not yet).
 type VMTimeline struct {
 	Planned       time.Time
+	Ready         time.Time // a pool's VM: its guest waits for a job (gitlab-runner started)
 	Assigned      time.Time // a pool's VM got its job
 	RunnerCreated time.Time
 	StartRequest  time.Time // driver.Start called
@@ -97,7 +98,7 @@ type VMTimeline struct {
 func (t VMTimeline) Stages() []Stage {
 	return stages(
 		span{"runner_create", later(t.Planned, t.Assigned), t.RunnerCreated},
-		span{"pool_refill", t.Planned, warmReady(t)},
+		span{"pool_refill", t.Planned, t.Ready},
 		span{"vm_start", t.StartRequest, t.Started},
 		span{"wait_for_pick", t.Started, t.Picked},
 		span{"vm_run", t.Started, t.Exited},
@@ -110,15 +111,6 @@ func later(a, b time.Time) time.Time {
 		return b
 	}
 	return a
-}
-
-// warmReady is when a pool's VM was booted and ready for a job (zero for a
-// VM started for a job).
-func warmReady(t VMTimeline) time.Time {
-	if t.Assigned.IsZero() || t.Started.After(t.Assigned) {
-		return time.Time{}
-	}
-	return t.Started
 }
 
 // NewVMID returns a fresh VM id ("fr-" + 10 random base-36 characters: 15
@@ -151,6 +143,13 @@ func (v *VM) WarmStarted(now time.Time) error {
 		return nil
 	}
 	return v.move(VMWarm, "")
+}
+
+// WarmReady records that a pool's VM's guest waits for a job.
+func (v *VM) WarmReady(now time.Time) {
+	if v.Timeline.Ready.IsZero() {
+		v.Timeline.Ready = now
+	}
 }
 
 // AssignTo gives a pool's unassigned VM a waiting job of its size: its

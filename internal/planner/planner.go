@@ -49,9 +49,10 @@ type VM struct {
 	// Idle: its runner has picked no job and it is not being stopped, so it
 	// may still take any job its tags cover.
 	Idle bool
-	// Warm: a pool's VM with no job (and no runner) yet; it may be assigned
-	// any waiting job of its size. Not Idle.
-	Warm bool
+	// Warm: a pool's VM with no job (and no runner) yet. Not Idle. Once
+	// Booted (gitlab-runner waiting for its config) it may be assigned any
+	// waiting job of its size; while it boots it only counts for the pool.
+	Warm, Booted bool
 }
 
 // Pool keeps warm VMs of one size.
@@ -174,6 +175,7 @@ func Decide(in Input) Plan {
 			warm = append(warm, i)
 		}
 	}
+	booted := func(vi int) bool { return in.VMs[vi].Booted }
 	demand := map[[2]int]int{} // jobs per size that needed a VM in this plan
 	blocked := in.NoStarts
 	for ji, j := range in.Jobs {
@@ -193,7 +195,7 @@ func Decide(in Input) Plan {
 			p.Assigned[j.ID] = in.VMs[vi].ID
 			continue
 		}
-		if k := ofSize(in.VMs, warm, j.VCPUs, j.MemoryMiB); k >= 0 && j.Ready {
+		if k := ofSize(in.VMs, warm, j.VCPUs, j.MemoryMiB, booted); k >= 0 && j.Ready {
 			vi := warm[k]
 			warm = append(warm[:k], warm[k+1:]...)
 			p.Assign = append(p.Assign, Assign{VMID: in.VMs[vi].ID, JobID: j.ID})
@@ -265,9 +267,9 @@ func refill(in Input, p *Plan, warm []int, demand map[[2]int]int, used Capacity,
 	}
 }
 
-func ofSize(vms []VM, list []int, vcpus, mem int) int {
+func ofSize(vms []VM, list []int, vcpus, mem int, ok func(int) bool) int {
 	for k, vi := range list {
-		if vms[vi].VCPUs == vcpus && vms[vi].MemoryMiB == mem {
+		if vms[vi].VCPUs == vcpus && vms[vi].MemoryMiB == mem && ok(vi) {
 			return k
 		}
 	}

@@ -18,7 +18,7 @@ var jobCols = []string{"job_id", "project_id", "project_path", "pipeline_id", "n
 
 var vmCols = []string{"vm_id", "host_id", "for_job", "project_id", "tags", "vcpus", "memory_mib", "state", "reason", "runner_id", "tags_stale",
 	"picked_job_id", "exit_code", "exit_reason", "created_at", "updated_at", "t_planned", "t_runner_created", "t_start_req",
-	"t_started", "t_picked", "t_exited", "t_stop_req", "t_destroyed", "t_runner_deleted", "t_gone", "t_assigned"}
+	"t_started", "t_picked", "t_exited", "t_stop_req", "t_destroyed", "t_runner_deleted", "t_gone", "t_assigned", "t_ready"}
 
 var runnerCols = []string{"runner_id", "host_id", "mode", "vm_id", "tags", "created_at", "deleted_at"}
 
@@ -126,7 +126,7 @@ func vmArgs(v *job.VM) []any {
 	return []any{v.ID, v.HostID, v.ForJob, v.ProjectID, jsonTags(v.Tags), v.VCPUs, v.MemoryMiB, string(v.State), v.Reason, v.RunnerID, v.TagsStale,
 		v.PickedJobID, intPtr(v.ExitCode), v.ExitReason, ns(v.CreatedAt), ns(v.UpdatedAt),
 		ns(t.Planned), ns(t.RunnerCreated), ns(t.StartRequest), ns(t.Started), ns(t.Picked), ns(t.Exited), ns(t.StopRequested),
-		ns(t.Destroyed), ns(t.RunnerDeleted), ns(t.Gone), ns(t.Assigned)}
+		ns(t.Destroyed), ns(t.RunnerDeleted), ns(t.Gone), ns(t.Assigned), ns(t.Ready)}
 }
 
 func scanVM(r scanner) (job.VM, error) {
@@ -134,10 +134,10 @@ func scanVM(r scanner) (job.VM, error) {
 	var tags, state string
 	var exit sql.NullInt64
 	var created, updated int64
-	var tl [11]int64
+	var tl [12]int64
 	err := r.Scan(&v.ID, &v.HostID, &v.ForJob, &v.ProjectID, &tags, &v.VCPUs, &v.MemoryMiB, &state, &v.Reason, &v.RunnerID, &v.TagsStale,
 		&v.PickedJobID, &exit, &v.ExitReason, &created, &updated,
-		&tl[0], &tl[1], &tl[2], &tl[3], &tl[4], &tl[5], &tl[6], &tl[7], &tl[8], &tl[9], &tl[10])
+		&tl[0], &tl[1], &tl[2], &tl[3], &tl[4], &tl[5], &tl[6], &tl[7], &tl[8], &tl[9], &tl[10], &tl[11])
 	if errors.Is(err, sql.ErrNoRows) {
 		return v, ErrNotFound
 	}
@@ -149,7 +149,7 @@ func scanVM(r scanner) (job.VM, error) {
 	}
 	v.State, v.ExitCode, v.CreatedAt, v.UpdatedAt = job.VMState(state), ptrInt(exit), tm(created), tm(updated)
 	v.Timeline = job.VMTimeline{Planned: tm(tl[0]), RunnerCreated: tm(tl[1]), StartRequest: tm(tl[2]), Started: tm(tl[3]), Picked: tm(tl[4]),
-		Exited: tm(tl[5]), StopRequested: tm(tl[6]), Destroyed: tm(tl[7]), RunnerDeleted: tm(tl[8]), Gone: tm(tl[9]), Assigned: tm(tl[10])}
+		Exited: tm(tl[5]), StopRequested: tm(tl[6]), Destroyed: tm(tl[7]), RunnerDeleted: tm(tl[8]), Gone: tm(tl[9]), Assigned: tm(tl[10]), Ready: tm(tl[11])}
 	return v, nil
 }
 

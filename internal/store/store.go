@@ -174,6 +174,7 @@ CREATE TABLE projects (
 	// Warm pools: when a pool's VM got its job.
 	4: `
 ALTER TABLE vms ADD COLUMN t_assigned INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE vms ADD COLUMN t_ready INTEGER NOT NULL DEFAULT 0;
 `,
 }
 

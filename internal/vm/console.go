@@ -41,13 +41,14 @@ const (
 	MilestonePowerOff                    // guestconfig.MarkerPowerOff
 	MilestoneVMMExited                   // VMM process gone
 	MilestoneDestroyed                   // Destroy finished: nothing left
+	MilestoneWarm                        // guestconfig.MarkerWarm: a warm VM's gitlab-runner waits for its config
 	numMilestones
 )
 
 var milestoneNames = [numMilestones]string{
 	"image ready", "vm prepared", "vmm started", "guest kernel", "guest init",
 	"agent start", "job start", "job end", "exit status", "guest poweroff",
-	"vmm exited", "vm destroyed",
+	"vmm exited", "vm destroyed", "warm ready",
 }
 
 func (m Milestone) String() string {
@@ -70,6 +71,7 @@ var consoleMilestones = []struct {
 	{MilestoneJobEnd, guestconfig.MarkerJobEnd},
 	{MilestoneExit, guestconfig.ExitMarker},
 	{MilestonePowerOff, guestconfig.MarkerPowerOff},
+	{MilestoneWarm, guestconfig.MarkerWarm},
 }
 
 // Timeline records when each milestone first happened. It is safe for
