@@ -27,7 +27,6 @@ import (
 
 	"github.com/firerunner/firerunner/internal/config"
 	"github.com/firerunner/firerunner/internal/daemon"
-	"github.com/firerunner/firerunner/internal/guestconfig"
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/store"
 	"github.com/firerunner/firerunner/internal/tags"
@@ -364,11 +363,8 @@ func waitWarm(ctx context.Context, d *daemon.Daemon) error {
 	for {
 		live, _ := d.Store.ListVMs(ctx, true, 0)
 		for _, v := range live {
-			if v.Warm() && v.State == job.VMWarm {
-				b, err := os.ReadFile(filepath.Join(d.Config.StateDir, "vms", v.ID, vm.ConsoleFile))
-				if err == nil && strings.Contains(string(b), guestconfig.MarkerWarm) {
-					return nil
-				}
+			if v.Warm() && v.State == job.VMWarm && !v.Timeline.Ready.IsZero() {
+				return nil
 			}
 		}
 		select {

@@ -178,6 +178,7 @@ func Decide(in Input) Plan {
 	booted := func(vi int) bool { return in.VMs[vi].Booted }
 	demand := map[[2]int]int{} // jobs per size that needed a VM in this plan
 	blocked := in.NoStarts
+	var head *Job // the first ready job capacity kept from starting
 	for ji, j := range in.Jobs {
 		if vi := jobVM[ji]; vi >= 0 {
 			p.Assigned[j.ID] = in.VMs[vi].ID
@@ -205,6 +206,9 @@ func Decide(in Input) Plan {
 		if !j.Ready || blocked || !fits(in.Capacity, used, j) {
 			// Strict FIFO: a ready job that does not fit blocks the ones
 			// behind it, so a large job is never starved by small ones.
+			if j.Ready && !blocked {
+				head = &in.Jobs[ji]
+			}
 			blocked = blocked || j.Ready
 			p.Waiting = append(p.Waiting, j.ID)
 			continue
@@ -217,8 +221,34 @@ func Decide(in Input) Plan {
 	for _, vi := range surplus {
 		p.Stop = append(p.Stop, in.VMs[vi].ID)
 	}
+	warm = yieldWarm(in, &p, warm, used, head)
 	refill(in, &p, warm, demand, used, blocked)
 	return p
+}
+
+// yieldWarm stops idle warm VMs, newest first, when that makes room for the
+// first job capacity holds back: a job waiting beats a VM waiting for one.
+// It returns the warm VMs left.
+func yieldWarm(in Input, p *Plan, warm []int, used Capacity, head *Job) []int {
+	if head == nil || in.NoStarts {
+		return warm
+	}
+	var stop []int
+	for i := len(warm) - 1; i >= 0 && !fits(in.Capacity, used, *head); i-- {
+		v := in.VMs[warm[i]]
+		used.VCPUs -= v.VCPUs
+		used.MemoryMiB -= v.MemoryMiB
+		used.MaxVMs--
+		stop = append(stop, i)
+	}
+	if !fits(in.Capacity, used, *head) {
+		return warm // stopping them all would not be enough
+	}
+	for _, i := range stop {
+		p.Stop = append(p.Stop, in.VMs[warm[i]].ID)
+		warm = append(warm[:i], warm[i+1:]...)
+	}
+	return warm
 }
 
 // refill keeps each pool's warm VMs at min_idle, raised by this plan's demand
