@@ -3,7 +3,9 @@ package main
 import (
 	"bytes"
 	"os"
+	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/firerunner/firerunner/internal/config"
@@ -53,5 +55,31 @@ func TestExampleConfigIsTheDefaults(t *testing.T) {
 	got.GitLab.URL = "https://gitlab.example.com"
 	if err := got.Validate(daemon.Drivers()); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// serve refuses QEMU user-mode networking (guests reach the host's
+// loopback) unless the file allows it for development; the refusal names
+// the switch. With the switch, the same file gets past validation (and
+// fails later, at its missing secret file).
+func TestServeRefusesUserModeNetworking(t *testing.T) {
+	dir := t.TempDir()
+	write := func(extra string) string {
+		p := filepath.Join(dir, "config.yaml")
+		y := "gitlab:\n  url: https://gitlab.example.com\n  token_file: " + filepath.Join(dir, "missing-token") +
+			"\nstate_dir: " + filepath.Join(dir, "state") + "\nvm:\n  driver: qemu\nnetwork:\n  mode: user\n" + extra
+		if err := os.WriteFile(p, []byte(y), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	r := firerunner(t, "serve", "--config", write(""))
+	if r.code != 1 || !strings.Contains(r.stderr, "network.mode: user-mode networking lets every guest reach this host's loopback services") ||
+		!strings.Contains(r.stderr, "network.allow_user_mode_for_development: true") {
+		t.Fatalf("serve with network.mode user: exit %d, stderr:\n%s", r.code, r.stderr)
+	}
+	r = firerunner(t, "serve", "--config", write("  allow_user_mode_for_development: true\n"))
+	if r.code != 1 || strings.Contains(r.stderr, "network.mode:") || !strings.Contains(r.stderr, "gitlab.token_file") {
+		t.Fatalf("serve with user mode allowed: exit %d, want the missing token file as the error; stderr:\n%s", r.code, r.stderr)
 	}
 }

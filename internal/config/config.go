@@ -156,6 +156,11 @@ type Network struct {
 	// Mode is "user" (QEMU user-mode networking, development only) or "tap"
 	// (tap per VM on a FireRunner bridge with NAT; production).
 	Mode string `yaml:"mode"`
+	// AllowUserModeForDevelopment must be true for Mode "user": QEMU's
+	// user-mode networking forwards the guest's gateway address to the
+	// host's 127.0.0.1, so every job could reach the host's loopback
+	// services (FireRunner's own listener included). Development only.
+	AllowUserModeForDevelopment bool `yaml:"allow_user_mode_for_development"`
 	// Bridge is the bridge device name.
 	Bridge string `yaml:"bridge"`
 	// CIDR is the VM subnet; the first address is the bridge/gateway.
@@ -460,6 +465,10 @@ func (c Config) Validate(drivers Drivers) error {
 	}
 	switch c.Network.Mode {
 	case "user": // QEMU only: the firecracker driver refuses it (its Validate)
+		if !c.Network.AllowUserModeForDevelopment {
+			bad("network.mode", "user-mode networking lets every guest reach this host's loopback services (QEMU maps the guest's gateway 10.0.2.2 to 127.0.0.1); "+
+				"use tap, or set network.allow_user_mode_for_development: true on a development machine")
+		}
 	case "tap":
 		if c.Network.Bridge == "" || len(c.Network.Bridge) > 15 {
 			bad("network.bridge", "must be 1-15 characters")

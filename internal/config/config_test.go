@@ -131,9 +131,16 @@ func TestDriverSections(t *testing.T) {
 			[]string{`state_dir: "/var/lib/a,b" must not contain ',' or ':'`}},
 		{"firecracker binary", func(c *config.Config) { c.Firecracker.Binary = "" },
 			[]string{"firecracker.binary: must be set"}},
-		{"firecracker with user networking", func(c *config.Config) { c.Network.Mode = "user" },
+		{"firecracker with user networking", func(c *config.Config) { c.Network.Mode, c.Network.AllowUserModeForDevelopment = "user", true },
 			[]string{"network.mode: user-mode networking is QEMU-only; firecracker needs tap"}},
-		{"qemu with user networking", func(c *config.Config) { c.VM.Driver, c.Network.Mode = "qemu", "user" }, nil},
+		// User-mode networking maps the guest's gateway to the host's
+		// loopback: refused unless the file allows it for development.
+		{"qemu with user networking", func(c *config.Config) { c.VM.Driver, c.Network.Mode = "qemu", "user" },
+			[]string{"network.mode: user-mode networking lets every guest reach this host's loopback services"}},
+		{"qemu with user networking allowed for development", func(c *config.Config) {
+			c.VM.Driver, c.Network.Mode, c.Network.AllowUserModeForDevelopment = "qemu", "user", true
+		}, nil},
+		{"the development switch alone changes nothing in tap mode", func(c *config.Config) { c.Network.AllowUserModeForDevelopment = true }, nil},
 		{"jailer fields", func(c *config.Config) {
 			c.Firecracker.JailerBinary, c.Firecracker.ChrootBase, c.Firecracker.UID, c.Firecracker.GID = "", "jail", 0, -1
 			c.Firecracker.Binary = "/usr/local/bin/fc"

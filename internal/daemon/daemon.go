@@ -42,6 +42,16 @@ type Daemon struct {
 // Start reads the secrets, builds every part, listens on cfg.Listen, resumes
 // and reconciles the jobs in the store, and returns once FireRunner is ready.
 func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Daemon, err error) {
+	// Whoever built cfg (a file, the demo, a test), FireRunner never runs
+	// a configuration that validation refuses, e.g. user-mode networking
+	// without network.allow_user_mode_for_development.
+	if err := cfg.Validate(Drivers()); err != nil {
+		return nil, err
+	}
+	if cfg.Network.Mode == "user" {
+		log.Warn("network.mode user: guests can reach this host's loopback services; for development only",
+			"allow_user_mode_for_development", cfg.Network.AllowUserModeForDevelopment)
+	}
 	// Secrets come from 0600 files only (never flags or environment).
 	apiToken, err := config.ReadSecret(cfg.GitLab.TokenFile)
 	if err != nil {

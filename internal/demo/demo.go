@@ -313,11 +313,14 @@ func Config(o Options, apiURL, guestURL, apiToken, hookSecret string) (config.Co
 	cfg.Limits.DrainTimeout = time.Minute
 	cfg.VM.Driver, cfg.VM.ImageDir = "qemu", o.ImageDir
 	cfg.VM.ConsoleLogDir = filepath.Join(o.WorkDir, "console")
-	cfg.Network.Mode = "user"
+	// The demo's default: QEMU user-mode networking, which lets guests reach
+	// this host's loopback (GitLab's stand-in listens there), so it must be
+	// allowed explicitly; serve refuses it otherwise.
+	cfg.Network.Mode, cfg.Network.AllowUserModeForDevelopment = "user", true
 	if o.Network == "tap" {
 		// Production networking. Host ports are closed to VMs, so open
 		// exactly the one GitLab (guest_url) listens on.
-		cfg.Network.Mode = "tap"
+		cfg.Network.Mode, cfg.Network.AllowUserModeForDevelopment = "tap", false
 		u, err := url.Parse(guestURL)
 		if err != nil {
 			return cfg, fmt.Errorf("guest url: %w", err)
