@@ -26,8 +26,15 @@ const DefaultPath = "/etc/firerunner/config.yaml"
 // Config is the whole daemon configuration. See config.example.yaml at the
 // repository root for the documented file; both must change together.
 type Config struct {
-	// Listen is the address of the HTTP server (/webhook, /metrics, /healthz, /readyz).
+	// Listen is the address of the HTTP server: /webhook, and /metrics,
+	// /healthz, /readyz unless MetricsListen is set.
 	Listen string `yaml:"listen"`
+	// MetricsListen, when set, is a separate address (e.g. 127.0.0.1:9100)
+	// for /metrics, /healthz and /readyz, which then are not served on
+	// Listen; "" = served on Listen.
+	MetricsListen string `yaml:"metrics_listen"`
+	// TLS, when configured, makes Listen serve HTTPS.
+	TLS TLS `yaml:"tls"`
 	// LogLevel is debug, info, warn or error.
 	LogLevel string `yaml:"log_level"`
 	// StateDir holds the SQLite store and per-VM directories.
@@ -46,6 +53,20 @@ type Config struct {
 	QEMU        QEMU        `yaml:"qemu"`
 	Firecracker Firecracker `yaml:"firecracker"`
 }
+
+// TLS is the optional built-in TLS of the Listen server (the webhook).
+// Both files or neither; the key file must be mode 0600 or stricter. The
+// files are re-read when they change, so a renewed certificate needs no
+// restart.
+type TLS struct {
+	// CertFile is the PEM certificate chain (leaf first).
+	CertFile string `yaml:"cert_file"`
+	// KeyFile is the PEM private key of the leaf certificate (0600).
+	KeyFile string `yaml:"key_file"`
+}
+
+// Enabled reports whether Listen serves HTTPS.
+func (t TLS) Enabled() bool { return t.CertFile != "" || t.KeyFile != "" }
 
 // GitLab is how FireRunner reaches GitLab and authenticates webhooks.
 type GitLab struct {
@@ -366,6 +387,18 @@ func (c Config) Validate(drivers Drivers) error {
 	}
 	if c.Listen == "" {
 		bad("listen", "must be set, e.g. :8080")
+	} else if _, _, err := splitAddr(c.Listen); err != nil {
+		bad("listen", "%v", err)
+	}
+	if c.MetricsListen != "" {
+		if mh, mp, err := splitAddr(c.MetricsListen); err != nil {
+			bad("metrics_listen", "%v", err)
+		} else if lh, lp, err := splitAddr(c.Listen); err == nil && mp != 0 && mp == lp && (mh == lh || wildcard(mh) || wildcard(lh)) {
+			bad("metrics_listen", "%q must not be the listen address %q (set it to another port, or leave it empty to serve /metrics on listen)", c.MetricsListen, c.Listen)
+		}
+	}
+	if (c.TLS.CertFile == "") != (c.TLS.KeyFile == "") {
+		bad("tls", "cert_file and key_file must be set together (got cert_file %q, key_file %q)", c.TLS.CertFile, c.TLS.KeyFile)
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":
@@ -493,6 +526,8 @@ func (c Config) Validate(drivers Drivers) error {
 			bad("network.allow_host_ports", "%d is not a port (1-65535)", p)
 		} else if _, lp, err := net.SplitHostPort(c.Listen); err == nil && lp == strconv.Itoa(p) {
 			bad("network.allow_host_ports", "%d is FireRunner's own listen port, which VMs must never reach", p)
+		} else if _, mp, err := net.SplitHostPort(c.MetricsListen); err == nil && mp == strconv.Itoa(p) {
+			bad("network.allow_host_ports", "%d is FireRunner's own metrics_listen port, which VMs must never reach", p)
 		}
 	}
 	if drivers != nil {
@@ -505,6 +540,23 @@ func (c Config) Validate(drivers Drivers) error {
 	}
 	return nil
 }
+
+// splitAddr parses a listen address, host:port with a numeric port (0 =
+// any free port).
+func splitAddr(a string) (host string, port int, err error) {
+	h, p, err := net.SplitHostPort(a)
+	if err != nil {
+		return "", 0, fmt.Errorf("%q is not host:port (e.g. :8080 or 127.0.0.1:9100): %v", a, err)
+	}
+	n, err := strconv.ParseUint(p, 10, 16)
+	if err != nil {
+		return "", 0, fmt.Errorf("%q: port %q is not a number 0-65535", a, p)
+	}
+	return h, int(n), nil
+}
+
+// wildcard reports whether a listen host means every address.
+func wildcard(h string) bool { return h == "" || h == "0.0.0.0" || h == "::" }
 
 var hostIDPattern = regexp.MustCompile(`^[a-z0-9][a-z0-9.-]{0,62}$`)
 

@@ -193,3 +193,41 @@ func TestValidateWithoutDrivers(t *testing.T) {
 		t.Fatalf("Validate(nil) = %v", err)
 	}
 }
+
+// listen, metrics_listen and tls: addresses parse, the metrics address is
+// not the webhook's, the TLS files come as a pair, and VMs can be opened
+// neither port.
+func TestListenersAndTLS(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		mut  func(c *config.Config)
+		want string // "" = valid
+	}{
+		{"defaults: metrics on listen, no tls", func(c *config.Config) {}, ""},
+		{"metrics on loopback", func(c *config.Config) { c.MetricsListen = "127.0.0.1:9100" }, ""},
+		{"same port on another address", func(c *config.Config) { c.Listen, c.MetricsListen = "10.0.0.1:8080", "127.0.0.1:8080" }, ""},
+		{"metrics on the listen port", func(c *config.Config) { c.MetricsListen = "127.0.0.1:8080" }, `metrics_listen: "127.0.0.1:8080" must not be the listen address`},
+		{"metrics_listen not host:port", func(c *config.Config) { c.MetricsListen = "9100" }, "metrics_listen: \"9100\" is not host:port"},
+		{"listen not host:port", func(c *config.Config) { c.Listen = "8080" }, "listen: \"8080\" is not host:port"},
+		{"listen named port", func(c *config.Config) { c.Listen = ":http" }, `listen: ":http": port "http" is not a number`},
+		{"tls pair", func(c *config.Config) {
+			c.TLS = config.TLS{CertFile: "/etc/firerunner/tls.crt", KeyFile: "/etc/firerunner/tls.key"}
+		}, ""},
+		{"tls cert without key", func(c *config.Config) { c.TLS.CertFile = "/etc/firerunner/tls.crt" }, "tls: cert_file and key_file must be set together"},
+		{"tls key without cert", func(c *config.Config) { c.TLS.KeyFile = "/etc/firerunner/tls.key" }, "tls: cert_file and key_file must be set together"},
+		{"metrics port opened to VMs", func(c *config.Config) { c.MetricsListen, c.Network.AllowHostPorts = "127.0.0.1:9100", []int{9100} },
+			"network.allow_host_ports: 9100 is FireRunner's own metrics_listen port"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := valid()
+			tc.mut(&c)
+			err := c.Validate(drivers)
+			if tc.want == "" && err != nil {
+				t.Fatalf("unexpected error: %v", err)
+			}
+			if tc.want != "" && (err == nil || !strings.Contains(err.Error(), "\n  "+tc.want)) {
+				t.Fatalf("want %q, got %v", tc.want, err)
+			}
+		})
+	}
+}
