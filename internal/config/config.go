@@ -43,6 +43,7 @@ type Config struct {
 	// only runners carrying it. "" = the machine's hostname.
 	HostID string `yaml:"host_id"`
 
+	State       State       `yaml:"state"`
 	GitLab      GitLab      `yaml:"gitlab"`
 	Runners     Runners     `yaml:"runners"`
 	Reconcile   Reconcile   `yaml:"reconcile"`
@@ -53,6 +54,27 @@ type Config struct {
 	QEMU        QEMU        `yaml:"qemu"`
 	Firecracker Firecracker `yaml:"firecracker"`
 }
+
+// State is how long the store keeps history.
+type State struct {
+	// Retention: ended jobs (with their transitions), gone VMs and deleted
+	// runners whose records last changed longer ago are removed by the
+	// periodic sweep; 0 = keep everything. Active jobs, live VMs and what
+	// an active job's timeline shows are never removed.
+	Retention time.Duration `yaml:"retention"`
+}
+
+// PruneBefore is the cutoff of state retention at now: records last
+// changed before it go; the zero time (retention 0) keeps everything.
+func (s State) PruneBefore(now time.Time) time.Time {
+	if s.Retention <= 0 {
+		return time.Time{}
+	}
+	return now.Add(-s.Retention)
+}
+
+// MinRetention is the smallest state.retention other than 0.
+const MinRetention = time.Hour
 
 // TLS is the optional built-in TLS of the Listen server (the webhook).
 // Both files or neither; the key file must be mode 0600 or stricter. The
@@ -235,6 +257,7 @@ func Default() Config {
 		Listen:   ":8080",
 		LogLevel: "info",
 		StateDir: "/var/lib/firerunner",
+		State:    State{Retention: 14 * 24 * time.Hour},
 		GitLab: GitLab{
 			TokenFile:         "/etc/firerunner/.gitlab_token",
 			WebhookSecretFile: "/etc/firerunner/.webhook_secret",
@@ -407,6 +430,9 @@ func (c Config) Validate(drivers Drivers) error {
 	}
 	if c.StateDir == "" {
 		bad("state_dir", "must be set")
+	}
+	if r := c.State.Retention; r < 0 || (r > 0 && r < MinRetention) {
+		bad("state.retention", "must be 0 (keep everything) or >= %s, got %s", MinRetention, r)
 	}
 	if u, err := url.Parse(c.GitLab.URL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		bad("gitlab.url", "%q is not an http(s) URL", c.GitLab.URL)

@@ -171,6 +171,32 @@ CREATE TABLE projects (
 	last_hook_at INTEGER NOT NULL                 -- unix ns of the last Job Hook from it
 );
 `,
+	// State retention (Prune) and metrics that stay cheap however long the
+	// history: partial indexes of what Prune looks for, the newest-first
+	// listing of firerunner status, and per-state job counts kept by
+	// triggers, so the jobs gauge reads a handful of rows instead of
+	// counting the whole table at every scrape.
+	4: `
+CREATE INDEX jobs_ended ON jobs(updated_at) WHERE state IN ('done', 'failed', 'canceled', 'ignored');
+CREATE INDEX jobs_created ON jobs(created_at, job_id);
+CREATE INDEX vms_gone ON vms(updated_at) WHERE state = 'gone';
+CREATE INDEX runners_deleted ON runners(deleted_at) WHERE deleted_at != 0;
+CREATE TABLE job_counts (
+	state TEXT    PRIMARY KEY,
+	n     INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO job_counts(state, n) SELECT state, COUNT(*) FROM jobs GROUP BY state;
+CREATE TRIGGER job_counts_insert AFTER INSERT ON jobs BEGIN
+	INSERT INTO job_counts(state, n) VALUES (NEW.state, 1) ON CONFLICT(state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER job_counts_delete AFTER DELETE ON jobs BEGIN
+	UPDATE job_counts SET n = n - 1 WHERE state = OLD.state;
+END;
+CREATE TRIGGER job_counts_update AFTER UPDATE OF state ON jobs WHEN OLD.state != NEW.state BEGIN
+	UPDATE job_counts SET n = n - 1 WHERE state = OLD.state;
+	INSERT INTO job_counts(state, n) VALUES (NEW.state, 1) ON CONFLICT(state) DO UPDATE SET n = n + 1;
+END;
+`,
 }
 
 // Open opens (creating if needed) the store in stateDir and migrates it.
