@@ -304,7 +304,10 @@ func (e *testEnv) checkJail(d *Driver, spec vm.Spec, meta vm.Meta, pid int) {
 	if err != nil {
 		t.Fatalf("jailer argv %q: %v", meta.Argv, err)
 	}
-	if j.ID != spec.ID || j.ExecFile != e.opts.Binary || j.UID != e.opts.UID || j.GID != e.opts.GID ||
+	// The binary is a symlink (bin/firecracker → the test binary): the
+	// jailer gets the file it points to, which names the jail.
+	canon, _ := filepath.EvalSymlinks(e.opts.Binary)
+	if j.ID != spec.ID || j.ExecFile != canon || j.UID != e.opts.UID || j.GID != e.opts.GID ||
 		j.ChrootBase != e.chrootBase || j.CgroupVersion != "2" || !j.NewPIDNS || j.Daemonize {
 		t.Errorf("jailer args = %+v", j)
 	}
@@ -346,7 +349,7 @@ func (e *testEnv) checkNoSecretOutsideDrive(d *Driver, id string, meta vm.Meta) 
 		t.Error("runner token in the VMM argv")
 	}
 	filepath.Walk(e.root, func(p string, fi os.FileInfo, err error) error {
-		if err != nil || fi.IsDir() || fi.Mode()&os.ModeType != 0 || p == filepath.Join(d.chrootDir(id), d.execName()) {
+		if err != nil || fi.IsDir() || fi.Mode()&os.ModeType != 0 || p == filepath.Join(d.chrootDir(id), d.execName(id)) {
 			return nil // (the jail's copy of the test binary holds the constant)
 		}
 		b, _ := os.ReadFile(p)
@@ -417,7 +420,7 @@ func TestReconcileAfterRestart(t *testing.T) {
 				os.Remove(d1.sd.File(b.ID, f))
 			}
 			if jailer {
-				os.Remove(filepath.Join(d1.chrootDir(b.ID), d1.execName()+".pid"))
+				os.Remove(filepath.Join(d1.chrootDir(b.ID), d1.execName(b.ID)+".pid"))
 			}
 
 			d2 := e.driver() // the restarted daemon

@@ -151,6 +151,10 @@ func New(o Options) (*Driver, error) {
 	if err := o.Validate(); err != nil {
 		return nil, err
 	}
+	// The jailer canonicalizes --chroot-base-dir too (see resolveExec).
+	if r, err := filepath.EvalSymlinks(o.ChrootBase); err == nil {
+		o.ChrootBase = r
+	}
 	return &Driver{opts: o, sd: vm.NewStateDir(o.StateDir), log: o.Logger.With("driver", Name), runs: map[string]*vmRun{}}, nil
 }
 
@@ -160,8 +164,11 @@ func (d *Driver) Name() string { return Name }
 // fcMeta is the driver's own record next to vm.Meta: where the VM's
 // Firecracker-specific files are, so Destroy finds them after a restart.
 type fcMeta struct {
-	Jailed    bool   `json:"jailed"`
-	Socket    string `json:"socket"`
+	Jailed bool   `json:"jailed"`
+	Socket string `json:"socket"`
+	// Exec is the canonical firecracker path the jailer was given (and
+	// named the jail, pid file and cgroup after); see resolveExec.
+	Exec      string `json:"exec,omitempty"`
 	JailDir   string `json:"jail_dir,omitempty"`
 	CgroupDir string `json:"cgroup_dir,omitempty"`
 }
@@ -454,10 +461,14 @@ func (d *Driver) List(ctx context.Context) ([]vm.Instance, error) {
 		}
 		ids[id] = true
 	}
-	if ents, err := os.ReadDir(filepath.Join(d.opts.ChrootBase, d.execName())); err == nil && d.opts.UseJailer {
-		for _, e := range ents {
-			if e.IsDir() && vmIDRe.MatchString(e.Name()) {
-				ids[e.Name()] = true
+	if d.opts.UseJailer {
+		// Jails are named after the canonical firecracker file, which a
+		// symlink switched to a new release changes: every
+		// <chroot_base>/*firecracker*/<vm id>.
+		jails, _ := filepath.Glob(filepath.Join(d.opts.ChrootBase, "*firecracker*", "*"))
+		for _, j := range jails {
+			if fi, err := os.Lstat(j); err == nil && fi.IsDir() && vmIDRe.MatchString(filepath.Base(j)) {
+				ids[filepath.Base(j)] = true
 			}
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -36,7 +37,9 @@ const (
 func (d *Driver) jailArgs(id string, vcpus, memMiB int) []string {
 	args := []string{
 		"--id", id,
-		"--exec-file", d.opts.Binary,
+		// The canonical path the VM's jail is named after (jailExec): the
+		// jailer resolves it again and gets the same name.
+		"--exec-file", d.jailExec(id),
 		"--uid", strconv.Itoa(d.opts.UID),
 		"--gid", strconv.Itoa(d.opts.GID),
 		"--chroot-base-dir", d.opts.ChrootBase,
@@ -56,13 +59,49 @@ func (d *Driver) jailArgs(id string, vcpus, memMiB int) []string {
 	return args
 }
 
-// execName is the jailer's <exec_file_name>: the chroot's parent directory
-// name and the name of its pid file.
-func (d *Driver) execName() string { return filepath.Base(d.opts.Binary) }
+// resolveExec is the firecracker binary as the jailer sees it: the jailer
+// canonicalizes --exec-file (realpath) and names the chroot directory
+// (<chroot_base>/<name>/<id>), the pid file (<name>.pid) and the default
+// parent cgroup after the canonical file's name. A symlink such as
+// /usr/local/bin/firecracker → firecracker-v1.16.0-x86_64 must therefore be
+// resolved here the same way, or the driver prepares one jail and waits on
+// a socket in it while Firecracker runs in another.
+func (d *Driver) resolveExec() (string, error) {
+	p, err := filepath.EvalSymlinks(d.opts.Binary)
+	if err != nil {
+		return "", fmt.Errorf("firecracker binary: %w", err)
+	}
+	if p, err = filepath.Abs(p); err != nil {
+		return "", err
+	}
+	if !strings.Contains(filepath.Base(p), "firecracker") {
+		return "", fmt.Errorf("firecracker binary %s resolves to %s: the jailer requires the resolved file name to contain \"firecracker\"", d.opts.Binary, p)
+	}
+	return p, nil
+}
+
+// jailExec is the canonical firecracker path VM id's jail is named after:
+// the one recorded when the VM started (so a symlink switched to a new
+// release later changes nothing for it), else the binary's resolution now.
+func (d *Driver) jailExec(id string) string {
+	if m, err := d.readFCMeta(id); err == nil && m.Exec != "" {
+		return m.Exec
+	}
+	if p, err := d.resolveExec(); err == nil {
+		return p
+	}
+	return d.opts.Binary
+}
+
+// execName is the jailer's <exec_file_name> for VM id: the chroot's parent
+// directory name and the name of its pid file.
+func (d *Driver) execName(id string) string { return filepath.Base(d.jailExec(id)) }
 
 // jailDir is <chroot_base>/<exec_file_name>/<id>, removed whole on Destroy.
-func (d *Driver) jailDir(id string) string {
-	return filepath.Join(d.opts.ChrootBase, d.execName(), id)
+func (d *Driver) jailDir(id string) string { return d.jailDirOf(d.execName(id), id) }
+
+func (d *Driver) jailDirOf(execName, id string) string {
+	return filepath.Join(d.opts.ChrootBase, execName, id)
 }
 
 // chrootDir is the jail root Firecracker sees as "/".
@@ -72,10 +111,12 @@ func (d *Driver) chrootDir(id string) string { return filepath.Join(d.jailDir(id
 func (d *Driver) inJail(id, p string) string { return filepath.Join(d.chrootDir(id), p) }
 
 // cgroupDir is where the jailer creates the VM's cgroup (v2).
-func (d *Driver) cgroupDir(id string) string {
+func (d *Driver) cgroupDir(id string) string { return d.cgroupDirOf(d.execName(id), id) }
+
+func (d *Driver) cgroupDirOf(execName, id string) string {
 	parent := d.opts.ParentCgroup
 	if parent == "" {
-		parent = d.execName() // the jailer's default parent cgroup
+		parent = execName // the jailer's default parent cgroup
 	}
 	return filepath.Join(d.opts.CgroupRoot, parent, id)
 }

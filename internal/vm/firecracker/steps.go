@@ -46,6 +46,7 @@ type boot struct {
 	socket   string // API socket, host path
 	snap     *Snapshot
 	resume   bool
+	exec     string // jailed: the canonical firecracker path (resolveExec)
 
 	created bool // the state dir is ours to clean up on failure
 	vr      *vmRun
@@ -57,7 +58,14 @@ func (d *Driver) newBoot(spec vm.Spec, bootArgs string) (*boot, error) {
 	b := &boot{d: d, spec: spec, bootArgs: bootArgs, jailed: d.opts.UseJailer, dir: d.sd.Path(spec.ID)}
 	b.socket = filepath.Join(b.dir, socketFile)
 	if b.jailed {
-		b.socket = d.inJail(spec.ID, jailSocket)
+		// Resolved once for this VM (recorded by prepareVMDir): the jail,
+		// socket, pid file and cgroup all follow from it.
+		exec, err := d.resolveExec()
+		if err != nil {
+			return nil, fmt.Errorf("vm %s: %w", spec.ID, err)
+		}
+		b.exec = exec
+		b.socket = filepath.Join(d.jailDirOf(filepath.Base(exec), spec.ID), "root", jailSocket)
 	}
 	if len(b.socket) >= 108 {
 		return nil, fmt.Errorf("vm %s: API socket path %s is longer than a Unix socket allows (107 bytes); shorten state_dir or chroot_base", spec.ID, b.socket)
@@ -198,7 +206,10 @@ func (b *boot) prepareVMDir(ctx context.Context, m *sdk.Machine) error {
 	d.mu.Unlock()
 	fm := fcMeta{Jailed: b.jailed, Socket: b.socket}
 	if b.jailed {
-		fm.JailDir, fm.CgroupDir = d.jailDir(id), d.cgroupDir(id)
+		// Recorded: everything about the VM's jail follows from this path,
+		// later too (jailExec).
+		name := filepath.Base(b.exec)
+		fm.Exec, fm.JailDir, fm.CgroupDir = b.exec, d.jailDirOf(name, id), d.cgroupDirOf(name, id)
 	}
 	fb, _ := json.Marshal(fm)
 	if err := os.WriteFile(filepath.Join(b.dir, fcMetaFile), fb, 0o600); err != nil {
@@ -423,7 +434,7 @@ func (b *boot) addEntropy(ctx context.Context, m *sdk.Machine) error {
 // jailPID reads the pid the jailer wrote for a VM and checks it is still
 // that VM's Firecracker.
 func (d *Driver) jailPID(id string) (vm.Proc, error) {
-	raw, err := os.ReadFile(filepath.Join(d.chrootDir(id), d.execName()+".pid"))
+	raw, err := os.ReadFile(filepath.Join(d.chrootDir(id), d.execName(id)+".pid"))
 	if err != nil {
 		return vm.Proc{}, err
 	}
@@ -460,7 +471,7 @@ func (d *Driver) scanProcs() map[string][]vm.Proc {
 			continue
 		}
 		argv := strings.Split(strings.TrimRight(string(raw), "\x00"), "\x00")
-		if filepath.Base(argv[0]) != d.execName() && filepath.Base(argv[0]) != "firecracker" {
+		if !strings.Contains(filepath.Base(argv[0]), "firecracker") { // the jailer requires the name
 			continue
 		}
 		id, sock := flagValue(argv, "--id"), flagValue(argv, "--api-sock")
