@@ -45,6 +45,9 @@ func TestExampleConfigIsTheDefaults(t *testing.T) {
 		if len(c.Network.AllowHostPorts) == 0 {
 			c.Network.AllowHostPorts = nil
 		}
+		if len(c.Firecracker.ExtraBootArgs) == 0 {
+			c.Firecracker.ExtraBootArgs = nil
+		}
 	}
 	norm(&got)
 	norm(&want)

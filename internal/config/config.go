@@ -249,6 +249,22 @@ type Firecracker struct {
 	GID int `yaml:"gid"`
 	// ChrootBase is the jailer's --chroot-base-dir.
 	ChrootBase string `yaml:"chroot_base"`
+	// ParentCgroup is the jailer's --parent-cgroup: VMs' cgroups go under
+	// <cgroup mount>/<parent_cgroup>/<vm id>; "" = the jailer's default
+	// (the firecracker file's name).
+	ParentCgroup string `yaml:"parent_cgroup"`
+	// MemoryOverheadMiB and MemoryOverheadMiBPerGiB size each VM cgroup's
+	// memory.max beyond the guest's memory: a fixed part for Firecracker
+	// and a part per GiB of guest memory for KVM's page tables.
+	MemoryOverheadMiB       int `yaml:"memory_overhead_mib"`
+	MemoryOverheadMiBPerGiB int `yaml:"memory_overhead_mib_per_gib"`
+	// ExtraBootArgs are appended to the guest kernel command line.
+	ExtraBootArgs []string `yaml:"extra_boot_args"`
+	// LogLevel is Firecracker's own log level: Error, Warning, Info, Debug.
+	LogLevel string `yaml:"log_level"`
+	// SerialBytesPerSec rate-limits the guest's serial console in
+	// Firecracker (output past it is dropped); 0 = no limit.
+	SerialBytesPerSec int64 `yaml:"serial_bytes_per_sec"`
 }
 
 // Default returns the configuration used for every field the file omits.
@@ -304,6 +320,11 @@ func Default() Config {
 			UID:          64000,
 			GID:          64000,
 			ChrootBase:   "/srv/jailer",
+
+			MemoryOverheadMiB:       64,
+			MemoryOverheadMiBPerGiB: 8,
+			LogLevel:                "Warning",
+			SerialBytesPerSec:       256 << 10,
 		},
 	}
 }

@@ -150,6 +150,21 @@ func TestDriverSections(t *testing.T) {
 			`firecracker.chroot_base: "jail" must be an absolute path`,
 			"firecracker.uid: must be > 0", "firecracker.gid: must be > 0",
 		}},
+		{"firecracker knobs", func(c *config.Config) {
+			c.Firecracker.LogLevel, c.Firecracker.ExtraBootArgs, c.Firecracker.SerialBytesPerSec = "Verbose", []string{"nomodule"}, 100
+			c.Firecracker.ParentCgroup, c.Firecracker.MemoryOverheadMiB, c.Firecracker.MemoryOverheadMiBPerGiB = "../escape", 8, 2
+		}, []string{
+			`firecracker.log_level: "Verbose" is not one of Error, Warning, Info, Debug`,
+			"firecracker.extra_boot_args: boot arg nomodule breaks the guest's initramfs",
+			"firecracker.serial_bytes_per_sec: must be 0 (no limit) or >= 4096, got 100",
+			`firecracker.parent_cgroup: parent cgroup "../escape": empty, "." and ".." components are refused by the jailer`,
+			"firecracker.memory_overhead_mib: must be >= 16",
+			"firecracker.memory_overhead_mib_per_gib: must be >= 4",
+		}},
+		{"firecracker knobs set well", func(c *config.Config) {
+			c.Firecracker.LogLevel, c.Firecracker.ExtraBootArgs, c.Firecracker.SerialBytesPerSec = "Debug", []string{"loglevel=7"}, 0
+			c.Firecracker.ParentCgroup, c.Firecracker.MemoryOverheadMiB, c.Firecracker.MemoryOverheadMiBPerGiB = "system.slice/firerunner.service/vms", 128, 16
+		}, nil},
 		{"jailer fields unused without the jailer", func(c *config.Config) {
 			c.Firecracker.UseJailer, c.Firecracker.ChrootBase, c.Firecracker.UID = false, "jail", 0
 		}, nil},

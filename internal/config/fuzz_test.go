@@ -99,5 +99,8 @@ func normEmpty(c config.Config) config.Config {
 	if len(c.Network.AllowHostPorts) == 0 {
 		c.Network.AllowHostPorts = nil
 	}
+	if len(c.Firecracker.ExtraBootArgs) == 0 {
+		c.Firecracker.ExtraBootArgs = nil
+	}
 	return c
 }

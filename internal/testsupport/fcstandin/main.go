@@ -24,6 +24,13 @@ const (
 	EnvLogDir     = "FCSTANDIN_LOG_DIR"     // request logs: <dir>/<vm id>.jsonl
 	EnvRoot       = "FCSTANDIN_ROOT"        // jail root (set by the stand-in jailer)
 	EnvCgroupRoot = "FCSTANDIN_CGROUP_ROOT" // fake cgroup v2 root for the stand-in jailer
+	// EnvAPI makes the stand-in firecracker an older release: it answers
+	// an operation its spec version (e.g. "1.4.1") lacks with 400 "Invalid
+	// request method", as Firecracker does. Unset: the newest spec's.
+	EnvAPI = "FCSTANDIN_API"
+	// EnvJailerHang makes the stand-in jailer hang after building the
+	// chroot, as a jailer stuck on a cgroup or mount would.
+	EnvJailerHang = "FCSTANDIN_JAILER_HANG"
 )
 
 // Guest commands (guestconfig.Config.Command) the emulated guest understands.
@@ -87,6 +94,10 @@ func runFirecracker(args []string) int {
 	if err != nil {
 		return fail("firecracker: %v (set %s)", err, EnvSpecs)
 	}
+	checker.Optional = map[string]bool{}
+	for _, o := range NewerOptional {
+		checker.Optional[o] = true
+	}
 	root := os.Getenv(EnvRoot)
 	if root == "" {
 		root = "/"
@@ -101,6 +112,7 @@ func runFirecracker(args []string) int {
 		logW = f
 	}
 	srv := NewServer(checker, id, root, logW)
+	srv.API = os.Getenv(EnvAPI)
 	srv.OnStart = emulateGuest
 	if err := srv.Serve(srv.Resolve(sock)); err != nil {
 		return fail("firecracker: %v", err)
@@ -337,6 +349,10 @@ func runJailer(args []string) int {
 		if err := os.Chown(chroot, j.UID, j.GID); err != nil {
 			return fail("jailer: chown chroot: %v", err)
 		}
+	}
+	if os.Getenv(EnvJailerHang) != "" {
+		fmt.Fprintln(os.Stderr, "fcstandin: jailer: hanging (FCSTANDIN_JAILER_HANG)")
+		select {}
 	}
 	env := []string{EnvRoot + "=" + chroot}
 	for _, kv := range os.Environ() {

@@ -58,10 +58,14 @@ func newEnv(t testing.TB, jailer bool) *testEnv {
 	}
 	e := &testEnv{t: t, root: root, logDir: filepath.Join(root, "log"), cgRoot: filepath.Join(root, "cg"),
 		stateDir: filepath.Join(root, "state"), chrootBase: filepath.Join(root, "jail"), bin: filepath.Join(root, "bin")}
-	for _, d := range []string{e.logDir, e.cgRoot, e.bin, filepath.Join(root, "img")} {
+	for _, d := range []string{e.logDir, e.cgRoot, e.bin, filepath.Join(root, "img"), filepath.Join(e.cgRoot, "system.slice")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatal(err)
 		}
+	}
+	// A cgroup v2 hierarchy with swap accounting, as Debian's kernel has.
+	if err := os.WriteFile(filepath.Join(e.cgRoot, "system.slice", "memory.swap.max"), []byte("max\n"), 0o644); err != nil {
+		t.Fatal(err)
 	}
 	self, err := os.Executable()
 	if err != nil {
@@ -234,10 +238,18 @@ func TestContractBootAndDestroy(t *testing.T) {
 				"PUT /drives/rootfs", "PUT /drives/config",
 				"PUT /network-interfaces/1",
 				"PUT /entropy",
+				"PUT /serial",
 				"PUT /actions",
 			}
 			if !slices.Equal(got, want) {
 				t.Errorf("API sequence:\n got %q\nwant %q", got, want)
+			}
+			// The console behind Firecracker's limiter; stdout stays the
+			// console (no serial_out_path).
+			serial := body(t, recs, "PUT /serial")
+			if _, ok := serial["serial_out_path"]; ok || fmt.Sprint(serial["rate_limiter"]) != fmt.Sprint(map[string]any{
+				"size": float64(DefaultSerialBytesPerSec), "refill_time": 1000.0, "one_time_burst": float64(4 * DefaultSerialBytesPerSec)}) {
+				t.Errorf("PUT /serial = %v; want only the default rate limiter", serial)
 			}
 			if a := body(t, recs, "PUT /actions"); a["action_type"] != "InstanceStart" {
 				t.Errorf("last request %v; want InstanceStart", a)
@@ -311,7 +323,9 @@ func (e *testEnv) checkJail(d *Driver, spec vm.Spec, meta vm.Meta, pid int) {
 		j.ChrootBase != e.chrootBase || j.CgroupVersion != "2" || !j.NewPIDNS || j.Daemonize {
 		t.Errorf("jailer args = %+v", j)
 	}
-	wantCg := []string{"cpu.max=200000 100000", fmt.Sprintf("memory.max=%d", int64(512+64)<<20)}
+	// 2 vCPUs plus one CPU for Firecracker's own threads; 512 MiB plus 64
+	// MiB for Firecracker plus 8 MiB per GiB for KVM's page tables; no swap.
+	wantCg := []string{"cpu.max=300000 100000", fmt.Sprintf("memory.max=%d", int64(512+64+8)<<20), "memory.swap.max=0"}
 	if !slices.Equal(j.Cgroups, wantCg) {
 		t.Errorf("jailer cgroups = %q, want %q", j.Cgroups, wantCg)
 	}

@@ -44,9 +44,9 @@ func (d *Driver) jailArgs(id string, vcpus, memMiB int) []string {
 		"--gid", strconv.Itoa(d.opts.GID),
 		"--chroot-base-dir", d.opts.ChrootBase,
 		"--cgroup-version", defaultCgVer,
-		// cgroup v2 limits: vCPU time quota and guest memory plus VMM overhead.
-		"--cgroup", fmt.Sprintf("cpu.max=%d %d", vcpus*cpuPeriodUS, cpuPeriodUS),
-		"--cgroup", fmt.Sprintf("memory.max=%d", int64(memMiB+d.opts.MemoryOverheadMiB)<<20),
+	}
+	for _, c := range d.cgroupSettings(vcpus, memMiB) {
+		args = append(args, "--cgroup", c)
 	}
 	if d.opts.ParentCgroup != "" {
 		args = append(args, "--parent-cgroup", d.opts.ParentCgroup)
@@ -57,6 +57,47 @@ func (d *Driver) jailArgs(id string, vcpus, memMiB int) []string {
 	// the driver detaches the jailer with setsid itself instead.
 	args = append(args, "--new-pid-ns", "--", "--api-sock", jailSocket)
 	return args
+}
+
+// cgroupSettings are the VM cgroup's (v2) limits, written by the jailer:
+//   - cpu.max: the vCPUs' time plus one CPU for Firecracker's own threads
+//     (the API and the device emulation thread that serves virtio queues).
+//     N vCPU threads can never use more than N CPUs, so the extra CPU is
+//     only ever the VMM's: with a quota of exactly N, busy vCPUs would
+//     starve the device thread and stall the guest's own I/O.
+//   - memory.max: guest memory, plus MemoryOverheadMiB for Firecracker,
+//     plus MemoryOverheadMiBPerGiB per GiB for KVM's page tables of the
+//     guest, which are charged to the cgroup (about 4 MiB per GiB without
+//     THP: a fixed overhead OOM-kills large VMs once the guest touches its
+//     memory).
+//   - memory.swap.max=0: the VM's memory is never swapped (a swapped
+//     guest is slow for everyone and its memory leaves the cgroup's
+//     bound), where the kernel accounts swap (see swapAccounting).
+func (d *Driver) cgroupSettings(vcpus, memMiB int) []string {
+	s := []string{
+		fmt.Sprintf("cpu.max=%d %d", (vcpus+1)*cpuPeriodUS, cpuPeriodUS),
+		fmt.Sprintf("memory.max=%d", int64(memMiB+d.memoryOverheadMiB(memMiB))<<20),
+	}
+	if d.swapAccounted {
+		s = append(s, "memory.swap.max=0")
+	}
+	return s
+}
+
+// memoryOverheadMiB is what the VM's cgroup gets beyond guest memory.
+func (d *Driver) memoryOverheadMiB(memMiB int) int {
+	gib := (memMiB + 1023) / 1024
+	return d.opts.MemoryOverheadMiB + gib*d.opts.MemoryOverheadMiBPerGiB
+}
+
+// swapAccounting reports whether the cgroup v2 hierarchy at root has swap
+// accounting (memory.swap.max files), as a kernel with CONFIG_MEMCG_SWAP
+// (and swap accounting not turned off) has in every non-root cgroup with
+// the memory controller. Without it the jailer could not write
+// memory.swap.max and every start would fail.
+func swapAccounting(root string) bool {
+	m, _ := filepath.Glob(filepath.Join(root, "*", "memory.swap.max"))
+	return len(m) > 0
 }
 
 // resolveExec is the firecracker binary as the jailer sees it: the jailer

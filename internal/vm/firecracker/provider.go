@@ -46,8 +46,26 @@ func (Provider) Validate(c config.Config, selected bool) []vm.FieldError {
 	if c.StateDir != "" && !filepath.IsAbs(c.StateDir) {
 		bad("state_dir", "%q must be an absolute path with the firecracker driver", c.StateDir)
 	}
+	if !levelRe.MatchString(f.LogLevel) {
+		bad("firecracker.log_level", "%q is not one of Error, Warning, Info, Debug", f.LogLevel)
+	}
+	if _, err := BootArgs(f.ExtraBootArgs); err != nil {
+		bad("firecracker.extra_boot_args", "%v", err)
+	}
+	if f.SerialBytesPerSec != 0 && f.SerialBytesPerSec < MinSerialBytesPerSec {
+		bad("firecracker.serial_bytes_per_sec", "must be 0 (no limit) or >= %d, got %d", MinSerialBytesPerSec, f.SerialBytesPerSec)
+	}
 	if !f.UseJailer {
 		return errs
+	}
+	if err := ValidParentCgroup(f.ParentCgroup); err != nil {
+		bad("firecracker.parent_cgroup", "%v", err)
+	}
+	if f.MemoryOverheadMiB < MinMemoryOverheadMiB {
+		bad("firecracker.memory_overhead_mib", "must be >= %d (Firecracker itself needs that much beside the guest), got %d", MinMemoryOverheadMiB, f.MemoryOverheadMiB)
+	}
+	if f.MemoryOverheadMiBPerGiB < MinMemoryOverheadMiBPerGiB {
+		bad("firecracker.memory_overhead_mib_per_gib", "must be >= %d (KVM's page tables take about 4 MiB per GiB of guest memory), got %d", MinMemoryOverheadMiBPerGiB, f.MemoryOverheadMiBPerGiB)
 	}
 	if f.JailerBinary == "" {
 		bad("firecracker.jailer_binary", "must be set when firecracker.use_jailer is on")
@@ -98,6 +116,22 @@ func (Provider) VMMUser(c config.Config) (uid, gid int, ok bool) {
 	return c.Firecracker.UID, c.Firecracker.GID, c.Firecracker.UseJailer
 }
 
+// Bounds of the firecracker section (Validate).
+const (
+	MinMemoryOverheadMiB       = 16
+	MinMemoryOverheadMiBPerGiB = 4
+	MinSerialBytesPerSec       = 4096
+)
+
+// serialRate maps serial_bytes_per_sec (0 = no limit) to the Options field
+// (0 = default, negative = no limit).
+func serialRate(v int64) int64 {
+	if v == 0 {
+		return -1
+	}
+	return v
+}
+
 // New implements vm.Provider: a Driver from the firecracker section,
 // state_dir and vm.console_log_max_bytes.
 func (Provider) New(c config.Config, log *slog.Logger) (vm.Driver, error) {
@@ -109,8 +143,15 @@ func (Provider) New(c config.Config, log *slog.Logger) (vm.Driver, error) {
 		GID:          c.Firecracker.GID,
 		ChrootBase:   c.Firecracker.ChrootBase,
 		StateDir:     c.StateDir,
-		Console:      vm.NewConsolePolicy(c.VM.ConsoleLogMaxBytes, c.VM.ConsoleLogKeep, c.VM.ConsoleLogMaxAge),
-		Logger:       log,
+
+		ParentCgroup:            c.Firecracker.ParentCgroup,
+		MemoryOverheadMiB:       c.Firecracker.MemoryOverheadMiB,
+		MemoryOverheadMiBPerGiB: c.Firecracker.MemoryOverheadMiBPerGiB,
+		ExtraBootArgs:           c.Firecracker.ExtraBootArgs,
+		LogLevel:                c.Firecracker.LogLevel,
+		SerialBytesPerSec:       serialRate(c.Firecracker.SerialBytesPerSec),
+		Console:                 vm.NewConsolePolicy(c.VM.ConsoleLogMaxBytes, c.VM.ConsoleLogKeep, c.VM.ConsoleLogMaxAge),
+		Logger:                  log,
 	})
 	if err != nil {
 		return nil, err

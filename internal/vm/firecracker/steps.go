@@ -1,12 +1,16 @@
 package firecracker
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -31,6 +35,7 @@ const (
 	StepPrepareJail    = "firerunner.PrepareJail"
 	StepStartVMM       = "firerunner.StartVMM"
 	StepAddEntropy     = "firerunner.AddEntropyDevice"
+	StepLimitSerial    = "firerunner.LimitSerialConsole"
 	StepInstanceStart  = "InstanceStart" // run by sdk.Machine.Start after the chain
 	driveIDRootfs      = "rootfs"
 	driveIDConfigDrive = "config"
@@ -162,6 +167,7 @@ func (b *boot) handlers() chain {
 		sdk.AttachDrivesHandler,
 		sdk.CreateNetworkInterfacesHandler,
 		sdk.Handler{Name: StepAddEntropy, Fn: b.addEntropy},
+		sdk.Handler{Name: StepLimitSerial, Fn: b.limitSerial},
 	)
 }
 
@@ -360,8 +366,10 @@ func (b *boot) startVMM(ctx context.Context, m *sdk.Machine) error {
 	if b.jailed {
 		// With --new-pid-ns the jailer spawns Firecracker, writes its pid
 		// to <chroot>/<exec_file_name>.pid and exits; Firecracker is not
-		// our child, so there is nothing else to reap.
-		werr := cmd.Wait()
+		// our child, so there is nothing else to reap. The wait is bounded:
+		// a jailer stuck (on a cgroup, a mount) is killed with its process
+		// group and the start fails.
+		werr := waitBounded(ctx, cmd, d.opts.JailerTimeout)
 		close(vr.reaped)
 		if werr != nil {
 			return fmt.Errorf("jailer failed: %v: %s", werr, tail(filepath.Join(b.dir, stderrFile)))
@@ -387,6 +395,28 @@ func (b *boot) startVMM(ctx context.Context, m *sdk.Machine) error {
 	}
 	vr.watcher = d.opts.Console.Watch(filepath.Join(b.dir, vm.ConsoleFile), vr.tl)
 	return b.waitForAPI(ctx, proc)
+}
+
+// waitBounded waits for cmd (started with its own process group) for at
+// most timeout or until ctx ends; then it kills the group and reaps cmd.
+func waitBounded(ctx context.Context, cmd *exec.Cmd, timeout time.Duration) error {
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	var why error
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
+		why = fmt.Errorf("did not finish within %s; killed", timeout)
+	case <-ctx.Done():
+		why = fmt.Errorf("start canceled: %w; killed", ctx.Err())
+	}
+	_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) // Setsid: its own group
+	_ = cmd.Process.Kill()
+	<-done
+	return why
 }
 
 // waitForAPI polls until the API socket answers GET /machine-config.
@@ -429,6 +459,78 @@ func (b *boot) addEntropy(ctx context.Context, m *sdk.Machine) error {
 		return nil
 	}
 	return err
+}
+
+// serialConfig is PUT /serial's body (API 1.17 SerialDevice; the SDK's
+// API 1.4.1 has no such endpoint, hence no model): no serial_out_path, so
+// the console stays Firecracker's stdout (the console log file), and a
+// TokenBucket rate_limiter.
+type serialConfig struct {
+	RateLimiter tokenBucket `json:"rate_limiter"`
+}
+
+// tokenBucket is the API's TokenBucket: size tokens (bytes), refilled over
+// refill_time ms, plus a one-time burst.
+type tokenBucket struct {
+	Size         int64 `json:"size"`
+	OneTimeBurst int64 `json:"one_time_burst"`
+	RefillTime   int64 `json:"refill_time"`
+}
+
+// limitSerial puts the guest's serial console behind Firecracker's rate
+// limiter (PUT /serial, pre-boot): a guest flooding its UART gets its
+// output dropped by the VMM instead of making it write without bound. A
+// Firecracker without the endpoint or the field answers 400; the VM then
+// boots without the limiter (the console log is still capped in place by
+// vm.ConsoleWatcher), and the driver says so.
+func (b *boot) limitSerial(ctx context.Context, m *sdk.Machine) error {
+	rate := b.d.opts.SerialBytesPerSec
+	if rate < 0 {
+		return nil
+	}
+	body, _ := json.Marshal(serialConfig{RateLimiter: tokenBucket{Size: rate, RefillTime: 1000, OneTimeBurst: 4 * rate}})
+	code, fault, err := apiPut(ctx, b.socket, "/serial", body)
+	switch {
+	case err != nil:
+		return fmt.Errorf("PUT /serial: %w", err)
+	case code == 204:
+		return nil
+	case code == 400 && (strings.Contains(fault, "Invalid request method") || strings.Contains(fault, "unknown field")):
+		b.d.log.Warn("firecracker has no serial console rate limiter (PUT /serial rate_limiter, Firecracker API 1.17); booting without it",
+			"vm", b.spec.ID, "fault", fault)
+		return nil
+	default:
+		return fmt.Errorf("PUT /serial: HTTP %d: %s", code, fault)
+	}
+}
+
+// apiPut sends one JSON PUT to Firecracker's API socket and returns the
+// status and fault_message.
+func apiPut(ctx context.Context, socket, path string, body []byte) (int, string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", socket)
+	}}}
+	defer hc.CloseIdleConnections()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, "http://localhost"+path, bytes.NewReader(body))
+	if err != nil {
+		return 0, "", err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json")
+	resp, err := hc.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	var f struct {
+		FaultMessage string `json:"fault_message"`
+	}
+	raw, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	_ = json.Unmarshal(raw, &f)
+	return resp.StatusCode, f.FaultMessage, nil
 }
 
 // jailPID reads the pid the jailer wrote for a VM and checks it is still
