@@ -138,3 +138,27 @@ func TestSerialLimiterFallback(t *testing.T) {
 		}
 	}
 }
+
+// A start that fails before any VMM process exists (here: the jail cannot
+// be built) cleans up at once: the cleanup must not wait for a process
+// that was never started to be reaped (it used to wait out Destroy's 30 s
+// kill timeout on every such failure).
+func TestStartFailureBeforeVMMCleansUpAtOnce(t *testing.T) {
+	e := newEnv(t, true)
+	os.Remove(e.image.Initrd)
+	os.Mkdir(e.image.Initrd, 0o755) // placing a directory in the jail fails
+	d := e.driver()
+	spec := e.spec("fr-early1", fcstandin.CmdExit, "0")
+	t0 := time.Now()
+	err := d.Start(context.Background(), spec)
+	took := time.Since(t0)
+	if err == nil || !strings.Contains(err.Error(), "initrd.img") {
+		t.Fatalf("Start = %v; want the jail's failure", err)
+	}
+	// A bound on a hang, far above the milliseconds this takes, far below
+	// the 30 s wait it used to be.
+	if took > 15*time.Second {
+		t.Errorf("Start failed only after %s: the cleanup waited for a VMM that never started", took)
+	}
+	e.assertClean(d, spec.ID, 0)
+}

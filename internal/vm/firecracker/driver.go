@@ -192,6 +192,8 @@ type Driver struct {
 	log  *slog.Logger
 	// swapAccounted: the cgroup hierarchy has memory.swap.max (jailer only).
 	swapAccounted bool
+	// stageMu serialises staging image files in the chroot base.
+	stageMu sync.Mutex
 
 	mu   sync.Mutex
 	runs map[string]*vmRun // VMs started by this process
@@ -203,6 +205,7 @@ type vmRun struct {
 	tl      *vm.Timeline
 	watcher *vm.ConsoleWatcher
 	reaped  chan struct{} // closed when the direct child was reaped
+	spawned atomic.Bool   // the direct child was started: reaped will close
 	waitErr error
 	killed  atomic.Bool // Destroy killed it (Wait reports "killed")
 }
@@ -516,9 +519,11 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 	delete(d.runs, id)
 	d.mu.Unlock()
 	if run != nil {
-		select { // our child: let the reaper collect it
-		case <-run.reaped:
-		case <-kctx.Done():
+		if run.spawned.Load() {
+			select { // our child: let the reaper collect it
+			case <-run.reaped:
+			case <-kctx.Done():
+			}
 		}
 		if run.watcher != nil {
 			run.watcher.Stop()

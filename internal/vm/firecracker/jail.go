@@ -171,10 +171,97 @@ const (
 	placedCopy    placeMode = "copy"
 )
 
+// imageCacheDir is where, inside the chroot base, shared image files are
+// staged (see stageShared). The jailer never looks at it, and List only
+// at <chroot_base>/*firecracker*/.
+const imageCacheDir = ".firerunner-images"
+
+// stageShared returns a path for the shared, read-only image file src
+// inside the chroot base's own mount, from which every jail gets a hard
+// link in O(1).
+//
+// link(2) (and FICLONE) fail with EXDEV across mounts even on one file
+// system, and under the shipped unit (ProtectSystem=strict) every
+// ReadWritePaths entry is its own bind mount: the image under state_dir
+// and the jails under chroot_base are always on different mounts, so
+// linking the image straight into each jail fell back to a full copy of
+// rootfs, kernel and initrd per VM: seconds of I/O, N× the disk, no
+// shared page cache. Staging costs one link (or reflink, or copy) per
+// image version; a copy is logged at warn. A staged file is keyed by the
+// source's device, inode, size and mtime, so a rebuilt image is staged
+// anew; versions no jail links any more are removed then.
+func (d *Driver) stageShared(src string) (string, error) {
+	fi, err := os.Stat(src)
+	if err != nil {
+		return "", err
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return "", fmt.Errorf("stat %s: no inode", src)
+	}
+	dir := filepath.Join(d.opts.ChrootBase, imageCacheDir)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	name := filepath.Base(src)
+	staged := filepath.Join(dir, fmt.Sprintf("%s.%x-%x-%x-%x", name, st.Dev, st.Ino, fi.Size(), fi.ModTime().UnixNano()))
+	if _, err := os.Stat(staged); err == nil {
+		return staged, nil
+	}
+	d.stageMu.Lock()
+	defer d.stageMu.Unlock()
+	if _, err := os.Stat(staged); err == nil {
+		return staged, nil // staged by a concurrent start
+	}
+	tmp := fmt.Sprintf("%s.tmp-%d", staged, os.Getpid())
+	os.Remove(tmp)
+	mode, err := placeFile(src, tmp)
+	if err != nil {
+		return "", err
+	}
+	if mode != placedLink {
+		// A copy must not stay writable through a shared inode: 0644,
+		// read by the jail user through "other".
+		if err := os.Chmod(tmp, 0o644); err != nil {
+			os.Remove(tmp)
+			return "", err
+		}
+	}
+	if err := os.Rename(tmp, staged); err != nil {
+		os.Remove(tmp)
+		return "", err
+	}
+	lg := d.log.Info
+	if mode == placedCopy {
+		lg = d.log.Warn
+	}
+	lg("image file staged in the chroot base, for O(1) hard links into every jail", "file", src, "staged", staged, "how", mode,
+		"bytes", fi.Size(), "why", "jails can only link files on their own mount (chroot_base)")
+	d.pruneStaged(dir, name, staged)
+	return staged, nil
+}
+
+// pruneStaged removes the other staged versions of an image file that no
+// jail links any more (link count 1).
+func (d *Driver) pruneStaged(dir, name, keep string) {
+	old, _ := filepath.Glob(filepath.Join(dir, name+".*"))
+	for _, p := range old {
+		fi, err := os.Lstat(p)
+		if err != nil || p == keep || !fi.Mode().IsRegular() {
+			continue
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Nlink == 1 {
+			if err := os.Remove(p); err == nil {
+				d.log.Info("removed an image file no jail uses", "staged", p)
+			}
+		}
+	}
+}
+
 // placeFile puts src at dst: a hard link when both are on one filesystem
-// (O(1), shares the inode), else a reflink (O(1) on btrfs/xfs), else a full
-// copy. Shared image files are linked, never chowned: the jailed uid reads
-// them through their "other" permission bits.
+// and mount (O(1), shares the inode), else a reflink (O(1) on btrfs/xfs),
+// else a full copy. Shared image files are linked, never chowned: the
+// jailed uid reads them through their "other" permission bits.
 func placeFile(src, dst string) (placeMode, error) {
 	if err := os.Link(src, dst); err == nil {
 		return placedLink, nil

@@ -277,10 +277,20 @@ func (b *boot) prepareJail(ctx context.Context, m *sdk.Machine) error {
 			if err := readableBy(src, uid, gid); err != nil {
 				return err
 			}
+			// Shared image files come from their copy in the chroot
+			// base's mount, so the link below never crosses a mount.
+			staged, err := d.stageShared(src)
+			if err != nil {
+				return fmt.Errorf("stage %s in the chroot base: %w", src, err)
+			}
+			src = staged
 		}
 		mode, err := placeFile(src, d.inJail(id, jailPath))
 		if err != nil {
 			return err
+		}
+		if mode == placedCopy && !own {
+			b.d.log.Warn("image file copied into the jail (no hard link or reflink possible)", "vm", id, "file", jailPath, "from", src)
 		}
 		b.d.log.Debug("placed file in jail", "vm", id, "file", jailPath, "how", mode)
 		if own {
@@ -362,6 +372,7 @@ func (b *boot) startVMM(ctx context.Context, m *sdk.Machine) error {
 		return fmt.Errorf("start %s: %w", cmd.Path, err)
 	}
 	vr := b.vr
+	vr.spawned.Store(true) // from here on vr.reaped is closed once cmd is reaped
 	var proc vm.Proc
 	if b.jailed {
 		// With --new-pid-ns the jailer spawns Firecracker, writes its pid
