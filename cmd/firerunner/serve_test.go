@@ -5,11 +5,14 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/firerunner/firerunner/internal/config"
 	"github.com/firerunner/firerunner/internal/daemon"
+	"github.com/firerunner/firerunner/internal/store"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -84,5 +87,22 @@ func TestServeRefusesUserModeNetworking(t *testing.T) {
 	r = firerunner(t, "serve", "--config", write("  allow_user_mode_for_development: true\n"))
 	if r.code != 1 || strings.Contains(r.stderr, "network.mode:") || !strings.Contains(r.stderr, "gitlab.token_file") {
 		t.Fatalf("serve with user mode allowed: exit %d, want the missing token file as the error; stderr:\n%s", r.code, r.stderr)
+	}
+}
+
+// install.sh creates the state dir with the mode the store sets at every
+// start (store.DirMode), so a re-run of the installer after the daemon
+// started has nothing to change (make test-install re-runs it).
+func TestInstallerStateDirMode(t *testing.T) {
+	b, err := os.ReadFile("../../install.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`(?m)^ensure_dir "\$STATEDIR" (0[0-7]{3}) (\S+) (\S+)$`).FindStringSubmatch(string(b))
+	if m == nil {
+		t.Fatal(`install.sh has no 'ensure_dir "$STATEDIR" MODE UID GID' line`)
+	}
+	if mode, _ := strconv.ParseUint(m[1], 8, 32); os.FileMode(mode) != store.DirMode || m[2] != "0" || m[3] != "0" {
+		t.Errorf("install.sh makes the state dir %s %s:%s; the store sets %04o (owner root)", m[1], m[2], m[3], store.DirMode)
 	}
 }

@@ -198,13 +198,51 @@ func (d *Daemon) Wait(ctx context.Context) error {
 	}
 }
 
+// Stop budget: serve gives Shutdown the drain timeout plus CleanupTimeout
+// (tearing down the VMs left and deleting their runners), and the HTTP
+// servers HTTPShutdownTimeout after that. The systemd unit's TimeoutStopSec
+// must cover StopBudget, or systemd kills FireRunner in the middle of its
+// cleanup; install.sh derives it from the config (and passes it to the
+// service as FIRERUNNER_TIMEOUT_STOP_SEC, which CheckStopTimeout reads).
+const (
+	CleanupTimeout      = 3 * time.Minute
+	HTTPShutdownTimeout = 10 * time.Second
+)
+
+// StopBudget is the longest a SIGTERM'd FireRunner takes to exit.
+func StopBudget(cfg config.Config) time.Duration {
+	return cfg.Limits.DrainTimeout + CleanupTimeout + HTTPShutdownTimeout
+}
+
+// StopTimeoutEnv names the service's stop timeout in seconds (set by the
+// unit install.sh writes).
+const StopTimeoutEnv = "FIRERUNNER_TIMEOUT_STOP_SEC"
+
+// CheckStopTimeout compares the service manager's stop timeout (seconds,
+// from StopTimeoutEnv; "" = not run by the shipped unit) with StopBudget.
+func CheckStopTimeout(cfg config.Config, env string) error {
+	if env == "" {
+		return nil
+	}
+	sec, err := strconv.Atoi(env)
+	if err != nil || sec <= 0 {
+		return fmt.Errorf("%s=%q is not a number of seconds", StopTimeoutEnv, env)
+	}
+	if stop, need := time.Duration(sec)*time.Second, StopBudget(cfg); stop < need {
+		return fmt.Errorf("the service's TimeoutStopSec (%s) is shorter than limits.drain_timeout (%s) + cleanup (%s) + HTTP shutdown (%s) = %s: "+
+			"systemd would kill FireRunner before it cleaned up (re-run install.sh, which derives it from the config)",
+			stop, cfg.Limits.DrainTimeout, CleanupTimeout, HTTPShutdownTimeout, need)
+	}
+	return nil
+}
+
 // Shutdown stops intake, drains running VMs (up to limits.drain_timeout, then
 // cleans up), stops the HTTP server last so cancel/success webhooks still
 // tear VMs down while draining, and closes the store. State is kept.
 func (d *Daemon) Shutdown(ctx context.Context) error {
 	d.log.Info("shutdown requested: intake stopped, draining", "drain_timeout", d.Config.Limits.DrainTimeout.String())
 	shutErr := d.Controller.Shutdown(ctx)
-	hctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	hctx, cancel := context.WithTimeout(context.Background(), HTTPShutdownTimeout)
 	defer cancel()
 	d.srv.shutdown(hctx)
 	if err := d.Store.Close(); err != nil && shutErr == nil {

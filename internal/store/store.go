@@ -199,12 +199,17 @@ END;
 `,
 }
 
+// DirMode is the state directory's mode: Open sets it, and install.sh
+// creates the directory with it, so a re-run of the installer after the
+// daemon started finds nothing to change.
+const DirMode = 0o700
+
 // Open opens (creating if needed) the store in stateDir and migrates it.
 func Open(ctx context.Context, stateDir string) (*Store, error) {
-	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+	if err := os.MkdirAll(stateDir, DirMode); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
-	if err := os.Chmod(stateDir, 0o700); err != nil {
+	if err := os.Chmod(stateDir, DirMode); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
 	path := filepath.Join(stateDir, FileName)
