@@ -19,7 +19,7 @@ usage() {
 usage: install.sh [options]
   --gitlab-url URL         GitLab URL written into a new config.yaml
   --listen ADDR            webhook/metrics listen address for a new config (default :8080)
-  --driver NAME            firecracker (default) or qemu, for a new config
+  --driver NAME            firecracker (default) or qemu (development only), for a new config
   --dns IP[,IP]            resolvers for VMs (default: the host's upstream resolvers)
   --bin PATH               firerunner binary to install (default: bin/firerunner next to this script)
   --firecracker-bin PATH   install this firecracker binary instead of downloading
@@ -102,6 +102,7 @@ changed() { CHANGED=$((CHANGED + 1)); say "$*"; }
 [ "$(id -u)" -eq 0 ] || die "run as root (sudo ./install.sh ...)"
 ROOT=$(realpath -m "$ROOT")
 case "$DRIVER" in firecracker | qemu) ;; *) die "--driver must be firecracker or qemu" ;; esac
+[ "$DRIVER" = qemu ] && say "NOTE: --driver qemu is for development: QEMU runs as root, confined only by its seccomp sandbox (the config says qemu.allow_for_development: true); use firecracker in production"
 R() { if [ "$ROOT" = / ]; then echo "$1"; else echo "$ROOT$1"; fi; }
 ON_HOST=0
 [ "$ROOT" = / ] && ON_HOST=1
@@ -166,7 +167,8 @@ install_file() {
 render() { # render TEMPLATE > out, replacing @KEY@ placeholders
 	sed -e "s|@BINDIR@|$BINDIR|g" -e "s|@CONFDIR@|$CONFDIR|g" -e "s|@STATEDIR@|$STATEDIR|g" -e "s|@STOP_TIMEOUT@|${STOP_TIMEOUT:-}|g" \
 		-e "s|@GITLAB_URL@|$GITLAB_URL|g" -e "s|@LISTEN@|$LISTEN|g" -e "s|@DRIVER@|$DRIVER|g" \
-		-e "s|@UID@|$FR_UID|g" -e "s|@GID@|$FR_GID|g" -e "s|@DNS@|$DNS_YAML|g" "$1"
+		-e "s|@UID@|$FR_UID|g" -e "s|@GID@|$FR_GID|g" -e "s|@DNS@|$DNS_YAML|g" \
+		-e "s|@QEMU_DEV@|$([ "$DRIVER" = qemu ] && echo true || echo false)|g" "$1"
 }
 
 duration_seconds() { # duration_seconds GO_DURATION -> whole seconds (rounded up), e.g. 1h30m, 10m0s, 90s

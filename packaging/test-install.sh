@@ -113,6 +113,19 @@ grep -q "uid: $FR_UID\$" "$R/etc/firerunner/config.yaml" || fail "config lacks t
 grep -q 'dns: \["10.0.0.53", "10.0.0.54"\]' "$R/etc/firerunner/config.yaml" || fail "config lacks --dns"
 echo "$json" | jq -e '.checks[] | select(.name == "webhook-secret") | .status == "pass"' >/dev/null || fail "doctor rejects the generated webhook secret"
 
+grep -q '^  allow_for_development: false$' "$R/etc/firerunner/config.yaml" || fail "firecracker config: qemu.allow_for_development is not false"
+
+echo "--- --driver qemu: development only, said so in the config, which loads"
+R3=$T/root3
+mkdir -p "$R3/etc"
+cp "$R/etc/passwd" "$R/etc/group" "$R/etc/shadow" "$R/etc/gshadow" "$R3/etc/"
+"$HERE/install.sh" --root "$R3" --bin "$BIN" --driver qemu --image "$T/image" --gitlab-url http://127.0.0.1:9 --dns 10.0.0.53 --no-download >"$T/qemu.log"
+grep -q 'NOTE: --driver qemu is for development' "$T/qemu.log" || fail "--driver qemu did not say it is for development"
+grep -q '^  allow_for_development: true$' "$R3/etc/firerunner/config.yaml" || fail "--driver qemu config lacks qemu.allow_for_development: true"
+sed -e "s|/etc/firerunner/|$R3/etc/firerunner/|g" -e "s|/var/lib/firerunner|$R3/var/lib/firerunner|g" "$R3/etc/firerunner/config.yaml" >"$T/qemu-config.yaml"
+st=$("$BIN" doctor --config "$T/qemu-config.yaml" --json | jq -r '.checks[] | select(.name == "config") | .status' || true)
+[ "$st" = pass ] && pass "--driver qemu config loads and validates" || fail "--driver qemu config check: $st"
+
 echo "--- second install after the daemon started: must change nothing"
 # What the daemon does to the state dir at start (store.Open: mode
 # store.DirMode, the database 0600; the VM and network dirs 0700).

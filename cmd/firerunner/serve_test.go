@@ -73,7 +73,7 @@ func TestServeRefusesUserModeNetworking(t *testing.T) {
 	write := func(extra string) string {
 		p := filepath.Join(dir, "config.yaml")
 		y := "gitlab:\n  url: https://gitlab.example.com\n  token_file: " + filepath.Join(dir, "missing-token") +
-			"\nstate_dir: " + filepath.Join(dir, "state") + "\nvm:\n  driver: qemu\nnetwork:\n  mode: user\n" + extra
+			"\nstate_dir: " + filepath.Join(dir, "state") + "\nvm:\n  driver: qemu\nqemu:\n  allow_for_development: true\nnetwork:\n  mode: user\n" + extra
 		if err := os.WriteFile(p, []byte(y), 0o600); err != nil {
 			t.Fatal(err)
 		}

@@ -234,6 +234,10 @@ type QEMU struct {
 	Binary string `yaml:"binary"`
 	// Accel is auto (KVM if a boot probe works, else TCG), kvm or tcg.
 	Accel string `yaml:"accel"`
+	// AllowForDevelopment must be true for vm.driver qemu: QEMU runs as
+	// FireRunner's user (root) without a per-VM uid or cgroup, only
+	// inside its seccomp sandbox, so the driver is for development.
+	AllowForDevelopment bool `yaml:"allow_for_development"`
 }
 
 // Firecracker configures the firecracker driver; internal/vm/firecracker's

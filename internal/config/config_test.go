@@ -123,11 +123,17 @@ func TestDriverSections(t *testing.T) {
 		{"defaults", func(c *config.Config) {}, nil},
 		{"unknown driver lists the known ones", func(c *config.Config) { c.VM.Driver = "vbox" },
 			[]string{`vm.driver: "vbox" is not one of qemu, firecracker`}},
-		{"qemu binary", func(c *config.Config) { c.VM.Driver, c.QEMU.Binary = "qemu", "" },
+		{"qemu binary", func(c *config.Config) { c.VM.Driver, c.QEMU.Binary, c.QEMU.AllowForDevelopment = "qemu", "", true },
 			[]string{"qemu.binary: must be set"}},
+		// QEMU runs as root without a per-VM uid or cgroup: development only.
+		{"qemu without the development switch", func(c *config.Config) { c.VM.Driver = "qemu" },
+			[]string{"vm.driver: qemu is for development"}},
+		{"qemu with the development switch", func(c *config.Config) { c.VM.Driver, c.QEMU.AllowForDevelopment = "qemu", true }, nil},
 		{"qemu accel, even with firecracker selected", func(c *config.Config) { c.QEMU.Accel = "fast" },
 			[]string{`qemu.accel: "fast" is not one of auto, kvm, tcg`}},
-		{"qemu state dir syntax", func(c *config.Config) { c.VM.Driver, c.StateDir = "qemu", "/var/lib/a,b" },
+		{"qemu state dir syntax", func(c *config.Config) {
+			c.VM.Driver, c.StateDir, c.QEMU.AllowForDevelopment = "qemu", "/var/lib/a,b", true
+		},
 			[]string{`state_dir: "/var/lib/a,b" must not contain ',' or ':'`}},
 		{"firecracker binary", func(c *config.Config) { c.Firecracker.Binary = "" },
 			[]string{"firecracker.binary: must be set"}},
@@ -135,10 +141,10 @@ func TestDriverSections(t *testing.T) {
 			[]string{"network.mode: user-mode networking is QEMU-only; firecracker needs tap"}},
 		// User-mode networking maps the guest's gateway to the host's
 		// loopback: refused unless the file allows it for development.
-		{"qemu with user networking", func(c *config.Config) { c.VM.Driver, c.Network.Mode = "qemu", "user" },
+		{"qemu with user networking", func(c *config.Config) { c.VM.Driver, c.Network.Mode, c.QEMU.AllowForDevelopment = "qemu", "user", true },
 			[]string{"network.mode: user-mode networking lets every guest reach this host's loopback services"}},
 		{"qemu with user networking allowed for development", func(c *config.Config) {
-			c.VM.Driver, c.Network.Mode, c.Network.AllowUserModeForDevelopment = "qemu", "user", true
+			c.VM.Driver, c.Network.Mode, c.Network.AllowUserModeForDevelopment, c.QEMU.AllowForDevelopment = "qemu", "user", true, true
 		}, nil},
 		{"the development switch alone changes nothing in tap mode", func(c *config.Config) { c.Network.AllowUserModeForDevelopment = true }, nil},
 		{"jailer fields", func(c *config.Config) {
@@ -169,7 +175,7 @@ func TestDriverSections(t *testing.T) {
 			c.Firecracker.UseJailer, c.Firecracker.ChrootBase, c.Firecracker.UID = false, "jail", 0
 		}, nil},
 		{"firecracker section unused with qemu", func(c *config.Config) {
-			c.VM.Driver, c.Firecracker.Binary, c.Firecracker.ChrootBase = "qemu", "", "jail"
+			c.VM.Driver, c.Firecracker.Binary, c.Firecracker.ChrootBase, c.QEMU.AllowForDevelopment = "qemu", "", "jail", true
 		}, nil},
 		{"driver and other fields at once", func(c *config.Config) {
 			c.LogLevel, c.QEMU.Accel, c.Firecracker.ChrootBase = "chatty", "fast", "jail"

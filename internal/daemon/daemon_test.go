@@ -17,7 +17,7 @@ import (
 func TestStartRefusesUserModeWithoutTheDevelopmentSwitch(t *testing.T) {
 	c := config.Default()
 	c.GitLab.URL = "https://gitlab.example.com"
-	c.VM.Driver, c.Network.Mode = "qemu", "user"
+	c.VM.Driver, c.Network.Mode, c.QEMU.AllowForDevelopment = "qemu", "user", true
 	c.StateDir = t.TempDir()
 	_, err := Start(context.Background(), c, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err == nil || !strings.Contains(err.Error(), "network.allow_user_mode_for_development") {

@@ -22,6 +22,7 @@ func TestDrivers(t *testing.T) {
 	}
 	c := config.Default()
 	c.GitLab.URL = "https://gitlab.example.com"
+	c.QEMU.AllowForDevelopment = true // qemu is for development
 	for _, name := range r.Names() {
 		c.VM.Driver = name
 		if err := c.Validate(r); err != nil {

@@ -63,7 +63,7 @@ func TestStartServesTLSAndMetricsListen(t *testing.T) {
 	cfg.StateDir = filepath.Join(dir, "state")
 	cfg.GitLab.URL = gl.URL()
 	cfg.GitLab.TokenFile, cfg.GitLab.WebhookSecretFile = filepath.Join(secrets, "token"), filepath.Join(secrets, "hook")
-	cfg.VM.Driver, cfg.VM.ImageDir, cfg.QEMU.Accel = "qemu", fakeImage(t), "tcg"
+	cfg.VM.Driver, cfg.VM.ImageDir, cfg.QEMU.Accel, cfg.QEMU.AllowForDevelopment = "qemu", fakeImage(t), "tcg", true
 	cfg.Network.Mode, cfg.Network.AllowUserModeForDevelopment = "user", true
 	cfg.Limits.DrainTimeout = time.Second
 	logs := &testenv.Buffer{}

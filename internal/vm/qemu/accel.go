@@ -84,7 +84,7 @@ func probeBoot(ctx context.Context, binary, kernel string, accel []string, extra
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	args := append([]string{"-M", "microvm,x-option-roms=off,rtc=on"}, accel...)
-	args = append(args, "-m", "256", "-smp", "1", "-no-reboot", "-display", "none", "-monitor", "none",
+	args = append(args, "-sandbox", Sandbox, "-m", "256", "-smp", "1", "-no-reboot", "-display", "none", "-monitor", "none",
 		"-serial", "stdio", "-kernel", kernel,
 		"-append", strings.TrimSpace(strings.Join(BaseKernelArgs, " ")+" "+extraCmdline))
 	cmd := exec.CommandContext(ctx, binary, args...)
