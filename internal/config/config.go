@@ -269,6 +269,10 @@ type Firecracker struct {
 	// SerialBytesPerSec rate-limits the guest's serial console in
 	// Firecracker (output past it is dropped); 0 = no limit.
 	SerialBytesPerSec int64 `yaml:"serial_bytes_per_sec"`
+	// VMUIDBase, when not 0, gives every jailed VM a uid and gid of its
+	// own: the VM whose address is host number i of network.cidr runs as
+	// VMUIDBase+i (its tap belongs to it). 0 = every VM runs as UID/GID.
+	VMUIDBase int `yaml:"vm_uid_base"`
 }
 
 // Default returns the configuration used for every field the file omits.

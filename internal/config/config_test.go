@@ -171,6 +171,13 @@ func TestDriverSections(t *testing.T) {
 			c.Firecracker.LogLevel, c.Firecracker.ExtraBootArgs, c.Firecracker.SerialBytesPerSec = "Debug", []string{"loglevel=7"}, 0
 			c.Firecracker.ParentCgroup, c.Firecracker.MemoryOverheadMiB, c.Firecracker.MemoryOverheadMiBPerGiB = "system.slice/firerunner.service/vms", 128, 16
 		}, nil},
+		{"per-VM users from a range", func(c *config.Config) { c.Firecracker.VMUIDBase = 200000 }, nil},
+		{"per-VM users: too low", func(c *config.Config) { c.Firecracker.VMUIDBase = 500 },
+			[]string{"firecracker.vm_uid_base: must be 0 (every VM as firecracker.uid) or >= 1000, got 500"}},
+		{"per-VM users: the range holds firecracker.uid", func(c *config.Config) { c.Firecracker.VMUIDBase = 63900 },
+			[]string{"firecracker.vm_uid_base: the VMs' uids 63900-64155 include firecracker.uid/gid 64000/64000"}},
+		{"per-VM users: past 2^31", func(c *config.Config) { c.Firecracker.VMUIDBase, c.Network.CIDR = 2147483000, "10.0.0.0/16" },
+			[]string{"firecracker.vm_uid_base: 2147483000 + the 65536 addresses of network.cidr run past uid 2147483646"}},
 		{"jailer fields unused without the jailer", func(c *config.Config) {
 			c.Firecracker.UseJailer, c.Firecracker.ChrootBase, c.Firecracker.UID = false, "jail", 0
 		}, nil},

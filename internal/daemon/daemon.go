@@ -167,6 +167,12 @@ func network(ctx context.Context, cfg config.Config, driver vm.Provider[config.C
 			opts = append(opts, netsetup.WithTapOwner(uint32(uid), uint32(gid)))
 		}
 	}
+	// Each VMM a user of its own: each tap that VM's (base + host number).
+	if u, ok := driver.(vm.VMMUserRange[config.Config]); ok {
+		if base, ok := u.VMMUserRange(cfg); ok {
+			opts = append(opts, netsetup.WithTapOwnerRange(uint32(base)))
+		}
+	}
 	mgr, err := netsetup.New(cfg.Network, cfg.StateDir, opts...)
 	if err != nil {
 		return nil, err

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/firerunner/firerunner/internal/testenv"
 	"github.com/firerunner/firerunner/internal/testsupport/fcstandin"
 )
 
@@ -114,4 +115,59 @@ func TestKnobsReachFirecracker(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.assertClean(d, spec.ID, 0)
+}
+
+// With firecracker.vm_uid_base each jailed VM runs as the uid/gid its
+// network attachment names (its own, from the range netsetup hands out):
+// the jailer drops to it, the VM's files in the jail are its. A user not
+// from the range is refused; a VM without one runs as firecracker.uid.
+func TestPerVMUser(t *testing.T) {
+	testenv.RequireRoot(t) // chown to other users
+	e := newEnv(t, true)
+	e.opts.VMUIDBase = 300000
+	d := e.driver()
+	ctx := context.Background()
+	spec := e.spec("fr-peruid1", fcstandin.CmdExit, "0")
+	spec.Network.UID, spec.Network.GID = 300005, 300005
+	t.Cleanup(func() { d.Destroy(ctx, spec.ID) })
+	if err := d.Start(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	meta, _ := d.sd.ReadMeta(spec.ID)
+	j, err := fcstandin.ParseJailerArgs(meta.Argv[1:])
+	if err != nil || j.UID != 300005 || j.GID != 300005 {
+		t.Errorf("jailer --uid/--gid %d/%d (%v); want the VM's own 300005", j.UID, j.GID, err)
+	}
+	for _, f := range []string{jailConfig, jailLog, filepath.Dir(jailSocket)} {
+		fi, err := os.Stat(d.inJail(spec.ID, f))
+		if err != nil || statUID(fi) != 300005 {
+			t.Errorf("%s in the jail: owner %d (%v); want 300005", f, statUID(fi), err)
+		}
+	}
+	if fm, _ := d.readFCMeta(spec.ID); fm.UID != 300005 || fm.GID != 300005 {
+		t.Errorf("firecracker.json user %d:%d", fm.UID, fm.GID)
+	}
+	if _, err := d.Wait(ctx, spec.ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Destroy(ctx, spec.ID); err != nil {
+		t.Fatal(err)
+	}
+	e.assertClean(d, spec.ID, 0)
+
+	bad := e.spec("fr-peruid2", fcstandin.CmdExit, "0")
+	bad.Network.UID, bad.Network.GID = 1000, 1000
+	if err := d.Start(ctx, bad); err == nil || !strings.Contains(err.Error(), "not from the per-VM range") {
+		t.Errorf("a user below the range: %v", err)
+	}
+	shared := e.spec("fr-peruid3", fcstandin.CmdExit, "0")
+	if err := d.Start(ctx, shared); err != nil {
+		t.Fatal(err)
+	}
+	meta, _ = d.sd.ReadMeta(shared.ID)
+	if j, _ := fcstandin.ParseJailerArgs(meta.Argv[1:]); j.UID != e.opts.UID {
+		t.Errorf("a VM without its own user runs as %d, want firecracker.uid %d", j.UID, e.opts.UID)
+	}
+	d.Wait(ctx, shared.ID)
+	d.Destroy(ctx, shared.ID)
 }

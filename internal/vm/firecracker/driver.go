@@ -75,6 +75,10 @@ type Options struct {
 	// Output past it is dropped by Firecracker. 0 = the default, 256 KiB/s;
 	// negative = no limiter.
 	SerialBytesPerSec int64
+	// VMUIDBase, when not 0, lets each VM run as the uid/gid its
+	// vm.NetAttachment names (a per-VM user from the range netsetup hands
+	// out, >= VMUIDBase); VMs without one run as UID/GID.
+	VMUIDBase int
 	// Console caps the live console log (zero value: the defaults; see
 	// vm.NewConsolePolicy).
 	Console vm.ConsolePolicy
@@ -240,7 +244,10 @@ type fcMeta struct {
 	Socket string `json:"socket"`
 	// Exec is the canonical firecracker path the jailer was given (and
 	// named the jail, pid file and cgroup after); see resolveExec.
-	Exec      string `json:"exec,omitempty"`
+	Exec string `json:"exec,omitempty"`
+	// UID and GID the jailed VMM runs as.
+	UID       int    `json:"uid,omitempty"`
+	GID       int    `json:"gid,omitempty"`
 	JailDir   string `json:"jail_dir,omitempty"`
 	CgroupDir string `json:"cgroup_dir,omitempty"`
 }
@@ -266,6 +273,19 @@ func (d *Driver) readFCMeta(id string) (fcMeta, error) {
 
 // validMAC is the aa:bb:cc:dd:ee:ff form Firecracker takes for guest_mac.
 var validMAC = regexp.MustCompile(`^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$`)
+
+// vmmUser is the uid/gid VM spec's jailed VMM runs as: its own from the
+// range (vm.NetAttachment, with firecracker.vm_uid_base), else UID/GID.
+func (d *Driver) vmmUser(spec vm.Spec) (uid, gid int, err error) {
+	n := spec.Network
+	if n == nil || (n.UID == 0 && n.GID == 0) || !d.opts.UseJailer {
+		return d.opts.UID, d.opts.GID, nil
+	}
+	if d.opts.VMUIDBase <= 0 || n.UID < d.opts.VMUIDBase || n.GID < d.opts.VMUIDBase {
+		return 0, 0, fmt.Errorf("vm %s: VMM user %d:%d is not from the per-VM range (firecracker.vm_uid_base %d)", spec.ID, n.UID, n.GID, d.opts.VMUIDBase)
+	}
+	return n.UID, n.GID, nil
+}
 
 // validateSpec adds the driver's limits to Spec.Validate.
 func validateSpec(spec vm.Spec) error {
@@ -654,9 +674,9 @@ func (d *Driver) List(ctx context.Context) ([]vm.Instance, error) {
 
 // command builds the VMM command for one VM: firecracker directly, or the
 // jailer that execs it.
-func (d *Driver) command(spec vm.Spec, socket string) *exec.Cmd {
+func (d *Driver) command(spec vm.Spec, socket string, uid, gid int) *exec.Cmd {
 	if d.opts.UseJailer {
-		return exec.Command(d.opts.JailerBinary, d.jailArgs(spec.ID, spec.VCPUs, spec.MemoryMiB)...)
+		return exec.Command(d.opts.JailerBinary, d.jailArgs(spec.ID, spec.VCPUs, spec.MemoryMiB, uid, gid)...)
 	}
 	// Seccomp stays at Firecracker's default (on); the SDK's builder would
 	// add --no-seccomp unless told otherwise.

@@ -34,14 +34,14 @@ const (
 // jailArgs is the jailer command line for one VM. It is built here rather
 // than with the SDK's JailerCommandBuilder because that builder has no
 // --new-pid-ns and pins every VM to NUMA node 0.
-func (d *Driver) jailArgs(id string, vcpus, memMiB int) []string {
+func (d *Driver) jailArgs(id string, vcpus, memMiB, uid, gid int) []string {
 	args := []string{
 		"--id", id,
 		// The canonical path the VM's jail is named after (jailExec): the
 		// jailer resolves it again and gets the same name.
 		"--exec-file", d.jailExec(id),
-		"--uid", strconv.Itoa(d.opts.UID),
-		"--gid", strconv.Itoa(d.opts.GID),
+		"--uid", strconv.Itoa(uid),
+		"--gid", strconv.Itoa(gid),
 		"--chroot-base-dir", d.opts.ChrootBase,
 		"--cgroup-version", defaultCgVer,
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,8 +20,9 @@ import (
 type Provider struct{}
 
 var (
-	_ vm.Provider[config.Config] = Provider{}
-	_ vm.VMMUser[config.Config]  = Provider{}
+	_ vm.Provider[config.Config]     = Provider{}
+	_ vm.VMMUser[config.Config]      = Provider{}
+	_ vm.VMMUserRange[config.Config] = Provider{}
 )
 
 // Name implements vm.Provider.
@@ -82,6 +84,21 @@ func (Provider) Validate(c config.Config, selected bool) []vm.FieldError {
 	if f.GID <= 0 {
 		bad("firecracker.gid", "must be > 0 (a jailed VMM never runs as root), got %d", f.GID)
 	}
+	if f.VMUIDBase != 0 {
+		hosts := 0
+		if p, err := netip.ParsePrefix(c.Network.CIDR); err == nil && p.Addr().Is4() {
+			hosts = 1 << (32 - p.Bits())
+		}
+		last := int64(f.VMUIDBase) + int64(hosts) - 1
+		switch {
+		case f.VMUIDBase < MinVMUIDBase:
+			bad("firecracker.vm_uid_base", "must be 0 (every VM as firecracker.uid) or >= %d, got %d", MinVMUIDBase, f.VMUIDBase)
+		case last > MaxVMUID:
+			bad("firecracker.vm_uid_base", "%d + the %d addresses of network.cidr run past uid %d", f.VMUIDBase, hosts, MaxVMUID)
+		case int64(f.UID) >= int64(f.VMUIDBase) && int64(f.UID) <= last, int64(f.GID) >= int64(f.VMUIDBase) && int64(f.GID) <= last:
+			bad("firecracker.vm_uid_base", "the VMs' uids %d-%d include firecracker.uid/gid %d/%d", f.VMUIDBase, last, f.UID, f.GID)
+		}
+	}
 	return errs
 }
 
@@ -116,8 +133,19 @@ func (Provider) VMMUser(c config.Config) (uid, gid int, ok bool) {
 	return c.Firecracker.UID, c.Firecracker.GID, c.Firecracker.UseJailer
 }
 
-// Bounds of the firecracker section (Validate).
+// VMMUserRange implements vm.VMMUserRange: with firecracker.vm_uid_base,
+// every jailed VM runs as a uid and gid of its own, as Firecracker's
+// production guidance asks.
+func (Provider) VMMUserRange(c config.Config) (base int, ok bool) {
+	return c.Firecracker.VMUIDBase, c.Firecracker.UseJailer && c.Firecracker.VMUIDBase > 0 && c.Network.Mode == "tap"
+}
+
+// Bounds of the firecracker section (Validate). Per-VM uids stay below
+// 2^31 (some tools take uids as signed) and clear of system accounts.
 const (
+	MinVMUIDBase = 1000
+	MaxVMUID     = 1<<31 - 2
+
 	MinMemoryOverheadMiB       = 16
 	MinMemoryOverheadMiBPerGiB = 4
 	MinSerialBytesPerSec       = 4096
@@ -150,6 +178,7 @@ func (Provider) New(c config.Config, log *slog.Logger) (vm.Driver, error) {
 		ExtraBootArgs:           c.Firecracker.ExtraBootArgs,
 		LogLevel:                c.Firecracker.LogLevel,
 		SerialBytesPerSec:       serialRate(c.Firecracker.SerialBytesPerSec),
+		VMUIDBase:               c.Firecracker.VMUIDBase,
 		Console:                 vm.NewConsolePolicy(c.VM.ConsoleLogMaxBytes, c.VM.ConsoleLogKeep, c.VM.ConsoleLogMaxAge),
 		Logger:                  log,
 	})

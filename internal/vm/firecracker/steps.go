@@ -52,6 +52,7 @@ type boot struct {
 	snap     *Snapshot
 	resume   bool
 	exec     string // jailed: the canonical firecracker path (resolveExec)
+	uid, gid int    // jailed: the VMM's user (vmmUser)
 
 	created bool // the state dir is ours to clean up on failure
 	vr      *vmRun
@@ -71,6 +72,9 @@ func (d *Driver) newBoot(spec vm.Spec, bootArgs string) (*boot, error) {
 		}
 		b.exec = exec
 		b.socket = filepath.Join(d.jailDirOf(filepath.Base(exec), spec.ID), "root", jailSocket)
+		if b.uid, b.gid, err = d.vmmUser(spec); err != nil {
+			return nil, err
+		}
 	}
 	if len(b.socket) >= 108 {
 		return nil, fmt.Errorf("vm %s: API socket path %s is longer than a Unix socket allows (107 bytes); shorten state_dir or chroot_base", spec.ID, b.socket)
@@ -216,6 +220,7 @@ func (b *boot) prepareVMDir(ctx context.Context, m *sdk.Machine) error {
 		// later too (jailExec).
 		name := filepath.Base(b.exec)
 		fm.Exec, fm.JailDir, fm.CgroupDir = b.exec, d.jailDirOf(name, id), d.cgroupDirOf(name, id)
+		fm.UID, fm.GID = b.uid, b.gid
 	}
 	fb, _ := json.Marshal(fm)
 	if err := os.WriteFile(filepath.Join(b.dir, fcMetaFile), fb, 0o600); err != nil {
@@ -258,7 +263,7 @@ func touch(path string, uid, gid int) error {
 // user, and every path handed to the API becomes a jail path.
 func (b *boot) prepareJail(ctx context.Context, m *sdk.Machine) error {
 	d, id := b.d, b.spec.ID
-	uid, gid := d.opts.UID, d.opts.GID
+	uid, gid := b.uid, b.gid
 	root := d.chrootDir(id)
 	if err := os.MkdirAll(root, 0o750); err != nil {
 		return err
@@ -352,7 +357,7 @@ func (b *boot) prepareJail(ctx context.Context, m *sdk.Machine) error {
 // anything else can fail, and waits for the API socket to answer.
 func (b *boot) startVMM(ctx context.Context, m *sdk.Machine) error {
 	d, id := b.d, b.spec.ID
-	cmd := d.command(b.spec, b.socket)
+	cmd := d.command(b.spec, b.socket, b.uid, b.gid)
 	console, err := os.OpenFile(filepath.Join(b.dir, vm.ConsoleFile), os.O_WRONLY|os.O_APPEND|syscall.O_NOFOLLOW, 0)
 	if err != nil {
 		return err
