@@ -19,7 +19,7 @@ usage() {
 usage: install.sh [options]
   --gitlab-url URL         GitLab URL written into a new config.yaml
   --listen ADDR            webhook/metrics listen address for a new config (default :8080)
-  --driver NAME            firecracker (default) or qemu, for a new config
+  --driver NAME            firecracker (default) or qemu (development only), for a new config
   --dns IP[,IP]            resolvers for VMs (default: the host's upstream resolvers)
   --bin PATH               firerunner binary to install (default: bin/firerunner next to this script)
   --firecracker-bin PATH   install this firecracker binary instead of downloading
@@ -102,6 +102,7 @@ changed() { CHANGED=$((CHANGED + 1)); say "$*"; }
 [ "$(id -u)" -eq 0 ] || die "run as root (sudo ./install.sh ...)"
 ROOT=$(realpath -m "$ROOT")
 case "$DRIVER" in firecracker | qemu) ;; *) die "--driver must be firecracker or qemu" ;; esac
+[ "$DRIVER" = qemu ] && say "NOTE: --driver qemu is for development: QEMU runs as root, confined only by its seccomp sandbox (the config says qemu.allow_for_development: true); use firecracker in production"
 R() { if [ "$ROOT" = / ]; then echo "$1"; else echo "$ROOT$1"; fi; }
 ON_HOST=0
 [ "$ROOT" = / ] && ON_HOST=1
@@ -164,9 +165,27 @@ install_file() {
 }
 
 render() { # render TEMPLATE > out, replacing @KEY@ placeholders
-	sed -e "s|@BINDIR@|$BINDIR|g" -e "s|@CONFDIR@|$CONFDIR|g" -e "s|@STATEDIR@|$STATEDIR|g" \
+	sed -e "s|@BINDIR@|$BINDIR|g" -e "s|@CONFDIR@|$CONFDIR|g" -e "s|@STATEDIR@|$STATEDIR|g" -e "s|@STOP_TIMEOUT@|${STOP_TIMEOUT:-}|g" \
 		-e "s|@GITLAB_URL@|$GITLAB_URL|g" -e "s|@LISTEN@|$LISTEN|g" -e "s|@DRIVER@|$DRIVER|g" \
-		-e "s|@UID@|$FR_UID|g" -e "s|@GID@|$FR_GID|g" -e "s|@DNS@|$DNS_YAML|g" "$1"
+		-e "s|@UID@|$FR_UID|g" -e "s|@GID@|$FR_GID|g" -e "s|@DNS@|$DNS_YAML|g" \
+		-e "s|@QEMU_DEV@|$([ "$DRIVER" = qemu ] && echo true || echo false)|g" "$1"
+}
+
+duration_seconds() { # duration_seconds GO_DURATION -> whole seconds (rounded up), e.g. 1h30m, 10m0s, 90s
+	local d=$1 total=0 n u
+	[ -n "$d" ] || return 1
+	[ "$d" = 0 ] && { echo 0; return; }
+	while [ -n "$d" ]; do
+		[[ $d =~ ^([0-9]+)(h|ms|us|µs|ns|m|s)(.*)$ ]] || return 1
+		n=${BASH_REMATCH[1]} u=${BASH_REMATCH[2]} d=${BASH_REMATCH[3]}
+		case $u in
+		h) total=$((total + n * 3600)) ;;
+		m) total=$((total + n * 60)) ;;
+		s) total=$((total + n)) ;;
+		*) [ "$n" = 0 ] || total=$((total + 1)) ;;
+		esac
+	done
+	echo "$total"
 }
 
 host_dns() { # upstream resolvers VMs can reach (not 127.0.0.53 & co.)
@@ -190,10 +209,20 @@ if [ $UNINSTALL = 1 ]; then
 	elif [ $ON_HOST = 0 ]; then
 		say "not touching systemd: installing under --root $ROOT"
 	fi
-	if [ $ON_HOST = 1 ]; then # the bridge and nft table the daemon made
+	if [ $ON_HOST = 1 ]; then # what the daemon made on the host's network
 		br=$(awk '$1 == "bridge:" { print $2; exit }' "$CONFDIR/config.yaml" 2>/dev/null || true)
-		nft delete table inet firerunner 2>/dev/null || true
-		ip link del "${br:-firerunner0}" 2>/dev/null || true
+		for fam in inet bridge; do # NAT and isolation (inet), MAC/IP pinning per tap (bridge)
+			if nft list table "$fam" firerunner >/dev/null 2>&1; then
+				nft delete table "$fam" firerunner && say "removed nftables table $fam firerunner"
+			fi
+		done
+		# VMs' taps are named after their VM ids (fr- and 1-12 of [a-z0-9]).
+		for dev in $(ip -o link show 2>/dev/null | awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | grep -E '^fr-[a-z0-9]{1,12}$' || true); do
+			ip link del "$dev" && say "removed tap $dev"
+		done
+		if ip link show "${br:-firerunner0}" >/dev/null 2>&1; then
+			ip link del "${br:-firerunner0}" && say "removed bridge ${br:-firerunner0}"
+		fi
 	fi
 	files=("$BINDIR/firerunner" "$UNIT" "$SYSCTL" "$MODULES")
 	if [ -f "$(R "$FC_MARKER")" ]; then
@@ -260,7 +289,9 @@ FR_GID=$(lookup_id group $USER_NAME)
 # ---------------------------------------------------------------- files
 
 ensure_dir "$CONFDIR" 0750 0 "$FR_GID"
-ensure_dir "$STATEDIR" 0750 0 "$FR_GID"
+# 0700 root: the mode the daemon's store sets at every start (store.DirMode),
+# so a re-run after the daemon started changes nothing.
+ensure_dir "$STATEDIR" 0700 0 0
 ensure_dir /var/cache/firerunner 0750 0 0
 if [ "$DRIVER" = firecracker ]; then ensure_dir /srv/jailer 0750 0 "$FR_GID"; fi
 
@@ -287,6 +318,13 @@ else
 fi
 if [ -e "$(R "$CONFDIR/.gitlab_token")" ]; then fix_meta "$CONFDIR/.gitlab_token" 0600 0 0; fi
 
+# TimeoutStopSec covers what `firerunner serve` takes after SIGTERM:
+# limits.drain_timeout, then up to 3 min of cleanup (daemon.CleanupTimeout),
+# then 10 s of HTTP shutdown, plus a margin; derived from the config on every
+# run, so a changed drain_timeout updates the unit.
+drain=$(awk '/^limits:/ { l = 1; next } /^[^[:space:]#]/ { l = 0 } l && $1 == "drain_timeout:" { print $2; exit }' "$(R "$CONFDIR/config.yaml")" | tr -d "\"'")
+drain_s=$(duration_seconds "${drain:-10m}") || { say "WARNING: cannot read limits.drain_timeout '$drain'; assuming 10m"; drain_s=600; }
+STOP_TIMEOUT=$((drain_s + 180 + 30))
 render "$PKG/firerunner.service" >"$TMP/firerunner.service"
 unit_before=$CHANGED
 install_file "$TMP/firerunner.service" "$UNIT" 0644 0 0

@@ -72,7 +72,7 @@ expect /etc/firerunner/.webhook_secret 600 0 0
 expect /etc/systemd/system/firerunner.service 644 0 0
 expect /etc/sysctl.d/60-firerunner.conf 644 0 0
 expect /etc/modules-load.d/firerunner.conf 644 0 0
-expect /var/lib/firerunner 750 0 "$FR_GID"
+expect /var/lib/firerunner 700 0 0
 expect /var/lib/firerunner/image/rootfs.ext4 644 0 0
 expect /srv/jailer 750 0 "$FR_GID"
 cmp -s "$BIN" "$R/usr/local/bin/firerunner" || fail "installed binary differs from $BIN"
@@ -85,6 +85,10 @@ unit=$R/etc/systemd/system/firerunner.service
 grep -qx 'ExecStart=/usr/local/bin/firerunner serve --config /etc/firerunner/config.yaml' "$unit" || fail "unit ExecStart wrong"
 grep -qx 'Restart=on-failure' "$unit" || fail "unit lacks Restart=on-failure"
 grep -q '^DeviceAllow=/dev/kvm' "$unit" || fail "unit does not allow /dev/kvm"
+# The stop timeout covers drain_timeout (10m) + cleanup (3m) + HTTP shutdown
+# and a margin, and the daemon is told it.
+grep -qx 'TimeoutStopSec=810' "$unit" && pass "TimeoutStopSec=810 (10m drain + 3m30s)" || fail "unit: $(grep TimeoutStopSec "$unit")"
+grep -qx 'Environment=FIRERUNNER_TIMEOUT_STOP_SEC=810' "$unit" || fail "unit does not pass its stop timeout to the daemon"
 if grep -q '@[A-Z]*@' "$unit" "$R/etc/firerunner/config.yaml"; then fail "unfilled @PLACEHOLDER@ left"; fi
 if command -v systemd-analyze >/dev/null; then
 	# Checks syntax and directive names; the binary path is this root's.
@@ -109,12 +113,41 @@ grep -q "uid: $FR_UID\$" "$R/etc/firerunner/config.yaml" || fail "config lacks t
 grep -q 'dns: \["10.0.0.53", "10.0.0.54"\]' "$R/etc/firerunner/config.yaml" || fail "config lacks --dns"
 echo "$json" | jq -e '.checks[] | select(.name == "webhook-secret") | .status == "pass"' >/dev/null || fail "doctor rejects the generated webhook secret"
 
-echo "--- second install: must change nothing"
+grep -q '^  allow_for_development: false$' "$R/etc/firerunner/config.yaml" || fail "firecracker config: qemu.allow_for_development is not false"
+
+echo "--- --driver qemu: development only, said so in the config, which loads"
+R3=$T/root3
+mkdir -p "$R3/etc"
+cp "$R/etc/passwd" "$R/etc/group" "$R/etc/shadow" "$R/etc/gshadow" "$R3/etc/"
+"$HERE/install.sh" --root "$R3" --bin "$BIN" --driver qemu --image "$T/image" --gitlab-url http://127.0.0.1:9 --dns 10.0.0.53 --no-download >"$T/qemu.log"
+grep -q 'NOTE: --driver qemu is for development' "$T/qemu.log" || fail "--driver qemu did not say it is for development"
+grep -q '^  allow_for_development: true$' "$R3/etc/firerunner/config.yaml" || fail "--driver qemu config lacks qemu.allow_for_development: true"
+sed -e "s|/etc/firerunner/|$R3/etc/firerunner/|g" -e "s|/var/lib/firerunner|$R3/var/lib/firerunner|g" "$R3/etc/firerunner/config.yaml" >"$T/qemu-config.yaml"
+st=$("$BIN" doctor --config "$T/qemu-config.yaml" --json | jq -r '.checks[] | select(.name == "config") | .status' || true)
+[ "$st" = pass ] && pass "--driver qemu config loads and validates" || fail "--driver qemu config check: $st"
+
+echo "--- second install after the daemon started: must change nothing"
+# What the daemon does to the state dir at start (store.Open: mode
+# store.DirMode, the database 0600; the VM and network dirs 0700).
+chmod 700 "$R/var/lib/firerunner"
+install -m 600 /dev/null "$R/var/lib/firerunner/firerunner.db"
+install -d -m 700 "$R/var/lib/firerunner/vms" "$R/var/lib/firerunner/network"
 manifest >"$T/before"
 install_it | tee "$T/run2.log"
 manifest >"$T/after"
 if diff -u "$T/before" "$T/after"; then pass "second run left every path, mode, owner and sha256 as it was"; else fail "second run changed the tree"; fi
 grep -q 'nothing to do' "$T/run2.log" || fail "second run did not report 'nothing to do'"
+
+echo "--- a longer drain_timeout in the config lengthens the unit's stop timeout"
+sed -i 's/^  drain_timeout: 10m$/  drain_timeout: 30m/' "$R/etc/firerunner/config.yaml"
+grep -q '^  drain_timeout: 30m$' "$R/etc/firerunner/config.yaml" || fail "test could not edit drain_timeout"
+install_it >"$T/run-drain.log"
+grep -qx 'TimeoutStopSec=2010' "$unit" && pass "TimeoutStopSec=2010 after drain_timeout: 30m" || fail "unit after drain 30m: $(grep TimeoutStopSec "$unit")"
+grep -q 'installed /etc/systemd/system/firerunner.service' "$T/run-drain.log" || fail "the unit change was not reported"
+install_it >"$T/run-drain2.log"
+grep -q 'nothing to do' "$T/run-drain2.log" || fail "a re-run after the unit update changed something: $(cat "$T/run-drain2.log")"
+sed -i 's/^  drain_timeout: 30m$/  drain_timeout: 10m/' "$R/etc/firerunner/config.yaml"
+install_it >/dev/null
 
 echo "--- drift: a secret made world-readable is repaired, not regenerated"
 chmod 644 "$R/etc/firerunner/.webhook_secret"
@@ -130,7 +163,7 @@ touch "$R/var/lib/firerunner/firerunner.db"
 "$HERE/install.sh" --root "$R" --uninstall
 for p in /usr/local/bin/firerunner /usr/local/bin/firecracker /usr/local/bin/jailer /etc/systemd/system/firerunner.service \
 	/etc/sysctl.d/60-firerunner.conf /etc/modules-load.d/firerunner.conf; do gone "$p"; done
-expect /var/lib/firerunner/firerunner.db 644 0 0
+expect /var/lib/firerunner/firerunner.db 600 0 0
 expect /etc/firerunner/.webhook_secret 600 0 0
 grep -q '^firerunner:' "$R/etc/passwd" || fail "uninstall removed the user"
 "$HERE/install.sh" --root "$R" --uninstall >/dev/null && pass "uninstall twice is fine"
@@ -142,6 +175,52 @@ install_it >/dev/null
 "$HERE/install.sh" --root "$R" --uninstall --purge
 for p in /etc/firerunner /var/lib/firerunner /srv/jailer /var/cache/firerunner /usr/local/bin/firerunner; do gone "$p"; done
 if grep -q '^firerunner:' "$R/etc/passwd" "$R/etc/group"; then fail "purge left the firerunner user/group"; else pass "user and group removed"; fi
+
+echo "--- uninstall on a host removes the daemon's nftables tables, taps and bridge (in namespaces of this test)"
+# install.sh --uninstall for real, as on a host (no --root), in a network
+# namespace holding what a running FireRunner leaves, and a mount namespace
+# where /etc, /usr/local/bin and /run are overlays: nothing of this host's
+# files or network is touched.
+mkdir -p "$T/ov"
+cat >"$T/netns.sh" <<'NETNS'
+set -euo pipefail
+T=$1 HERE=$2
+for d in /etc /usr/local/bin /run; do
+	n=$(echo "$d" | tr / _)
+	mkdir -p "$T/ov/$n/u" "$T/ov/$n/w"
+	mount -t overlay overlay -o "lowerdir=$d,upperdir=$T/ov/$n/u,workdir=$T/ov/$n/w" "$d"
+done
+rm -rf /run/systemd/system /etc/firerunner /etc/systemd/system/firerunner.service
+mkdir -p /etc/firerunner
+printf 'network:
+  mode: tap
+  bridge: frtest0
+' >/etc/firerunner/config.yaml
+ip link add frtest0 type bridge
+for t in fr-a1b2c3d4e5 fr-zz9; do ip tuntap add dev "$t" mode tap; ip link set "$t" master frtest0; done
+ip tuntap add dev frkeep0 mode tap       # not a VM's name: kept
+ip tuntap add dev fr-Keep mode tap       # upper case: not a VM id, kept
+nft add table inet firerunner
+nft add table bridge firerunner
+nft add table inet keepme
+"$HERE/install.sh" --uninstall
+echo "links: $(ip -o link show | awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' | sort | paste -sd' ' -)"
+echo "tables: $(nft list tables | sort | paste -sd, -)"
+NETNS
+if ! unshare --mount --net --propagation private bash "$T/netns.sh" "$T" "$HERE" >"$T/netns.log" 2>&1; then
+	fail "uninstall in namespaces: $(tail -5 "$T/netns.log")"
+else
+	links=$(grep '^links:' "$T/netns.log") tables=$(grep '^tables:' "$T/netns.log")
+	for gone_dev in fr-a1b2c3d4e5 fr-zz9 frtest0; do
+		if echo " $links " | grep -q " $gone_dev "; then fail "uninstall left $gone_dev ($links)"; else pass "uninstall removed $gone_dev"; fi
+	done
+	for kept in frkeep0 fr-Keep; do
+		echo " $links " | grep -q " $kept " && pass "uninstall kept $kept (not a VM's tap)" || fail "uninstall removed $kept ($links)"
+	done
+	echo "$tables" | grep -q 'table inet keepme' && pass "uninstall kept another table" || fail "uninstall removed table inet keepme ($tables)"
+	if echo "$tables" | grep -q 'firerunner'; then fail "uninstall left a firerunner table: $tables"; else pass "uninstall removed tables inet and bridge firerunner"; fi
+	grep -q 'removed nftables table bridge firerunner' "$T/netns.log" || fail "uninstall did not report the bridge table: $(cat "$T/netns.log")"
+fi
 
 echo "--- firecracker download: checksum verified, tampering refused (served on loopback)"
 V=v9.9.9

@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
-	"time"
 
 	"github.com/firerunner/firerunner/internal/cli"
 	"github.com/firerunner/firerunner/internal/config"
@@ -39,6 +38,9 @@ func serve(args []string) error {
 	}
 	log := newLogger(cfg.LogLevel)
 	slog.SetDefault(log)
+	if err := daemon.CheckStopTimeout(cfg, os.Getenv(daemon.StopTimeoutEnv)); err != nil {
+		log.Warn("stop timeout too short", "err", err)
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -49,7 +51,7 @@ func serve(args []string) error {
 	werr := d.Wait(ctx)
 	// A failed listener leaves running jobs to the next start's reconcile;
 	// a signal drains them within limits.drain_timeout.
-	sctx, cancel := context.WithTimeout(context.Background(), cfg.Limits.DrainTimeout+3*time.Minute)
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.Limits.DrainTimeout+daemon.CleanupTimeout)
 	defer cancel()
 	if err := d.Shutdown(sctx); err != nil {
 		return err

@@ -28,8 +28,15 @@ const DefaultPath = "/etc/firerunner/config.yaml"
 // Config is the whole daemon configuration. See config.example.yaml at the
 // repository root for the documented file; both must change together.
 type Config struct {
-	// Listen is the address of the HTTP server (/webhook, /metrics, /healthz, /readyz).
+	// Listen is the address of the HTTP server: /webhook, and /metrics,
+	// /healthz, /readyz unless MetricsListen is set.
 	Listen string `yaml:"listen"`
+	// MetricsListen, when set, is a separate address (e.g. 127.0.0.1:9100)
+	// for /metrics, /healthz and /readyz, which then are not served on
+	// Listen; "" = served on Listen.
+	MetricsListen string `yaml:"metrics_listen"`
+	// TLS, when configured, makes Listen serve HTTPS.
+	TLS TLS `yaml:"tls"`
 	// LogLevel is debug, info, warn or error.
 	LogLevel string `yaml:"log_level"`
 	// StateDir holds the SQLite store and per-VM directories.
@@ -38,6 +45,7 @@ type Config struct {
 	// only runners carrying it. "" = the machine's hostname.
 	HostID string `yaml:"host_id"`
 
+	State       State       `yaml:"state"`
 	GitLab      GitLab      `yaml:"gitlab"`
 	Runners     Runners     `yaml:"runners"`
 	Reconcile   Reconcile   `yaml:"reconcile"`
@@ -65,6 +73,41 @@ type Pool struct {
 	// IdleTimeout recycles a warm VM older than this; 0 = 30m.
 	IdleTimeout time.Duration `yaml:"idle_timeout"`
 }
+
+// State is how long the store keeps history.
+type State struct {
+	// Retention: ended jobs (with their transitions), gone VMs and deleted
+	// runners whose records last changed longer ago are removed by the
+	// periodic sweep; 0 = keep everything. Active jobs, live VMs and what
+	// an active job's timeline shows are never removed.
+	Retention time.Duration `yaml:"retention"`
+}
+
+// PruneBefore is the cutoff of state retention at now: records last
+// changed before it go; the zero time (retention 0) keeps everything.
+func (s State) PruneBefore(now time.Time) time.Time {
+	if s.Retention <= 0 {
+		return time.Time{}
+	}
+	return now.Add(-s.Retention)
+}
+
+// MinRetention is the smallest state.retention other than 0.
+const MinRetention = time.Hour
+
+// TLS is the optional built-in TLS of the Listen server (the webhook).
+// Both files or neither; the key file must be mode 0600 or stricter. The
+// files are re-read when they change, so a renewed certificate needs no
+// restart.
+type TLS struct {
+	// CertFile is the PEM certificate chain (leaf first).
+	CertFile string `yaml:"cert_file"`
+	// KeyFile is the PEM private key of the leaf certificate (0600).
+	KeyFile string `yaml:"key_file"`
+}
+
+// Enabled reports whether Listen serves HTTPS.
+func (t TLS) Enabled() bool { return t.CertFile != "" || t.KeyFile != "" }
 
 // GitLab is how FireRunner reaches GitLab and authenticates webhooks.
 type GitLab struct {
@@ -175,6 +218,11 @@ type Network struct {
 	// Mode is "user" (QEMU user-mode networking, development only) or "tap"
 	// (tap per VM on a FireRunner bridge with NAT; production).
 	Mode string `yaml:"mode"`
+	// AllowUserModeForDevelopment must be true for Mode "user": QEMU's
+	// user-mode networking forwards the guest's gateway address to the
+	// host's 127.0.0.1, so every job could reach the host's loopback
+	// services (FireRunner's own listener included). Development only.
+	AllowUserModeForDevelopment bool `yaml:"allow_user_mode_for_development"`
 	// Bridge is the bridge device name.
 	Bridge string `yaml:"bridge"`
 	// CIDR is the VM subnet; the first address is the bridge/gateway.
@@ -205,6 +253,10 @@ type QEMU struct {
 	Binary string `yaml:"binary"`
 	// Accel is auto (KVM if a boot probe works, else TCG), kvm or tcg.
 	Accel string `yaml:"accel"`
+	// AllowForDevelopment must be true for vm.driver qemu: QEMU runs as
+	// FireRunner's user (root) without a per-VM uid or cgroup, only
+	// inside its seccomp sandbox, so the driver is for development.
+	AllowForDevelopment bool `yaml:"allow_for_development"`
 }
 
 // Firecracker configures the firecracker driver; internal/vm/firecracker's
@@ -220,6 +272,26 @@ type Firecracker struct {
 	GID int `yaml:"gid"`
 	// ChrootBase is the jailer's --chroot-base-dir.
 	ChrootBase string `yaml:"chroot_base"`
+	// ParentCgroup is the jailer's --parent-cgroup: VMs' cgroups go under
+	// <cgroup mount>/<parent_cgroup>/<vm id>; "" = the jailer's default
+	// (the firecracker file's name).
+	ParentCgroup string `yaml:"parent_cgroup"`
+	// MemoryOverheadMiB and MemoryOverheadMiBPerGiB size each VM cgroup's
+	// memory.max beyond the guest's memory: a fixed part for Firecracker
+	// and a part per GiB of guest memory for KVM's page tables.
+	MemoryOverheadMiB       int `yaml:"memory_overhead_mib"`
+	MemoryOverheadMiBPerGiB int `yaml:"memory_overhead_mib_per_gib"`
+	// ExtraBootArgs are appended to the guest kernel command line.
+	ExtraBootArgs []string `yaml:"extra_boot_args"`
+	// LogLevel is Firecracker's own log level: Error, Warning, Info, Debug.
+	LogLevel string `yaml:"log_level"`
+	// SerialBytesPerSec rate-limits the guest's serial console in
+	// Firecracker (output past it is dropped); 0 = no limit.
+	SerialBytesPerSec int64 `yaml:"serial_bytes_per_sec"`
+	// VMUIDBase, when not 0, gives every jailed VM a uid and gid of its
+	// own: the VM whose address is host number i of network.cidr runs as
+	// VMUIDBase+i (its tap belongs to it). 0 = every VM runs as UID/GID.
+	VMUIDBase int `yaml:"vm_uid_base"`
 }
 
 // Default returns the configuration used for every field the file omits.
@@ -228,6 +300,7 @@ func Default() Config {
 		Listen:   ":8080",
 		LogLevel: "info",
 		StateDir: "/var/lib/firerunner",
+		State:    State{Retention: 14 * 24 * time.Hour},
 		GitLab: GitLab{
 			TokenFile:         "/etc/firerunner/.gitlab_token",
 			WebhookSecretFile: "/etc/firerunner/.webhook_secret",
@@ -275,6 +348,11 @@ func Default() Config {
 			UID:          64000,
 			GID:          64000,
 			ChrootBase:   "/srv/jailer",
+
+			MemoryOverheadMiB:       64,
+			MemoryOverheadMiBPerGiB: 8,
+			LogLevel:                "Warning",
+			SerialBytesPerSec:       256 << 10,
 		},
 	}
 }
@@ -381,6 +459,18 @@ func (c Config) Validate(drivers Drivers) error {
 	}
 	if c.Listen == "" {
 		bad("listen", "must be set, e.g. :8080")
+	} else if _, _, err := splitAddr(c.Listen); err != nil {
+		bad("listen", "%v", err)
+	}
+	if c.MetricsListen != "" {
+		if mh, mp, err := splitAddr(c.MetricsListen); err != nil {
+			bad("metrics_listen", "%v", err)
+		} else if lh, lp, err := splitAddr(c.Listen); err == nil && mp != 0 && mp == lp && (mh == lh || wildcard(mh) || wildcard(lh)) {
+			bad("metrics_listen", "%q must not be the listen address %q (set it to another port, or leave it empty to serve /metrics on listen)", c.MetricsListen, c.Listen)
+		}
+	}
+	if (c.TLS.CertFile == "") != (c.TLS.KeyFile == "") {
+		bad("tls", "cert_file and key_file must be set together (got cert_file %q, key_file %q)", c.TLS.CertFile, c.TLS.KeyFile)
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":
@@ -389,6 +479,9 @@ func (c Config) Validate(drivers Drivers) error {
 	}
 	if c.StateDir == "" {
 		bad("state_dir", "must be set")
+	}
+	if r := c.State.Retention; r < 0 || (r > 0 && r < MinRetention) {
+		bad("state.retention", "must be 0 (keep everything) or >= %s, got %s", MinRetention, r)
 	}
 	if u, err := url.Parse(c.GitLab.URL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		bad("gitlab.url", "%q is not an http(s) URL", c.GitLab.URL)
@@ -499,6 +592,10 @@ func (c Config) Validate(drivers Drivers) error {
 	}
 	switch c.Network.Mode {
 	case "user": // QEMU only: the firecracker driver refuses it (its Validate)
+		if !c.Network.AllowUserModeForDevelopment {
+			bad("network.mode", "user-mode networking lets every guest reach this host's loopback services (QEMU maps the guest's gateway 10.0.2.2 to 127.0.0.1); "+
+				"use tap, or set network.allow_user_mode_for_development: true on a development machine")
+		}
 	case "tap":
 		if c.Network.Bridge == "" || len(c.Network.Bridge) > 15 {
 			bad("network.bridge", "must be 1-15 characters")
@@ -523,6 +620,8 @@ func (c Config) Validate(drivers Drivers) error {
 			bad("network.allow_host_ports", "%d is not a port (1-65535)", p)
 		} else if _, lp, err := net.SplitHostPort(c.Listen); err == nil && lp == strconv.Itoa(p) {
 			bad("network.allow_host_ports", "%d is FireRunner's own listen port, which VMs must never reach", p)
+		} else if _, mp, err := net.SplitHostPort(c.MetricsListen); err == nil && mp == strconv.Itoa(p) {
+			bad("network.allow_host_ports", "%d is FireRunner's own metrics_listen port, which VMs must never reach", p)
 		}
 	}
 	if drivers != nil {
@@ -535,6 +634,23 @@ func (c Config) Validate(drivers Drivers) error {
 	}
 	return nil
 }
+
+// splitAddr parses a listen address, host:port with a numeric port (0 =
+// any free port).
+func splitAddr(a string) (host string, port int, err error) {
+	h, p, err := net.SplitHostPort(a)
+	if err != nil {
+		return "", 0, fmt.Errorf("%q is not host:port (e.g. :8080 or 127.0.0.1:9100): %v", a, err)
+	}
+	n, err := strconv.ParseUint(p, 10, 16)
+	if err != nil {
+		return "", 0, fmt.Errorf("%q: port %q is not a number 0-65535", a, p)
+	}
+	return h, int(n), nil
+}
+
+// wildcard reports whether a listen host means every address.
+func wildcard(h string) bool { return h == "" || h == "0.0.0.0" || h == "::" }
 
 var hostIDPattern = regexp.MustCompile(`^[a-z0-9][a-z0-9.-]{0,62}$`)
 

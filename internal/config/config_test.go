@@ -123,17 +123,30 @@ func TestDriverSections(t *testing.T) {
 		{"defaults", func(c *config.Config) {}, nil},
 		{"unknown driver lists the known ones", func(c *config.Config) { c.VM.Driver = "vbox" },
 			[]string{`vm.driver: "vbox" is not one of qemu, firecracker`}},
-		{"qemu binary", func(c *config.Config) { c.VM.Driver, c.QEMU.Binary = "qemu", "" },
+		{"qemu binary", func(c *config.Config) { c.VM.Driver, c.QEMU.Binary, c.QEMU.AllowForDevelopment = "qemu", "", true },
 			[]string{"qemu.binary: must be set"}},
+		// QEMU runs as root without a per-VM uid or cgroup: development only.
+		{"qemu without the development switch", func(c *config.Config) { c.VM.Driver = "qemu" },
+			[]string{"vm.driver: qemu is for development"}},
+		{"qemu with the development switch", func(c *config.Config) { c.VM.Driver, c.QEMU.AllowForDevelopment = "qemu", true }, nil},
 		{"qemu accel, even with firecracker selected", func(c *config.Config) { c.QEMU.Accel = "fast" },
 			[]string{`qemu.accel: "fast" is not one of auto, kvm, tcg`}},
-		{"qemu state dir syntax", func(c *config.Config) { c.VM.Driver, c.StateDir = "qemu", "/var/lib/a,b" },
+		{"qemu state dir syntax", func(c *config.Config) {
+			c.VM.Driver, c.StateDir, c.QEMU.AllowForDevelopment = "qemu", "/var/lib/a,b", true
+		},
 			[]string{`state_dir: "/var/lib/a,b" must not contain ',' or ':'`}},
 		{"firecracker binary", func(c *config.Config) { c.Firecracker.Binary = "" },
 			[]string{"firecracker.binary: must be set"}},
-		{"firecracker with user networking", func(c *config.Config) { c.Network.Mode = "user" },
+		{"firecracker with user networking", func(c *config.Config) { c.Network.Mode, c.Network.AllowUserModeForDevelopment = "user", true },
 			[]string{"network.mode: user-mode networking is QEMU-only; firecracker needs tap"}},
-		{"qemu with user networking", func(c *config.Config) { c.VM.Driver, c.Network.Mode = "qemu", "user" }, nil},
+		// User-mode networking maps the guest's gateway to the host's
+		// loopback: refused unless the file allows it for development.
+		{"qemu with user networking", func(c *config.Config) { c.VM.Driver, c.Network.Mode, c.QEMU.AllowForDevelopment = "qemu", "user", true },
+			[]string{"network.mode: user-mode networking lets every guest reach this host's loopback services"}},
+		{"qemu with user networking allowed for development", func(c *config.Config) {
+			c.VM.Driver, c.Network.Mode, c.Network.AllowUserModeForDevelopment, c.QEMU.AllowForDevelopment = "qemu", "user", true, true
+		}, nil},
+		{"the development switch alone changes nothing in tap mode", func(c *config.Config) { c.Network.AllowUserModeForDevelopment = true }, nil},
 		{"jailer fields", func(c *config.Config) {
 			c.Firecracker.JailerBinary, c.Firecracker.ChrootBase, c.Firecracker.UID, c.Firecracker.GID = "", "jail", 0, -1
 			c.Firecracker.Binary = "/usr/local/bin/fc"
@@ -143,11 +156,33 @@ func TestDriverSections(t *testing.T) {
 			`firecracker.chroot_base: "jail" must be an absolute path`,
 			"firecracker.uid: must be > 0", "firecracker.gid: must be > 0",
 		}},
+		{"firecracker knobs", func(c *config.Config) {
+			c.Firecracker.LogLevel, c.Firecracker.ExtraBootArgs, c.Firecracker.SerialBytesPerSec = "Verbose", []string{"nomodule"}, 100
+			c.Firecracker.ParentCgroup, c.Firecracker.MemoryOverheadMiB, c.Firecracker.MemoryOverheadMiBPerGiB = "../escape", 8, 2
+		}, []string{
+			`firecracker.log_level: "Verbose" is not one of Error, Warning, Info, Debug`,
+			"firecracker.extra_boot_args: boot arg nomodule breaks the guest's initramfs",
+			"firecracker.serial_bytes_per_sec: must be 0 (no limit) or >= 4096, got 100",
+			`firecracker.parent_cgroup: parent cgroup "../escape": empty, "." and ".." components are refused by the jailer`,
+			"firecracker.memory_overhead_mib: must be >= 16",
+			"firecracker.memory_overhead_mib_per_gib: must be >= 4",
+		}},
+		{"firecracker knobs set well", func(c *config.Config) {
+			c.Firecracker.LogLevel, c.Firecracker.ExtraBootArgs, c.Firecracker.SerialBytesPerSec = "Debug", []string{"loglevel=7"}, 0
+			c.Firecracker.ParentCgroup, c.Firecracker.MemoryOverheadMiB, c.Firecracker.MemoryOverheadMiBPerGiB = "system.slice/firerunner.service/vms", 128, 16
+		}, nil},
+		{"per-VM users from a range", func(c *config.Config) { c.Firecracker.VMUIDBase = 200000 }, nil},
+		{"per-VM users: too low", func(c *config.Config) { c.Firecracker.VMUIDBase = 500 },
+			[]string{"firecracker.vm_uid_base: must be 0 (every VM as firecracker.uid) or >= 1000, got 500"}},
+		{"per-VM users: the range holds firecracker.uid", func(c *config.Config) { c.Firecracker.VMUIDBase = 63900 },
+			[]string{"firecracker.vm_uid_base: the VMs' uids 63900-64155 include firecracker.uid/gid 64000/64000"}},
+		{"per-VM users: past 2^31", func(c *config.Config) { c.Firecracker.VMUIDBase, c.Network.CIDR = 2147483000, "10.0.0.0/16" },
+			[]string{"firecracker.vm_uid_base: 2147483000 + the 65536 addresses of network.cidr run past uid 2147483646"}},
 		{"jailer fields unused without the jailer", func(c *config.Config) {
 			c.Firecracker.UseJailer, c.Firecracker.ChrootBase, c.Firecracker.UID = false, "jail", 0
 		}, nil},
 		{"firecracker section unused with qemu", func(c *config.Config) {
-			c.VM.Driver, c.Firecracker.Binary, c.Firecracker.ChrootBase = "qemu", "", "jail"
+			c.VM.Driver, c.Firecracker.Binary, c.Firecracker.ChrootBase, c.QEMU.AllowForDevelopment = "qemu", "", "jail", true
 		}, nil},
 		{"driver and other fields at once", func(c *config.Config) {
 			c.LogLevel, c.QEMU.Accel, c.Firecracker.ChrootBase = "chatty", "fast", "jail"
@@ -184,5 +219,43 @@ func TestValidateWithoutDrivers(t *testing.T) {
 	err := valid().Validate(nil)
 	if err == nil || !strings.Contains(err.Error(), "vm.driver: cannot check") {
 		t.Fatalf("Validate(nil) = %v", err)
+	}
+}
+
+// listen, metrics_listen and tls: addresses parse, the metrics address is
+// not the webhook's, the TLS files come as a pair, and VMs can be opened
+// neither port.
+func TestListenersAndTLS(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		mut  func(c *config.Config)
+		want string // "" = valid
+	}{
+		{"defaults: metrics on listen, no tls", func(c *config.Config) {}, ""},
+		{"metrics on loopback", func(c *config.Config) { c.MetricsListen = "127.0.0.1:9100" }, ""},
+		{"same port on another address", func(c *config.Config) { c.Listen, c.MetricsListen = "10.0.0.1:8080", "127.0.0.1:8080" }, ""},
+		{"metrics on the listen port", func(c *config.Config) { c.MetricsListen = "127.0.0.1:8080" }, `metrics_listen: "127.0.0.1:8080" must not be the listen address`},
+		{"metrics_listen not host:port", func(c *config.Config) { c.MetricsListen = "9100" }, "metrics_listen: \"9100\" is not host:port"},
+		{"listen not host:port", func(c *config.Config) { c.Listen = "8080" }, "listen: \"8080\" is not host:port"},
+		{"listen named port", func(c *config.Config) { c.Listen = ":http" }, `listen: ":http": port "http" is not a number`},
+		{"tls pair", func(c *config.Config) {
+			c.TLS = config.TLS{CertFile: "/etc/firerunner/tls.crt", KeyFile: "/etc/firerunner/tls.key"}
+		}, ""},
+		{"tls cert without key", func(c *config.Config) { c.TLS.CertFile = "/etc/firerunner/tls.crt" }, "tls: cert_file and key_file must be set together"},
+		{"tls key without cert", func(c *config.Config) { c.TLS.KeyFile = "/etc/firerunner/tls.key" }, "tls: cert_file and key_file must be set together"},
+		{"metrics port opened to VMs", func(c *config.Config) { c.MetricsListen, c.Network.AllowHostPorts = "127.0.0.1:9100", []int{9100} },
+			"network.allow_host_ports: 9100 is FireRunner's own metrics_listen port"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := valid()
+			tc.mut(&c)
+			err := c.Validate(drivers)
+			if tc.want == "" && err != nil {
+				t.Fatalf("unexpected error: %v", err)
+			}
+			if tc.want != "" && (err == nil || !strings.Contains(err.Error(), "\n  "+tc.want)) {
+				t.Fatalf("want %q, got %v", tc.want, err)
+			}
+		})
 	}
 }

@@ -31,6 +31,7 @@ func FuzzParse(f *testing.F) {
 		"gitlab:\n  url: https://g\nnetwork:\n  dns: null\n  allow_host_ports: [53, 70000]\n",
 		"gitlab:\n  url: https://g\nreconcile:\n  poll_projects: [1, 2]\n  poll_groups: [-3]\n",
 		"gitlab:\n  url: https://g\nvm:\n  driver: qemu\nnetwork:\n  mode: user\n",
+		"gitlab:\n  url: https://g\nvm:\n  driver: qemu\nnetwork:\n  mode: user\n  allow_user_mode_for_development: true\n",
 		"unknown_field: 1\n",
 		"gitlab: [1, 2]\n",
 		"capacity:\n  max_vcpus: 99999999999999999999\n",
@@ -100,6 +101,9 @@ func normEmpty(c config.Config) config.Config {
 	}
 	if len(c.Pools) == 0 {
 		c.Pools = nil
+	}
+	if len(c.Firecracker.ExtraBootArgs) == 0 {
+		c.Firecracker.ExtraBootArgs = nil
 	}
 	return c
 }

@@ -46,7 +46,8 @@ func (c *Controller) ReconcileOnce(ctx context.Context) {
 //  3. this host's runners in GitLab without a live VM using them are deleted;
 //  4. projects that ever sent a hook (and configured ones) are polled for
 //     pending jobs FireRunner has not seen;
-//  5. the SQLite WAL is checkpointed.
+//  5. history older than state.retention is pruned (store.Prune);
+//  6. the SQLite WAL is checkpointed.
 //
 // Each correction is logged and counted; errors do not stop later steps.
 func (c *Controller) sweep(ctx context.Context) error {
@@ -68,10 +69,21 @@ func (c *Controller) sweep(ctx context.Context) error {
 	c.sweepHost(ctx)
 	c.sweepRunners(ctx)
 	c.poll(ctx)
+	c.logPruned(c.store.Prune(ctx, c.cfg.State.PruneBefore(time.Now())))
 	if err := c.store.Checkpoint(ctx); err != nil {
 		c.log.Warn("reconcile: store checkpoint failed", "err", err)
 	}
 	return nil
+}
+
+// logPruned logs what state retention removed (store.Prune).
+func (c *Controller) logPruned(p store.Pruned, err error) {
+	if err != nil {
+		c.log.Error("reconcile: pruning old records failed", "err", err)
+	} else if p.Any() {
+		c.log.Info("reconcile: pruned records older than state.retention", "retention", c.cfg.State.Retention.String(),
+			"jobs", p.Jobs, "vms", p.VMs, "runners", p.Runners, "transitions", p.Transitions, "longest_tx", p.LongestTx.String())
+	}
 }
 
 // liveVM re-reads one VM record: whether it exists and is not gone.

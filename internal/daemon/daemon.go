@@ -34,14 +34,22 @@ type Daemon struct {
 	Driver     vm.Driver
 	Image      image.Manifest
 	log        *slog.Logger
-	srv        *http.Server
-	ln         net.Listener
-	srvErr     chan error
+	srv        *servers
 }
 
 // Start reads the secrets, builds every part, listens on cfg.Listen, resumes
 // and reconciles the jobs in the store, and returns once FireRunner is ready.
 func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Daemon, err error) {
+	// Whoever built cfg (a file, the demo, a test), FireRunner never runs
+	// a configuration that validation refuses, e.g. user-mode networking
+	// without network.allow_user_mode_for_development.
+	if err := cfg.Validate(Drivers()); err != nil {
+		return nil, err
+	}
+	if cfg.Network.Mode == "user" {
+		log.Warn("network.mode user: guests can reach this host's loopback services; for development only",
+			"allow_user_mode_for_development", cfg.Network.AllowUserModeForDevelopment)
+	}
 	// Secrets come from 0600 files only (never flags or environment).
 	apiToken, err := config.ReadSecret(cfg.GitLab.TokenFile)
 	if err != nil {
@@ -62,7 +70,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Daemon,
 	if err != nil {
 		return nil, err
 	}
-	d := &Daemon{Config: cfg, log: log, srvErr: make(chan error, 1)}
+	d := &Daemon{Config: cfg, log: log}
 	m := metrics.New(func() metrics.Snapshot {
 		if d.Controller == nil {
 			return metrics.Snapshot{}
@@ -113,27 +121,22 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Daemon,
 		return nil, err
 	}
 
-	mux := http.NewServeMux()
-	mux.Handle("/webhook", metrics.Timed(webhook.NewHandler(hookSecret, d.Controller,
+	hook := metrics.Timed(webhook.NewHandler(hookSecret, d.Controller,
 		webhook.WithMaxBody(cfg.GitLab.WebhookMaxBody), webhook.WithLogger(log),
 		webhook.WithRejectCounter(func(r string) { m.WebhookRejects.WithLabelValues(r).Inc() }),
-		webhook.WithEventCounter(func(e, s string) { m.WebhookEvents.WithLabelValues(e, s).Inc() })), m.WebhookLatency))
-	mux.Handle("/metrics", m.Handler())
-	mux.Handle("/healthz", metrics.Healthz())
-	mux.Handle("/readyz", metrics.Readyz(d.Controller.Ready))
-	d.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout: time.Minute, WriteTimeout: time.Minute, IdleTimeout: 2 * time.Minute}
-	if d.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
-		return nil, fmt.Errorf("listen: %w", err)
-	}
+		webhook.WithEventCounter(func(e, s string) { m.WebhookEvents.WithLabelValues(e, s).Inc() })), m.WebhookLatency)
 	// Serve first (so /healthz answers during start-up), then resume jobs
 	// and reconcile; /readyz turns ready once that is done.
-	go func() { d.srvErr <- d.srv.Serve(d.ln) }()
-	if err = d.Controller.Start(ctx); err != nil {
-		_ = d.srv.Close()
+	if d.srv, err = listen(cfg, hook, []route{{"/metrics", m.Handler()}, {"/healthz", metrics.Healthz()},
+		{"/readyz", metrics.Readyz(d.Controller.Ready)}}, log); err != nil {
 		return nil, err
 	}
-	log.Info("firerunner serving", "host_id", hostID, "listen", d.Addr(), "gitlab", cfg.GitLab.URL, "driver", cfg.VM.Driver,
+	if err = d.Controller.Start(ctx); err != nil {
+		d.srv.close()
+		return nil, err
+	}
+	log.Info("firerunner serving", "host_id", hostID, "listen", d.Addr(), "tls", cfg.TLS.Enabled(), "metrics_listen", d.MetricsAddr(),
+		"gitlab", cfg.GitLab.URL, "driver", cfg.VM.Driver,
 		"network", cfg.Network.Mode, "state_dir", cfg.StateDir, "image", d.Image.Dir,
 		"poll_projects", fmt.Sprint(cfg.Reconcile.PollProjects), "poll_groups", fmt.Sprint(cfg.Reconcile.PollGroups))
 	return d, nil
@@ -145,10 +148,12 @@ func network(ctx context.Context, cfg config.Config, driver vm.Provider[config.C
 		return nil, nil
 	}
 	opts := []netsetup.Option{netsetup.WithLogger(log)}
-	// VMs must never reach FireRunner's own webhook/metrics port.
-	if _, p, err := net.SplitHostPort(cfg.Listen); err == nil {
-		if port, err := strconv.ParseUint(p, 10, 16); err == nil && port != 0 {
-			opts = append(opts, netsetup.WithHostPorts(uint16(port)))
+	// VMs must never reach FireRunner's own webhook and metrics ports.
+	for _, a := range []string{cfg.Listen, cfg.MetricsListen} {
+		if _, p, err := net.SplitHostPort(a); err == nil {
+			if port, err := strconv.ParseUint(p, 10, 16); err == nil && port != 0 {
+				opts = append(opts, netsetup.WithHostPorts(uint16(port)))
+			}
 		}
 	}
 	// Ports the operator opened to VMs (validated 1-65535 by config).
@@ -162,6 +167,12 @@ func network(ctx context.Context, cfg config.Config, driver vm.Provider[config.C
 			opts = append(opts, netsetup.WithTapOwner(uint32(uid), uint32(gid)))
 		}
 	}
+	// Each VMM a user of its own: each tap that VM's (base + host number).
+	if u, ok := driver.(vm.VMMUserRange[config.Config]); ok {
+		if base, ok := u.VMMUserRange(cfg); ok {
+			opts = append(opts, netsetup.WithTapOwnerRange(uint32(base)))
+		}
+	}
 	mgr, err := netsetup.New(cfg.Network, cfg.StateDir, opts...)
 	if err != nil {
 		return nil, err
@@ -172,13 +183,18 @@ func network(ctx context.Context, cfg config.Config, driver vm.Provider[config.C
 	return mgr, nil
 }
 
-// Addr is the address the HTTP server listens on (useful with port 0).
-func (d *Daemon) Addr() string { return d.ln.Addr().String() }
+// Addr is the address the public (webhook) server listens on (useful with
+// port 0); it serves HTTPS when tls is configured.
+func (d *Daemon) Addr() string { return d.srv.publicLn.Addr().String() }
 
-// Wait blocks until ctx ends or the HTTP server fails.
+// MetricsAddr is where /metrics, /healthz and /readyz are served:
+// metrics_listen's address, or Addr without it.
+func (d *Daemon) MetricsAddr() string { return d.srv.metricsAddr() }
+
+// Wait blocks until ctx ends or an HTTP server fails.
 func (d *Daemon) Wait(ctx context.Context) error {
 	select {
-	case err := <-d.srvErr:
+	case err := <-d.srv.errs:
 		if !errors.Is(err, http.ErrServerClosed) {
 			return fmt.Errorf("http server: %w", err)
 		}
@@ -188,15 +204,53 @@ func (d *Daemon) Wait(ctx context.Context) error {
 	}
 }
 
+// Stop budget: serve gives Shutdown the drain timeout plus CleanupTimeout
+// (tearing down the VMs left and deleting their runners), and the HTTP
+// servers HTTPShutdownTimeout after that. The systemd unit's TimeoutStopSec
+// must cover StopBudget, or systemd kills FireRunner in the middle of its
+// cleanup; install.sh derives it from the config (and passes it to the
+// service as FIRERUNNER_TIMEOUT_STOP_SEC, which CheckStopTimeout reads).
+const (
+	CleanupTimeout      = 3 * time.Minute
+	HTTPShutdownTimeout = 10 * time.Second
+)
+
+// StopBudget is the longest a SIGTERM'd FireRunner takes to exit.
+func StopBudget(cfg config.Config) time.Duration {
+	return cfg.Limits.DrainTimeout + CleanupTimeout + HTTPShutdownTimeout
+}
+
+// StopTimeoutEnv names the service's stop timeout in seconds (set by the
+// unit install.sh writes).
+const StopTimeoutEnv = "FIRERUNNER_TIMEOUT_STOP_SEC"
+
+// CheckStopTimeout compares the service manager's stop timeout (seconds,
+// from StopTimeoutEnv; "" = not run by the shipped unit) with StopBudget.
+func CheckStopTimeout(cfg config.Config, env string) error {
+	if env == "" {
+		return nil
+	}
+	sec, err := strconv.Atoi(env)
+	if err != nil || sec <= 0 {
+		return fmt.Errorf("%s=%q is not a number of seconds", StopTimeoutEnv, env)
+	}
+	if stop, need := time.Duration(sec)*time.Second, StopBudget(cfg); stop < need {
+		return fmt.Errorf("the service's TimeoutStopSec (%s) is shorter than limits.drain_timeout (%s) + cleanup (%s) + HTTP shutdown (%s) = %s: "+
+			"systemd would kill FireRunner before it cleaned up (re-run install.sh, which derives it from the config)",
+			stop, cfg.Limits.DrainTimeout, CleanupTimeout, HTTPShutdownTimeout, need)
+	}
+	return nil
+}
+
 // Shutdown stops intake, drains running VMs (up to limits.drain_timeout, then
 // cleans up), stops the HTTP server last so cancel/success webhooks still
 // tear VMs down while draining, and closes the store. State is kept.
 func (d *Daemon) Shutdown(ctx context.Context) error {
 	d.log.Info("shutdown requested: intake stopped, draining", "drain_timeout", d.Config.Limits.DrainTimeout.String())
 	shutErr := d.Controller.Shutdown(ctx)
-	hctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	hctx, cancel := context.WithTimeout(context.Background(), HTTPShutdownTimeout)
 	defer cancel()
-	_ = d.srv.Shutdown(hctx)
+	d.srv.shutdown(hctx)
 	if err := d.Store.Close(); err != nil && shutErr == nil {
 		shutErr = err
 	}

@@ -22,6 +22,7 @@ func TestDrivers(t *testing.T) {
 	}
 	c := config.Default()
 	c.GitLab.URL = "https://gitlab.example.com"
+	c.QEMU.AllowForDevelopment = true // qemu is for development
 	for _, name := range r.Names() {
 		c.VM.Driver = name
 		if err := c.Validate(r); err != nil {
@@ -43,5 +44,15 @@ func TestDrivers(t *testing.T) {
 		if got != tc.want {
 			t.Errorf("%s (use_jailer %v): VMM has its own user = %v, want %v", tc.driver, tc.jailer, got, tc.want)
 		}
+	}
+	// With firecracker.vm_uid_base, each jailed VM a user of its own.
+	c.Firecracker.UseJailer, c.Firecracker.VMUIDBase = true, 200000
+	p, _ := r.Get("firecracker")
+	if u, ok := p.(vm.VMMUserRange[config.Config]); !ok {
+		t.Error("firecracker offers no per-VM users")
+	} else if base, ok := u.VMMUserRange(c); !ok || base != 200000 {
+		t.Errorf("VMMUserRange = %d %v", base, ok)
+	} else if c.Firecracker.VMUIDBase = 0; func() bool { _, ok := u.VMMUserRange(c); return ok }() {
+		t.Error("VMMUserRange without vm_uid_base")
 	}
 }

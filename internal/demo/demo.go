@@ -327,16 +327,21 @@ func Config(o Options, apiURL, guestURL, apiToken, hookSecret string) (config.Co
 	cfg.Limits.JobMaxDuration = 10 * time.Minute
 	cfg.Limits.VMStartTimeout = 5 * time.Minute
 	cfg.Limits.DrainTimeout = time.Minute
-	cfg.VM.Driver, cfg.VM.ImageDir = "qemu", o.ImageDir
+	// The QEMU driver is for development (it runs QEMU as root, sandboxed
+	// by seccomp only), which the demo is.
+	cfg.VM.Driver, cfg.VM.ImageDir, cfg.QEMU.AllowForDevelopment = "qemu", o.ImageDir, true
 	cfg.VM.ConsoleLogDir = filepath.Join(o.WorkDir, "console")
-	cfg.Network.Mode = "user"
+	// The demo's default: QEMU user-mode networking, which lets guests reach
+	// this host's loopback (GitLab's stand-in listens there), so it must be
+	// allowed explicitly; serve refuses it otherwise.
+	cfg.Network.Mode, cfg.Network.AllowUserModeForDevelopment = "user", true
 	if o.WarmSize != "" {
 		cfg.Pools = []config.Pool{{Size: o.WarmSize, MinIdle: 1, MaxIdle: 1}}
 	}
 	if o.Network == "tap" {
 		// Production networking. Host ports are closed to VMs, so open
 		// exactly the one GitLab (guest_url) listens on.
-		cfg.Network.Mode = "tap"
+		cfg.Network.Mode, cfg.Network.AllowUserModeForDevelopment = "tap", false
 		u, err := url.Parse(guestURL)
 		if err != nil {
 			return cfg, fmt.Errorf("guest url: %w", err)

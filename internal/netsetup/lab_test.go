@@ -96,7 +96,7 @@ func newLab(t *testing.T, cfg config.Network, opts ...Option) *lab {
 
 // newVeth is Manager.newPort for the lab: a veth whose peer is eth0 in the
 // VM's namespace (created on first use).
-func (l *lab) newVeth(name string) (netlink.Link, error) {
+func (l *lab) newVeth(name string, _, _ uint32) (netlink.Link, error) {
 	if _, ok := l.vmNS[name]; !ok {
 		l.vmName[name], l.vmNS[name] = newNS(l.t, "v")
 	}

@@ -55,10 +55,11 @@ type Manager struct {
 	allowedPorts []uint16
 	tapUID       uint32
 	tapGID       uint32
+	tapRangeBase uint32 // WithTapOwnerRange; 0 = every tap is tapUID's
 
 	// newPort creates the VM's bridge port; tests swap in veth pairs so
 	// traffic can flow without a VMM holding the tap open.
-	newPort func(name string) (netlink.Link, error)
+	newPort func(name string, uid, gid uint32) (netlink.Link, error)
 
 	mu sync.Mutex
 }
@@ -89,6 +90,14 @@ func WithAllowedHostPorts(allowed ...uint16) Option {
 // Firecracker jailer's uid) can open them. The default owner is root.
 func WithTapOwner(uid, gid uint32) Option {
 	return func(m *Manager) { m.tapUID, m.tapGID = uid, gid }
+}
+
+// WithTapOwnerRange gives every VM a user of its own: the tap of the VM
+// whose address is host number i of network.cidr belongs to uid and gid
+// base+i, reported in vm.NetAttachment (the driver runs that VM's VMM as
+// it). Addresses are unique among live VMs, so are the users.
+func WithTapOwnerRange(base uint32) Option {
+	return func(m *Manager) { m.tapRangeBase = base }
 }
 
 // New validates cfg and returns a Manager; it changes nothing on the host.
@@ -277,13 +286,13 @@ func writeSysctl(path, v string) error {
 
 // newTap creates a persistent tap (no VMM attached yet). IFF_VNET_HDR and
 // IFF_NO_PI match what Firecracker and QEMU ask for when they open it.
-func (m *Manager) newTap(name string) (netlink.Link, error) {
+func (m *Manager) newTap(name string, uid, gid uint32) (netlink.Link, error) {
 	t := &netlink.Tuntap{
 		LinkAttrs: netlink.LinkAttrs{Name: name, MTU: m.cfg.MTU},
 		Mode:      netlink.TUNTAP_MODE_TAP,
 		Flags:     netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR | netlink.TUNTAP_ONE_QUEUE,
-		Owner:     m.tapUID,
-		Group:     m.tapGID,
+		Owner:     uid,
+		Group:     gid,
 	}
 	if err := netlink.LinkAdd(t); err != nil {
 		return nil, err
@@ -305,6 +314,13 @@ func MAC(ip netip.Addr) string {
 func macBytes(ip netip.Addr) []byte {
 	b := ip.As4()
 	return []byte{0x02, 0xfc, b[0], b[1], b[2], b[3]}
+}
+
+// hostIndex is ip's host number in prefix: 172.30.0.5 in 172.30.0.0/24 is 5.
+func hostIndex(prefix netip.Prefix, ip netip.Addr) uint32 {
+	a, b := prefix.Masked().Addr().As4(), ip.As4()
+	return (uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])) -
+		(uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3]))
 }
 
 func validID(id string) error {
@@ -344,10 +360,16 @@ func (m *Manager) Attach(ctx context.Context, vmID string) (*vm.NetAttachment, *
 			return nil, nil, err
 		}
 	}
+	// The tap's owner: the VM's own user (WithTapOwnerRange), or the one.
+	uid, gid := m.tapUID, m.tapGID
+	if m.tapRangeBase > 0 {
+		uid = m.tapRangeBase + uint32(hostIndex(m.prefix, ip))
+		gid = uid
+	}
 	// Anti-spoofing rules first: the port never exists without them.
 	err = m.syncPortRules(t)
 	if err == nil {
-		err = m.run(func() error { return m.ensurePort(vmID, macBytes(ip)) })
+		err = m.run(func() error { return m.ensurePort(vmID, macBytes(ip), uid, gid) })
 	}
 	if err != nil {
 		if fresh { // leave nothing behind for a VM that never got a port
@@ -359,7 +381,11 @@ func (m *Manager) Attach(ctx context.Context, vmID string) (*vm.NetAttachment, *
 		return nil, nil, fmt.Errorf("attach %s: %w", vmID, err)
 	}
 	m.log.Info("vm network attached", "vm", vmID, "tap", vmID, "ip", ip.String())
-	return &vm.NetAttachment{TapName: vmID, MAC: MAC(ip)},
+	att := &vm.NetAttachment{TapName: vmID, MAC: MAC(ip)}
+	if m.tapRangeBase > 0 {
+		att.UID, att.GID = int(uid), int(gid)
+	}
+	return att,
 		&guestconfig.Network{
 			Address: netip.PrefixFrom(ip, m.prefix.Bits()).String(),
 			Gateway: m.gateway.String(),
@@ -368,7 +394,7 @@ func (m *Manager) Attach(ctx context.Context, vmID string) (*vm.NetAttachment, *
 		}, nil
 }
 
-func (m *Manager) ensurePort(name string, mac net.HardwareAddr) error {
+func (m *Manager) ensurePort(name string, mac net.HardwareAddr, uid, gid uint32) error {
 	br, err := netlink.LinkByName(m.cfg.Bridge)
 	if err != nil {
 		return fmt.Errorf("bridge %s missing (run Setup first): %w", m.cfg.Bridge, err)
@@ -376,7 +402,7 @@ func (m *Manager) ensurePort(name string, mac net.HardwareAddr) error {
 	l, err := netlink.LinkByName(name)
 	var nf netlink.LinkNotFoundError
 	if errors.As(err, &nf) {
-		if l, err = m.newPort(name); err != nil {
+		if l, err = m.newPort(name, uid, gid); err != nil {
 			return fmt.Errorf("create tap %s: %w", name, err)
 		}
 	} else if err != nil {

@@ -509,3 +509,67 @@ func TestTapsLifecycle(t *testing.T) {
 		t.Error("Check reports nothing missing after Teardown")
 	}
 }
+
+// TestTapOwnerPerVM: with WithTapOwnerRange every VM gets a user of its
+// own, base + its address's host number: its tap belongs to that user (so
+// a jailed Firecracker running as it can open only its own tap), and the
+// attachment names it for the driver. Without it every tap is the one
+// VMM user's.
+func TestTapOwnerPerVM(t *testing.T) {
+	testenv.RequireRoot(t)
+	ctx := context.Background()
+	_, host := newNS(t, "o")
+	m, err := New(testCfg(), t.TempDir(), WithNetNS(host), WithTapOwner(64000, 64000), WithTapOwnerRange(300000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = m.Teardown(ctx) })
+	if err := m.Setup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]int{"fr-own1": 300002, "fr-own2": 300003}
+	for _, id := range []string{"fr-own1", "fr-own2"} {
+		att, _, err := m.Attach(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if att.UID != want[id] || att.GID != want[id] {
+			t.Errorf("%s: attachment user %d:%d, want %d", id, att.UID, att.GID, want[id])
+		}
+	}
+	err = m.run(func() error {
+		for id, uid := range want {
+			l, err := netlink.LinkByName(id)
+			if err != nil {
+				return err
+			}
+			tt, ok := l.(*netlink.Tuntap)
+			if !ok || int(tt.Owner) != uid || int(tt.Group) != uid {
+				t.Errorf("%s: tap owner %+v, want %d:%d", id, l, uid, uid)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A released address's user goes to the next VM at that address.
+	if err := m.Release(ctx, "fr-own1"); err != nil {
+		t.Fatal(err)
+	}
+	if att, _, err := m.Attach(ctx, "fr-own3"); err != nil || att.UID != 300002 {
+		t.Errorf("fr-own3 at the freed address: %+v %v; want user 300002", att, err)
+	}
+	// Without the range: the one user, not named in the attachment.
+	m2, _ := New(testCfg(), t.TempDir(), WithNetNS(host), WithTapOwner(64000, 64000))
+	if att, _, err := m2.Attach(ctx, "fr-shared1"); err != nil || att.UID != 0 {
+		t.Errorf("shared user: %+v %v", att, err)
+	}
+	_ = m2.run(func() error {
+		if l, err := netlink.LinkByName("fr-shared1"); err != nil || l.(*netlink.Tuntap).Owner != 64000 {
+			t.Errorf("fr-shared1 owner: %+v %v", l, err)
+		}
+		return nil
+	})
+	_ = m2.Release(ctx, "fr-shared1")
+}

@@ -36,6 +36,8 @@ func selectSQL(table string, cols []string, where string) string {
 }
 
 // queries are prepared once per store (SELECTs only for a read-only one).
+// vmByRunner's "runner_id != 0" lets SQLite use the partial index
+// vms_runner (TestQueriesUseIndexes).
 var queries = map[string]string{
 	"getJob":     selectSQL("jobs", jobCols, `WHERE job_id = ?`),
 	"insertJob":  insertSQL("jobs", jobCols, `ON CONFLICT(job_id) DO NOTHING`),
@@ -45,7 +47,7 @@ var queries = map[string]string{
 	"insertVM":   insertSQL("vms", vmCols, ``),
 	"updateVM":   updateSQL("vms", vmCols),
 	"vmTrans":    `INSERT INTO vm_transitions(vm_id, from_state, to_state, reason, at) VALUES(?,?,?,?,?)`,
-	"vmByRunner": selectSQL("vms", vmCols, `WHERE runner_id = ? ORDER BY created_at DESC LIMIT 1`),
+	"vmByRunner": selectSQL("vms", vmCols, `WHERE runner_id = ? AND runner_id != 0 ORDER BY created_at DESC LIMIT 1`),
 	"putRunner":  insertSQL("runners", runnerCols, `ON CONFLICT(runner_id) DO UPDATE SET vm_id = excluded.vm_id, tags = excluded.tags, deleted_at = excluded.deleted_at`),
 	"project":    `INSERT INTO projects(project_id, path, last_hook_at) VALUES(?,?,?) ON CONFLICT(project_id) DO UPDATE SET path = CASE WHEN excluded.path != '' THEN excluded.path ELSE path END, last_hook_at = excluded.last_hook_at WHERE excluded.last_hook_at > last_hook_at + 60000000000`,
 }
@@ -408,6 +410,12 @@ type Filter struct {
 
 // ListJobs returns jobs, oldest first (or the newest Limit, still oldest first).
 func (s *Store) ListJobs(ctx context.Context, f Filter) ([]job.Job, error) {
+	q, a := listJobsSQL(f)
+	rows, err := s.db.QueryContext(ctx, q, a...)
+	return scanRows(rows, err, scanJob)
+}
+
+func listJobsSQL(f Filter) (string, []any) {
 	q := selectSQL("jobs", jobCols, "")
 	var a []any
 	switch {
@@ -424,24 +432,28 @@ func (s *Store) ListJobs(ctx context.Context, f Filter) ([]job.Job, error) {
 	} else {
 		q += ` ORDER BY created_at, job_id`
 	}
-	rows, err := s.db.QueryContext(ctx, q, a...)
-	return scanRows(rows, err, scanJob)
+	return q, a
 }
 
 // ListVMs returns VMs, oldest first: the live ones, or those of one job
 // (started for it, or that ran it) when jobID is not 0.
 func (s *Store) ListVMs(ctx context.Context, liveOnly bool, jobID int64) ([]job.VM, error) {
+	q, a := listVMsSQL(liveOnly, jobID)
+	rows, err := s.db.QueryContext(ctx, q, a...)
+	return scanRows(rows, err, scanVM)
+}
+
+func listVMsSQL(liveOnly bool, jobID int64) (string, []any) {
 	q := selectSQL("vms", vmCols, "")
 	var a []any
 	switch {
 	case jobID != 0:
-		q += ` WHERE for_job = ? OR picked_job_id = ?`
+		q += ` WHERE for_job = ? OR (picked_job_id = ? AND picked_job_id != 0)` // both indexed (vms_picked is partial)
 		a = append(a, jobID, jobID)
 	case liveOnly:
-		q += ` WHERE state != 'gone'`
+		q += liveVMsSQL
 	}
-	rows, err := s.db.QueryContext(ctx, q+` ORDER BY created_at, vm_id`, a...)
-	return scanRows(rows, err, scanVM)
+	return q + ` ORDER BY created_at, vm_id`, a
 }
 
 // ListRunners returns the runner records, all or only those that exist.
@@ -456,22 +468,34 @@ func (s *Store) ListRunners(ctx context.Context, activeOnly bool) ([]job.Runner,
 
 // Projects returns the projects that sent a Job Hook since the given time.
 func (s *Store) Projects(ctx context.Context, since time.Time) ([]int64, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT project_id FROM projects WHERE last_hook_at >= ? ORDER BY project_id`, ns(since))
+	rows, err := s.db.QueryContext(ctx, projectsSQL, ns(since))
 	return scanRows(rows, err, func(r scanner) (int64, error) {
 		var id int64
 		return id, r.Scan(&id)
 	})
 }
 
+// Queries run at every /metrics scrape and on every job's path; each must
+// be an index search however many ended jobs the store holds
+// (TestQueriesUseIndexes checks their plans).
+const (
+	countJobsSQL = `SELECT state, n FROM job_counts WHERE n != 0`
+	countVMsSQL  = `SELECT state, COUNT(*) FROM vms WHERE state != 'gone' GROUP BY state`
+	liveVMsSQL   = ` WHERE state != 'gone'`
+	projectsSQL  = `SELECT project_id FROM projects WHERE last_hook_at >= ? ORDER BY project_id`
+)
+
 // Count returns how many jobs are in each state and VMs in each VM state.
+// The job counts are kept by triggers (migration 4), so this costs the
+// same with a million ended jobs as with none.
 func (s *Store) Count(ctx context.Context) (jobs map[job.State]int, vms map[job.VMState]int, err error) {
 	jobs, vms = map[job.State]int{}, map[job.VMState]int{}
 	for _, q := range []struct {
 		sql string
 		put func(string, int)
 	}{
-		{`SELECT state, COUNT(*) FROM jobs GROUP BY state`, func(s string, n int) { jobs[job.State(s)] = n }},
-		{`SELECT state, COUNT(*) FROM vms WHERE state != 'gone' GROUP BY state`, func(s string, n int) { vms[job.VMState(s)] = n }},
+		{countJobsSQL, func(s string, n int) { jobs[job.State(s)] = n }},
+		{countVMsSQL, func(s string, n int) { vms[job.VMState(s)] = n }},
 	} {
 		rows, err := s.db.QueryContext(ctx, q.sql)
 		if err != nil {
@@ -500,15 +524,17 @@ type Transition struct {
 	At       time.Time
 }
 
-// Transitions returns the state changes of one job and of every VM started
-// for it or that ran it, in time order: the job's timeline.
-func (s *Store) Transitions(ctx context.Context, jobID int64) ([]Transition, error) {
-	rows, err := s.db.QueryContext(ctx, `
+const transitionsSQL = `
 		SELECT 'job', CAST(job_id AS TEXT), from_state, to_state, reason, at, id FROM transitions WHERE job_id = ?
 		UNION ALL
 		SELECT 'vm', vm_id, from_state, to_state, reason, at, id FROM vm_transitions
-			WHERE vm_id IN (SELECT vm_id FROM vms WHERE for_job = ? OR picked_job_id = ?)
-		ORDER BY 6, 1, 7`, jobID, jobID, jobID)
+			WHERE vm_id IN (SELECT vm_id FROM vms WHERE for_job = ? OR (picked_job_id = ? AND picked_job_id != 0))
+		ORDER BY 6, 1, 7`
+
+// Transitions returns the state changes of one job and of every VM started
+// for it or that ran it, in time order: the job's timeline.
+func (s *Store) Transitions(ctx context.Context, jobID int64) ([]Transition, error) {
+	rows, err := s.db.QueryContext(ctx, transitionsSQL, jobID, jobID, jobID)
 	return scanRows(rows, err, func(r scanner) (Transition, error) {
 		var t Transition
 		var at, id int64

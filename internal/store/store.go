@@ -176,14 +176,45 @@ CREATE TABLE projects (
 ALTER TABLE vms ADD COLUMN t_assigned INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE vms ADD COLUMN t_ready INTEGER NOT NULL DEFAULT 0;
 `,
+	// State retention (Prune) and metrics that stay cheap however long the
+	// history: partial indexes of what Prune looks for, the newest-first
+	// listing of firerunner status, and per-state job counts kept by
+	// triggers, so the jobs gauge reads a handful of rows instead of
+	// counting the whole table at every scrape.
+	5: `
+CREATE INDEX jobs_ended ON jobs(updated_at) WHERE state IN ('done', 'failed', 'canceled', 'ignored');
+CREATE INDEX jobs_created ON jobs(created_at, job_id);
+CREATE INDEX vms_gone ON vms(updated_at) WHERE state = 'gone';
+CREATE INDEX runners_deleted ON runners(deleted_at) WHERE deleted_at != 0;
+CREATE TABLE job_counts (
+	state TEXT    PRIMARY KEY,
+	n     INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO job_counts(state, n) SELECT state, COUNT(*) FROM jobs GROUP BY state;
+CREATE TRIGGER job_counts_insert AFTER INSERT ON jobs BEGIN
+	INSERT INTO job_counts(state, n) VALUES (NEW.state, 1) ON CONFLICT(state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER job_counts_delete AFTER DELETE ON jobs BEGIN
+	UPDATE job_counts SET n = n - 1 WHERE state = OLD.state;
+END;
+CREATE TRIGGER job_counts_update AFTER UPDATE OF state ON jobs WHEN OLD.state != NEW.state BEGIN
+	UPDATE job_counts SET n = n - 1 WHERE state = OLD.state;
+	INSERT INTO job_counts(state, n) VALUES (NEW.state, 1) ON CONFLICT(state) DO UPDATE SET n = n + 1;
+END;
+`,
 }
+
+// DirMode is the state directory's mode: Open sets it, and install.sh
+// creates the directory with it, so a re-run of the installer after the
+// daemon started finds nothing to change.
+const DirMode = 0o700
 
 // Open opens (creating if needed) the store in stateDir and migrates it.
 func Open(ctx context.Context, stateDir string) (*Store, error) {
-	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+	if err := os.MkdirAll(stateDir, DirMode); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
-	if err := os.Chmod(stateDir, 0o700); err != nil {
+	if err := os.Chmod(stateDir, DirMode); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
 	path := filepath.Join(stateDir, FileName)

@@ -47,6 +47,10 @@ type Image struct {
 type NetAttachment struct {
 	TapName string
 	MAC     string
+	// UID and GID, when not 0, are this VM's own VMM user (a per-VM uid
+	// from a configured range), which the tap belongs to; 0 = the driver's
+	// default user.
+	UID, GID int
 }
 
 // IDPattern documents the allowed VM id shape: "fr-" plus up to 12 lowercase

@@ -138,3 +138,12 @@ func (r *Registry[C]) Checks(name string, cfg C) ([]Check, error) {
 type VMMUser[C any] interface {
 	VMMUser(cfg C) (uid, gid int, ok bool)
 }
+
+// VMMUserRange is implemented by a provider whose VMMs each run as a user
+// of their own (the jailed Firecracker with firecracker.vm_uid_base): the
+// VM whose address is host number i of the VM network runs as uid and gid
+// base+i, its tap belongs to that user, and the driver takes the ids from
+// vm.NetAttachment. ok is false when VMs share VMMUser's user.
+type VMMUserRange[C any] interface {
+	VMMUserRange(cfg C) (base int, ok bool)
+}

@@ -24,6 +24,13 @@ const (
 	EnvLogDir     = "FCSTANDIN_LOG_DIR"     // request logs: <dir>/<vm id>.jsonl
 	EnvRoot       = "FCSTANDIN_ROOT"        // jail root (set by the stand-in jailer)
 	EnvCgroupRoot = "FCSTANDIN_CGROUP_ROOT" // fake cgroup v2 root for the stand-in jailer
+	// EnvAPI makes the stand-in firecracker an older release: it answers
+	// an operation its spec version (e.g. "1.4.1") lacks with 400 "Invalid
+	// request method", as Firecracker does. Unset: the newest spec's.
+	EnvAPI = "FCSTANDIN_API"
+	// EnvJailerHang makes the stand-in jailer hang after building the
+	// chroot, as a jailer stuck on a cgroup or mount would.
+	EnvJailerHang = "FCSTANDIN_JAILER_HANG"
 )
 
 // Guest commands (guestconfig.Config.Command) the emulated guest understands.
@@ -36,10 +43,15 @@ const (
 // "firecracker" or "jailer" (by basename) and never returns in that case.
 // A test binary calls it first thing in TestMain.
 func Dispatch() {
-	switch filepath.Base(os.Args[0]) {
-	case "firecracker":
+	name := filepath.Base(os.Args[0])
+	switch {
+	case name == "firecracker",
+		// Exec'd by the stand-in jailer under the canonical file's name
+		// (e.g. firecracker.test, the test binary itself), as the real
+		// jailer does.
+		os.Getenv(EnvRoot) != "" && strings.Contains(name, "firecracker"):
 		os.Exit(runFirecracker(os.Args[1:]))
-	case "jailer":
+	case name == "jailer":
 		os.Exit(runJailer(os.Args[1:]))
 	}
 }
@@ -82,6 +94,10 @@ func runFirecracker(args []string) int {
 	if err != nil {
 		return fail("firecracker: %v (set %s)", err, EnvSpecs)
 	}
+	checker.Optional = map[string]bool{}
+	for _, o := range NewerOptional {
+		checker.Optional[o] = true
+	}
 	root := os.Getenv(EnvRoot)
 	if root == "" {
 		root = "/"
@@ -96,6 +112,7 @@ func runFirecracker(args []string) int {
 		logW = f
 	}
 	srv := NewServer(checker, id, root, logW)
+	srv.API = os.Getenv(EnvAPI)
 	srv.OnStart = emulateGuest
 	if err := srv.Serve(srv.Resolve(sock)); err != nil {
 		return fail("firecracker: %v", err)
@@ -255,9 +272,39 @@ func ParseJailerArgs(args []string) (JailerArgs, error) {
 	return j, nil
 }
 
-// ChrootDir is <chroot_base>/<exec_file_name>/<id>/root, as the jailer builds it.
+// ChrootDir is <chroot_base>/<exec_file_name>/<id>/root, as the jailer
+// builds it: from the canonical paths (realpath) of --chroot-base-dir and
+// --exec-file, so a symlinked firecracker gets a jail named after the
+// file it points to (Canonical does that; ParseJailerArgs does not).
 func (j JailerArgs) ChrootDir() string {
 	return filepath.Join(j.ChrootBase, filepath.Base(j.ExecFile), j.ID, "root")
+}
+
+// Canonical resolves --exec-file and --chroot-base-dir as the jailer does
+// (std::fs::canonicalize): both must exist, and the jail, its pid file and
+// the default parent cgroup are named after the resolved exec file.
+func (j JailerArgs) Canonical() (JailerArgs, error) {
+	exec, err := filepath.EvalSymlinks(j.ExecFile)
+	if err != nil {
+		return j, fmt.Errorf("failed to canonicalize --exec-file %s: %w", j.ExecFile, err)
+	}
+	if fi, err := os.Stat(exec); err != nil || !fi.Mode().IsRegular() {
+		return j, fmt.Errorf("--exec-file %s is not a file", exec)
+	}
+	base, err := filepath.EvalSymlinks(j.ChrootBase)
+	if err != nil {
+		return j, fmt.Errorf("failed to canonicalize --chroot-base-dir %s: %w", j.ChrootBase, err)
+	}
+	if j.ExecFile, err = filepath.Abs(exec); err != nil {
+		return j, err
+	}
+	if j.ChrootBase, err = filepath.Abs(base); err != nil {
+		return j, err
+	}
+	if !strings.Contains(filepath.Base(j.ExecFile), "firecracker") {
+		return j, fmt.Errorf("--exec-file %q: the file name must contain \"firecracker\"", j.ExecFile)
+	}
+	return j, nil
 }
 
 // runJailer emulates the jailer: validates its arguments, builds the chroot
@@ -268,6 +315,9 @@ func (j JailerArgs) ChrootDir() string {
 func runJailer(args []string) int {
 	j, err := ParseJailerArgs(args)
 	if err != nil {
+		return fail("jailer: %v", err)
+	}
+	if j, err = j.Canonical(); err != nil {
 		return fail("jailer: %v", err)
 	}
 	chroot := j.ChrootDir()
@@ -299,6 +349,10 @@ func runJailer(args []string) int {
 		if err := os.Chown(chroot, j.UID, j.GID); err != nil {
 			return fail("jailer: chown chroot: %v", err)
 		}
+	}
+	if os.Getenv(EnvJailerHang) != "" {
+		fmt.Fprintln(os.Stderr, "fcstandin: jailer: hanging (FCSTANDIN_JAILER_HANG)")
+		select {}
 	}
 	env := []string{EnvRoot + "=" + chroot}
 	for _, kv := range os.Environ() {

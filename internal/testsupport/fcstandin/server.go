@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 )
@@ -41,7 +42,10 @@ func (s vmState) String() string {
 // like Firecracker (204, 200 + JSON, or 400 {"fault_message"}), and logged.
 type Server struct {
 	Checker *Checker
-	ID      string
+	// API, if set, is the spec version this Firecracker implements: an
+	// optional operation that version lacks is answered 400 (EnvAPI).
+	API string
+	ID  string
 	// Root resolves the paths the API names (the jail root under the jailer).
 	Root string
 	// OnStart runs (in its own goroutine) after InstanceStart was accepted.
@@ -58,6 +62,7 @@ type Server struct {
 	driveOrder []string
 	ifaces     map[string]map[string]any
 	configured []string // boot-specific resources set so far
+	vmmLog     string   // PUT /logger's log_path (resolved): Firecracker's own log
 }
 
 // NewServer returns a stand-in for VM id checking against c.
@@ -145,6 +150,18 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		started = r.Method == "PUT" && r.URL.Path == "/actions" && s.state == running && isInstanceStart(body)
 	}
 	s.records = append(s.records, rec)
+	if s.vmmLog != "" {
+		// Firecracker logs what the API server did, failures with their
+		// reason; so does the stand-in, into the file PUT /logger named.
+		line := fmt.Sprintf("[%s:fcstandin] The API server received a %s request on %s; answered %d", s.ID, r.Method, r.URL.Path, rec.Status)
+		if rec.Fault != "" {
+			line += ": " + rec.Fault
+		}
+		if f, err := os.OpenFile(s.vmmLog, os.O_WRONLY|os.O_APPEND, 0); err == nil {
+			fmt.Fprintln(f, line)
+			f.Close()
+		}
+	}
 	if s.logW != nil {
 		b, _ := json.Marshal(rec)
 		s.logW.Write(append(b, '\n'))
@@ -187,6 +204,10 @@ func (s *Server) handle(method, path string, body []byte) (any, *fault) {
 	op, params, err := s.Checker.Check(method, path, body)
 	if err != nil {
 		return nil, bad("%v", err)
+	}
+	if s.API != "" && slices.Contains(op.Missing, s.API) {
+		// An older Firecracker: not a contract violation, its answer.
+		return nil, &fault{status: http.StatusBadRequest, msg: fmt.Sprintf("Invalid request method and/or path: %s %s.", method, path)}
 	}
 	var obj map[string]any
 	if len(bytes.TrimSpace(body)) > 0 {
@@ -266,6 +287,7 @@ func (s *Server) handle(method, path string, body []byte) (any, *fault) {
 			if f := s.needFile("log_path", p); f != nil {
 				return nil, f
 			}
+			s.vmmLog = s.Resolve(p)
 		}
 	case "PUT /metrics":
 		if f := s.needFile("metrics_path", fmt.Sprint(obj["metrics_path"])); f != nil {

@@ -61,10 +61,14 @@ func newEnv(t testing.TB, jailer bool) *testEnv {
 	}
 	e := &testEnv{t: t, root: root, logDir: filepath.Join(root, "log"), cgRoot: filepath.Join(root, "cg"),
 		stateDir: filepath.Join(root, "state"), chrootBase: filepath.Join(root, "jail"), bin: filepath.Join(root, "bin")}
-	for _, d := range []string{e.logDir, e.cgRoot, e.bin, filepath.Join(root, "img")} {
+	for _, d := range []string{e.logDir, e.cgRoot, e.bin, filepath.Join(root, "img"), filepath.Join(e.cgRoot, "system.slice")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatal(err)
 		}
+	}
+	// A cgroup v2 hierarchy with swap accounting, as Debian's kernel has.
+	if err := os.WriteFile(filepath.Join(e.cgRoot, "system.slice", "memory.swap.max"), []byte("max\n"), 0o644); err != nil {
+		t.Fatal(err)
 	}
 	self, err := os.Executable()
 	if err != nil {
@@ -238,10 +242,18 @@ func TestContractBootAndDestroy(t *testing.T) {
 				"PUT /drives/rootfs", "PUT /drives/config",
 				"PUT /network-interfaces/1",
 				"PUT /entropy",
+				"PUT /serial",
 				"PUT /actions",
 			}
 			if !slices.Equal(got, want) {
 				t.Errorf("API sequence:\n got %q\nwant %q", got, want)
+			}
+			// The console behind Firecracker's limiter; stdout stays the
+			// console (no serial_out_path).
+			serial := body(t, recs, "PUT /serial")
+			if _, ok := serial["serial_out_path"]; ok || fmt.Sprint(serial["rate_limiter"]) != fmt.Sprint(map[string]any{
+				"size": float64(DefaultSerialBytesPerSec), "refill_time": 1000.0, "one_time_burst": float64(4 * DefaultSerialBytesPerSec)}) {
+				t.Errorf("PUT /serial = %v; want only the default rate limiter", serial)
 			}
 			if a := body(t, recs, "PUT /actions"); a["action_type"] != "InstanceStart" {
 				t.Errorf("last request %v; want InstanceStart", a)
@@ -308,11 +320,16 @@ func (e *testEnv) checkJail(d *Driver, spec vm.Spec, meta vm.Meta, pid int) {
 	if err != nil {
 		t.Fatalf("jailer argv %q: %v", meta.Argv, err)
 	}
-	if j.ID != spec.ID || j.ExecFile != e.opts.Binary || j.UID != e.opts.UID || j.GID != e.opts.GID ||
+	// The binary is a symlink (bin/firecracker → the test binary): the
+	// jailer gets the file it points to, which names the jail.
+	canon, _ := filepath.EvalSymlinks(e.opts.Binary)
+	if j.ID != spec.ID || j.ExecFile != canon || j.UID != e.opts.UID || j.GID != e.opts.GID ||
 		j.ChrootBase != e.chrootBase || j.CgroupVersion != "2" || !j.NewPIDNS || j.Daemonize {
 		t.Errorf("jailer args = %+v", j)
 	}
-	wantCg := []string{"cpu.max=200000 100000", fmt.Sprintf("memory.max=%d", int64(512+64)<<20)}
+	// 2 vCPUs plus one CPU for Firecracker's own threads; 512 MiB plus 64
+	// MiB for Firecracker plus 8 MiB per GiB for KVM's page tables; no swap.
+	wantCg := []string{"cpu.max=300000 100000", fmt.Sprintf("memory.max=%d", int64(512+64+8)<<20), "memory.swap.max=0"}
 	if !slices.Equal(j.Cgroups, wantCg) {
 		t.Errorf("jailer cgroups = %q, want %q", j.Cgroups, wantCg)
 	}
@@ -350,7 +367,7 @@ func (e *testEnv) checkNoSecretOutsideDrive(d *Driver, id string, meta vm.Meta) 
 		t.Error("runner token in the VMM argv")
 	}
 	filepath.Walk(e.root, func(p string, fi os.FileInfo, err error) error {
-		if err != nil || fi.IsDir() || fi.Mode()&os.ModeType != 0 || p == filepath.Join(d.chrootDir(id), d.execName()) {
+		if err != nil || fi.IsDir() || fi.Mode()&os.ModeType != 0 || p == filepath.Join(d.chrootDir(id), d.execName(id)) {
 			return nil // (the jail's copy of the test binary holds the constant)
 		}
 		b, _ := os.ReadFile(p)
@@ -421,7 +438,7 @@ func TestReconcileAfterRestart(t *testing.T) {
 				os.Remove(d1.sd.File(b.ID, f))
 			}
 			if jailer {
-				os.Remove(filepath.Join(d1.chrootDir(b.ID), d1.execName()+".pid"))
+				os.Remove(filepath.Join(d1.chrootDir(b.ID), d1.execName(b.ID)+".pid"))
 			}
 
 			d2 := e.driver() // the restarted daemon

@@ -3,10 +3,12 @@
 package firecracker
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -45,11 +47,17 @@ type Options struct {
 	// to remove a VM's cgroup the jailer created.
 	CgroupRoot string
 	// ParentCgroup is the jailer's --parent-cgroup ("" = jailer default,
-	// the exec file name). Under systemd point it into a delegated subtree.
+	// the exec file name): a relative path under CgroupRoot. Under systemd
+	// point it into a delegated subtree.
 	ParentCgroup string
 	// MemoryOverheadMiB is added to the guest memory for the cgroup's
-	// memory.max (VMM, device queues). Default 64.
+	// memory.max: Firecracker itself, its device queues and buffers.
+	// Default 64.
 	MemoryOverheadMiB int
+	// MemoryOverheadMiBPerGiB is added per GiB of guest memory: KVM's page
+	// tables for the guest (about 4 MiB per GiB without THP), charged to
+	// the VM's cgroup. Default 8.
+	MemoryOverheadMiBPerGiB int
 	// ExtraBootArgs are appended to DefaultBootArgs (never secrets).
 	ExtraBootArgs []string
 	// LogLevel is Firecracker's log level (Error, Warning, Info, Debug);
@@ -57,12 +65,56 @@ type Options struct {
 	LogLevel string
 	// SocketTimeout bounds the wait for the API socket (default 10s).
 	SocketTimeout time.Duration
+	// JailerTimeout bounds the jailer's run: it builds the jail, spawns
+	// Firecracker into its PID namespace and exits (default 30s). A jailer
+	// still running then is killed and the start fails.
+	JailerTimeout time.Duration
+	// SerialBytesPerSec is the rate limit of the guest's serial console
+	// through Firecracker's own limiter (PUT /serial rate_limiter): bytes
+	// per second, with a one-time burst of four seconds' worth for the boot.
+	// Output past it is dropped by Firecracker. 0 = the default, 256 KiB/s;
+	// negative = no limiter.
+	SerialBytesPerSec int64
+	// VMUIDBase, when not 0, lets each VM run as the uid/gid its
+	// vm.NetAttachment names (a per-VM user from the range netsetup hands
+	// out, >= VMUIDBase); VMs without one run as UID/GID.
+	VMUIDBase int
 	// Console caps the live console log (zero value: the defaults; see
 	// vm.NewConsolePolicy).
 	Console vm.ConsolePolicy
 	// Logger receives driver and SDK logs (default slog.Default()).
 	Logger *slog.Logger
 }
+
+// Defaults of the VM cgroup's memory overhead (Options).
+const (
+	DefaultMemoryOverheadMiB       = 64
+	DefaultMemoryOverheadMiBPerGiB = 8
+)
+
+// ValidParentCgroup checks a --parent-cgroup as the jailer does: a
+// relative path without "." or ".." components ("" = the jailer's
+// default).
+func ValidParentCgroup(p string) error {
+	if p == "" {
+		return nil
+	}
+	if filepath.IsAbs(p) {
+		return fmt.Errorf("parent cgroup %q must be relative to the cgroup mount (the jailer refuses an absolute one)", p)
+	}
+	for _, c := range strings.Split(p, "/") {
+		if c == "" || c == "." || c == ".." {
+			return fmt.Errorf("parent cgroup %q: empty, \".\" and \"..\" components are refused by the jailer", p)
+		}
+	}
+	return nil
+}
+
+// DefaultSerialBytesPerSec is the serial console's default rate limit:
+// far above what a booting guest and the agent's markers write (the job's
+// own output goes to GitLab, not the console), far below what a guest
+// flooding its UART could make the VMM write.
+const DefaultSerialBytesPerSec = 256 << 10
 
 var levelRe = regexp.MustCompile(`^(Error|Warning|Info|Debug)$`)
 
@@ -77,8 +129,11 @@ func (o Options) Validate() error {
 	if !levelRe.MatchString(o.LogLevel) {
 		return fmt.Errorf("firecracker: log level %q is not one of Error, Warning, Info, Debug", o.LogLevel)
 	}
-	if o.MemoryOverheadMiB < 0 {
+	if o.MemoryOverheadMiB < 0 || o.MemoryOverheadMiBPerGiB < 0 {
 		return errors.New("firecracker: memory overhead must not be negative")
+	}
+	if err := ValidParentCgroup(o.ParentCgroup); err != nil {
+		return fmt.Errorf("firecracker: %w", err)
 	}
 	if _, err := BootArgs(o.ExtraBootArgs); err != nil {
 		return fmt.Errorf("firecracker: %w", err)
@@ -111,13 +166,22 @@ func (o Options) withDefaults() Options {
 		o.CgroupRoot = "/sys/fs/cgroup"
 	}
 	if o.MemoryOverheadMiB == 0 {
-		o.MemoryOverheadMiB = 64
+		o.MemoryOverheadMiB = DefaultMemoryOverheadMiB
+	}
+	if o.MemoryOverheadMiBPerGiB == 0 {
+		o.MemoryOverheadMiBPerGiB = DefaultMemoryOverheadMiBPerGiB
 	}
 	if o.LogLevel == "" {
 		o.LogLevel = "Warning"
 	}
 	if o.SocketTimeout <= 0 {
 		o.SocketTimeout = 10 * time.Second
+	}
+	if o.JailerTimeout <= 0 {
+		o.JailerTimeout = 30 * time.Second
+	}
+	if o.SerialBytesPerSec == 0 {
+		o.SerialBytesPerSec = DefaultSerialBytesPerSec
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -130,6 +194,10 @@ type Driver struct {
 	opts Options
 	sd   vm.StateDir
 	log  *slog.Logger
+	// swapAccounted: the cgroup hierarchy has memory.swap.max (jailer only).
+	swapAccounted bool
+	// stageMu serialises staging image files in the chroot base.
+	stageMu sync.Mutex
 
 	mu   sync.Mutex
 	runs map[string]*vmRun // VMs started by this process
@@ -141,6 +209,7 @@ type vmRun struct {
 	tl      *vm.Timeline
 	watcher *vm.ConsoleWatcher
 	reaped  chan struct{} // closed when the direct child was reaped
+	spawned atomic.Bool   // the direct child was started: reaped will close
 	waitErr error
 	killed  atomic.Bool // Destroy killed it (Wait reports "killed")
 }
@@ -151,7 +220,18 @@ func New(o Options) (*Driver, error) {
 	if err := o.Validate(); err != nil {
 		return nil, err
 	}
-	return &Driver{opts: o, sd: vm.NewStateDir(o.StateDir), log: o.Logger.With("driver", Name), runs: map[string]*vmRun{}}, nil
+	// The jailer canonicalizes --chroot-base-dir too (see resolveExec).
+	if r, err := filepath.EvalSymlinks(o.ChrootBase); err == nil {
+		o.ChrootBase = r
+	}
+	d := &Driver{opts: o, sd: vm.NewStateDir(o.StateDir), log: o.Logger.With("driver", Name), runs: map[string]*vmRun{}}
+	if o.UseJailer {
+		if d.swapAccounted = swapAccounting(o.CgroupRoot); !d.swapAccounted {
+			d.log.Warn("the cgroup hierarchy has no swap accounting (no memory.swap.max): VMs' memory can be swapped; boot the host with swap accounting (cgroup v2 memory controller) to pin it",
+				"cgroup_root", o.CgroupRoot)
+		}
+	}
+	return d, nil
 }
 
 // Name implements vm.Driver.
@@ -160,8 +240,14 @@ func (d *Driver) Name() string { return Name }
 // fcMeta is the driver's own record next to vm.Meta: where the VM's
 // Firecracker-specific files are, so Destroy finds them after a restart.
 type fcMeta struct {
-	Jailed    bool   `json:"jailed"`
-	Socket    string `json:"socket"`
+	Jailed bool   `json:"jailed"`
+	Socket string `json:"socket"`
+	// Exec is the canonical firecracker path the jailer was given (and
+	// named the jail, pid file and cgroup after); see resolveExec.
+	Exec string `json:"exec,omitempty"`
+	// UID and GID the jailed VMM runs as.
+	UID       int    `json:"uid,omitempty"`
+	GID       int    `json:"gid,omitempty"`
 	JailDir   string `json:"jail_dir,omitempty"`
 	CgroupDir string `json:"cgroup_dir,omitempty"`
 }
@@ -187,6 +273,19 @@ func (d *Driver) readFCMeta(id string) (fcMeta, error) {
 
 // validMAC is the aa:bb:cc:dd:ee:ff form Firecracker takes for guest_mac.
 var validMAC = regexp.MustCompile(`^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$`)
+
+// vmmUser is the uid/gid VM spec's jailed VMM runs as: its own from the
+// range (vm.NetAttachment, with firecracker.vm_uid_base), else UID/GID.
+func (d *Driver) vmmUser(spec vm.Spec) (uid, gid int, err error) {
+	n := spec.Network
+	if n == nil || (n.UID == 0 && n.GID == 0) || !d.opts.UseJailer {
+		return d.opts.UID, d.opts.GID, nil
+	}
+	if d.opts.VMUIDBase <= 0 || n.UID < d.opts.VMUIDBase || n.GID < d.opts.VMUIDBase {
+		return 0, 0, fmt.Errorf("vm %s: VMM user %d:%d is not from the per-VM range (firecracker.vm_uid_base %d)", spec.ID, n.UID, n.GID, d.opts.VMUIDBase)
+	}
+	return n.UID, n.GID, nil
+}
 
 // validateSpec adds the driver's limits to Spec.Validate.
 func validateSpec(spec vm.Spec) error {
@@ -226,7 +325,13 @@ func (d *Driver) Start(ctx context.Context, spec vm.Spec) error {
 	}
 	if err := b.run(ctx); err != nil {
 		if b.created { // never clean up another start's files (id reuse)
-			d.log.Warn("vm start failed; cleaning up", "vm", spec.ID, "err", err)
+			// Firecracker's own log says why; it lives in the VM's dir or
+			// jail, which the cleanup removes: keep a copy first.
+			kept, vmmLog := d.keepFailedStart(spec.ID)
+			d.log.Warn("vm start failed; cleaning up", "vm", spec.ID, "err", err, "kept_logs", kept, "firecracker_log_tail", vmmLog)
+			if kept != "" {
+				err = fmt.Errorf("%w (firecracker's log and stderr kept in %s)", err, kept)
+			}
 			if derr := d.Destroy(context.WithoutCancel(ctx), spec.ID); derr != nil {
 				err = errors.Join(err, fmt.Errorf("cleanup: %w", derr))
 			}
@@ -234,6 +339,86 @@ func (d *Driver) Start(ctx context.Context, spec vm.Spec) error {
 		return fmt.Errorf("vm %s: start: %w", spec.ID, err)
 	}
 	return nil
+}
+
+// FailedStartsDir is where, under state_dir, the logs of a failed start
+// are kept (<vm id>.log, 0600; pruned like console log copies).
+const FailedStartsDir = "failed-starts"
+
+// keepFailedStart copies what explains a failed start, Firecracker's own
+// log, its stderr and the serial console, each capped, into
+// <state_dir>/failed-starts/<id>.log before the cleanup removes them, and
+// prunes that directory by the console policy (keep, max age). It returns
+// the copy's path ("" if none was made) and the log's last lines. The
+// files may be in the jail, writable by the jail user: none is opened
+// through a symlink, and only regular files are read.
+func (d *Driver) keepFailedStart(id string) (kept, logTail string) {
+	vmmLog := d.sd.File(id, logFile)
+	if fm, err := d.readFCMeta(id); err == nil && fm.Jailed {
+		vmmLog = d.inJail(id, jailLog)
+	}
+	var buf bytes.Buffer
+	for _, f := range []struct{ name, path string }{
+		{"firecracker log", vmmLog},
+		{"firecracker stderr", d.sd.File(id, stderrFile)},
+		{"serial console", d.sd.File(id, vm.ConsoleFile)},
+	} {
+		b := tailNoFollow(f.path, failedLogMax)
+		if f.path == vmmLog {
+			logTail = lastLines(b, 20)
+		}
+		fmt.Fprintf(&buf, "==> %s (%s, last %d bytes at most) <==\n%s\n", f.name, f.path, failedLogMax, b)
+	}
+	dir := filepath.Join(d.opts.StateDir, FailedStartsDir)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		d.log.Warn("cannot keep the failed start's logs", "vm", id, "err", err)
+		return "", logTail
+	}
+	tmp, err := os.CreateTemp(dir, "."+id+".log.tmp-*") // 0600
+	if err == nil {
+		_, err = tmp.Write(buf.Bytes())
+		if cerr := tmp.Close(); err == nil {
+			err = cerr
+		}
+		if err == nil {
+			err = os.Rename(tmp.Name(), filepath.Join(dir, id+".log"))
+		}
+		os.Remove(tmp.Name()) // after a failure; a no-op after the rename
+	}
+	if err != nil {
+		d.log.Warn("cannot keep the failed start's logs", "vm", id, "err", err)
+		return "", logTail
+	}
+	if err := vm.PruneConsoleLogs(dir, d.opts.Console, time.Now()); err != nil {
+		d.log.Warn("pruning kept logs of failed starts", "dir", dir, "err", err)
+	}
+	return filepath.Join(dir, id+".log"), logTail
+}
+
+// failedLogMax caps each file keepFailedStart copies (its newest bytes).
+const failedLogMax = 256 << 10
+
+// tailNoFollow returns up to limit of the newest bytes of a regular file,
+// never opened through a symlink; nothing for anything else.
+func tailNoFollow(path string, limit int64) []byte {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil || !fi.Mode().IsRegular() {
+		return nil
+	}
+	off := max(fi.Size()-limit, 0)
+	b, _ := io.ReadAll(io.NewSectionReader(f, off, limit))
+	return b
+}
+
+// lastLines is the last n lines of b.
+func lastLines(b []byte, n int) string {
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	return strings.Join(lines[max(len(lines)-n, 0):], "\n")
 }
 
 // Timeline implements vm.TimelineSource for VMs started by this process.
@@ -354,9 +539,11 @@ func (d *Driver) Destroy(ctx context.Context, id string) error {
 	delete(d.runs, id)
 	d.mu.Unlock()
 	if run != nil {
-		select { // our child: let the reaper collect it
-		case <-run.reaped:
-		case <-kctx.Done():
+		if run.spawned.Load() {
+			select { // our child: let the reaper collect it
+			case <-run.reaped:
+			case <-kctx.Done():
+			}
 		}
 		if run.watcher != nil {
 			run.watcher.Stop()
@@ -454,10 +641,14 @@ func (d *Driver) List(ctx context.Context) ([]vm.Instance, error) {
 		}
 		ids[id] = true
 	}
-	if ents, err := os.ReadDir(filepath.Join(d.opts.ChrootBase, d.execName())); err == nil && d.opts.UseJailer {
-		for _, e := range ents {
-			if e.IsDir() && vmIDRe.MatchString(e.Name()) {
-				ids[e.Name()] = true
+	if d.opts.UseJailer {
+		// Jails are named after the canonical firecracker file, which a
+		// symlink switched to a new release changes: every
+		// <chroot_base>/*firecracker*/<vm id>.
+		jails, _ := filepath.Glob(filepath.Join(d.opts.ChrootBase, "*firecracker*", "*"))
+		for _, j := range jails {
+			if fi, err := os.Lstat(j); err == nil && fi.IsDir() && vmIDRe.MatchString(filepath.Base(j)) {
+				ids[filepath.Base(j)] = true
 			}
 		}
 	}
@@ -483,9 +674,9 @@ func (d *Driver) List(ctx context.Context) ([]vm.Instance, error) {
 
 // command builds the VMM command for one VM: firecracker directly, or the
 // jailer that execs it.
-func (d *Driver) command(spec vm.Spec, socket string) *exec.Cmd {
+func (d *Driver) command(spec vm.Spec, socket string, uid, gid int) *exec.Cmd {
 	if d.opts.UseJailer {
-		return exec.Command(d.opts.JailerBinary, d.jailArgs(spec.ID, spec.VCPUs, spec.MemoryMiB)...)
+		return exec.Command(d.opts.JailerBinary, d.jailArgs(spec.ID, spec.VCPUs, spec.MemoryMiB, uid, gid)...)
 	}
 	// Seccomp stays at Firecracker's default (on); the SDK's builder would
 	// add --no-seccomp unless told otherwise.

@@ -87,6 +87,21 @@ func TestProviderReadsConfig(t *testing.T) {
 	if !fd.opts.UseJailer || fd.opts.UID != 64000 || fd.opts.ChrootBase != "/srv/jail-test" || fd.opts.Binary != c.Firecracker.Binary || fd.sd.Root != filepath.Join(c.StateDir, "vms") {
 		t.Errorf("provider options = %+v", fd.opts)
 	}
+	// The defaults reach the driver, and so does every knob of the section.
+	if o := fd.opts; o.MemoryOverheadMiB != 64 || o.MemoryOverheadMiBPerGiB != 8 || o.LogLevel != "Warning" || o.SerialBytesPerSec != 256<<10 || o.ParentCgroup != "" || len(o.ExtraBootArgs) != 0 {
+		t.Errorf("default knobs = %+v", o)
+	}
+	k := c
+	k.Firecracker.ParentCgroup, k.Firecracker.MemoryOverheadMiB, k.Firecracker.MemoryOverheadMiBPerGiB = "firerunner/vms", 96, 12
+	k.Firecracker.ExtraBootArgs, k.Firecracker.LogLevel, k.Firecracker.SerialBytesPerSec = []string{"loglevel=7"}, "Debug", 0
+	kd, err := Provider{}.New(k, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o := kd.(*Driver).opts; o.ParentCgroup != "firerunner/vms" || o.MemoryOverheadMiB != 96 || o.MemoryOverheadMiBPerGiB != 12 ||
+		!slices.Equal(o.ExtraBootArgs, []string{"loglevel=7"}) || o.LogLevel != "Debug" || o.SerialBytesPerSec >= 0 {
+		t.Errorf("knobs did not reach the driver: %+v", o)
+	}
 	if uid, gid, ok := (Provider{}).VMMUser(c); !ok || uid != 64000 || gid != 64000 {
 		t.Errorf("VMMUser with the jailer = %d:%d %v", uid, gid, ok)
 	}
@@ -126,7 +141,7 @@ func TestStepChain(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []string{"validate.Cfg", "validate.NetworkCfg", StepPrepareVMDir, StepStartVMM, "fcinit.BootstrapLogging",
-		"fcinit.CreateMachine", "fcinit.CreateBootSource", "fcinit.AttachDrives", "fcinit.CreateNetworkInterfaces", StepAddEntropy, StepInstanceStart}
+		"fcinit.CreateMachine", "fcinit.CreateBootSource", "fcinit.AttachDrives", "fcinit.CreateNetworkInterfaces", StepAddEntropy, StepLimitSerial, StepInstanceStart}
 	if got := d.Steps(false); !slices.Equal(got, want) {
 		t.Errorf("boot steps:\n got %q\nwant %q", got, want)
 	}

@@ -1,12 +1,16 @@
 package firecracker
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -31,6 +35,7 @@ const (
 	StepPrepareJail    = "firerunner.PrepareJail"
 	StepStartVMM       = "firerunner.StartVMM"
 	StepAddEntropy     = "firerunner.AddEntropyDevice"
+	StepLimitSerial    = "firerunner.LimitSerialConsole"
 	StepInstanceStart  = "InstanceStart" // run by sdk.Machine.Start after the chain
 	driveIDRootfs      = "rootfs"
 	driveIDConfigDrive = "config"
@@ -46,6 +51,8 @@ type boot struct {
 	socket   string // API socket, host path
 	snap     *Snapshot
 	resume   bool
+	exec     string // jailed: the canonical firecracker path (resolveExec)
+	uid, gid int    // jailed: the VMM's user (vmmUser)
 
 	created bool // the state dir is ours to clean up on failure
 	vr      *vmRun
@@ -57,7 +64,17 @@ func (d *Driver) newBoot(spec vm.Spec, bootArgs string) (*boot, error) {
 	b := &boot{d: d, spec: spec, bootArgs: bootArgs, jailed: d.opts.UseJailer, dir: d.sd.Path(spec.ID)}
 	b.socket = filepath.Join(b.dir, socketFile)
 	if b.jailed {
-		b.socket = d.inJail(spec.ID, jailSocket)
+		// Resolved once for this VM (recorded by prepareVMDir): the jail,
+		// socket, pid file and cgroup all follow from it.
+		exec, err := d.resolveExec()
+		if err != nil {
+			return nil, fmt.Errorf("vm %s: %w", spec.ID, err)
+		}
+		b.exec = exec
+		b.socket = filepath.Join(d.jailDirOf(filepath.Base(exec), spec.ID), "root", jailSocket)
+		if b.uid, b.gid, err = d.vmmUser(spec); err != nil {
+			return nil, err
+		}
 	}
 	if len(b.socket) >= 108 {
 		return nil, fmt.Errorf("vm %s: API socket path %s is longer than a Unix socket allows (107 bytes); shorten state_dir or chroot_base", spec.ID, b.socket)
@@ -154,6 +171,7 @@ func (b *boot) handlers() chain {
 		sdk.AttachDrivesHandler,
 		sdk.CreateNetworkInterfacesHandler,
 		sdk.Handler{Name: StepAddEntropy, Fn: b.addEntropy},
+		sdk.Handler{Name: StepLimitSerial, Fn: b.limitSerial},
 	)
 }
 
@@ -198,7 +216,11 @@ func (b *boot) prepareVMDir(ctx context.Context, m *sdk.Machine) error {
 	d.mu.Unlock()
 	fm := fcMeta{Jailed: b.jailed, Socket: b.socket}
 	if b.jailed {
-		fm.JailDir, fm.CgroupDir = d.jailDir(id), d.cgroupDir(id)
+		// Recorded: everything about the VM's jail follows from this path,
+		// later too (jailExec).
+		name := filepath.Base(b.exec)
+		fm.Exec, fm.JailDir, fm.CgroupDir = b.exec, d.jailDirOf(name, id), d.cgroupDirOf(name, id)
+		fm.UID, fm.GID = b.uid, b.gid
 	}
 	fb, _ := json.Marshal(fm)
 	if err := os.WriteFile(filepath.Join(b.dir, fcMetaFile), fb, 0o600); err != nil {
@@ -241,7 +263,7 @@ func touch(path string, uid, gid int) error {
 // user, and every path handed to the API becomes a jail path.
 func (b *boot) prepareJail(ctx context.Context, m *sdk.Machine) error {
 	d, id := b.d, b.spec.ID
-	uid, gid := d.opts.UID, d.opts.GID
+	uid, gid := b.uid, b.gid
 	root := d.chrootDir(id)
 	if err := os.MkdirAll(root, 0o750); err != nil {
 		return err
@@ -260,10 +282,20 @@ func (b *boot) prepareJail(ctx context.Context, m *sdk.Machine) error {
 			if err := readableBy(src, uid, gid); err != nil {
 				return err
 			}
+			// Shared image files come from their copy in the chroot
+			// base's mount, so the link below never crosses a mount.
+			staged, err := d.stageShared(src)
+			if err != nil {
+				return fmt.Errorf("stage %s in the chroot base: %w", src, err)
+			}
+			src = staged
 		}
 		mode, err := placeFile(src, d.inJail(id, jailPath))
 		if err != nil {
 			return err
+		}
+		if mode == placedCopy && !own {
+			b.d.log.Warn("image file copied into the jail (no hard link or reflink possible)", "vm", id, "file", jailPath, "from", src)
 		}
 		b.d.log.Debug("placed file in jail", "vm", id, "file", jailPath, "how", mode)
 		if own {
@@ -325,7 +357,7 @@ func (b *boot) prepareJail(ctx context.Context, m *sdk.Machine) error {
 // anything else can fail, and waits for the API socket to answer.
 func (b *boot) startVMM(ctx context.Context, m *sdk.Machine) error {
 	d, id := b.d, b.spec.ID
-	cmd := d.command(b.spec, b.socket)
+	cmd := d.command(b.spec, b.socket, b.uid, b.gid)
 	console, err := os.OpenFile(filepath.Join(b.dir, vm.ConsoleFile), os.O_WRONLY|os.O_APPEND|syscall.O_NOFOLLOW, 0)
 	if err != nil {
 		return err
@@ -345,12 +377,15 @@ func (b *boot) startVMM(ctx context.Context, m *sdk.Machine) error {
 		return fmt.Errorf("start %s: %w", cmd.Path, err)
 	}
 	vr := b.vr
+	vr.spawned.Store(true) // from here on vr.reaped is closed once cmd is reaped
 	var proc vm.Proc
 	if b.jailed {
 		// With --new-pid-ns the jailer spawns Firecracker, writes its pid
 		// to <chroot>/<exec_file_name>.pid and exits; Firecracker is not
-		// our child, so there is nothing else to reap.
-		werr := cmd.Wait()
+		// our child, so there is nothing else to reap. The wait is bounded:
+		// a jailer stuck (on a cgroup, a mount) is killed with its process
+		// group and the start fails.
+		werr := waitBounded(ctx, cmd, d.opts.JailerTimeout)
 		close(vr.reaped)
 		if werr != nil {
 			return fmt.Errorf("jailer failed: %v: %s", werr, tail(filepath.Join(b.dir, stderrFile)))
@@ -376,6 +411,28 @@ func (b *boot) startVMM(ctx context.Context, m *sdk.Machine) error {
 	}
 	vr.watcher = d.opts.Console.Watch(filepath.Join(b.dir, vm.ConsoleFile), vr.tl)
 	return b.waitForAPI(ctx, proc)
+}
+
+// waitBounded waits for cmd (started with its own process group) for at
+// most timeout or until ctx ends; then it kills the group and reaps cmd.
+func waitBounded(ctx context.Context, cmd *exec.Cmd, timeout time.Duration) error {
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	var why error
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
+		why = fmt.Errorf("did not finish within %s; killed", timeout)
+	case <-ctx.Done():
+		why = fmt.Errorf("start canceled: %w; killed", ctx.Err())
+	}
+	_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) // Setsid: its own group
+	_ = cmd.Process.Kill()
+	<-done
+	return why
 }
 
 // waitForAPI polls until the API socket answers GET /machine-config.
@@ -420,10 +477,82 @@ func (b *boot) addEntropy(ctx context.Context, m *sdk.Machine) error {
 	return err
 }
 
+// serialConfig is PUT /serial's body (API 1.17 SerialDevice; the SDK's
+// API 1.4.1 has no such endpoint, hence no model): no serial_out_path, so
+// the console stays Firecracker's stdout (the console log file), and a
+// TokenBucket rate_limiter.
+type serialConfig struct {
+	RateLimiter tokenBucket `json:"rate_limiter"`
+}
+
+// tokenBucket is the API's TokenBucket: size tokens (bytes), refilled over
+// refill_time ms, plus a one-time burst.
+type tokenBucket struct {
+	Size         int64 `json:"size"`
+	OneTimeBurst int64 `json:"one_time_burst"`
+	RefillTime   int64 `json:"refill_time"`
+}
+
+// limitSerial puts the guest's serial console behind Firecracker's rate
+// limiter (PUT /serial, pre-boot): a guest flooding its UART gets its
+// output dropped by the VMM instead of making it write without bound. A
+// Firecracker without the endpoint or the field answers 400; the VM then
+// boots without the limiter (the console log is still capped in place by
+// vm.ConsoleWatcher), and the driver says so.
+func (b *boot) limitSerial(ctx context.Context, m *sdk.Machine) error {
+	rate := b.d.opts.SerialBytesPerSec
+	if rate < 0 {
+		return nil
+	}
+	body, _ := json.Marshal(serialConfig{RateLimiter: tokenBucket{Size: rate, RefillTime: 1000, OneTimeBurst: 4 * rate}})
+	code, fault, err := apiPut(ctx, b.socket, "/serial", body)
+	switch {
+	case err != nil:
+		return fmt.Errorf("PUT /serial: %w", err)
+	case code == 204:
+		return nil
+	case code == 400 && (strings.Contains(fault, "Invalid request method") || strings.Contains(fault, "unknown field")):
+		b.d.log.Warn("firecracker has no serial console rate limiter (PUT /serial rate_limiter, Firecracker API 1.17); booting without it",
+			"vm", b.spec.ID, "fault", fault)
+		return nil
+	default:
+		return fmt.Errorf("PUT /serial: HTTP %d: %s", code, fault)
+	}
+}
+
+// apiPut sends one JSON PUT to Firecracker's API socket and returns the
+// status and fault_message.
+func apiPut(ctx context.Context, socket, path string, body []byte) (int, string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", socket)
+	}}}
+	defer hc.CloseIdleConnections()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, "http://localhost"+path, bytes.NewReader(body))
+	if err != nil {
+		return 0, "", err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json")
+	resp, err := hc.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	var f struct {
+		FaultMessage string `json:"fault_message"`
+	}
+	raw, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	_ = json.Unmarshal(raw, &f)
+	return resp.StatusCode, f.FaultMessage, nil
+}
+
 // jailPID reads the pid the jailer wrote for a VM and checks it is still
 // that VM's Firecracker.
 func (d *Driver) jailPID(id string) (vm.Proc, error) {
-	raw, err := os.ReadFile(filepath.Join(d.chrootDir(id), d.execName()+".pid"))
+	raw, err := os.ReadFile(filepath.Join(d.chrootDir(id), d.execName(id)+".pid"))
 	if err != nil {
 		return vm.Proc{}, err
 	}
@@ -460,7 +589,7 @@ func (d *Driver) scanProcs() map[string][]vm.Proc {
 			continue
 		}
 		argv := strings.Split(strings.TrimRight(string(raw), "\x00"), "\x00")
-		if filepath.Base(argv[0]) != d.execName() && filepath.Base(argv[0]) != "firecracker" {
+		if !strings.Contains(filepath.Base(argv[0]), "firecracker") { // the jailer requires the name
 			continue
 		}
 		id, sock := flagValue(argv, "--id"), flagValue(argv, "--api-sock")

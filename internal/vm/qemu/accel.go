@@ -86,10 +86,10 @@ func probeBoot(ctx context.Context, binary, kernel string, accel []string, extra
 	return vm.RunBootProbe(ctx, probeArgv(binary, kernel, accel, extraCmdline), timeout)
 }
 
-// probeArgv is the QEMU command line of a boot probe.
+// probeArgv is the QEMU command line of a boot probe (sandboxed like a VM's).
 func probeArgv(binary, kernel string, accel []string, extraCmdline string) []string {
 	args := append([]string{binary, "-M", "microvm,x-option-roms=off,rtc=on"}, accel...)
-	return append(args, "-m", "256", "-smp", "1", "-no-reboot", "-display", "none", "-monitor", "none",
+	return append(args, "-sandbox", Sandbox, "-m", "256", "-smp", "1", "-no-reboot", "-display", "none", "-monitor", "none",
 		"-serial", "stdio", "-kernel", kernel,
 		"-append", strings.TrimSpace(strings.Join(BaseKernelArgs, " ")+" "+extraCmdline))
 }

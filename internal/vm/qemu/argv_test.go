@@ -72,6 +72,10 @@ func TestArgvTCG(t *testing.T) {
 			t.Errorf("argv lacks %s", f)
 		}
 	}
+	// Every QEMU runs inside its seccomp sandbox, the strictest QEMU offers.
+	if got := argValue(t, args, "-sandbox"); got != "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny" {
+		t.Errorf("-sandbox %q", got)
+	}
 	if got := argValue(t, args, "-serial"); got != "chardev:console" {
 		t.Errorf("-serial %s", got)
 	}

@@ -29,6 +29,10 @@ func (Provider) Validate(c config.Config, selected bool) []vm.FieldError {
 	if selected && c.QEMU.Binary == "" {
 		errs = append(errs, vm.Fieldf("qemu.binary", "must be set"))
 	}
+	if selected && !c.QEMU.AllowForDevelopment {
+		errs = append(errs, vm.Fieldf("vm.driver", "qemu is for development: every VM's QEMU runs as FireRunner's user (root) with no per-VM uid or cgroup, "+
+			"confined only by QEMU's seccomp sandbox; use firecracker (jailed) in production, or set qemu.allow_for_development: true on a development machine"))
+	}
 	switch c.QEMU.Accel {
 	case AccelAuto, AccelKVM, AccelTCG:
 	default:

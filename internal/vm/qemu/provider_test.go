@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/firerunner/firerunner/internal/config"
@@ -18,6 +19,11 @@ func TestProviderReadsConfig(t *testing.T) {
 	c := config.Default()
 	c.VM.Driver, c.QEMU.Binary, c.QEMU.Accel, c.Network.Mode = Name, bin, AccelTCG, "user"
 	c.StateDir, c.VM.ConsoleLogDir = t.TempDir(), "/var/log/firerunner-consoles"
+	// Selected without the development switch: refused, saying why.
+	if errs := (Provider{}).Validate(c, true); len(errs) != 1 || errs[0].Field != "vm.driver" || !strings.Contains(errs[0].Error(), "qemu is for development") {
+		t.Fatalf("Validate without allow_for_development = %v", errs)
+	}
+	c.QEMU.AllowForDevelopment = true
 	if errs := (Provider{}).Validate(c, true); len(errs) != 0 {
 		t.Fatalf("Validate = %v", errs)
 	}
