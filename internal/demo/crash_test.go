@@ -634,8 +634,19 @@ func (h *crashHarness) checkRunnerDeleted(t *testing.T, rec job.Job) {
 		t.Errorf("job %d: record has no runner id", rec.ID)
 		return
 	}
-	if r, ok := h.gl.Runner(rec.RunnerID); !ok || r.DeletedAt.IsZero() {
-		t.Errorf("job %d: runner #%d not deleted", rec.ID, rec.RunnerID)
+	// The job's record ends with GitLab's status; its VM and runner go
+	// right after.
+	deadline := time.Now().Add(time.Minute)
+	for {
+		r, ok := h.gl.Runner(rec.RunnerID)
+		if ok && !r.DeletedAt.IsZero() {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("job %d: runner #%d not deleted", rec.ID, rec.RunnerID)
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 
