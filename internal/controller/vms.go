@@ -282,6 +282,7 @@ func (c *Controller) vmExited(ctx context.Context, v job.VM) error {
 // charges the failed attempt to the job it was made for: back-off and a
 // new plan while attempts remain and the error may pass, else give up.
 func (c *Controller) failAttempt(ctx context.Context, v job.VM, reason string, permanent bool) error {
+	label := job.ReasonKey(reason) // this attempt's own reason, before a give-up wraps it in "attempts: …"
 	now := time.Now()
 	var j job.Job
 	err := c.store.Tx(ctx, func(tx *store.Tx) error {
@@ -307,7 +308,7 @@ func (c *Controller) failAttempt(ctx context.Context, v job.VM, reason string, p
 	if err != nil {
 		return err
 	}
-	c.m.Attempts.WithLabelValues(job.ReasonKey(reason)).Inc()
+	c.m.Attempts.WithLabelValues(label).Inc()
 	switch j.State {
 	case job.Failed:
 		c.jobLog(j).Error("giving up on job; GitLab keeps it pending for other runners", "reason", j.Reason, "attempts", j.Attempts)
