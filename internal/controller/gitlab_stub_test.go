@@ -29,6 +29,8 @@ type gitLabStub struct {
 	runners    map[int64]*stubRunner
 	nextRunner int64
 	failures   map[string][]stubFailure // op -> responses to give before behaving
+	outages    map[string]stubFailure   // op -> response to give until cleared
+	nextJob    int64
 	calls      map[string]int
 	created    int
 	deleted    []int64
@@ -61,7 +63,8 @@ type stubFailure struct {
 
 func newGitLabStub(t testing.TB) *gitLabStub {
 	g := &gitLabStub{token: "glpat-test-api-token", jobs: map[int64]*stubJob{}, groups: map[int64][]int64{},
-		runners: map[int64]*stubRunner{}, nextRunner: 1000, failures: map[string][]stubFailure{}, calls: map[string]int{}}
+		runners: map[int64]*stubRunner{}, nextRunner: 1000, failures: map[string][]stubFailure{}, outages: map[string]stubFailure{},
+		calls: map[string]int{}, nextJob: 50000}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /api/v4/projects/{pid}/jobs/{jid}", g.auth("get_job", g.getJob))
 	mux.HandleFunc("GET /api/v4/projects/{pid}/jobs", g.auth("list_jobs", g.listJobs))
@@ -93,9 +96,12 @@ func (g *gitLabStub) auth(op string, h http.HandlerFunc) http.HandlerFunc {
 		}
 		g.mu.Lock()
 		g.calls[op]++
+		f, fail := g.outages[op]
 		if q := g.failures[op]; len(q) > 0 {
-			f := q[0]
+			f, fail = q[0], true
 			g.failures[op] = q[1:]
+		}
+		if fail {
 			g.mu.Unlock()
 			w.Header().Set("Content-Type", "application/json")
 			w.WriteHeader(f.status)
@@ -114,6 +120,32 @@ func (g *gitLabStub) failNext(op string, n, status int, body string) {
 	for range n {
 		g.failures[op] = append(g.failures[op], stubFailure{status, body})
 	}
+}
+
+// failUntil makes every call of op answer status with body until
+// clearFailures(op): an outage.
+func (g *gitLabStub) failUntil(op string, status int, body string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.outages[op] = stubFailure{status, body}
+}
+
+// clearFailures ends op's outage and drops its queued failures.
+func (g *gitLabStub) clearFailures(op string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	delete(g.outages, op)
+	delete(g.failures, op)
+}
+
+// newJob adds a pending job with tags to project pid and returns its id.
+func (g *gitLabStub) newJob(pid int64, tags ...string) int64 {
+	g.mu.Lock()
+	g.nextJob++
+	id := g.nextJob
+	g.mu.Unlock()
+	g.addJob(stubJob{ID: id, ProjectID: pid, Tags: tags})
+	return id
 }
 
 func (g *gitLabStub) addJob(j stubJob) {
@@ -454,4 +486,11 @@ func jobHook(jobID, projectID int64, status string, runnerID int64) []byte {
 		"environment":  nil,
 	})
 	return b
+}
+
+// deletedRunners returns the ids DELETE /runners/:id removed, in order.
+func (g *gitLabStub) deletedRunners() []int64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return slices.Clone(g.deleted)
 }
