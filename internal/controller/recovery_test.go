@@ -285,3 +285,34 @@ func TestHooksDuringStartupAndDrain(t *testing.T) {
 	h.end(1902, b, "success")
 	h.waitState(1902, job.Done)
 }
+
+// TestRestartAfterVMRanItsJobWhileDown: FireRunner dies while a VM waits for
+// its job; meanwhile the VM's runner takes the job (its "running" hook is
+// lost with FireRunner), the job succeeds and the guest powers off. After
+// the restart the VMM is gone, but GitLab knows the VM's runner ran the
+// job: that is no failed attempt, and the job's record names that VM and
+// runner. (Found by the chaos harness: the attempt was charged and the
+// record named no VM.)
+func TestRestartAfterVMRanItsJobWhileDown(t *testing.T) {
+	h := newHarness(t, nil)
+	id := h.newJob(tag2x4)
+	v := h.waitStarted(id)
+	h.crash()
+	h.gl.pick(id, v.RunnerID)
+	h.gl.setStatus(id, "success")
+	if err := h.drv.Exit(v.ID, 0); err != nil {
+		t.Fatal(err)
+	}
+	h.start()
+	j := h.waitState(id, job.Done)
+	if j.VMID != v.ID || j.RunnerID != v.RunnerID || j.Attempts != 0 || j.Reason != job.ReasonSucceeded {
+		t.Fatalf("record: vm %q runner %d attempts %d %q; want vm %s runner %d, no failed attempt", j.VMID, j.RunnerID, j.Attempts, j.Reason, v.ID, v.RunnerID)
+	}
+	if got := h.waitVMState(v.ID, job.VMGone); got.PickedJobID != id {
+		t.Fatalf("vm record: picked %d, want %d", got.PickedJobID, id)
+	}
+	h.clean()
+	if n := len(h.drv.Specs()); n != 1 {
+		t.Fatalf("%d VM starts, want 1: the job ran", n)
+	}
+}

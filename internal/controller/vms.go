@@ -148,6 +148,11 @@ func (c *Controller) superviseVM(ctx context.Context, v job.VM) error {
 		if !alive {
 			log.Warn("vm gone after restart; its runner's token is lost")
 			if v.State == job.VMStarting {
+				// Its runner may have taken (and run) a job while FireRunner
+				// was down, the "running" hook lost with it: GitLab knows.
+				if picked, err := c.pickedWhileDown(ctx, v); picked || err != nil {
+					return err
+				}
 				return c.failAttempt(ctx, v, job.ReasonRestartLost+": vm was not running after restart", false)
 			}
 			return c.stopFor(ctx, v.ID, job.ReasonRestartLost+": vm was not running after restart")
@@ -204,6 +209,32 @@ func (c *Controller) superviseVM(ctx context.Context, v job.VM) error {
 	}
 	log.Info("no waiting job can use this vm's runner; stopping it")
 	return c.stopFor(ctx, v.ID, c.idleReason())
+}
+
+// pickedWhileDown asks GitLab whether the runner of v, a VM found gone
+// after a restart before any pick was recorded, took a job; if so that is
+// recorded (v turns busy, job.ErrStale makes its reconcile run again) and
+// no attempt failed. Without an answer from GitLab it retries with back-off
+// for a while, then decides without it.
+func (c *Controller) pickedWhileDown(ctx context.Context, v job.VM) (bool, error) {
+	if v.RunnerID == 0 {
+		return false, nil
+	}
+	jobs, err := c.gl.RunnerJobs(ctx, v.RunnerID)
+	if err != nil {
+		if !gitlabapi.IsNotFound(err) && time.Since(v.Timeline.StartRequest) < c.cfg.Limits.VMStartTimeout+time.Minute {
+			return false, err
+		}
+		c.vmLog(v).Warn("cannot list the runner's jobs; treating the VM as lost", "err", err)
+		return false, nil
+	}
+	if len(jobs) == 0 {
+		return false, nil
+	}
+	if err := c.pickFromGitLab(ctx, v, jobs[0]); err != nil {
+		return true, err
+	}
+	return true, job.ErrStale
 }
 
 // pickFromGitLab records the job GitLab says v's runner took, when its
