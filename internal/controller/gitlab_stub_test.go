@@ -35,6 +35,9 @@ type gitLabStub struct {
 	created    int
 	deleted    []int64
 	onDelete   func(runnerID int64) // benchmark hook, called after a deletion
+	// onRunnerJobs, when set, is called after GET /runners/:id/jobs answered
+	// (outside the lock): what GitLab does right after that answer.
+	onRunnerJobs func(runnerID int64)
 }
 
 type stubJob struct {
@@ -53,6 +56,7 @@ type stubRunner struct {
 	ProjectID, GroupID  int64
 	Tags                []string
 	Locked, RunUntagged bool
+	Paused              bool
 	MaximumTimeout      int64
 }
 
@@ -183,7 +187,7 @@ func (g *gitLabStub) request(rid int64) int64 {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	r, ok := g.runners[rid]
-	if !ok {
+	if !ok || r.Paused {
 		return 0
 	}
 	var best *stubJob
@@ -231,6 +235,7 @@ func (g *gitLabStub) runnerTags(rid int64) []string {
 func (g *gitLabStub) updateRunner(w http.ResponseWriter, r *http.Request) {
 	var b struct {
 		TagList *[]string `json:"tag_list"`
+		Paused  *bool     `json:"paused"`
 	}
 	if err := json.NewDecoder(r.Body).Decode(&b); err != nil {
 		writeJSON(w, 400, map[string]string{"error": "invalid body"})
@@ -246,13 +251,22 @@ func (g *gitLabStub) updateRunner(w http.ResponseWriter, r *http.Request) {
 	if b.TagList != nil {
 		rr.Tags = *b.TagList
 	}
+	if b.Paused != nil {
+		rr.Paused = *b.Paused
+	}
 	writeJSON(w, 200, map[string]any{"id": rr.ID, "description": rr.Description, "tag_list": rr.Tags})
 }
 
 func (g *gitLabStub) runnerJobs(w http.ResponseWriter, r *http.Request) {
+	rid := id(r, "rid")
+	g.mu.Lock()
+	after := g.onRunnerJobs
+	g.mu.Unlock()
+	if after != nil {
+		defer after(rid)
+	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	rid := id(r, "rid")
 	if _, ok := g.runners[rid]; !ok {
 		writeJSON(w, 404, map[string]string{"message": "404 Runner Not Found"})
 		return

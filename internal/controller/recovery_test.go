@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/http"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -315,4 +316,48 @@ func TestRestartAfterVMRanItsJobWhileDown(t *testing.T) {
 	if n := len(h.drv.Specs()); n != 1 {
 		t.Fatalf("%d VM starts, want 1: the job ran", n)
 	}
+}
+
+// TestIdleStopPausesTheRunnerFirst: an idle VM is stopped once GitLab says
+// its runner took no job. Its runner keeps polling until the VM is gone, so
+// a job arriving right after GitLab's answer could be handed to it and die
+// with the VM (stuck "running" in GitLab). Paused first, the runner gets
+// nothing; the new job gets a VM of its own. (Found by the chaos harness.)
+func TestIdleStopPausesTheRunnerFirst(t *testing.T) {
+	h := newHarness(t, nil)
+	a := h.newJob(tag2x4)
+	va := h.waitStarted(a)
+	var b, took atomic.Int64
+	h.gl.mu.Lock()
+	h.gl.onRunnerJobs = func(rid int64) {
+		if rid != va.RunnerID || b.Load() != 0 {
+			return
+		}
+		// GitLab has answered; a job with the VM's tags arrives and the
+		// VM's runner, still polling, asks for one.
+		b.Store(h.gl.newJob(5, tag2x4))
+		took.Store(h.gl.request(rid))
+	}
+	h.gl.mu.Unlock()
+	// a's VM turns surplus: a runner of another host took a.
+	h.gl.pick(a, 999)
+	h.event(a, 5, "running", 999)
+	if v := h.waitVMState(va.ID, job.VMGone); v.Reason != job.ReasonIdle || v.PickedJobID != 0 {
+		t.Fatalf("idle vm: %q picked %d", v.Reason, v.PickedJobID)
+	}
+	if b.Load() == 0 {
+		t.Fatal("GitLab was never asked for the idle VM's jobs")
+	}
+	if took.Load() != 0 {
+		t.Fatalf("the runner of a VM being stopped took job %d: it died with the VM", took.Load())
+	}
+	h.event(b.Load(), 5, "pending", 0)
+	vb := h.waitStarted(b.Load())
+	h.take(b.Load(), vb)
+	h.end(b.Load(), vb, "success")
+	h.waitState(b.Load(), job.Done)
+	h.gl.setStatus(a, "success")
+	h.event(a, 5, "success", 999)
+	h.waitState(a, job.Done)
+	h.clean()
 }

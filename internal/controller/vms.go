@@ -181,12 +181,25 @@ func (c *Controller) superviseVM(ctx context.Context, v job.VM) error {
 		started = v.Timeline.StartRequest
 	}
 	timedOut := time.Since(started) >= c.cfg.Limits.VMStartTimeout
-	if !timedOut && !c.isSurplus(v.ID) && !c.draining.Load() {
+	paused := c.isPaused(v.ID) // decided to stop it already
+	if !timedOut && !paused && !c.isSurplus(v.ID) && !c.draining.Load() {
 		c.q.AddAfter(vmKey(v.ID), time.Until(started.Add(c.cfg.Limits.VMStartTimeout)))
 		return nil
 	}
 	// About to stop an idle VM: its runner may have taken a job whose
-	// "running" hook is late (or was lost). GitLab knows.
+	// "running" hook is late (or was lost). GitLab knows. The runner is
+	// paused first, so that it takes no job between GitLab's answer and
+	// the VM's end (that job would die with the VM); a job it took runs on.
+	if stop := timedOut || !c.draining.Load(); stop && !paused {
+		if err := c.gl.PauseRunner(ctx, v.RunnerID); err != nil && !gitlabapi.IsNotFound(err) {
+			if time.Since(started) < c.cfg.Limits.VMStartTimeout+time.Minute {
+				return err // retry with back-off
+			}
+			log.Warn("cannot pause the runner; stopping the VM all the same", "err", err)
+		}
+		c.setPaused(v.ID)
+		paused = true
+	}
 	jobs, err := c.gl.RunnerJobs(ctx, v.RunnerID)
 	if err != nil {
 		if time.Since(started) < c.cfg.Limits.VMStartTimeout+time.Minute {
@@ -198,7 +211,7 @@ func (c *Controller) superviseVM(ctx context.Context, v job.VM) error {
 		return c.pickFromGitLab(ctx, v, jobs[0])
 	}
 	switch {
-	case c.draining.Load() && !timedOut:
+	case c.draining.Load() && !timedOut && !paused:
 		// Draining: an idle VM may still take its job until the drain
 		// timeout; Shutdown stops what is left.
 		c.q.AddAfter(vmKey(v.ID), time.Second)
@@ -472,6 +485,20 @@ func (c *Controller) idleReason() string {
 		return job.ReasonShutdown + ": no new VMs while draining"
 	}
 	return job.ReasonIdle
+}
+
+// setPaused records that VM id's runner was paused: the VM is stopped once
+// GitLab confirms its runner took nothing (forgotten with the VM's watch).
+func (c *Controller) setPaused(id string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.paused[id] = true
+}
+
+func (c *Controller) isPaused(id string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.paused[id]
 }
 
 func (c *Controller) isSurplus(id string) bool {
