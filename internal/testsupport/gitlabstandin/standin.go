@@ -38,11 +38,9 @@ type Options struct {
 	WebhookURL, WebhookSecret string
 	// ProjectRunnerCap / GroupRunnerCap limit a project's / group's runners
 	// created or active in the past 7 days (GitLab's ci_registered_*_runners
-	// plan limits; GitLab.com Free: 50). 0 means 50; <0 unlimited.
+	// plan limits; GitLab.com Free: 50): runners that exist, so deleting one
+	// frees its slot, as on GitLab. 0 means 50; <0 unlimited.
 	ProjectRunnerCap, GroupRunnerCap int
-	// RunnerCapCountsDeleted also counts runners created in the past 7 days
-	// and since deleted (a stricter reading of the limit).
-	RunnerCapCountsDeleted bool
 	// LongPoll is how long POST /jobs/request waits for a job before 204
 	// (Workhorse long polling). 0 means 5s; <0 disables.
 	LongPoll time.Duration
