@@ -24,6 +24,7 @@ import (
 	"github.com/firerunner/firerunner/internal/planner"
 	"github.com/firerunner/firerunner/internal/store"
 	"github.com/firerunner/firerunner/internal/testsupport/fakevm"
+	"github.com/firerunner/firerunner/internal/testsupport/gitlabstandin"
 	"github.com/firerunner/firerunner/internal/vm"
 )
 
@@ -61,7 +62,7 @@ func (h *harness) checkAttemptVMs(id int64, n int, reason string) []job.VM {
 	}
 	for _, v := range vs {
 		if v.State != job.VMGone || job.ReasonKey(v.Reason) != reason || v.RunnerID == 0 || v.Timeline.Destroyed.IsZero() ||
-			v.Timeline.RunnerDeleted.IsZero() || inGitLab[v.RunnerID] || !slices.Contains(h.gl.deletedRunners(), v.RunnerID) {
+			v.Timeline.RunnerDeleted.IsZero() || inGitLab[v.RunnerID] || !h.gl.deleted(v.RunnerID) {
 			h.t.Errorf("vm %s of job %d: %s %q runner %d (in GitLab %v), destroyed %v, runner deleted %v; want gone (%s), runner deleted",
 				v.ID, id, v.State, v.Reason, v.RunnerID, inGitLab[v.RunnerID], !v.Timeline.Destroyed.IsZero(), !v.Timeline.RunnerDeleted.IsZero(), reason)
 		}
@@ -134,7 +135,10 @@ func TestVMStartFailureRetriedThenGivenUp(t *testing.T) {
 		`firerunner_jobs_finished_total{outcome="failed",reason="attempts"} 1`, `firerunner_vcpus_in_use 0`} {
 		h.eventually("metric "+want, func() bool { return strings.Contains(h.metricsText(), want) })
 	}
-	// The capacity the failed attempts held is free: the next job runs.
+	// The capacity the failed attempts held is free: the next job runs
+	// (the given-up job's user cancels it, or GitLab would hand it to the
+	// next runner whose tags cover it: it is older).
+	h.gl.setStatus(id, "canceled")
 	failing.Store(false)
 	next := h.newJob(tag2x4)
 	v := h.waitStarted(next)
@@ -155,7 +159,7 @@ func TestRunnerDeletionOutage(t *testing.T) {
 	va := h.waitStarted(a)
 	h.take(a, va)
 	h.waitVMState(va.ID, job.VMBusy)
-	h.gl.failUntil("delete_runner", http.StatusInternalServerError, `{"message":"500 Internal Server Error"}`)
+	h.gl.failUntil("delete_runner", http.StatusInternalServerError)
 	h.end(a, va, "success")
 	if j := h.waitState(a, job.Done); j.Reason != job.ReasonSucceeded {
 		t.Fatalf("job %d: %q", a, j.Reason)
@@ -187,7 +191,7 @@ func TestRunnerDeletionOutage(t *testing.T) {
 	}
 	// GitLab recovers: the next pass (the periodic sweep) deletes the
 	// runner, the record ends and its capacity goes to the waiting job.
-	h.gl.clearFailures("delete_runner")
+	h.gl.clearFailures()
 	h.c.ReconcileOnce(context.Background())
 	if v := h.waitVMState(va.ID, job.VMGone); v.Reason != job.ReasonRanJob || v.Timeline.RunnerDeleted.IsZero() {
 		t.Fatalf("vm after the outage: %q, runner deleted %v", v.Reason, !v.Timeline.RunnerDeleted.IsZero())
@@ -206,7 +210,7 @@ func TestRunnerDeletionOutage(t *testing.T) {
 // reconcile is retried with back-off until GitLab answers.
 func TestGetJobRetriesExhausted(t *testing.T) {
 	h := newHarness(t, nil)
-	h.gl.failUntil("get_job", http.StatusBadGateway, `{"message":"502 Bad Gateway"}`)
+	h.gl.failUntil("get_job", http.StatusBadGateway)
 	id := h.newJob(tag2x4)
 	// 1 + 3 retries per reconcile: 8 calls are two reconciles.
 	h.eventually("two reconciles of the job", func() bool { return h.gl.callCount("get_job") >= 8 })
@@ -218,7 +222,7 @@ func TestGetJobRetriesExhausted(t *testing.T) {
 		t.Fatalf("api errors not counted:\n%s", grep(m, "api_errors"))
 	}
 	// No sweep, no new hook: the back-off alone brings it back.
-	h.gl.clearFailures("get_job")
+	h.gl.clearFailures()
 	v := h.waitStarted(id)
 	if j := h.job(id); j.State != job.Queued || j.Attempts != 0 || j.SizeTag != tag2x4 {
 		t.Fatalf("job after the outage: %+v", j)
@@ -248,11 +252,9 @@ func TestTooBig(t *testing.T) {
 		if got := transitions(t, h.st, id, "job"); got != "new>queued>failed" {
 			t.Errorf("job %d transitions %s", id, got)
 		}
-		h.gl.mu.Lock()
-		if st := h.gl.jobs[id].Status; st != "pending" {
+		if st := h.gl.job(id).Status; st != "pending" {
 			t.Errorf("job %d is %s in GitLab; FireRunner must leave it pending", id, st)
 		}
-		h.gl.mu.Unlock()
 	}
 	v := h.waitStarted(fits)
 	if n := h.gl.createdCount(); n != 1 {
@@ -403,7 +405,7 @@ func TestTapAttachFailure(t *testing.T) {
 	if failed.State != job.VMGone || failed.Reason != job.ReasonNetwork+": create tap: operation not permitted" || failed.Timeline.RunnerDeleted.IsZero() {
 		t.Fatalf("failed attempt's vm: %s %q, runner deleted %v", failed.State, failed.Reason, !failed.Timeline.RunnerDeleted.IsZero())
 	}
-	if slices.ContainsFunc(h.gl.runnerList(), func(r stubRunner) bool { return r.ID == failed.RunnerID }) {
+	if slices.ContainsFunc(h.gl.runnerList(), func(r gitlabstandin.RunnerState) bool { return r.ID == failed.RunnerID }) {
 		t.Fatalf("runner %d of the failed attempt left in GitLab", failed.RunnerID)
 	}
 	ids, _ := n.List(context.Background())
@@ -500,8 +502,7 @@ func TestConcurrentWebhooksNeverExceedCapacity(t *testing.T) {
 	var sawWaiting atomic.Bool
 	var wg sync.WaitGroup
 	hookErrs := make(chan error, 4*jobs)
-	post := func(id int64, status string, rid int64) {
-		body := jobHook(id, 5, status, rid)
+	send := func(id int64, status string, body []byte) {
 		req, _ := http.NewRequest(http.MethodPost, h.web.URL+"/webhook", bytes.NewReader(body))
 		req.Header.Set("X-Gitlab-Token", testSecret)
 		req.Header.Set("X-Gitlab-Event", "Job Hook")
@@ -516,6 +517,14 @@ func TestConcurrentWebhooksNeverExceedCapacity(t *testing.T) {
 			hookErrs <- err
 		}
 	}
+	post := func(id int64, status string) {
+		body, err := h.gl.JobHook(id)
+		if err != nil {
+			hookErrs <- err
+			return
+		}
+		send(id, status, body)
+	}
 	// GitLab's side of each VM: its runner takes the oldest pending job its
 	// tags cover (maybe not the one it was made for), runs it a moment,
 	// succeeds; the guest powers off.
@@ -529,16 +538,21 @@ func TestConcurrentWebhooksNeverExceedCapacity(t *testing.T) {
 			sawWaiting.Store(true)
 		}
 		h.c.mu.Unlock()
-		rid := h.gl.runnerByToken(s.Guest.RunnerToken)
-		id := h.gl.request(rid)
+		id, jobToken, err := h.gl.requestWith(s.Guest.RunnerToken)
+		if err != nil {
+			hookErrs <- err
+			return
+		}
 		if id == 0 {
 			return // nothing for it: the plan stops it as idle
 		}
-		post(id, "running", rid)
+		post(id, "running")
 		time.Sleep(time.Duration(rand.IntN(3000)) * time.Microsecond)
-		h.gl.setStatus(id, "success")
+		if err := h.gl.finishWith(id, jobToken, "success"); err != nil {
+			hookErrs <- err
+		}
 		_ = cd.Exit(s.ID, 0)
-		post(id, "success", rid)
+		post(id, "success")
 	}
 	h = newHarness(t, func(h *harness) {
 		h.capa = capa
@@ -549,11 +563,13 @@ func TestConcurrentWebhooksNeverExceedCapacity(t *testing.T) {
 	})
 	var ids []int64
 	for i := range jobs {
-		ids = append(ids, h.gl.newJob(5, sizes[i%len(sizes)]))
+		ids = append(ids, h.gl.newJob(h.pid, sizes[i%len(sizes)]))
 	}
 	var senders sync.WaitGroup
+	pending := map[int64][]byte{}
 	next := make(chan int64, 2*jobs)
 	for _, id := range ids {
+		pending[id] = h.gl.hook(id)
 		next <- id
 		next <- id // every hook delivered twice
 	}
@@ -563,7 +579,7 @@ func TestConcurrentWebhooksNeverExceedCapacity(t *testing.T) {
 		go func() {
 			defer senders.Done()
 			for id := range next {
-				post(id, "pending", 0)
+				send(id, "pending", pending[id])
 			}
 		}()
 	}

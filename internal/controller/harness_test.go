@@ -32,10 +32,10 @@ const (
 )
 
 // harness is one FireRunner controller wired like serve.go does, against
-// the GitLab stub, the fake driver and a real SQLite store.
+// the GitLab stand-in, the fake driver and a real SQLite store.
 type harness struct {
 	t   *testing.T
-	gl  *gitLabStub
+	gl  *gitLab
 	drv *fake.Driver
 	// driver, when set, is what the controller gets instead of drv (a
 	// wrapper around it); drv stays the fake host the tests look at.
@@ -70,8 +70,9 @@ func testConfig(glURL string) config.Config {
 
 func newHarness(t *testing.T, mod func(h *harness)) *harness {
 	t.Helper()
-	h := &harness{t: t, gl: newGitLabStub(t), drv: fake.New(fake.Options{}), dir: t.TempDir(), logs: &testenv.Buffer{},
-		capa: planner.Capacity{VCPUs: 16, MemoryMiB: 64 * 1024, MaxVMs: 8}, pid: 5}
+	h := &harness{t: t, gl: newGitLab(t), drv: fake.New(fake.Options{}), dir: t.TempDir(), logs: &testenv.Buffer{},
+		capa: planner.Capacity{VCPUs: 16, MemoryMiB: 64 * 1024, MaxVMs: 8}}
+	h.pid = h.gl.proj.ID
 	h.cfg = testConfig(h.gl.URL())
 	if mod != nil {
 		mod(h)
@@ -186,14 +187,21 @@ func (h *harness) post(body []byte, token, event string) int {
 func (h *harness) newJob(tags ...string) int64 {
 	h.t.Helper()
 	id := h.gl.newJob(h.pid, tags...)
-	h.event(id, h.pid, "pending", 0)
+	h.event(id)
 	return id
 }
 
-func (h *harness) event(jobID, projectID int64, status string, runnerID int64) {
+// event delivers the Job Hook GitLab sends for job id's current state.
+func (h *harness) event(id int64) {
 	h.t.Helper()
-	if code := h.post(jobHook(jobID, projectID, status, runnerID), testSecret, "Job Hook"); code != http.StatusOK {
-		h.t.Fatalf("webhook %s for job %d: HTTP %d", status, jobID, code)
+	h.deliver(id, h.gl.hook(id))
+}
+
+// deliver posts a Job Hook body (maybe an old one: a redelivery).
+func (h *harness) deliver(id int64, body []byte) {
+	h.t.Helper()
+	if code := h.post(body, testSecret, "Job Hook"); code != http.StatusOK {
+		h.t.Fatalf("webhook for job %d: HTTP %d", id, code)
 	}
 }
 
@@ -296,7 +304,7 @@ func (h *harness) clean(keep ...int64) {
 		rs, _ := h.st.ListRunners(context.Background(), true)
 		n := 0
 		for _, r := range h.gl.runnerList() {
-			if !slices.Contains(keep, r.ID) {
+			if !slices.Contains(keep, r.ID) && r.Description != "someone else's runner" {
 				n++
 			}
 		}

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -596,5 +597,70 @@ func TestFailFor(t *testing.T) {
 	time.Sleep(time.Until(start.Add(2100 * time.Millisecond)))
 	if _, _, err := c.Projects.GetProject(p.ID, nil); err != nil {
 		t.Fatalf("after the outage: %v", err)
+	}
+}
+
+// TestTestHelpers: what the controller tests drive the stand-in with.
+// JobHook is GitLab's Job Hook body for the job's current state;
+// ClearFaults ends an outage; AfterRequest sees each answered request.
+func TestTestHelpers(t *testing.T) {
+	s := newServer(t, Options{LongPoll: -1})
+	p := addProject(t, s, "acme/app")
+	pl, err := s.CreatePipeline(p.ID, JobSpec{Name: "build", Tags: []string{"x"}, Script: []string{"true"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := pl.JobIDs[0]
+	hook := func() map[string]any {
+		b, err := s.JobHook(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m map[string]any
+		if err := json.Unmarshal(b, &m); err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	if m := hook(); m["object_kind"] != "build" || m["build_id"] != float64(id) || m["build_status"] != "pending" ||
+		m["project_id"] != float64(p.ID) || m["runner"] != nil {
+		t.Fatalf("pending hook: %v", m)
+	}
+	var mu sync.Mutex
+	var seen []Request
+	s.AfterRequest(func(r Request) { mu.Lock(); seen = append(seen, r); mu.Unlock() })
+	r, err := s.CreateRunner(RunnerSpec{ProjectID: p.ID, Tags: []string{"x"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	req, _ := http.NewRequest("POST", s.URL()+"/api/v4/jobs/request", strings.NewReader(`{"token":"`+r.Token+`"}`))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.ReadAll(resp.Body) // the whole answer: the hook ran before its end
+	resp.Body.Close()
+	if m := hook(); m["build_status"] != "running" || m["runner"].(map[string]any)["id"] != float64(r.ID) {
+		t.Fatalf("running hook: %v", m)
+	}
+	s.AfterRequest(nil)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(seen) != 1 || seen[0].Method != "POST" || seen[0].Path != "/api/v4/jobs/request" || seen[0].Status != 201 {
+		t.Fatalf("after-request hook saw %+v", seen)
+	}
+	if _, err := s.JobHook(id + 1000); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("unknown job: %v", err)
+	}
+	s.FailFor("GET", "/api/v4/projects/", 503, time.Hour)
+	s.FailNext("", "/api/v4/", 500, 5)
+	c := client(t, s, adminToken)
+	if _, _, err := c.Projects.GetProject(p.ID, nil); statusOf(err) != 503 {
+		t.Fatalf("during the outage: %v", err)
+	}
+	s.ClearFaults()
+	if _, _, err := c.Projects.GetProject(p.ID, nil); err != nil {
+		t.Fatalf("after ClearFaults: %v", err)
 	}
 }
