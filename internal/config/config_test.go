@@ -1,8 +1,11 @@
 package config_test
 
 import (
+	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -29,8 +32,9 @@ func valid() config.Config {
 }
 
 func TestDefaultsNeedOnlyTheGitLabURL(t *testing.T) {
-	if err := config.Default().Validate(drivers); err == nil || !strings.Contains(err.Error(), "gitlab.url") {
-		t.Fatalf("default config without gitlab.url: %v", err)
+	var fe config.FieldErrors
+	if err := config.Default().Validate(drivers); !errors.As(err, &fe) || !slices.Equal(fe, config.FieldErrors{`gitlab.url: "" is not an http(s) URL`}) {
+		t.Fatalf("default config without gitlab.url: %#v", err)
 	}
 	if err := valid().Validate(drivers); err != nil {
 		t.Fatalf("defaults + url: %v", err)
@@ -47,38 +51,52 @@ func TestValidateListsEveryBadField(t *testing.T) {
 	c.Network.MTU = 100
 	c.Network.AllowHostPorts = []int{0, 70000}
 	err := c.Validate(drivers)
-	fe, ok := err.(config.FieldErrors)
-	if !ok {
+	var fe config.FieldErrors
+	if !errors.As(err, &fe) {
 		t.Fatalf("want FieldErrors, got %T %v", err, err)
 	}
-	for _, field := range []string{"log_level", "runners.maximum_timeout", "runners.group_id", "vm.driver", "network.mtu", "network.allow_host_ports"} {
-		if !strings.Contains(err.Error(), field+":") {
-			t.Errorf("error does not name %s:\n%v", field, err)
-		}
+	want := config.FieldErrors{
+		`log_level: "chatty" is not one of debug, info, warn, error`,
+		"runners.group_id: must be set when runners.scope is group",
+		"runners.maximum_timeout: GitLab rejects values under 600s, got 5m0s",
+		`vm.driver: "vbox" is not one of qemu, firecracker`,
+		"network.mtu: must be between 576 and 9000, got 100",
+		"network.allow_host_ports: 0 is not a port (1-65535)",
+		"network.allow_host_ports: 70000 is not a port (1-65535)",
 	}
-	if len(fe) < 6 {
-		t.Errorf("want at least 6 field errors, got %d", len(fe))
+	if !slices.Equal(fe, want) {
+		t.Errorf("field errors:\n%q\nwant\n%q", fe, want)
 	}
 }
 
 func TestParse(t *testing.T) {
 	for _, tc := range []struct {
-		name, yaml, wantErr string
+		name, yaml string
+		field      string // a validation error: exactly this field error
+		syntax     string // a YAML error: this exact line
 	}{
-		{"empty file keeps defaults but needs url", "", "gitlab.url"},
-		{"minimal", "gitlab:\n  url: https://gitlab.example.com\n", ""},
-		{"unknown field", "gitlab:\n  url: https://g.example.com\n  tokn_file: /x\n", "tokn_file"},
-		{"bad duration", "gitlab:\n  url: https://g.example.com\nlimits:\n  job_max_duration: soon\n", "soon"},
-		{"user network with firecracker", "gitlab:\n  url: https://g.example.com\nnetwork:\n  mode: user\n", "network.mode"},
+		{"empty file keeps defaults but needs url", "", `gitlab.url: "" is not an http(s) URL`, ""},
+		{"minimal", "gitlab:\n  url: https://gitlab.example.com\n", "", ""},
+		{"unknown field", "gitlab:\n  url: https://g.example.com\n  tokn_file: /x\n", "", "line 3: field tokn_file not found in type config.GitLab"},
+		{"bad duration", "gitlab:\n  url: https://g.example.com\nlimits:\n  job_max_duration: soon\n", "", "line 4: cannot unmarshal !!str `soon` into time.Duration"},
+		{"user network with firecracker", "gitlab:\n  url: https://g.example.com\nnetwork:\n  mode: user\n", "network.mode: user-mode networking is QEMU-only; firecracker needs tap", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := config.Default()
 			err := config.Parse([]byte(tc.yaml), &c, drivers)
-			if tc.wantErr == "" && err != nil {
+			var fe config.FieldErrors
+			switch {
+			case tc.field != "":
+				if !errors.As(err, &fe) || !slices.Equal(fe, config.FieldErrors{tc.field}) {
+					t.Fatalf("want exactly the field error %q, got %#v", tc.field, err)
+				}
+			case tc.syntax != "":
+				// Refused while parsing: not a field error, and it says where.
+				if err == nil || errors.As(err, &fe) || !strings.HasPrefix(err.Error(), "parse config: ") || !strings.Contains(err.Error(), "\n  "+tc.syntax) {
+					t.Fatalf("want the parse error %q, got %#v", tc.syntax, err)
+				}
+			case err != nil:
 				t.Fatalf("unexpected error: %v", err)
-			}
-			if tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)) {
-				t.Fatalf("want error containing %q, got %v", tc.wantErr, err)
 			}
 		})
 	}
@@ -96,18 +114,18 @@ func TestReadSecret(t *testing.T) {
 	if err := os.Chmod(p, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := config.ReadSecret(p); err == nil || !strings.Contains(err.Error(), "0600") {
+	if _, err := config.ReadSecret(p); err == nil || err.Error() != "secret file "+p+" has mode 0644; it must be 0600 or stricter (chmod 600 "+p+")" {
 		t.Fatalf("world-readable secret accepted: %v", err)
 	}
 	empty := filepath.Join(dir, "empty")
 	if err := os.WriteFile(empty, []byte("\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := config.ReadSecret(empty); err == nil {
-		t.Fatal("empty secret accepted")
+	if _, err := config.ReadSecret(empty); err == nil || err.Error() != "secret file "+empty+" is empty" {
+		t.Fatalf("empty secret: %v", err)
 	}
-	if _, err := config.ReadSecret(filepath.Join(dir, "missing")); err == nil {
-		t.Fatal("missing secret accepted")
+	if _, err := config.ReadSecret(filepath.Join(dir, "missing")); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("missing secret: %v, want fs.ErrNotExist", err)
 	}
 }
 
@@ -217,7 +235,8 @@ func TestDriverSections(t *testing.T) {
 // Without a driver registry the driver cannot be checked, and says so.
 func TestValidateWithoutDrivers(t *testing.T) {
 	err := valid().Validate(nil)
-	if err == nil || !strings.Contains(err.Error(), "vm.driver: cannot check") {
+	var fe config.FieldErrors
+	if !errors.As(err, &fe) || len(fe) != 1 || !strings.HasPrefix(fe[0], "vm.driver: cannot check") {
 		t.Fatalf("Validate(nil) = %v", err)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"runtime"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -23,14 +24,15 @@ import (
 	"github.com/firerunner/firerunner/internal/runners"
 	"github.com/firerunner/firerunner/internal/store"
 	fake "github.com/firerunner/firerunner/internal/testsupport/fakevm"
+	"github.com/firerunner/firerunner/internal/testsupport/gitlabstandin"
 	"github.com/firerunner/firerunner/internal/vm"
 	"github.com/firerunner/firerunner/internal/webhook"
 )
 
 // BenchmarkControllerOverhead measures FireRunner's own cost per job: the
 // real webhook handler, API client, SQLite store, work queue, planner and
-// reconcilers, against a zero-cost VM driver and an in-process (loopback,
-// zero-latency) GitLab stub. Each VM's runner takes its job at once, GitLab
+// reconcilers, against a zero-cost VM driver and an in-process (loopback)
+// GitLab stand-in. Each VM's runner takes its job at once, GitLab
 // reports success, the guest powers off. 1,000 jobs per phase:
 //   - sequential: one job at a time (the next webhook is sent once the
 //     previous job's runner is deleted): the latency of an isolated job,
@@ -52,7 +54,7 @@ func BenchmarkControllerOverhead(b *testing.B) {
 			{"concurrent (16 senders)", ms(con.p50), ms(con.p99), ms(con.max), ms(con.hookP50), ms(con.hookP99), fmt.Sprintf("%.0f", con.jobsPerSec), us(con.cpuPerJob)},
 		}
 	}
-	fmt.Printf("\nFireRunner controller overhead, %d jobs per row, GOMAXPROCS=%d (fake VM driver, loopback GitLab stub, real SQLite)\n", jobs, runtime.GOMAXPROCS(0))
+	fmt.Printf("\nFireRunner controller overhead, %d jobs per row, GOMAXPROCS=%d (fake VM driver, loopback GitLab stand-in, real SQLite)\n", jobs, runtime.GOMAXPROCS(0))
 	fmt.Printf("%-30s %13s %13s %13s %13s %13s %17s %16s\n", "mode", "p50 webhook→", "p99 webhook→", "max webhook→", "p50 webhook", "p99 webhook", "jobs/s (webhook→", "CPU per job")
 	fmt.Printf("%-30s %13s %13s %13s %13s %13s %17s %16s\n", "", "VM start req", "VM start req", "VM start req", "answer", "answer", "cleanup done)", "(all in-process)")
 	for _, r := range rows {
@@ -85,11 +87,26 @@ func runBench(b *testing.B, n, senders int) benchResult {
 // with the metrics of the run, before the controller shuts down.
 func runBenchIn(b *testing.B, dir string, n, senders int, atEnd func(m *metrics.Metrics)) benchResult {
 	b.Helper()
-	gl := newGitLabStub(b)
+	gl := newGitLab(b)
 	jobDone := make(chan struct{}, n)
-	gl.onDelete = func(int64) { jobDone <- struct{}{} }
+	gl.AfterRequest(func(r gitlabstandin.Request) {
+		if r.Method == http.MethodDelete && strings.HasPrefix(r.Path, "/api/v4/runners/") && r.Status == http.StatusNoContent {
+			jobDone <- struct{}{}
+		}
+	})
+	// One pipeline of n pending jobs; jobID[i] is the i-th (1-based).
+	specs := make([]gitlabstandin.JobSpec, n)
+	for i := range specs {
+		specs[i] = gitlabstandin.JobSpec{Name: fmt.Sprintf("job-%d", i+1), Tags: []string{tag2x4}, Script: []string{"true"}}
+	}
+	pl, err := gl.CreatePipeline(gl.proj.ID, specs...)
+	if err != nil {
+		b.Fatal(err)
+	}
+	jobID := append([]int64{0}, pl.JobIDs...)
+	pending := make([][]byte, n+1)
 	for i := 1; i <= n; i++ {
-		gl.addJob(stubJob{ID: int64(i), ProjectID: 5, Tags: []string{tag2x4}})
+		pending[i] = gl.hook(jobID[i])
 	}
 	var mu sync.Mutex
 	startAt := make(map[int64]time.Time, n)    // job → start request of the VM that took it
@@ -113,8 +130,10 @@ func runBenchIn(b *testing.B, dir string, n, senders int, atEnd func(m *metrics.
 	// GitLab's side of a job, in no time: the VM's runner takes the oldest
 	// job its tags cover, it succeeds, the guest powers off.
 	runJob := func(s vm.Spec) {
-		rid := gl.runnerByToken(s.Guest.RunnerToken)
-		id := gl.request(rid)
+		id, jobToken, err := gl.requestWith(s.Guest.RunnerToken)
+		if err != nil {
+			b.Error(err)
+		}
 		if id == 0 {
 			return // nothing for it: the plan stops it as idle
 		}
@@ -123,9 +142,15 @@ func runBenchIn(b *testing.B, dir string, n, senders int, atEnd func(m *metrics.
 		mu.Unlock()
 		for _, st := range []string{"running", "success"} {
 			if st == "success" {
-				gl.setStatus(id, "success")
+				if err := gl.finishWith(id, jobToken, "success"); err != nil {
+					b.Error(err)
+				}
 			}
-			if _, _, err := post(jobHook(id, 5, st, rid)); err != nil {
+			body, err := gl.JobHook(id)
+			if err == nil {
+				_, _, err = post(body)
+			}
+			if err != nil {
 				b.Error(err)
 			}
 		}
@@ -190,7 +215,7 @@ func runBenchIn(b *testing.B, dir string, n, senders int, atEnd func(m *metrics.
 			defer wg.Done()
 			for i := range ids {
 				sentAt[i] = time.Now()
-				code, took, err := post(jobHook(int64(i), 5, "pending", 0))
+				code, took, err := post(pending[i])
 				if err != nil {
 					b.Error(err)
 					return
@@ -237,7 +262,7 @@ func runBenchIn(b *testing.B, dir string, n, senders int, atEnd func(m *metrics.
 	lat := make([]time.Duration, 0, n)
 	mu.Lock()
 	for i := 1; i <= n; i++ {
-		t, ok := startAt[int64(i)]
+		t, ok := startAt[jobID[i]]
 		if !ok {
 			b.Fatalf("job %d never started", i)
 		}

@@ -60,6 +60,9 @@ type GitLab interface {
 	ListPendingJobs(ctx context.Context, projectID int64) ([]gitlabapi.Job, error)
 	ListGroupProjects(ctx context.Context, groupID int64) ([]int64, error)
 	RunnerJobs(ctx context.Context, runnerID int64) ([]gitlabapi.Job, error)
+	// PauseRunner makes GitLab give the runner no new job (before an idle
+	// VM is stopped); a job it took runs on.
+	PauseRunner(ctx context.Context, runnerID int64) error
 }
 
 // APIHTTPClient is the HTTP client for the GitLab API: Go's default keeps
@@ -149,6 +152,7 @@ type Controller struct {
 	mu       sync.Mutex
 	watchers map[string]context.CancelFunc // VMs whose VMM is being waited for
 	surplus  map[string]bool               // idle VMs the last plan found no job for
+	paused   map[string]bool               // idle VMs being stopped: their runner is paused
 	checked  map[int64]time.Time           // last time a job's status was read from GitLab
 	waiting  int                           // jobs the last plan left waiting for capacity
 }
@@ -166,7 +170,7 @@ func New(o Options) (*Controller, error) {
 		net: o.Network, log: o.Logger, m: o.Metrics, capacity: o.Capacity, workers: o.Workers,
 		tagLim:   tags.Limits{MaxVCPUs: o.Config.Capacity.MaxVCPUsPerVM, MaxMemoryGiB: o.Config.Capacity.MaxMemoryGiBPerVM},
 		q:        workqueue.New[key](workqueue.Exponential(200*time.Millisecond, 30*time.Second)),
-		stopLoop: make(chan struct{}), watchers: map[string]context.CancelFunc{}, surplus: map[string]bool{},
+		stopLoop: make(chan struct{}), watchers: map[string]context.CancelFunc{}, surplus: map[string]bool{}, paused: map[string]bool{},
 		checked: map[int64]time.Time{},
 	}
 	if c.log == nil {

@@ -2,6 +2,7 @@ package controller
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"slices"
 	"strings"
@@ -13,6 +14,7 @@ import (
 	"github.com/firerunner/firerunner/internal/planner"
 	"github.com/firerunner/firerunner/internal/store"
 	"github.com/firerunner/firerunner/internal/testsupport/fakevm"
+	"github.com/firerunner/firerunner/internal/testsupport/gitlabstandin"
 )
 
 const (
@@ -20,20 +22,22 @@ const (
 	tag1x1 = "firecracker-1cpu-1gb"
 )
 
-// take makes v's runner take job id in GitLab and sends the "running" hook.
+// take makes v's runner take job id through GitLab's runner API (it must
+// be the oldest pending job its tags cover) and sends the "running" hook.
 func (h *harness) take(id int64, v job.VM) {
 	h.t.Helper()
 	h.gl.pick(id, v.RunnerID)
-	h.event(id, 5, "running", v.RunnerID)
+	h.event(id)
 }
 
-// end finishes job id in GitLab with status: the guest powers off, and the
-// "finished" hook arrives (GitLab sends it asynchronously).
+// end finishes job id in GitLab with status (its runner reports success or
+// failed; canceled is a user's): the guest powers off, and the "finished"
+// hook arrives (GitLab sends it asynchronously).
 func (h *harness) end(id int64, v job.VM, status string) {
 	h.t.Helper()
 	h.gl.setStatus(id, status)
 	_ = h.drv.Exit(v.ID, 0)
-	h.event(id, 5, status, v.RunnerID)
+	h.event(id)
 }
 
 func transitions(t *testing.T, st *store.Store, id int64, object string) string {
@@ -53,8 +57,8 @@ func transitions(t *testing.T, st *store.Store, id int64, object string) string 
 
 func TestWebhookAuthThenFullLifecycle(t *testing.T) {
 	h := newHarness(t, nil)
-	h.gl.addJob(stubJob{ID: 101, ProjectID: 5, Tags: []string{tag2x4, "linux"}})
-	body := jobHook(101, 5, "pending", 0)
+	id := h.gl.newJob(h.pid, tag2x4, "linux")
+	body := h.gl.hook(id)
 
 	if code := h.post(body, "", "Job Hook"); code != http.StatusUnauthorized {
 		t.Fatalf("missing token: HTTP %d, want 401", code)
@@ -72,9 +76,9 @@ func TestWebhookAuthThenFullLifecycle(t *testing.T) {
 		t.Fatalf("other event: HTTP %d, want 2xx", code)
 	}
 
-	h.event(101, 5, "pending", 0)
-	v := h.waitStarted(101)
-	if j := h.job(101); j.State != job.Queued || j.Source != "webhook" || j.SizeTag != tag2x4 || j.Timeline.VMStartRequest.IsZero() {
+	h.event(id)
+	v := h.waitStarted(id)
+	if j := h.job(id); j.State != job.Queued || j.Source != "webhook" || j.SizeTag != tag2x4 || j.Timeline.VMStartRequest.IsZero() {
 		t.Fatalf("job record: %+v", j)
 	}
 	// The runner GitLab got: the job's exact tags, locked, tagged-only,
@@ -84,9 +88,9 @@ func TestWebhookAuthThenFullLifecycle(t *testing.T) {
 		t.Fatalf("runners in GitLab: %d, want 1", len(rs))
 	}
 	r := rs[0]
-	if r.ID != v.RunnerID || r.RunnerType != "project_type" || r.ProjectID != 5 || !r.Locked || r.RunUntagged ||
+	if r.ID != v.RunnerID || r.Type != "project_type" || !slices.Equal(r.ProjectIDs, []int64{h.pid}) || !r.Locked || r.RunUntagged ||
 		!slices.Equal(r.Tags, []string{tag2x4, "linux"}) || r.MaximumTimeout != 3600 ||
-		!strings.HasPrefix(r.Description, "firerunner test-host vm "+v.ID+" job 101 ") {
+		!strings.HasPrefix(r.Description, fmt.Sprintf("firerunner test-host vm %s job %d ", v.ID, id)) {
 		t.Fatalf("runner created wrong: %+v", r)
 	}
 	specs := h.drv.Specs()
@@ -99,19 +103,19 @@ func TestWebhookAuthThenFullLifecycle(t *testing.T) {
 		t.Fatalf("vm spec wrong: %+v / %s", sp, sp.Guest)
 	}
 
-	h.take(101, v)
-	if j := h.waitState(101, job.Running); j.VMID != v.ID || j.RunnerID != v.RunnerID {
+	h.take(id, v)
+	if j := h.waitState(id, job.Running); j.VMID != v.ID || j.RunnerID != v.RunnerID {
 		t.Fatalf("running job record: %+v", j)
 	}
 	h.waitVMState(v.ID, job.VMBusy)
-	h.end(101, v, "success")
-	j := h.waitState(101, job.Done)
+	h.end(id, v, "success")
+	j := h.waitState(id, job.Done)
 	if j.Reason != job.ReasonSucceeded || j.GitLabStatus != "success" {
 		t.Fatalf("outcome: %q %q", j.Reason, j.GitLabStatus)
 	}
 	h.clean()
 	v = h.waitVMState(v.ID, job.VMGone)
-	if v.Reason != job.ReasonRanJob || v.PickedJobID != 101 || v.ExitCode == nil || *v.ExitCode != 0 {
+	if v.Reason != job.ReasonRanJob || v.PickedJobID != id || v.ExitCode == nil || *v.ExitCode != 0 {
 		t.Fatalf("vm record: %+v", v)
 	}
 	vt := v.Timeline
@@ -124,10 +128,10 @@ func TestWebhookAuthThenFullLifecycle(t *testing.T) {
 			t.Errorf("timeline %s not recorded", name)
 		}
 	}
-	if got := transitions(t, h.st, 101, "job"); got != "new>queued>running>done" {
+	if got := transitions(t, h.st, id, "job"); got != "new>queued>running>done" {
 		t.Fatalf("job transitions %s", got)
 	}
-	if got := transitions(t, h.st, 101, "vm"); got != "pending>starting>busy>stopping>gone" {
+	if got := transitions(t, h.st, id, "vm"); got != "pending>starting>busy>stopping>gone" {
 		t.Fatalf("vm transitions %s", got)
 	}
 	for _, want := range []string{`firerunner_webhook_rejects_total{reason="unauthorized"} 2`, `firerunner_webhook_rejects_total{reason="malformed"} 1`,
@@ -149,18 +153,17 @@ func TestTagGrammarDecidesWhatGetsAVM(t *testing.T) {
 		vm     bool
 		reject string
 	}{
-		{201, []string{tag2x4}, true, ""},
-		{202, []string{"FireCracker-1CPU-1GB", "docker"}, true, ""},
-		{203, []string{"linux", "docker"}, false, ""},
-		{204, nil, false, ""},
-		{205, []string{tag2x4, "firecracker-4cpu-8gb"}, false, "ambiguous"},
-		{206, []string{"firecracker-16cpu-4gb"}, false, "over_limit"},
-		{207, []string{"firecracker-2cpus-4gb"}, false, "malformed"},
-		{208, []string{"firecracker-0cpu-4gb"}, false, "zero_size"},
+		{0, []string{tag2x4}, true, ""},
+		{0, []string{"FireCracker-1CPU-1GB", "docker"}, true, ""},
+		{0, []string{"linux", "docker"}, false, ""},
+		{0, nil, false, ""},
+		{0, []string{tag2x4, "firecracker-4cpu-8gb"}, false, "ambiguous"},
+		{0, []string{"firecracker-16cpu-4gb"}, false, "over_limit"},
+		{0, []string{"firecracker-2cpus-4gb"}, false, "malformed"},
+		{0, []string{"firecracker-0cpu-4gb"}, false, "zero_size"},
 	}
-	for _, c := range cases {
-		h.gl.addJob(stubJob{ID: c.id, ProjectID: 5, Tags: c.tags})
-		h.event(c.id, 5, "pending", 0)
+	for i := range cases {
+		cases[i].id = h.newJob(cases[i].tags...)
 	}
 	for _, c := range cases {
 		if c.vm {
@@ -189,15 +192,16 @@ func TestTagGrammarDecidesWhatGetsAVM(t *testing.T) {
 
 func TestDuplicateDeliveriesGetOneVM(t *testing.T) {
 	h := newHarness(t, nil)
-	h.gl.addJob(stubJob{ID: 301, ProjectID: 5, Tags: []string{tag2x4}})
+	id := h.gl.newJob(h.pid, tag2x4)
+	pending := h.gl.hook(id)
 	var wg sync.WaitGroup
 	for range 8 {
 		wg.Add(1)
-		go func() { defer wg.Done(); h.event(301, 5, "pending", 0) }()
+		go func() { defer wg.Done(); h.deliver(id, pending) }()
 	}
 	wg.Wait()
-	v := h.waitStarted(301)
-	h.event(301, 5, "pending", 0) // a late redelivery
+	v := h.waitStarted(id)
+	h.deliver(id, pending) // a late redelivery
 	h.c.ReconcileOnce(context.Background())
 	if n := len(h.drv.Specs()); n != 1 {
 		t.Fatalf("%d VMs for one job", n)
@@ -205,10 +209,10 @@ func TestDuplicateDeliveriesGetOneVM(t *testing.T) {
 	if n := h.gl.createdCount(); n != 1 {
 		t.Fatalf("%d runners for one job", n)
 	}
-	h.take(301, v)
-	h.end(301, v, "success")
-	h.waitState(301, job.Done)
-	h.event(301, 5, "pending", 0) // redelivery after the job finished
+	h.take(id, v)
+	h.end(id, v, "success")
+	h.waitState(id, job.Done)
+	h.deliver(id, pending) // redelivery after the job finished
 	h.clean()
 	if n := len(h.drv.Specs()); n != 1 {
 		t.Fatalf("redelivery after done started a VM (%d)", n)
@@ -217,25 +221,25 @@ func TestDuplicateDeliveriesGetOneVM(t *testing.T) {
 
 func TestCancelTearsDownPromptly(t *testing.T) {
 	h := newHarness(t, func(h *harness) { h.capa.VCPUs = 2 })
-	h.gl.addJob(stubJob{ID: 401, ProjectID: 5, Tags: []string{tag2x4}})
-	h.gl.addJob(stubJob{ID: 402, ProjectID: 5, Tags: []string{tag2x4}})
-	h.event(401, 5, "pending", 0)
-	v := h.waitStarted(401)
-	h.event(402, 5, "pending", 0) // waits for capacity
-	h.waitState(402, job.Queued)
+	a := h.gl.newJob(h.pid, tag2x4)
+	b := h.gl.newJob(h.pid, tag2x4)
+	h.event(a)
+	v := h.waitStarted(a)
+	h.event(b) // waits for capacity
+	h.waitState(b, job.Queued)
 
 	// Canceled while waiting: no runner, no VM ever.
-	h.gl.setStatus(402, "canceled")
-	h.event(402, 5, "canceled", 0)
-	if j := h.waitState(402, job.Canceled); j.RunnerID != 0 || j.VMID != "" || len(h.vms(402)) != 0 {
+	h.gl.setStatus(b, "canceled")
+	h.event(b)
+	if j := h.waitState(b, job.Canceled); j.RunnerID != 0 || j.VMID != "" || len(h.vms(b)) != 0 {
 		t.Fatalf("queued cancel created resources: %+v", j)
 	}
 	// Canceled while its VM runs it.
-	h.take(401, v)
-	h.waitState(401, job.Running)
-	h.gl.setStatus(401, "canceled")
-	h.event(401, 5, "canceled", v.RunnerID)
-	if j := h.waitState(401, job.Canceled); j.Reason != job.ReasonJobCanceled {
+	h.take(a, v)
+	h.waitState(a, job.Running)
+	h.gl.setStatus(a, "canceled")
+	h.event(a)
+	if j := h.waitState(a, job.Canceled); j.Reason != job.ReasonJobCanceled {
 		t.Fatalf("reason %q", j.Reason)
 	}
 	h.clean()
@@ -248,23 +252,22 @@ func TestCancelTearsDownPromptly(t *testing.T) {
 // the job is being created: the VM goes as soon as the start returns.
 func TestCancelRacingAdmission(t *testing.T) {
 	h := newHarness(t, func(h *harness) { h.drv = fakevm.New(fakevm.Options{StartDelay: 300 * time.Millisecond}) })
-	h.gl.addJob(stubJob{ID: 451, ProjectID: 5, Tags: []string{tag2x4}})
-	h.event(451, 5, "pending", 0)
+	id := h.newJob(tag2x4)
 	h.eventually("vm being started", func() bool {
-		vs := h.vms(451)
+		vs := h.vms(id)
 		return len(vs) == 1 && vs[0].RunnerID != 0
 	})
-	h.gl.setStatus(451, "canceled")
+	h.gl.setStatus(id, "canceled")
 	canceled := time.Now()
-	h.event(451, 5, "canceled", 0)
-	h.waitState(451, job.Canceled)
+	h.event(id)
+	h.waitState(id, job.Canceled)
 	h.clean()
 	took := time.Since(canceled)
 	t.Logf("cancel during admission: VM and runner gone %s after the hook", took.Round(time.Millisecond))
 	if took > 2*time.Second {
 		t.Fatalf("teardown took %s, the issue asks for 2 s", took)
 	}
-	if v := h.vms(451)[0]; v.Reason != job.ReasonIdle {
+	if v := h.vms(id)[0]; v.Reason != job.ReasonIdle {
 		t.Fatalf("vm stop reason %q", v.Reason)
 	}
 }
@@ -273,32 +276,34 @@ func TestCapacityWaitIsFIFO(t *testing.T) {
 	h := newHarness(t, func(h *harness) { h.capa = planner.Capacity{VCPUs: 2, MemoryMiB: 64 * 1024} })
 	// Tags are read concurrently, so hooks a millisecond apart may be
 	// queued in either order; FIFO is over queued jobs.
-	for _, id := range []int64{501, 502, 503} {
-		h.gl.addJob(stubJob{ID: id, ProjectID: 5, Tags: []string{tag2x4}})
-		h.event(id, 5, "pending", 0)
+	var ids []int64
+	for range 3 {
+		id := h.newJob(tag2x4)
 		h.waitState(id, job.Queued)
+		ids = append(ids, id)
 	}
-	a := h.waitStarted(501)
-	h.waitState(503, job.Queued)
-	if len(h.vms(502)) != 0 || len(h.vms(503)) != 0 {
+	j1, j2, j3 := ids[0], ids[1], ids[2]
+	a := h.waitStarted(j1)
+	h.waitState(j3, job.Queued)
+	if len(h.vms(j2)) != 0 || len(h.vms(j3)) != 0 {
 		t.Fatal("jobs got VMs beyond capacity")
 	}
 	h.eventually("queue depth 2", func() bool { return strings.Contains(h.metricsText(), "firerunner_queue_depth 2") })
-	h.take(501, a)
-	h.end(501, a, "success")
-	b := h.waitStarted(502)
-	if len(h.vms(503)) != 0 {
-		t.Fatal("503 overtook the capacity limit")
+	h.take(j1, a)
+	h.end(j1, a, "success")
+	b := h.waitStarted(j2)
+	if len(h.vms(j3)) != 0 {
+		t.Fatal("the third job overtook the capacity limit")
 	}
-	h.take(502, b)
-	h.end(502, b, "success")
-	c := h.waitStarted(503)
-	h.take(503, c)
-	h.end(503, c, "failed")
-	if j := h.waitState(503, job.Failed); j.Reason != job.ReasonJobFailed {
-		t.Fatalf("503: %q", j.Reason)
+	h.take(j2, b)
+	h.end(j2, b, "success")
+	c := h.waitStarted(j3)
+	h.take(j3, c)
+	h.end(j3, c, "failed")
+	if j := h.waitState(j3, job.Failed); j.Reason != job.ReasonJobFailed {
+		t.Fatalf("third job: %q", j.Reason)
 	}
-	if h.job(501).State != job.Done || h.job(502).State != job.Done {
+	if h.job(j1).State != job.Done || h.job(j2).State != job.Done {
 		t.Fatal("not all done")
 	}
 	h.clean()
@@ -306,15 +311,15 @@ func TestCapacityWaitIsFIFO(t *testing.T) {
 
 func TestAPI5xxIsRetriedThenSucceeds(t *testing.T) {
 	h := newHarness(t, nil)
-	h.gl.addJob(stubJob{ID: 601, ProjectID: 5, Tags: []string{tag2x4}})
-	h.gl.failNext("get_job", 2, 502, `{"message":"502 Bad Gateway"}`)
-	h.gl.failNext("create_runner", 2, 503, `{"message":"503 Service Unavailable"}`)
-	h.gl.failNext("delete_runner", 1, 500, `{"message":"500 Internal Server Error"}`)
-	h.event(601, 5, "pending", 0)
-	v := h.waitStarted(601)
-	h.take(601, v)
-	h.end(601, v, "success")
-	if j := h.waitState(601, job.Done); j.Attempts != 0 {
+	id := h.gl.newJob(h.pid, tag2x4)
+	h.gl.failNext("get_job", 2, 502)
+	h.gl.failNext("create_runner", 2, 503)
+	h.gl.failNext("delete_runner", 1, 500)
+	h.event(id)
+	v := h.waitStarted(id)
+	h.take(id, v)
+	h.end(id, v, "success")
+	if j := h.waitState(id, job.Done); j.Attempts != 0 {
 		t.Fatalf("retried requests counted as failed attempts: %d", j.Attempts)
 	}
 	h.clean()
@@ -331,15 +336,15 @@ func TestAPI5xxIsRetriedThenSucceeds(t *testing.T) {
 // and is served once GitLab recovers.
 func TestRunnerOutageRetriesTheJob(t *testing.T) {
 	h := newHarness(t, func(h *harness) { h.cfg.Limits.RetryBackoff = 20 * time.Millisecond })
-	h.gl.addJob(stubJob{ID: 651, ProjectID: 5, Tags: []string{tag2x4}})
+	id := h.gl.newJob(h.pid, tag2x4)
 	// The client tries 4 times per attempt (1 + 3 retries): two attempts fail.
-	h.gl.failNext("create_runner", 8, 503, `{"message":"503 Service Unavailable"}`)
-	h.event(651, 5, "pending", 0)
-	v := h.waitStarted(651)
-	if j := h.job(651); j.Attempts != 2 || j.State != job.Queued {
+	h.gl.failNext("create_runner", 8, 503)
+	h.event(id)
+	v := h.waitStarted(id)
+	if j := h.job(id); j.Attempts != 2 || j.State != job.Queued {
 		t.Fatalf("attempts %d, state %s", j.Attempts, j.State)
 	}
-	tr, _ := h.st.Transitions(context.Background(), 651)
+	tr, _ := h.st.Transitions(context.Background(), id)
 	var attempts []string
 	for _, x := range tr {
 		if x.Object == "job" && strings.Contains(x.Reason, "(attempt") {
@@ -349,9 +354,9 @@ func TestRunnerOutageRetriesTheJob(t *testing.T) {
 	if len(attempts) != 2 || !strings.HasPrefix(attempts[0], job.ReasonRunnerCreate+": ") || !strings.HasSuffix(attempts[1], "(attempt 2)") {
 		t.Fatalf("attempts in the timeline: %q", attempts)
 	}
-	h.take(651, v)
-	h.end(651, v, "success")
-	h.waitState(651, job.Done)
+	h.take(id, v)
+	h.end(id, v, "success")
+	h.waitState(id, job.Done)
 	h.clean()
 	if !strings.Contains(h.metricsText(), `firerunner_job_attempts_failed_total{reason="runner_create"} 2`) {
 		t.Fatalf("attempts not counted:\n%s", grep(h.metricsText(), "attempts"))
@@ -360,34 +365,39 @@ func TestRunnerOutageRetriesTheJob(t *testing.T) {
 
 func TestAPI4xxIsPermanent(t *testing.T) {
 	h := newHarness(t, nil)
-	// 403 reading the job (token lacks read_api): ignored, not retried.
-	h.gl.addJob(stubJob{ID: 701, ProjectID: 5, Tags: []string{tag2x4}})
-	h.gl.failNext("get_job", 1, 403, `{"message":"403 Forbidden"}`)
-	h.event(701, 5, "pending", 0)
-	if j := h.waitState(701, job.Ignored); job.ReasonKey(j.Reason) != job.ReasonUnreadable || h.gl.callCount("get_job") != 1 {
+	// 403 reading the job (the token lacks read_api): ignored, not retried.
+	h.gl.AddToken(h.gl.token, gitlabstandin.ScopeCreateRunner, gitlabstandin.ScopeManageRunner)
+	a := h.newJob(tag2x4)
+	if j := h.waitState(a, job.Ignored); job.ReasonKey(j.Reason) != job.ReasonUnreadable || h.gl.callCount("get_job") != 1 ||
+		!strings.Contains(j.Reason, "HTTP 403") {
 		t.Fatalf("4xx on get_job: reason %q, calls %d", j.Reason, h.gl.callCount("get_job"))
 	}
-	// 403 creating the runner: job failed with a clear reason, nothing started.
-	h.gl.addJob(stubJob{ID: 702, ProjectID: 5, Tags: []string{tag2x4}})
-	h.gl.failNext("create_runner", 1, 403, `{"message":"403 Forbidden - insufficient scope create_runner"}`)
-	h.event(702, 5, "pending", 0)
-	j := h.waitState(702, job.Failed)
-	if !strings.HasPrefix(j.Reason, job.ReasonRunnerCreate+":") || h.gl.callCount("create_runner") != 1 || len(h.drv.Specs()) != 0 {
+	// 403 creating the runner (the token lacks create_runner): job failed
+	// with a clear reason, nothing started.
+	h.gl.AddToken(h.gl.token, gitlabstandin.ScopeReadAPI, gitlabstandin.ScopeManageRunner)
+	b := h.newJob(tag2x4)
+	j := h.waitState(b, job.Failed)
+	if !strings.HasPrefix(j.Reason, job.ReasonRunnerCreate+":") || !strings.Contains(j.Reason, "HTTP 403") || h.gl.callCount("create_runner") != 1 || len(h.drv.Specs()) != 0 {
 		t.Fatalf("reason %q, create calls %d, vms %d", j.Reason, h.gl.callCount("create_runner"), len(h.drv.Specs()))
 	}
+	h.gl.AddToken(h.gl.token, gitlabstandin.ScopeAPI)
 	h.clean()
-	if !strings.Contains(h.logs.String(), "job_id=702") {
+	if !strings.Contains(h.logs.String(), fmt.Sprintf("job_id=%d", b)) {
 		t.Fatal("failure not logged with the job id")
 	}
 }
 
 func TestRunnerLimitIsAClearFailure(t *testing.T) {
 	h := newHarness(t, nil)
-	h.gl.addJob(stubJob{ID: 801, ProjectID: 5, Tags: []string{tag2x4}})
-	h.gl.failNext("create_runner", 1, 400, `{"message":{"runner_projects.base":["Maximum number of ci registered project runners (50) exceeded"]}}`)
-	h.event(801, 5, "pending", 0)
-	j := h.waitState(801, job.Failed)
-	if !strings.HasPrefix(j.Reason, job.ReasonRunnerLimit+":") || !strings.Contains(j.Reason, "cap") {
+	// The project already has as many runners as its plan allows.
+	if _, err := h.gl.CreateRunner(gitlabstandin.RunnerSpec{ProjectID: h.pid, Description: "someone else's runner", RunUntagged: true}); err != nil {
+		t.Fatal(err)
+	}
+	h.gl.SetRunnerCaps(1, 1)
+	id := h.newJob(tag2x4)
+	j := h.waitState(id, job.Failed)
+	if !strings.HasPrefix(j.Reason, job.ReasonRunnerLimit+":") || !strings.Contains(j.Reason, "cap") ||
+		!strings.Contains(j.Reason, "Maximum number of ci registered project runners (1) exceeded") {
 		t.Fatalf("reason %q", j.Reason)
 	}
 	h.eventually("runner limit counted", func() bool { return strings.Contains(h.metricsText(), "firerunner_runner_limit_errors_total 1") })
@@ -400,27 +410,28 @@ func TestRunnerLimitIsAClearFailure(t *testing.T) {
 // TestPollFindsJobsWhoseWebhookWasLost: configured projects and groups, and
 // any project that ever sent a hook, are polled.
 func TestPollFindsJobsWhoseWebhookWasLost(t *testing.T) {
+	// Project p is polled by its id; p6 through its group g (with p); p7
+	// is in no config but sends a hook once.
+	var p6, p7 int64
 	h := newHarness(t, func(h *harness) {
-		h.cfg.Reconcile.PollProjects = []int64{5}
-		h.cfg.Reconcile.PollGroups = []int64{9}
+		p6, p7 = h.gl.project("g/p6"), h.gl.project("other/p7")
+		h.cfg.Reconcile.PollProjects = []int64{h.pid}
+		h.cfg.Reconcile.PollGroups = []int64{h.gl.proj.GroupID}
 	})
-	h.gl.mu.Lock()
-	h.gl.groups[9] = []int64{6, 5}
-	h.gl.mu.Unlock()
-	h.gl.addJob(stubJob{ID: 901, ProjectID: 5, Tags: []string{tag2x4}})                 // lost webhook
-	h.gl.addJob(stubJob{ID: 902, ProjectID: 6, Tags: []string{"firecracker-1cpu-2gb"}}) // via group
-	h.gl.addJob(stubJob{ID: 903, ProjectID: 6, Tags: []string{"linux"}})                // not ours
-	h.gl.addJob(stubJob{ID: 904, ProjectID: 6, Tags: []string{tag2x4}, Status: "running"})
-	// Project 7 is in no config, but sent a hook once.
-	h.gl.addJob(stubJob{ID: 905, ProjectID: 7, Tags: []string{"linux"}})
-	h.event(905, 7, "pending", 0)
-	h.waitState(905, job.Ignored)
-	h.gl.addJob(stubJob{ID: 906, ProjectID: 7, Tags: []string{tag1x1}})
+	j901 := h.gl.newJob(h.pid, tag2x4)              // lost webhook
+	j902 := h.gl.newJob(p6, "firecracker-1cpu-2gb") // via group
+	j903 := h.gl.newJob(p6, "linux")                // not ours
+	j904 := h.gl.newJob(p6, tag2x4)                 // taken by another runner: not pending
+	h.gl.other(j904)
+	j905 := h.gl.newJob(p7, "linux")
+	h.event(j905)
+	h.waitState(j905, job.Ignored)
+	j906 := h.gl.newJob(p7, tag1x1)
 	h.c.ReconcileOnce(context.Background())
-	a := h.waitStarted(901)
-	h.waitStarted(902)
-	h.waitStarted(906)
-	for _, id := range []int64{903, 904} {
+	a := h.waitStarted(j901)
+	h.waitStarted(j902)
+	h.waitStarted(j906)
+	for _, id := range []int64{j903, j904} {
 		if _, err := h.st.GetJob(context.Background(), id); err != store.ErrNotFound {
 			t.Fatalf("job %d taken by the poll", id)
 		}
@@ -441,31 +452,30 @@ func TestStartTimeoutAndMaxDuration(t *testing.T) {
 		h.cfg.Limits.StartAttempts = 2
 		h.cfg.Limits.RetryBackoff = 10 * time.Millisecond
 	})
-	// 1001: no runner ever takes it: two attempts, then FireRunner gives up.
-	h.gl.addJob(stubJob{ID: 1001, ProjectID: 5, Tags: []string{tag2x4}})
-	h.event(1001, 5, "pending", 0)
-	a := h.waitState(1001, job.Failed)
-	if !strings.HasPrefix(a.Reason, job.ReasonAttempts+": 2 attempts failed, the last: "+job.ReasonStartTimeout) || a.Attempts != 2 || len(h.vms(1001)) != 2 {
-		t.Fatalf("start timeout: reason %q attempts %d vms %d", a.Reason, a.Attempts, len(h.vms(1001)))
+	// 1: no runner ever takes it: two attempts, then FireRunner gives up
+	// (GitLab keeps it pending; its user then cancels it).
+	j1 := h.newJob(tag2x4)
+	a := h.waitState(j1, job.Failed)
+	if !strings.HasPrefix(a.Reason, job.ReasonAttempts+": 2 attempts failed, the last: "+job.ReasonStartTimeout) || a.Attempts != 2 || len(h.vms(j1)) != 2 {
+		t.Fatalf("start timeout: reason %q attempts %d vms %d", a.Reason, a.Attempts, len(h.vms(j1)))
 	}
-	// 1002: picked, then runs past the max duration.
-	h.gl.addJob(stubJob{ID: 1002, ProjectID: 5, Tags: []string{tag2x4}})
-	h.event(1002, 5, "pending", 0)
-	b := h.waitStarted(1002)
-	h.take(1002, b)
-	if j := h.waitState(1002, job.Failed); !strings.HasPrefix(j.Reason, job.ReasonMaxDuration) {
+	h.gl.setStatus(j1, "canceled")
+	// 2: picked, then runs past the max duration.
+	j2 := h.newJob(tag2x4)
+	b := h.waitStarted(j2)
+	h.take(j2, b)
+	if j := h.waitState(j2, job.Failed); !strings.HasPrefix(j.Reason, job.ReasonMaxDuration) {
 		t.Fatalf("max duration: reason %q", j.Reason)
 	}
-	// 1003: its runner took it but the "running" hook was lost: GitLab
+	// 3: its runner took it but the "running" hook was lost: GitLab
 	// (GET /runners/:id/jobs) says so at the start timeout; the VM is kept.
-	h.gl.addJob(stubJob{ID: 1003, ProjectID: 5, Tags: []string{tag2x4}})
-	h.event(1003, 5, "pending", 0)
-	c := h.waitStarted(1003)
-	h.gl.pick(1003, c.RunnerID)
-	if j := h.waitState(1003, job.Running); j.VMID != c.ID || h.waitVMState(c.ID, job.VMBusy).PickedJobID != 1003 {
+	j3 := h.newJob(tag2x4)
+	c := h.waitStarted(j3)
+	h.gl.pick(j3, c.RunnerID)
+	if j := h.waitState(j3, job.Running); j.VMID != c.ID || h.waitVMState(c.ID, job.VMBusy).PickedJobID != j3 {
 		t.Fatalf("lost running hook: %+v", j)
 	}
-	h.waitState(1003, job.Failed) // max duration
+	h.waitState(j3, job.Failed) // max duration
 	h.clean()
 }
 

@@ -32,15 +32,20 @@ const (
 )
 
 // harness is one FireRunner controller wired like serve.go does, against
-// the GitLab stub, the fake driver and a real SQLite store.
+// the GitLab stand-in, the fake driver and a real SQLite store.
 type harness struct {
-	t    *testing.T
-	gl   *gitLabStub
-	drv  *fake.Driver
-	dir  string
-	cfg  config.Config
-	capa planner.Capacity
-	st   *store.Store
+	t   *testing.T
+	gl  *gitLab
+	drv *fake.Driver
+	// driver, when set, is what the controller gets instead of drv (a
+	// wrapper around it); drv stays the fake host the tests look at.
+	driver vm.Driver
+	dir    string
+	cfg    config.Config
+	capa   planner.Capacity
+	net    Network // nil: user-mode networking
+	pid    int64   // the project new jobs are added to
+	st     *store.Store
 	// beforeStart runs after the webhook server is up, before Start.
 	beforeStart func(h *harness)
 	c           *Controller
@@ -65,8 +70,9 @@ func testConfig(glURL string) config.Config {
 
 func newHarness(t *testing.T, mod func(h *harness)) *harness {
 	t.Helper()
-	h := &harness{t: t, gl: newGitLabStub(t), drv: fake.New(fake.Options{}), dir: t.TempDir(), logs: &testenv.Buffer{},
+	h := &harness{t: t, gl: newGitLab(t), drv: fake.New(fake.Options{}), dir: t.TempDir(), logs: &testenv.Buffer{},
 		capa: planner.Capacity{VCPUs: 16, MemoryMiB: 64 * 1024, MaxVMs: 8}}
+	h.pid = h.gl.proj.ID
 	h.cfg = testConfig(h.gl.URL())
 	if mod != nil {
 		mod(h)
@@ -99,8 +105,12 @@ func (h *harness) start() {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err = New(Options{Config: h.cfg, HostID: testHost, Store: st, Driver: h.drv, GitLab: api, Runners: prov, Metrics: m, Logger: log,
-		Capacity: h.capa, Image: vm.Image{Kernel: "/img/vmlinux", Initrd: "/img/initrd.img", Rootfs: "/img/rootfs.ext4"}})
+	var drv vm.Driver = h.drv
+	if h.driver != nil {
+		drv = h.driver
+	}
+	c, err = New(Options{Config: h.cfg, HostID: testHost, Store: st, Driver: drv, GitLab: api, Runners: prov, Metrics: m, Logger: log,
+		Capacity: h.capa, Network: h.net, Image: vm.Image{Kernel: "/img/vmlinux", Initrd: "/img/initrd.img", Rootfs: "/img/rootfs.ext4"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -171,10 +181,26 @@ func (h *harness) post(body []byte, token, event string) int {
 	return resp.StatusCode
 }
 
-func (h *harness) event(jobID, projectID int64, status string, runnerID int64) {
+// newJob adds a pending job with tags to GitLab (project h.pid) and sends
+// its "pending" hook; it returns the job's id.
+func (h *harness) newJob(tags ...string) int64 {
 	h.t.Helper()
-	if code := h.post(jobHook(jobID, projectID, status, runnerID), testSecret, "Job Hook"); code != http.StatusOK {
-		h.t.Fatalf("webhook %s for job %d: HTTP %d", status, jobID, code)
+	id := h.gl.newJob(h.pid, tags...)
+	h.event(id)
+	return id
+}
+
+// event delivers the Job Hook GitLab sends for job id's current state.
+func (h *harness) event(id int64) {
+	h.t.Helper()
+	h.deliver(id, h.gl.hook(id))
+}
+
+// deliver posts a Job Hook body (maybe an old one: a redelivery).
+func (h *harness) deliver(id int64, body []byte) {
+	h.t.Helper()
+	if code := h.post(body, testSecret, "Job Hook"); code != http.StatusOK {
+		h.t.Fatalf("webhook for job %d: HTTP %d", id, code)
 	}
 }
 
@@ -277,7 +303,7 @@ func (h *harness) clean(keep ...int64) {
 		rs, _ := h.st.ListRunners(context.Background(), true)
 		n := 0
 		for _, r := range h.gl.runnerList() {
-			if !slices.Contains(keep, r.ID) {
+			if !slices.Contains(keep, r.ID) && r.Description != "someone else's runner" {
 				n++
 			}
 		}

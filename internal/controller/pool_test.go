@@ -53,8 +53,7 @@ func TestWarmPoolHit(t *testing.T) {
 	if !sp.Guest.Warm || sp.Guest.RunnerToken != "" || sp.Guest.MachineID == "" {
 		t.Fatalf("warm spec: %s machine-id %q", sp.Guest, sp.Guest.MachineID)
 	}
-	h.gl.addJob(stubJob{ID: 3001, ProjectID: 5, Tags: []string{tag1x1, "linux"}})
-	h.event(3001, 5, "pending", 0)
+	id := h.newJob(tag1x1, "linux")
 	var v job.VM
 	h.eventually("the warm VM assigned and its runner handed over", func() bool {
 		v = h.vm(w.ID)
@@ -63,13 +62,13 @@ func TestWarmPoolHit(t *testing.T) {
 	})
 	a, _ := h.drv.Assignment(w.ID)
 	rs := h.gl.runnerList()
-	if v.ForJob != 3001 || len(rs) != 1 || rs[0].ID != v.RunnerID || a.RunnerToken != rs[0].Token || strings.Join(rs[0].Tags, ",") != tag1x1+",linux" {
+	if v.ForJob != id || len(rs) != 1 || rs[0].ID != v.RunnerID || a.RunnerToken != rs[0].Token || strings.Join(rs[0].Tags, ",") != tag1x1+",linux" {
 		t.Fatalf("assignment: vm %+v runners %+v", v, rs)
 	}
 	h.waitWarm(1) // refilled
-	h.take(3001, v)
-	h.end(3001, v, "success")
-	if j := h.waitState(3001, job.Done); j.VMID != w.ID {
+	h.take(id, v)
+	h.end(id, v, "success")
+	if j := h.waitState(id, job.Done); j.VMID != w.ID {
 		t.Fatalf("job ran on %s, want the warm VM %s", j.VMID, w.ID)
 	}
 	for _, sp := range h.drv.Specs() {
@@ -94,29 +93,27 @@ func TestWarmPoolExhaustedAndCanceled(t *testing.T) {
 		h.capa.VCPUs = 1
 	})
 	w := h.waitWarm(1)[0]
-	h.gl.addJob(stubJob{ID: 3101, ProjectID: 5, Tags: []string{tag1x1}})
-	h.event(3101, 5, "pending", 0)
-	h.eventually("3101 on the warm VM", func() bool { v := h.vm(w.ID); return v.ForJob == 3101 && v.State == job.VMStarting })
-	h.gl.addJob(stubJob{ID: 3102, ProjectID: 5, Tags: []string{tag1x1}})
-	h.event(3102, 5, "pending", 0)
-	h.waitState(3102, job.Queued)
-	h.take(3101, h.vm(w.ID))
-	h.gl.setStatus(3101, "canceled")
-	h.event(3101, 5, "canceled", h.vm(w.ID).RunnerID)
-	h.waitState(3101, job.Canceled)
+	a := h.newJob(tag1x1)
+	h.eventually("the first job on the warm VM", func() bool { v := h.vm(w.ID); return v.ForJob == a && v.State == job.VMStarting })
+	b := h.newJob(tag1x1)
+	h.waitState(b, job.Queued)
+	h.take(a, h.vm(w.ID))
+	h.gl.setStatus(a, "canceled")
+	h.event(a)
+	h.waitState(a, job.Canceled)
 	h.waitVMState(w.ID, job.VMGone)
-	cold := h.waitStarted(3102)
+	cold := h.waitStarted(b)
 	if !cold.Timeline.Assigned.IsZero() || h.drv.Specs()[len(h.drv.Specs())-1].Guest.RunnerToken == "" {
-		t.Fatalf("3102 should boot cold: %+v", cold)
+		t.Fatalf("the second job should boot cold: %+v", cold)
 	}
 	m := h.metricsText()
 	if !strings.Contains(m, `firerunner_pool_jobs_total{result="hit",size="`+tag1x1+`"} 1`) ||
 		!strings.Contains(m, `firerunner_pool_jobs_total{result="miss",size="`+tag1x1+`"} 1`) {
 		t.Fatalf("hit and miss:\n%s", grep(m, "pool_jobs"))
 	}
-	h.take(3102, cold)
-	h.end(3102, cold, "success")
-	h.waitState(3102, job.Done)
+	h.take(b, cold)
+	h.end(b, cold, "success")
+	h.waitState(b, job.Done)
 	h.waitWarm(1) // refilled once the room is free
 }
 

@@ -23,11 +23,9 @@ func TestSweepPrunesOldHistory(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			h := newHarness(t, func(h *harness) { h.cfg.State.Retention = tc.retention })
 			// Two jobs without a size tag: ignored at once.
-			for _, id := range []int64{1, 2} {
-				h.gl.addJob(stubJob{ID: id, ProjectID: 5, Tags: []string{"docker"}})
-				h.event(id, 5, "pending", 0)
-				h.waitState(id, job.Ignored)
-			}
+			old, recent := h.newJob("docker"), h.newJob("docker")
+			h.waitState(old, job.Ignored)
+			h.waitState(recent, job.Ignored)
 			// Job 1 ended 20 days ago (dated through a second connection,
 			// as SQLite's WAL allows).
 			db, err := sql.Open("sqlite", filepath.Join(h.dir, store.FileName))
@@ -35,17 +33,17 @@ func TestSweepPrunesOldHistory(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer db.Close()
-			if _, err := db.Exec(`UPDATE jobs SET updated_at = ? WHERE job_id = 1`, time.Now().Add(-20*24*time.Hour).UnixNano()); err != nil {
+			if _, err := db.Exec(`UPDATE jobs SET updated_at = ? WHERE job_id = ?`, time.Now().Add(-20*24*time.Hour).UnixNano(), old); err != nil {
 				t.Fatal(err)
 			}
 			h.c.ReconcileOnce(context.Background())
-			if _, err := h.st.GetJob(context.Background(), 1); (err == nil) == tc.oldGone {
+			if _, err := h.st.GetJob(context.Background(), old); (err == nil) == tc.oldGone {
 				t.Errorf("job 1 (ended 20 days ago): GetJob err %v; want pruned %v", err, tc.oldGone)
 			}
-			if tr, _ := h.st.Transitions(context.Background(), 1); (len(tr) == 0) != tc.oldGone {
+			if tr, _ := h.st.Transitions(context.Background(), old); (len(tr) == 0) != tc.oldGone {
 				t.Errorf("job 1's transitions: %d left; want pruned %v", len(tr), tc.oldGone)
 			}
-			h.job(2) // recent: kept
+			h.job(recent) // recent: kept
 		})
 	}
 }

@@ -140,6 +140,11 @@ func (c *Controller) superviseVM(ctx context.Context, v job.VM) error {
 		if !alive {
 			log.Warn("vm gone after restart; its runner's token is lost")
 			if v.State == job.VMStarting {
+				// Its runner may have taken (and run) a job while FireRunner
+				// was down, the "running" hook lost with it: GitLab knows.
+				if picked, err := c.pickedWhileDown(ctx, v); picked || err != nil {
+					return err
+				}
 				return c.failAttempt(ctx, v, job.ReasonRestartLost+": vm was not running after restart", false)
 			}
 			return c.stopFor(ctx, v.ID, job.ReasonRestartLost+": vm was not running after restart")
@@ -165,12 +170,25 @@ func (c *Controller) superviseVM(ctx context.Context, v job.VM) error {
 	}
 	started := startedAt(v)
 	timedOut := time.Since(started) >= c.cfg.Limits.VMStartTimeout
-	if !timedOut && !c.isSurplus(v.ID) && !c.draining.Load() {
+	paused := c.isPaused(v.ID) // decided to stop it already
+	if !timedOut && !paused && !c.isSurplus(v.ID) && !c.draining.Load() {
 		c.q.AddAfter(vmKey(v.ID), time.Until(started.Add(c.cfg.Limits.VMStartTimeout)))
 		return nil
 	}
 	// About to stop an idle VM: its runner may have taken a job whose
-	// "running" hook is late (or was lost). GitLab knows.
+	// "running" hook is late (or was lost). GitLab knows. The runner is
+	// paused first, so that it takes no job between GitLab's answer and
+	// the VM's end (that job would die with the VM); a job it took runs on.
+	if stop := timedOut || !c.draining.Load(); stop && !paused {
+		if err := c.gl.PauseRunner(ctx, v.RunnerID); err != nil && !gitlabapi.IsNotFound(err) {
+			if time.Since(started) < c.cfg.Limits.VMStartTimeout+time.Minute {
+				return err // retry with back-off
+			}
+			log.Warn("cannot pause the runner; stopping the VM all the same", "err", err)
+		}
+		c.setPaused(v.ID)
+		paused = true
+	}
 	jobs, err := c.gl.RunnerJobs(ctx, v.RunnerID)
 	if err != nil {
 		if time.Since(started) < c.cfg.Limits.VMStartTimeout+time.Minute {
@@ -182,7 +200,7 @@ func (c *Controller) superviseVM(ctx context.Context, v job.VM) error {
 		return c.pickFromGitLab(ctx, v, jobs[0])
 	}
 	switch {
-	case c.draining.Load() && !timedOut:
+	case c.draining.Load() && !timedOut && !paused:
 		// Draining: an idle VM may still take its job until the drain
 		// timeout; Shutdown stops what is left.
 		c.q.AddAfter(vmKey(v.ID), time.Second)
@@ -193,6 +211,32 @@ func (c *Controller) superviseVM(ctx context.Context, v job.VM) error {
 	}
 	log.Info("no waiting job can use this vm's runner; stopping it")
 	return c.stopFor(ctx, v.ID, c.idleReason())
+}
+
+// pickedWhileDown asks GitLab whether the runner of v, a VM found gone
+// after a restart before any pick was recorded, took a job; if so that is
+// recorded (v turns busy, job.ErrStale makes its reconcile run again) and
+// no attempt failed. Without an answer from GitLab it retries with back-off
+// for a while, then decides without it.
+func (c *Controller) pickedWhileDown(ctx context.Context, v job.VM) (bool, error) {
+	if v.RunnerID == 0 {
+		return false, nil
+	}
+	jobs, err := c.gl.RunnerJobs(ctx, v.RunnerID)
+	if err != nil {
+		if !gitlabapi.IsNotFound(err) && time.Since(v.Timeline.StartRequest) < c.cfg.Limits.VMStartTimeout+time.Minute {
+			return false, err
+		}
+		c.vmLog(v).Warn("cannot list the runner's jobs; treating the VM as lost", "err", err)
+		return false, nil
+	}
+	if len(jobs) == 0 {
+		return false, nil
+	}
+	if err := c.pickFromGitLab(ctx, v, jobs[0]); err != nil {
+		return true, err
+	}
+	return true, job.ErrStale
 }
 
 // pickFromGitLab records the job GitLab says v's runner took, when its
@@ -280,6 +324,7 @@ func (c *Controller) vmExited(ctx context.Context, v job.VM) error {
 // charges the failed attempt to the job it was made for: back-off and a
 // new plan while attempts remain and the error may pass, else give up.
 func (c *Controller) failAttempt(ctx context.Context, v job.VM, reason string, permanent bool) error {
+	label := job.ReasonKey(reason) // this attempt's own reason, before a give-up wraps it in "attempts: …"
 	now := time.Now()
 	var j job.Job
 	err := c.store.Tx(ctx, func(tx *store.Tx) error {
@@ -305,7 +350,7 @@ func (c *Controller) failAttempt(ctx context.Context, v job.VM, reason string, p
 	if err != nil {
 		return err
 	}
-	c.m.Attempts.WithLabelValues(job.ReasonKey(reason)).Inc()
+	c.m.Attempts.WithLabelValues(label).Inc()
 	switch j.State {
 	case job.Failed:
 		c.jobLog(j).Error("giving up on job; GitLab keeps it pending for other runners", "reason", j.Reason, "attempts", j.Attempts)
@@ -438,6 +483,20 @@ func (c *Controller) idleReason() string {
 		return job.ReasonShutdown + ": no new VMs while draining"
 	}
 	return job.ReasonIdle
+}
+
+// setPaused records that VM id's runner was paused: the VM is stopped once
+// GitLab confirms its runner took nothing (forgotten with the VM's watch).
+func (c *Controller) setPaused(id string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.paused[id] = true
+}
+
+func (c *Controller) isPaused(id string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.paused[id]
 }
 
 func (c *Controller) isSurplus(id string) bool {

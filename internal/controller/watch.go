@@ -54,6 +54,7 @@ func (c *Controller) watching(id string) bool {
 func (c *Controller) unwatch(id string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	delete(c.paused, id)
 	if cancel, ok := c.watchers[id]; ok {
 		cancel()
 		delete(c.watchers, id)

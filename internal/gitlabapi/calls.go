@@ -360,3 +360,16 @@ func (c *Client) UpdateRunnerTags(ctx context.Context, id int64, tagList []strin
 			return resp, err
 		})
 }
+
+// PauseRunner pauses a runner (PUT /runners/:id paused=true; manage_runner
+// or api): GitLab hands a paused runner no new job, while a job it already
+// took runs to its end.
+func (c *Client) PauseRunner(ctx context.Context, id int64) error {
+	paused := true
+	opt := &gitlab.UpdateRunnerDetailsOptions{Paused: &paused}
+	return c.call(ctx, "pause_runner", nil, []any{"runner_id", id},
+		func(ro ...gitlab.RequestOptionFunc) (*gitlab.Response, error) {
+			_, resp, err := c.gl.Runners.UpdateRunnerDetails(id, opt, ro...)
+			return resp, err
+		})
+}

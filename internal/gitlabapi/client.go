@@ -192,11 +192,11 @@ type runnerLimitError struct{ api *APIError }
 func (e *runnerLimitError) Unwrap() []error { return []error{ErrRunnerLimit, e.api} }
 
 func (e *runnerLimitError) Error() string {
-	return e.api.Error() + ". GitLab caps how many runners can be created per project or group " +
-		"within 7 days (GitLab.com Free: 50), and deleted runners still count until they age out. " +
-		"Use the pooled runner mode so runners are reused across jobs, raise the plan limit " +
-		"ci_registered_project_runners / ci_registered_group_runners on self-managed GitLab, " +
-		"or wait for the window to pass"
+	return e.api.Error() + ". GitLab caps the runners of a project or group that were created or " +
+		"active in the past 7 days (GitLab.com Free: 50); only runners that still exist count, and " +
+		"one-off mode has one per running or waiting VM. Run fewer of the project's jobs at once, " +
+		"use the pooled runner mode so runners are reused across jobs, or raise the plan limit " +
+		"ci_registered_project_runners / ci_registered_group_runners on self-managed GitLab"
 }
 
 // bodyMessage flattens GitLab's error bodies: {"message": "..."},

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"strconv"
@@ -64,13 +65,14 @@ type writerFunc func([]byte) (int, error)
 func (w writerFunc) Write(p []byte) (int, error) { return w(p) }
 
 func TestNewValidates(t *testing.T) {
-	for _, u := range []string{"", "gitlab.example.com", "ftp://x", "http://"} {
-		if _, err := New(u, "tok"); err == nil {
-			t.Errorf("New(%q) accepted", u)
+	for _, u := range []string{"", "gitlab.example.com", "ftp://x", "http://", "://x"} {
+		want := fmt.Sprintf("gitlab URL %q: want http(s)://host[:port][/path]", u)
+		if c, err := New(u, "tok"); c != nil || err == nil || err.Error() != want {
+			t.Errorf("New(%q): %v, want %q", u, err, want)
 		}
 	}
-	if _, err := New("https://gitlab.example.com", ""); err == nil {
-		t.Error("empty token accepted")
+	if c, err := New("https://gitlab.example.com", ""); c != nil || err == nil || err.Error() != "gitlab API token is empty" {
+		t.Errorf("empty token: %v", err)
 	}
 }
 
@@ -149,7 +151,8 @@ func TestRetriesExhausted(t *testing.T) {
 		h.f.fail(key, fault{status: 500, body: `{"message":"500 Internal Server Error"}`})
 	}
 	_, err := h.c.GetJob(context.Background(), 1, 5)
-	if err == nil || IsPermanent(err) || !strings.Contains(err.Error(), "3 attempts") {
+	var ae *APIError
+	if err == nil || IsPermanent(err) || errors.As(err, &ae) || err.Error() != "gitlab get_job: giving up after 3 attempts: HTTP 500: {message: 500 Internal Server Error}" {
 		t.Fatalf("err %v", err)
 	}
 	if h.f.count(key) != 3 {
@@ -186,7 +189,7 @@ func TestWrongTokenIs401Permanent(t *testing.T) {
 	}
 	_, err = c.GetJob(context.Background(), 1, 5)
 	var ae *APIError
-	if !errors.As(err, &ae) || ae.Status != 401 {
+	if !errors.As(err, &ae) || ae.Status != 401 || ae.Op != "get_job" || !IsPermanent(err) || IsNotFound(err) {
 		t.Fatalf("err %v", err)
 	}
 }
@@ -194,7 +197,8 @@ func TestWrongTokenIs401Permanent(t *testing.T) {
 func TestNotFound(t *testing.T) {
 	h := newHarness(t)
 	_, err := h.c.GetJob(context.Background(), 1, 404)
-	if !IsNotFound(err) || !IsPermanent(err) {
+	var ae *APIError
+	if !IsNotFound(err) || !IsPermanent(err) || !errors.As(err, &ae) || ae.Op != "get_job" || ae.Status != 404 {
 		t.Fatalf("err %v", err)
 	}
 }
@@ -216,7 +220,8 @@ func TestConnectionErrorRetriedThenGivesUp(t *testing.T) {
 	h := newHarness(t, WithRetries(2))
 	h.f.srv.Close()
 	_, err := h.c.GetJob(context.Background(), 1, 5)
-	if err == nil || IsPermanent(err) {
+	if err == nil || IsPermanent(err) || !strings.HasPrefix(err.Error(), "gitlab get_job: giving up after 3 attempts: ") ||
+		!strings.Contains(err.Error(), "connection refused") {
 		t.Fatalf("err %v", err)
 	}
 	if len(h.errs) != 3 || len(h.sleeps) != 2 {
@@ -391,7 +396,8 @@ func TestOther400IsNotRunnerLimit(t *testing.T) {
 	h := newHarness(t)
 	h.f.fail("POST /api/v4/user/runners", fault{status: 400, body: `{"message":{"tags_list":["is too long"]}}`})
 	_, err := h.c.CreateRunner(context.Background(), RunnerSpec{ProjectID: 1, TagList: []string{"x"}})
-	if errors.Is(err, ErrRunnerLimit) || !IsPermanent(err) || !strings.Contains(err.Error(), "is too long") {
+	var ae *APIError
+	if errors.Is(err, ErrRunnerLimit) || !errors.As(err, &ae) || ae.Status != 400 || ae.Message != "tags_list: is too long" {
 		t.Fatalf("err %v", err)
 	}
 }
@@ -466,8 +472,8 @@ func TestListOwnedRunners(t *testing.T) {
 			t.Fatalf("runner %+v", r)
 		}
 	}
-	if _, err := h.c.ListOwnedRunners(context.Background(), ""); err == nil {
-		t.Fatal("empty prefix accepted")
+	if rs, err := h.c.ListOwnedRunners(context.Background(), ""); rs != nil || err == nil || err.Error() != "gitlab list_runners: empty description prefix refused" {
+		t.Fatalf("empty prefix: %v", err)
 	}
 	all, err := h.c.ListAllRunners(context.Background(), "firerunner ")
 	if err != nil || len(all) != 65 || h.f.count("GET /api/v4/runners/all") != 2 {
@@ -481,13 +487,14 @@ func TestTokensNeverLogged(t *testing.T) {
 	echo := `{"message":"bad token ` + h.f.token + ` and glrt-abcDEF_123-xyz and GR1348941legacyRegToken"}`
 	h.f.fail("POST /api/v4/user/runners", fault{status: 422, body: echo})
 	_, err := h.c.CreateRunner(context.Background(), RunnerSpec{ProjectID: 1, TagList: []string{"x"}})
-	if err == nil {
-		t.Fatal("want error")
+	var ae *APIError
+	if !errors.As(err, &ae) || ae.Op != "create_runner" || ae.Status != 422 || ae.Message != "bad token [REDACTED] and [REDACTED] and [REDACTED]" {
+		t.Fatalf("422: %#v", err)
 	}
 	h.f.fail("POST /api/v4/runners", fault{status: 500, body: echo}, fault{status: 400, body: echo})
 	_, err2 := h.c.RegisterRunnerLegacy(context.Background(), "GR1348941legacyRegToken", RunnerSpec{TagList: []string{"x"}})
-	if err2 == nil {
-		t.Fatal("want error")
+	if !errors.As(err2, &ae) || ae.Status != 400 || !IsPermanent(err2) {
+		t.Fatalf("500 then 400: %#v", err2)
 	}
 	h.f.fail("GET /api/v4/projects/1/jobs/2", fault{status: 503, body: echo}, fault{status: 503, body: echo})
 	_, err3 := h.c.GetJob(context.Background(), 1, 2)
@@ -521,8 +528,9 @@ func TestLogAttrsFromContext(t *testing.T) {
 	h := newHarness(t)
 	h.f.fail("DELETE /api/v4/runners/5", fault{status: 403, body: `{"message":"403 Forbidden"}`})
 	ctx := WithLogAttrs(WithLogAttrs(context.Background(), "job_id", int64(4242)), "vm", "vm-4242")
-	if err := h.c.DeleteRunner(ctx, 5); err == nil {
-		t.Fatal("want error")
+	var ae *APIError
+	if err := h.c.DeleteRunner(ctx, 5); !errors.As(err, &ae) || ae.Op != "delete_runner" || ae.Status != 403 || ae.Message != "403 Forbidden" {
+		t.Fatalf("delete: %#v", err)
 	}
 	logs := h.logs.String()
 	if !strings.Contains(logs, "job_id=4242") || !strings.Contains(logs, "vm=vm-4242") || !strings.Contains(logs, "runner_id=5") {
@@ -536,7 +544,8 @@ func TestLegacyRegistrationTokenScrubbedFromPermanentErrors(t *testing.T) {
 	const reg = "plainRegistrationToken42"
 	h.f.fail("POST /api/v4/runners", fault{status: 400, body: `{"message":"token ` + reg + ` is invalid"}`})
 	_, err := h.c.RegisterRunnerLegacy(context.Background(), reg, RunnerSpec{TagList: []string{"x"}})
-	if err == nil || strings.Contains(err.Error(), reg) || strings.Contains(h.logs.String(), reg) {
+	var ae *APIError
+	if !errors.As(err, &ae) || ae.Status != 400 || ae.Message != "token [REDACTED] is invalid" || strings.Contains(h.logs.String(), reg) {
 		t.Fatalf("registration token leaked: %v\n%s", err, h.logs)
 	}
 }

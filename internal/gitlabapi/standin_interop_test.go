@@ -82,6 +82,19 @@ func TestAgainstStandin(t *testing.T) {
 	if err != nil || len(owned) != 2 {
 		t.Fatalf("ListOwnedRunners: %+v %v", owned, err)
 	}
+	// Paused: GitLab hands it no job; the other runner stays active.
+	if err := c.PauseRunner(ctx, created[0].ID); err != nil {
+		t.Fatalf("PauseRunner: %v", err)
+	}
+	if r, _ := s.Runner(created[0].ID); !r.Paused {
+		t.Fatalf("runner %d not paused in GitLab: %+v", r.ID, r)
+	}
+	if r, _ := s.Runner(created[1].ID); r.Paused {
+		t.Fatalf("runner %d paused too", r.ID)
+	}
+	if err := c.PauseRunner(ctx, 999999); !IsNotFound(err) {
+		t.Fatalf("PauseRunner of an unknown runner: want not found, got %v", err)
+	}
 	for _, r := range created {
 		if err := c.DeleteRunner(ctx, r.ID); err != nil {
 			t.Fatal(err)

@@ -115,6 +115,12 @@ func TestOneOff(t *testing.T) {
 	if _, err := p.Acquire(context.Background(), Request{JobID: 43, ProjectID: 7}); !errors.Is(err, ErrLimit) || !errors.Is(err, gitlabapi.ErrRunnerLimit) {
 		t.Fatalf("limit error not mapped: %v", err)
 	}
+	// Any other error is passed on as it is: not a limit.
+	other := &gitlabapi.APIError{Op: "create_runner", Status: 403, Message: "403 Forbidden"}
+	api.err = other
+	if l, err := p.Acquire(context.Background(), Request{JobID: 44, ProjectID: 7}); err != other || errors.Is(err, ErrLimit) || l.RunnerID != 0 {
+		t.Fatalf("other error: %v (lease %+v), want the API's error unchanged", err, l)
+	}
 }
 
 func TestOneOffScopesAndLegacy(t *testing.T) {
@@ -129,14 +135,19 @@ func TestOneOffScopesAndLegacy(t *testing.T) {
 	if api.specs[0].GroupID != 3 || api.specs[0].ProjectID != 0 || len(api.legacy) != 1 {
 		t.Fatalf("group/legacy: %+v %v", api.specs[0], api.legacy)
 	}
-	if _, err := NewOneOff(api, OneOffConfig{Scope: "project", DescriptionPrefix: "fr", HostID: "a b"}); err == nil {
-		t.Fatal("host id with a space accepted")
-	}
-	if _, err := NewOneOff(api, OneOffConfig{Scope: "group", DescriptionPrefix: "fr", HostID: "h"}); err == nil {
-		t.Fatal("group scope without id accepted")
-	}
-	if _, err := NewOneOff(api, OneOffConfig{Scope: "project", HostID: "h"}); err == nil {
-		t.Fatal("empty prefix accepted")
+	for _, tc := range []struct {
+		cfg  OneOffConfig
+		want string
+	}{
+		{OneOffConfig{Scope: "project", DescriptionPrefix: "fr", HostID: "a b"}, `runners: host id "a b" must be set and contain no spaces`},
+		{OneOffConfig{Scope: "project", DescriptionPrefix: "fr"}, `runners: host id "" must be set and contain no spaces`},
+		{OneOffConfig{Scope: "group", DescriptionPrefix: "fr", HostID: "h"}, "runners: group scope needs a group id"},
+		{OneOffConfig{Scope: "project", HostID: "h"}, "runners: description prefix must be set"},
+		{OneOffConfig{Scope: "user", DescriptionPrefix: "fr", HostID: "h"}, `runners: unknown scope "user"`},
+	} {
+		if p, err := NewOneOff(api, tc.cfg); p != nil || err == nil || err.Error() != tc.want {
+			t.Errorf("%+v: %v, want %q", tc.cfg, err, tc.want)
+		}
 	}
 }
 

@@ -80,11 +80,15 @@ func TestZeroLimitsUseAbsoluteBounds(t *testing.T) {
 	if s, ok, err := Parse([]string{"firecracker-64cpu-256gb"}, Limits{}); err != nil || !ok || s != (Size{64, 256}) {
 		t.Fatalf("%v %v %v", s, ok, err)
 	}
-	if _, _, err := Parse([]string{"firecracker-1025cpu-1gb"}, Limits{}); err == nil {
-		t.Fatal("want over_limit above AbsMaxVCPUs")
+	for _, tag := range []string{"firecracker-1025cpu-1gb", "firecracker-1cpu-4097gb"} {
+		var te *Error
+		if _, ok, err := Parse([]string{tag}, Limits{}); ok || !errors.As(err, &te) || te.Reason != ReasonOverLimit || te.Tag != tag {
+			t.Fatalf("%s: ok %v err %v; want over_limit above the absolute bound", tag, ok, err)
+		}
 	}
-	if _, _, err := Parse([]string{"firecracker-1cpu-4097gb"}, Limits{}); err == nil {
-		t.Fatal("want over_limit above AbsMaxMemoryGiB")
+	// The bounds themselves are served.
+	if s, ok, err := Parse([]string{"firecracker-1024cpu-4096gb"}, Limits{}); err != nil || !ok || s != (Size{1024, 4096}) {
+		t.Fatalf("at the absolute bounds: %v %v %v", s, ok, err)
 	}
 }
 

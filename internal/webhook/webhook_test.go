@@ -245,8 +245,9 @@ func TestDefaultMaxBody(t *testing.T) {
 	r := newRig(t)
 	body := append([]byte(`{"pad":"`), bytes.Repeat([]byte("a"), DefaultMaxBody)...)
 	body = append(body, `"}`...)
-	if w := r.do(http.MethodPost, jobHdr(secret), body); w.Code != http.StatusRequestEntityTooLarge {
-		t.Fatalf("status %d", w.Code)
+	if w := r.do(http.MethodPost, jobHdr(secret), body); w.Code != http.StatusRequestEntityTooLarge || r.rejects[ReasonTooLarge] != 1 ||
+		!strings.Contains(w.Body.String(), "1048576") {
+		t.Fatalf("status %d, rejects %v: %s", w.Code, r.rejects, w.Body)
 	}
 	// Just under the limit is read (and then rejected only as not a job).
 	small := append([]byte(`{"object_kind":"build","build_id":1,"project_id":2,"build_status":"pending","pad":"`),
@@ -279,8 +280,8 @@ func TestOtherEventsIgnored(t *testing.T) {
 	r := newRig(t)
 	h := jobHdr("nope")
 	h["X-Gitlab-Event"] = "Push Hook"
-	if w := r.do(http.MethodPost, h, nil); w.Code != http.StatusUnauthorized {
-		t.Fatalf("status %d", w.Code)
+	if w := r.do(http.MethodPost, h, nil); w.Code != http.StatusUnauthorized || r.rejects[ReasonUnauthorized] != 1 || len(r.rejects) != 1 {
+		t.Fatalf("status %d, rejects %v", w.Code, r.rejects)
 	}
 }
 

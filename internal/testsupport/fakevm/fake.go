@@ -182,13 +182,20 @@ func (d *Driver) Running(id string) bool {
 	}
 }
 
-// List implements vm.Driver.
+// List implements vm.Driver. Like the real drivers' it lists VMs that
+// powered off but were not destroyed yet, with no PID.
 func (d *Driver) List(context.Context) ([]vm.Instance, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	out := make([]vm.Instance, 0, len(d.vms))
-	for id := range d.vms {
-		out = append(out, vm.Instance{ID: id, PID: 1})
+	for id, in := range d.vms {
+		pid := 1
+		select {
+		case <-in.done:
+			pid = 0
+		default:
+		}
+		out = append(out, vm.Instance{ID: id, PID: pid})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out, nil

@@ -187,8 +187,8 @@ func (s *Server) createPipeline(w http.ResponseWriter, r *http.Request, pref str
 		return
 	}
 	pl, err := s.CreatePipelineSpec(p.id, PipelineSpec{Ref: ref, Jobs: jobs})
-	if err != nil {
-		writeJSON(w, 400, map[string]any{"message": map[string][]string{"base": {err.Error()}}})
+	if err != nil { // ParseCIConfig checked the jobs: the stand-in's own failure
+		msg(w, http.StatusInternalServerError, "500 Internal Server Error")
 		return
 	}
 	writeJSON(w, http.StatusCreated, map[string]any{

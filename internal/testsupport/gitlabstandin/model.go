@@ -43,6 +43,7 @@ func Terminal(status string) bool {
 type token struct {
 	value  string
 	scopes []string
+	admin  bool // the token's user is an administrator
 }
 
 func (t *token) has(scopes ...string) bool {
@@ -128,9 +129,19 @@ func randomHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-// AddToken registers a personal access token of the stand-in's single user
-// (root, an administrator) with the given scopes (Scope* constants).
+// AddToken registers a personal access token of the stand-in's
+// administrator (root) with the given scopes (Scope* constants).
 func (s *Server) AddToken(value string, scopes ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.tokens[value] = &token{value: value, scopes: append([]string(nil), scopes...), admin: true}
+}
+
+// AddUserToken registers a personal access token of a user who is not an
+// administrator. The stand-in has no membership model: such a user may do
+// what root may in every project and group, except what GitLab reserves to
+// administrators (GET /runners/all).
+func (s *Server) AddUserToken(value string, scopes ...string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.tokens[value] = &token{value: value, scopes: append([]string(nil), scopes...)}
@@ -672,21 +683,16 @@ func (s *Server) createRunnerLocked(spec RunnerSpec, prefix string) (*runner, *a
 		runUntagged: spec.RunUntagged, locked: spec.Locked, paused: spec.Paused,
 		maximumTimeout: spec.MaximumTimeout, createdAt: now, accessLevel: "not_protected",
 	}
-	// GitLab's plan limit counts the scope's existing runners "created or
-	// active during the past seven days"; deleting a runner frees its slot.
-	// Options.RunnerCapCountsDeleted counts deleted ones too (stricter).
+	// GitLab's plan limit ("maximum number of runners created or active in
+	// a project/group during the past seven days") counts the scope's
+	// runners that exist and were created or contacted in the past seven
+	// days (Ci::RunnerProject's limit relation: Ci::Runner.recent of the
+	// project): a deleted runner no longer counts.
 	recent := func(match func(*runner) bool) int {
 		n := 0
 		for _, r := range s.runners {
 			if match(r) && (now.Sub(r.createdAt) < 7*24*time.Hour || now.Sub(r.contactedAt) < 7*24*time.Hour) {
 				n++
-			}
-		}
-		if s.opts.RunnerCapCountsDeleted {
-			for _, r := range s.deleted {
-				if match(r) && now.Sub(r.createdAt) < 7*24*time.Hour {
-					n++
-				}
 			}
 		}
 		return n

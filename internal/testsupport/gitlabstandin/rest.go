@@ -142,6 +142,12 @@ func (p params) list(k string) []string {
 
 // auth authenticates a personal access token and checks it has one of scopes.
 func (s *Server) auth(w http.ResponseWriter, r *http.Request, scopes ...string) bool {
+	_, ok := s.authToken(w, r, scopes...)
+	return ok
+}
+
+// authToken is auth returning the token (its user: admin or not).
+func (s *Server) authToken(w http.ResponseWriter, r *http.Request, scopes ...string) (*token, bool) {
 	v := r.Header.Get("PRIVATE-TOKEN")
 	if v == "" {
 		if a := r.Header.Get("Authorization"); strings.HasPrefix(a, "Bearer ") {
@@ -156,7 +162,7 @@ func (s *Server) auth(w http.ResponseWriter, r *http.Request, scopes ...string) 
 	s.mu.Unlock()
 	if v == "" || !ok {
 		msg(w, http.StatusUnauthorized, "401 Unauthorized")
-		return false
+		return nil, false
 	}
 	if !t.has(scopes...) {
 		writeJSON(w, http.StatusForbidden, map[string]any{
@@ -164,9 +170,9 @@ func (s *Server) auth(w http.ResponseWriter, r *http.Request, scopes ...string) 
 			"error_description": "The request requires higher privileges than provided by the access token.",
 			"scope":             strings.Join(scopes, " "),
 		})
-		return false
+		return nil, false
 	}
-	return true
+	return t, true
 }
 
 var readScopes = []string{ScopeAPI, ScopeReadAPI}
@@ -177,11 +183,9 @@ func (s *Server) serveAPI(w http.ResponseWriter, r *http.Request) {
 	raw := strings.TrimPrefix(r.URL.EscapedPath(), "/api/v4/")
 	var seg []string
 	for _, part := range strings.Split(strings.TrimSuffix(raw, "/"), "/") {
-		u, err := url.PathUnescape(part)
-		if err != nil {
-			msg(w, http.StatusBadRequest, "400 Bad request - invalid path")
-			return
-		}
+		// net/http already refused a request whose path has a bad escape
+		// (400), so every segment of the escaped path unescapes.
+		u, _ := url.PathUnescape(part)
 		seg = append(seg, u)
 	}
 	route := func(method string, pattern ...string) bool {
@@ -239,8 +243,10 @@ func (s *Server) serveAPI(w http.ResponseWriter, r *http.Request) {
 		s.listGroupProjects(w, r, seg[1])
 	case route("POST", "user", "runners"):
 		s.createUserRunner(w, r)
-	case route("GET", "runners"), route("GET", "runners", "all"):
-		s.listRunners(w, r)
+	case route("GET", "runners"):
+		s.listRunners(w, r, false)
+	case route("GET", "runners", "all"):
+		s.listRunners(w, r, true)
 	case route("GET", "runners", "*"):
 		s.getRunner(w, r, seg[1])
 	case route("GET", "runners", "*", "jobs"):
@@ -623,8 +629,30 @@ func (s *Server) runnerDetailsJSONLocked(r *runner) map[string]any {
 	return out
 }
 
-func (s *Server) listRunners(w http.ResponseWriter, r *http.Request) {
-	if !s.auth(w, r, ScopeAPI, ScopeReadAPI, ScopeManageRunner) {
+// Runner filter values (Ci::Runner::AVAILABLE_TYPES, AVAILABLE_STATUSES,
+// and the deprecated scopes; /runners/all also takes specific and shared).
+var (
+	runnerTypes      = []string{"instance_type", "group_type", "project_type"}
+	runnerStatuses   = []string{"online", "offline", "stale", "never_contacted"}
+	runnerScopes     = []string{"active", "paused", "online", "offline", "stale", "never_contacted"}
+	runnerAllScopes  = append([]string{"specific", "shared"}, append(slices.Clone(runnerTypes), runnerScopes...)...)
+	runnerJobStatus  = []string{StatusRunning, StatusSuccess, StatusFailed, StatusCanceled}
+	runnerJobSorts   = []string{"asc", "desc"}
+	runnerJobOrderBy = []string{"id"}
+)
+
+// listRunners is GET /runners ("List owned runners": the project and group
+// runners of the user's projects and groups, never instance runners) and,
+// with all, GET /runners/all ("List all runners": every runner, instance
+// ones included; administrators only). Both need api or read_api: GitLab
+// allows manage_runner only on /runners/:id routes.
+func (s *Server) listRunners(w http.ResponseWriter, r *http.Request, all bool) {
+	t, ok := s.authToken(w, r, readScopes...)
+	if !ok {
+		return
+	}
+	if all && !t.admin {
+		msg(w, http.StatusForbidden, "403 Forbidden")
 		return
 	}
 	q, err := readParams(r)
@@ -632,7 +660,22 @@ func (s *Server) listRunners(w http.ResponseWriter, r *http.Request) {
 		msg(w, 400, "400 Bad request - "+err.Error())
 		return
 	}
-	typ, status, tags := q.str("type"), q.str("status"), q.list("tag_list")
+	typ, status, scope, tags := q.str("type"), q.str("status"), q.str("scope"), q.list("tag_list")
+	scopes := runnerScopes
+	if all {
+		scopes = runnerAllScopes
+	}
+	switch {
+	case q.has("type") && !slices.Contains(runnerTypes, typ):
+		writeJSON(w, 400, map[string]any{"error": "type does not have a valid value"})
+		return
+	case q.has("status") && !slices.Contains(runnerStatuses, status):
+		writeJSON(w, 400, map[string]any{"error": "status does not have a valid value"})
+		return
+	case q.has("scope") && !slices.Contains(scopes, scope):
+		msg(w, 400, "Scope contains invalid value")
+		return
+	}
 	paused, pausedErr := q.bool("paused", false)
 	if pausedErr != nil {
 		writeJSON(w, 400, map[string]any{"error": pausedErr.Error()})
@@ -642,8 +685,9 @@ func (s *Server) listRunners(w http.ResponseWriter, r *http.Request) {
 	defer s.mu.Unlock()
 	var list []*runner
 	for _, rn := range s.sortedRunnersLocked() {
-		if typ != "" && rn.runnerType != typ || status != "" && s.runnerStatusLocked(rn) != status ||
-			q.has("paused") && rn.paused != paused {
+		st := s.runnerStatusLocked(rn)
+		if !all && rn.runnerType == "instance_type" || typ != "" && rn.runnerType != typ || status != "" && st != status ||
+			q.has("paused") && rn.paused != paused || !runnerInScope(rn, st, scope) {
 			continue
 		}
 		match := true
@@ -655,6 +699,25 @@ func (s *Server) listRunners(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	writePage(s, w, r, q, list, s.runnerJSONLocked)
+}
+
+// runnerInScope applies the deprecated scope filter.
+func runnerInScope(rn *runner, status, scope string) bool {
+	switch scope {
+	case "":
+		return true
+	case "active":
+		return !rn.paused
+	case "paused":
+		return rn.paused
+	case "specific":
+		return rn.runnerType != "instance_type"
+	case "shared":
+		return rn.runnerType == "instance_type"
+	case "instance_type", "group_type", "project_type":
+		return rn.runnerType == scope
+	}
+	return status == scope
 }
 
 func (s *Server) getRunner(w http.ResponseWriter, r *http.Request, ref string) {
@@ -686,13 +749,13 @@ func (s *Server) listRunnerJobs(w http.ResponseWriter, r *http.Request, ref stri
 	}
 	status, sort, orderBy := q.str("status"), q.str("sort"), q.str("order_by")
 	switch {
-	case status != "" && !slices.Contains([]string{StatusRunning, StatusSuccess, StatusFailed, StatusCanceled}, status):
+	case status != "" && !slices.Contains(runnerJobStatus, status):
 		writeJSON(w, 400, map[string]any{"error": "status does not have a valid value"})
 		return
-	case sort != "" && sort != "asc" && sort != "desc":
+	case sort != "" && !slices.Contains(runnerJobSorts, sort):
 		writeJSON(w, 400, map[string]any{"error": "sort does not have a valid value"})
 		return
-	case orderBy != "" && orderBy != "id":
+	case orderBy != "" && !slices.Contains(runnerJobOrderBy, orderBy):
 		writeJSON(w, 400, map[string]any{"error": "order_by does not have a valid value"})
 		return
 	}
@@ -753,6 +816,16 @@ func (s *Server) updateRunner(w http.ResponseWriter, r *http.Request, ref string
 		msg(w, 400, "400 Bad request - "+err.Error())
 		return
 	}
+	// Grape's at_least_one_of and mutually_exclusive, as GitLab declares them.
+	updatable := []string{"description", "active", "paused", "tag_list", "run_untagged", "locked", "access_level", "maximum_timeout", "maintenance_note"}
+	if !slices.ContainsFunc(updatable, q.has) {
+		writeJSON(w, 400, map[string]any{"error": strings.Join(updatable, ", ") + " are missing, at least one parameter must be provided"})
+		return
+	}
+	if q.has("active") && q.has("paused") {
+		writeJSON(w, 400, map[string]any{"error": "active, paused are mutually exclusive"})
+		return
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	id, _ := strconv.ParseInt(ref, 10, 64)
@@ -762,6 +835,14 @@ func (s *Server) updateRunner(w http.ResponseWriter, r *http.Request, ref string
 		return
 	}
 	next := *rn
+	if q.has("active") { // deprecated: paused = !active
+		active, err := q.bool("active", true)
+		if err != nil {
+			writeJSON(w, 400, map[string]any{"error": err.Error()})
+			return
+		}
+		next.paused = !active
+	}
 	if q.has("description") {
 		next.description = q.str("description")
 	}

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -139,14 +140,21 @@ func TestCreateDeleteRunner(t *testing.T) {
 		!st[0].Locked || st[0].MaximumTimeout != 3600 || st[0].ProjectIDs[0] != p.ID {
 		t.Fatalf("runner state %+v", st)
 	}
-	// Listing and details need read_api or manage_runner.
-	list, _, err := client(t, s, "glpat-manage").Runners.ListRunners(&gitlab.ListRunnersOptions{})
+	// Listing needs read_api (GitLab allows manage_runner only on
+	// /runners/:id routes); details take read_api or manage_runner.
+	s.AddToken("glpat-read", ScopeReadAPI)
+	list, _, err := client(t, s, "glpat-read").Runners.ListRunners(&gitlab.ListRunnersOptions{})
 	if err != nil || len(list) != 1 || list[0].ID != r.ID || list[0].Status != "never_contacted" {
 		t.Fatalf("list runners: %v %+v", err, list)
 	}
-	det, _, err := client(t, s, adminToken).Runners.GetRunnerDetails(r.ID)
-	if err != nil || det.TagList[0] != "firecracker-2cpu-2gb" || det.Projects[0].ID != p.ID {
-		t.Fatalf("runner details: %v %+v", err, det)
+	if _, _, err := client(t, s, "glpat-manage").Runners.ListRunners(&gitlab.ListRunnersOptions{}); statusOf(err) != 403 {
+		t.Fatalf("list runners with manage_runner: want 403, got %v", err)
+	}
+	for _, tok := range []string{adminToken, "glpat-manage"} {
+		det, _, err := client(t, s, tok).Runners.GetRunnerDetails(r.ID)
+		if err != nil || det.TagList[0] != "firecracker-2cpu-2gb" || det.Projects[0].ID != p.ID {
+			t.Fatalf("runner details: %v %+v", err, det)
+		}
 	}
 	// create_runner alone cannot delete; manage_runner can; a second delete is 404.
 	if _, err := c.Runners.DeleteRegisteredRunnerByID(r.ID); statusOf(err) != 403 {
@@ -206,19 +214,10 @@ func TestRunnerCapError(t *testing.T) {
 	if _, err := create(); err != nil {
 		t.Fatalf("after a delete: %v", err)
 	}
-
-	strict := newServer(t, Options{ProjectRunnerCap: 1, RunnerCapCountsDeleted: true})
-	sp := addProject(t, strict, "acme/app")
-	r, err := strict.CreateRunner(RunnerSpec{ProjectID: sp.ID, RunUntagged: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := client(t, strict, adminToken).Runners.DeleteRegisteredRunnerByID(r.ID); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := strict.CreateRunner(RunnerSpec{ProjectID: sp.ID, RunUntagged: true}); err == nil ||
-		!strings.Contains(err.Error(), "Maximum number of ci registered project runners (1) exceeded") {
-		t.Fatalf("strict cap after delete: %v", err)
+	// Per project: another project has its own cap.
+	other := addProject(t, s, "acme/other")
+	if _, err := s.CreateRunner(RunnerSpec{ProjectID: other.ID, RunUntagged: true}); err != nil {
+		t.Fatalf("another project's runner: %v", err)
 	}
 }
 
@@ -598,5 +597,70 @@ func TestFailFor(t *testing.T) {
 	time.Sleep(time.Until(start.Add(2100 * time.Millisecond)))
 	if _, _, err := c.Projects.GetProject(p.ID, nil); err != nil {
 		t.Fatalf("after the outage: %v", err)
+	}
+}
+
+// TestTestHelpers: what the controller tests drive the stand-in with.
+// JobHook is GitLab's Job Hook body for the job's current state;
+// ClearFaults ends an outage; AfterRequest sees each answered request.
+func TestTestHelpers(t *testing.T) {
+	s := newServer(t, Options{LongPoll: -1})
+	p := addProject(t, s, "acme/app")
+	pl, err := s.CreatePipeline(p.ID, JobSpec{Name: "build", Tags: []string{"x"}, Script: []string{"true"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := pl.JobIDs[0]
+	hook := func() map[string]any {
+		b, err := s.JobHook(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m map[string]any
+		if err := json.Unmarshal(b, &m); err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	if m := hook(); m["object_kind"] != "build" || m["build_id"] != float64(id) || m["build_status"] != "pending" ||
+		m["project_id"] != float64(p.ID) || m["runner"] != nil {
+		t.Fatalf("pending hook: %v", m)
+	}
+	var mu sync.Mutex
+	var seen []Request
+	s.AfterRequest(func(r Request) { mu.Lock(); seen = append(seen, r); mu.Unlock() })
+	r, err := s.CreateRunner(RunnerSpec{ProjectID: p.ID, Tags: []string{"x"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	req, _ := http.NewRequest("POST", s.URL()+"/api/v4/jobs/request", strings.NewReader(`{"token":"`+r.Token+`"}`))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.ReadAll(resp.Body) // the whole answer: the hook ran before its end
+	resp.Body.Close()
+	if m := hook(); m["build_status"] != "running" || m["runner"].(map[string]any)["id"] != float64(r.ID) {
+		t.Fatalf("running hook: %v", m)
+	}
+	s.AfterRequest(nil)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(seen) != 1 || seen[0].Method != "POST" || seen[0].Path != "/api/v4/jobs/request" || seen[0].Status != 201 {
+		t.Fatalf("after-request hook saw %+v", seen)
+	}
+	if _, err := s.JobHook(id + 1000); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("unknown job: %v", err)
+	}
+	s.FailFor("GET", "/api/v4/projects/", 503, time.Hour)
+	s.FailNext("", "/api/v4/", 500, 5)
+	c := client(t, s, adminToken)
+	if _, _, err := c.Projects.GetProject(p.ID, nil); statusOf(err) != 503 {
+		t.Fatalf("during the outage: %v", err)
+	}
+	s.ClearFaults()
+	if _, _, err := c.Projects.GetProject(p.ID, nil); err != nil {
+		t.Fatalf("after ClearFaults: %v", err)
 	}
 }

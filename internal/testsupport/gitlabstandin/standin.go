@@ -38,11 +38,9 @@ type Options struct {
 	WebhookURL, WebhookSecret string
 	// ProjectRunnerCap / GroupRunnerCap limit a project's / group's runners
 	// created or active in the past 7 days (GitLab's ci_registered_*_runners
-	// plan limits; GitLab.com Free: 50). 0 means 50; <0 unlimited.
+	// plan limits; GitLab.com Free: 50): runners that exist, so deleting one
+	// frees its slot, as on GitLab. 0 means 50; <0 unlimited.
 	ProjectRunnerCap, GroupRunnerCap int
-	// RunnerCapCountsDeleted also counts runners created in the past 7 days
-	// and since deleted (a stricter reading of the limit).
-	RunnerCapCountsDeleted bool
 	// LongPoll is how long POST /jobs/request waits for a job before 204
 	// (Workhorse long polling). 0 means 5s; <0 disables.
 	LongPoll time.Duration
@@ -94,6 +92,7 @@ type Server struct {
 	faults   []*fault
 	hold     func(RunnerState) bool
 	requests []Request
+	after    func(Request) // AfterRequest's hook
 	projCap  int
 	groupCap int
 }
@@ -232,6 +231,24 @@ func (s *Server) FailNext(method, pathPrefix string, status, n int) {
 	s.faults = append(s.faults, &fault{method: method, prefix: pathPrefix, status: status, left: n})
 }
 
+// ClearFaults ends every FailNext and FailFor: GitLab recovers.
+func (s *Server) ClearFaults() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults = nil
+}
+
+// AfterRequest sets (nil: removes) a hook called once each request's
+// answer is written (before the response is complete on the wire), outside
+// the stand-in's lock: a test makes something happen in GitLab right after
+// a given answer (e.g. a runner taking a job just after GET
+// /runners/:id/jobs said it had none).
+func (s *Server) AfterRequest(fn func(Request)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.after = fn
+}
+
 // FailFor makes every request whose method matches (empty: any) and whose
 // path starts with pathPrefix fail with status for d: an outage.
 func (s *Server) FailFor(method, pathPrefix string, status int, d time.Duration) {
@@ -292,9 +309,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rec := &statusRecorder{ResponseWriter: w}
 	start := time.Now()
 	defer func() {
+		req := Request{Time: start, Method: r.Method, Path: r.URL.Path, Status: rec.status}
 		s.mu.Lock()
-		s.requests = append(s.requests, Request{Time: start, Method: r.Method, Path: r.URL.Path, Status: rec.status})
+		s.requests = append(s.requests, req)
+		after := s.after
 		s.mu.Unlock()
+		if after != nil {
+			after(req)
+		}
 		// Never log the query: tokens may be in it.
 		s.log.Debug("request", "method", r.Method, "path", r.URL.Path, "status", rec.status, "duration", time.Since(start))
 	}()

@@ -174,6 +174,19 @@ func (s *Server) Deliveries() []Delivery {
 	return append([]Delivery(nil), s.hooks.deliveries...)
 }
 
+// JobHook returns the Job Hook body GitLab sends for the job's current
+// state (Gitlab::DataBuilder::Build), for tests that deliver hooks
+// themselves: when, how often, or not at all.
+func (s *Server) JobHook(jobID int64) ([]byte, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	j, ok := s.jobs[jobID]
+	if !ok {
+		return nil, ErrNotFound
+	}
+	return json.Marshal(s.jobHookPayloadLocked(j))
+}
+
 // Redeliver sends a Job Hook for the job's current state again.
 func (s *Server) Redeliver(jobID int64) error {
 	s.mu.Lock()
