@@ -79,7 +79,9 @@ func TestParse(t *testing.T) {
 		{"minimal", "gitlab:\n  url: https://gitlab.example.com\n", "", ""},
 		{"unknown field", "gitlab:\n  url: https://g.example.com\n  tokn_file: /x\n", "", "line 3: field tokn_file not found in type config.GitLab"},
 		{"bad duration", "gitlab:\n  url: https://g.example.com\nlimits:\n  job_max_duration: soon\n", "", "line 4: cannot unmarshal !!str `soon` into time.Duration"},
-		{"user network with firecracker", "gitlab:\n  url: https://g.example.com\nnetwork:\n  mode: user\n", "network.mode: user-mode networking is QEMU-only; firecracker needs tap", ""},
+		{"user network with firecracker", "gitlab:\n  url: https://g.example.com\nnetwork:\n  mode: user\n  allow_user_mode_for_development: true\n", "network.mode: user-mode networking is QEMU-only; firecracker needs tap", ""},
+		{"user network not allowed", "gitlab:\n  url: https://g.example.com\nvm:\n  driver: qemu\nqemu:\n  allow_for_development: true\nnetwork:\n  mode: user\n",
+			"network.mode: user-mode networking lets every guest reach this host's loopback services (QEMU maps the guest's gateway 10.0.2.2 to 127.0.0.1); use tap, or set network.allow_user_mode_for_development: true on a development machine", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := config.Default()
