@@ -26,6 +26,7 @@ import (
 	"github.com/firerunner/firerunner/internal/daemon"
 	"github.com/firerunner/firerunner/internal/guestconfig"
 	"github.com/firerunner/firerunner/internal/job"
+	"github.com/firerunner/firerunner/internal/netsetup"
 	"github.com/firerunner/firerunner/internal/store"
 	"github.com/firerunner/firerunner/internal/testenv"
 	"github.com/firerunner/firerunner/internal/testsupport/gitlabstandin"
@@ -55,7 +56,7 @@ func TestCrashRecovery(t *testing.T) {
 	testenv.QEMU(t)
 	dir := testenv.ImageDir(t)
 	requireRunnerImage(t, dir)
-	h := newCrashHarness(t, dir)
+	h := newCrashHarness(t, dir, "", "user")
 
 	tags := []string{"firecracker-1cpu-1gb"}
 	t.Run("KillWhileJobRuns", func(t *testing.T) {
@@ -93,8 +94,8 @@ func TestCrashRecovery(t *testing.T) {
 		if rec.State != job.Done || rec.Reason != job.ReasonSucceeded {
 			t.Errorf("job %d: record %s (%s), want done (job_succeeded): the adopted VM was not supervised to its end", id, rec.State, rec.Reason)
 		}
+		h.waitClean(t, time.Minute) // the runner is deleted after the record ends
 		h.checkRunnerDeleted(t, rec)
-		h.waitClean(t, time.Minute)
 	})
 
 	t.Run("KillWhileWebhooksMissed", func(t *testing.T) {
@@ -124,8 +125,8 @@ func TestCrashRecovery(t *testing.T) {
 		if rec.Source != "poll" || rec.State != job.Done {
 			t.Errorf("job %d: record source %q state %s (%s), want found by poll, done", id, rec.Source, rec.State, rec.Reason)
 		}
+		h.waitClean(t, time.Minute) // the runner is deleted after the record ends
 		h.checkRunnerDeleted(t, rec)
-		h.waitClean(t, time.Minute)
 	})
 
 	// The window between runner creation and a running VMM, hit at two
@@ -321,6 +322,7 @@ type crashHarness struct {
 	drv               *qemu.Driver
 	t0                time.Time
 	scenario          string
+	network           string // user or tap
 	starts            int
 	mu                sync.Mutex
 	child             *exec.Cmd
@@ -332,9 +334,14 @@ type crashHarness struct {
 	reportedTimelines bool
 }
 
-func newCrashHarness(t *testing.T, imageDir string) *crashHarness {
-	work := t.TempDir()
-	h := &crashHarness{t: t, work: work, stateDir: filepath.Join(work, "state"), t0: time.Now(),
+// newCrashHarness prepares the crash test in work ("": a temp dir) with
+// network "user" (QEMU user-mode) or "tap" (production networking: run it
+// in a network namespace of its own).
+func newCrashHarness(t *testing.T, imageDir, work, network string) *crashHarness {
+	if work == "" {
+		work = t.TempDir()
+	}
+	h := &crashHarness{t: t, work: work, stateDir: filepath.Join(work, "state"), t0: time.Now(), network: network,
 		childPIDs: map[int]bool{}, stopReap: make(chan struct{}), reaperDone: make(chan struct{})}
 	// Orphans of a killed FireRunner (its VMMs, anything else it spawned)
 	// become our children: leaks are then exactly our unexpected children.
@@ -345,8 +352,16 @@ func newCrashHarness(t *testing.T, imageDir string) *crashHarness {
 	t.Cleanup(h.cleanup)
 
 	log := slog.New(slog.NewJSONHandler(h.logFile(t, "gitlab-standin.log"), &slog.HandlerOptions{Level: slog.LevelDebug}))
-	gl, err := gitlabstandin.New(gitlabstandin.Options{Addr: "127.0.0.1:0", ExternalHost: "10.0.2.2",
-		Dir: filepath.Join(work, "gitlab"), HardCancel: true, Logger: log})
+	glOpts := gitlabstandin.Options{Addr: "127.0.0.1:0", ExternalHost: "10.0.2.2",
+		Dir: filepath.Join(work, "gitlab"), HardCancel: true, Logger: log}
+	if network == "tap" { // VMs reach the stand-in at the bridge address
+		gw, err := TapGateway()
+		if err != nil {
+			t.Fatal(err)
+		}
+		glOpts.Addr, glOpts.ExternalHost = "0.0.0.0:0", gw.String()
+	}
+	gl, err := gitlabstandin.New(glOpts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -364,7 +379,7 @@ func newCrashHarness(t *testing.T, imageDir string) *crashHarness {
 	h.listen = ln.Addr().String()
 	ln.Close()
 	_, glPort, _ := net.SplitHostPort(gl.Addr())
-	cfg, err := Config(Options{WorkDir: work, ImageDir: imageDir, VCPUs: 2, MemoryMiB: 2048},
+	cfg, err := Config(Options{WorkDir: work, ImageDir: imageDir, VCPUs: 2, MemoryMiB: 2048, Network: network},
 		"http://"+net.JoinHostPort("127.0.0.1", glPort), gl.URL(), apiToken, hookSecret)
 	if err != nil {
 		t.Fatal(err)
@@ -666,6 +681,7 @@ func (h *crashHarness) leftovers() []string {
 			out = append(out, "per-VM dir "+e.Name())
 		}
 	}
+	out = append(out, h.netLeftovers()...)
 	if insts, err := h.drv.List(context.Background()); err != nil {
 		out = append(out, "driver list: "+err.Error())
 	} else {
@@ -691,6 +707,36 @@ func (h *crashHarness) leftovers() []string {
 		return err
 	}); err != nil {
 		out = append(out, "store: "+err.Error())
+	}
+	return out
+}
+
+// netLeftovers lists, in tap mode, what VMs hold of the host's network: a
+// tap or an address (netsetup's own view), and the nft rules pinning a tap.
+func (h *crashHarness) netLeftovers() []string {
+	if h.network != "tap" {
+		return nil
+	}
+	var out []string
+	mgr, err := netsetup.New(tapNetwork(), h.stateDir)
+	if err != nil {
+		return []string{"netsetup: " + err.Error()}
+	}
+	ids, err := mgr.List(context.Background())
+	if err != nil {
+		out = append(out, "netsetup list: "+err.Error())
+	}
+	for _, id := range ids {
+		out = append(out, "tap or address of vm "+id)
+	}
+	rules, err := exec.Command("nft", "list", "table", "bridge", netsetup.TableName).CombinedOutput()
+	if err != nil && !strings.Contains(string(rules), "No such file or directory") { // no table: no rule
+		return append(out, fmt.Sprintf("nft list table bridge %s: %v %s", netsetup.TableName, err, rules))
+	}
+	for _, l := range strings.Split(string(rules), "\n") {
+		if strings.Contains(l, `iifname "fr-`) {
+			out = append(out, "nft rule: "+strings.TrimSpace(l))
+		}
 	}
 	return out
 }
