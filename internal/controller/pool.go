@@ -4,15 +4,11 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"time"
 
-	"github.com/firerunner/firerunner/internal/gitlabapi"
 	"github.com/firerunner/firerunner/internal/guestconfig"
 	"github.com/firerunner/firerunner/internal/job"
-	"github.com/firerunner/firerunner/internal/runners"
-	"github.com/firerunner/firerunner/internal/store"
 	"github.com/firerunner/firerunner/internal/vm"
 )
 
@@ -142,40 +138,8 @@ func (c *Controller) guestReady(id string) bool {
 // it over the assignment channel: the token lives in this function's memory
 // and in the guest only.
 func (c *Controller) assignWarm(ctx context.Context, v job.VM) error {
-	fj, err := c.store.GetJob(ctx, v.ForJob)
-	if err != nil {
-		return err
-	}
-	createdWith := v.Tags
-	lease, err := c.prov.Acquire(ctx, runners.Request{VMID: v.ID, JobID: v.ForJob, ProjectID: v.ProjectID, Tags: createdWith, JobName: fj.Name})
-	if err != nil {
-		reason := job.ReasonRunnerCreate + ": " + err.Error()
-		permanent := gitlabapi.IsPermanent(err)
-		if errors.Is(err, runners.ErrLimit) {
-			reason, permanent = job.ReasonRunnerLimit+": "+err.Error(), true
-			c.m.RunnerLimitHits.Inc()
-		}
-		return c.failAttempt(ctx, v, reason, permanent)
-	}
-	now := time.Now()
-	err = c.store.Tx(ctx, func(tx *store.Tx) error {
-		var err error
-		if v, err = tx.UpdateVM(v.ID, func(x *job.VM) error { return x.RunnerCreated(lease.RunnerID, createdWith, now) }); err != nil {
-			return err
-		}
-		if err := tx.PutRunner(job.Runner{ID: lease.RunnerID, HostID: c.host, Mode: c.prov.Name(), VMID: v.ID, Tags: createdWith}); err != nil {
-			return err
-		}
-		_, err = tx.UpdateJob(v.ForJob, func(r *job.Job) error {
-			if r.State == job.Queued {
-				r.Timeline.VMStartRequest = now
-			}
-			return nil
-		})
-		return err
-	})
-	if err != nil {
-		_ = c.prov.Release(context.WithoutCancel(ctx), runners.Lease{RunnerID: lease.RunnerID})
+	lease, v, done, err := c.createRunner(ctx, v)
+	if done || err != nil {
 		return err
 	}
 	if v.State == job.VMStopping {

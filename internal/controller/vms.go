@@ -57,41 +57,8 @@ func (c *Controller) startVM(ctx context.Context, v job.VM) error {
 	if c.draining.Load() || c.isSurplus(v.ID) {
 		return c.stopFor(ctx, v.ID, c.idleReason())
 	}
-	fj, err := c.store.GetJob(ctx, v.ForJob)
-	if err != nil {
-		return err
-	}
-	createdWith := v.Tags
-	lease, err := c.prov.Acquire(ctx, runners.Request{VMID: v.ID, JobID: v.ForJob, ProjectID: v.ProjectID, Tags: createdWith, JobName: fj.Name})
-	if err != nil {
-		reason := job.ReasonRunnerCreate + ": " + err.Error()
-		permanent := gitlabapi.IsPermanent(err)
-		if errors.Is(err, runners.ErrLimit) {
-			reason, permanent = job.ReasonRunnerLimit+": "+err.Error(), true
-			c.m.RunnerLimitHits.Inc()
-		}
-		return c.failAttempt(ctx, v, reason, permanent)
-	}
-	now := time.Now()
-	err = c.store.Tx(ctx, func(tx *store.Tx) error {
-		var err error
-		if v, err = tx.UpdateVM(v.ID, func(x *job.VM) error { return x.RunnerCreated(lease.RunnerID, createdWith, now) }); err != nil {
-			return err
-		}
-		if err := tx.PutRunner(job.Runner{ID: lease.RunnerID, HostID: c.host, Mode: c.prov.Name(), VMID: v.ID, Tags: createdWith}); err != nil {
-			return err
-		}
-		_, err = tx.UpdateJob(v.ForJob, func(r *job.Job) error {
-			if r.State == job.Queued {
-				r.Timeline.VMStartRequest = now
-			}
-			return nil
-		})
-		return err
-	})
-	if err != nil {
-		// Not recorded: delete it now (the sweep would find it by its description too).
-		_ = c.prov.Release(context.WithoutCancel(ctx), runners.Lease{RunnerID: lease.RunnerID})
+	lease, v, done, err := c.createRunner(ctx, v)
+	if done || err != nil {
 		return err
 	}
 	log := c.vmLog(v)
@@ -253,6 +220,51 @@ func (c *Controller) pickFromGitLab(ctx context.Context, v job.VM, gj gitlabapi.
 	}
 	c.vmLog(v).Info("GitLab says the runner took a job whose running hook had not arrived", "picked_job_id", gj.ID)
 	return c.recordPick(ctx, gj.ID, v.RunnerID, true)
+}
+
+// createRunner creates the runner of the job v is for and records it with
+// v (state starting) in one transaction; the token stays in the returned
+// lease only. done is true when the attempt failed and was handled (the VM
+// stopped, the job retried or given up).
+func (c *Controller) createRunner(ctx context.Context, v job.VM) (lease runners.Lease, _ job.VM, done bool, err error) {
+	fj, err := c.store.GetJob(ctx, v.ForJob)
+	if err != nil {
+		return lease, v, false, err
+	}
+	createdWith := v.Tags
+	lease, err = c.prov.Acquire(ctx, runners.Request{VMID: v.ID, JobID: v.ForJob, ProjectID: v.ProjectID, Tags: createdWith, JobName: fj.Name})
+	if err != nil {
+		reason := job.ReasonRunnerCreate + ": " + err.Error()
+		permanent := gitlabapi.IsPermanent(err)
+		if errors.Is(err, runners.ErrLimit) {
+			reason, permanent = job.ReasonRunnerLimit+": "+err.Error(), true
+			c.m.RunnerLimitHits.Inc()
+		}
+		return lease, v, true, c.failAttempt(ctx, v, reason, permanent)
+	}
+	now := time.Now()
+	err = c.store.Tx(ctx, func(tx *store.Tx) error {
+		var err error
+		if v, err = tx.UpdateVM(v.ID, func(x *job.VM) error { return x.RunnerCreated(lease.RunnerID, createdWith, now) }); err != nil {
+			return err
+		}
+		if err := tx.PutRunner(job.Runner{ID: lease.RunnerID, HostID: c.host, Mode: c.prov.Name(), VMID: v.ID, Tags: createdWith}); err != nil {
+			return err
+		}
+		_, err = tx.UpdateJob(v.ForJob, func(r *job.Job) error {
+			if r.State == job.Queued {
+				r.Timeline.VMStartRequest = now
+			}
+			return nil
+		})
+		return err
+	})
+	if err != nil {
+		// Not recorded: delete it now (the sweep would find it by its description too).
+		_ = c.prov.Release(context.WithoutCancel(ctx), runners.Lease{RunnerID: lease.RunnerID})
+		return lease, v, false, err
+	}
+	return lease, v, false, nil
 }
 
 // startedAt is when a VM's runner could start taking jobs: the VM's start,
