@@ -65,7 +65,8 @@ type Workload struct {
 	Env        []string
 	Dir        string
 	UID, GID   int
-	ConfigTOML []byte // nil for a plain command
+	Groups     []uint32 // supplementary groups (docker: the socket's group)
+	ConfigTOML []byte   // nil for a plain command
 }
 
 // BaseEnv is the environment every workload starts from.
@@ -122,6 +123,10 @@ func RunnerConfigTOML(c guestconfig.Config) []byte {
 	kv("name", RunnerName)
 	kv("url", c.GitLabURL)
 	kv("token", c.RunnerToken)
+	if c.Docker != nil {
+		dockerRunnerTOML(&b, kv, c.Docker)
+		return []byte(b.String())
+	}
 	kv("executor", "shell")
 	kv("shell", "bash")
 	kv("builds_dir", CIHome+"/builds")

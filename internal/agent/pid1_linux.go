@@ -78,9 +78,33 @@ func (a *Agent) run() error {
 			return fmt.Errorf("%s: %w", s.name, err)
 		}
 	}
+	var dockerReady <-chan error
+	var dockerGroups []uint32
+	if cfg.Docker != nil {
+		// Docker comes up beside gitlab-runner's start; a job is taken
+		// only once it is ready (cold: before gitlab-runner starts; warm:
+		// before the VM reports itself warm).
+		gid, err := DockerGID()
+		if err != nil {
+			return fmt.Errorf("docker: %w", err)
+		}
+		dockerGroups = []uint32{gid}
+		cfg.Docker.HelperImage = HelperImageName()
+		mtu := 0
+		if cfg.Network != nil {
+			mtu = cfg.Network.MTU
+		}
+		dockerReady = a.startDocker(cfg.Docker, mtu)
+	}
 	w, err := BuildWorkload(cfg)
 	if err != nil {
 		return err
+	}
+	w.Groups = dockerGroups
+	if dockerReady != nil && !cfg.Warm {
+		if err := <-dockerReady; err != nil {
+			return fmt.Errorf("docker: %w", err)
+		}
 	}
 	var assign func() ([]byte, time.Duration, error)
 	if cfg.Warm {
@@ -92,6 +116,11 @@ func (a *Agent) run() error {
 			if f, err := os.Open(w.Args[0]); err == nil {
 				_, _ = io.Copy(io.Discard, f)
 				f.Close()
+			}
+			if dockerReady != nil {
+				if err := <-dockerReady; err != nil {
+					return nil, 0, fmt.Errorf("docker: %w", err)
+				}
 			}
 			fmt.Fprintln(a.Console, guestconfig.MarkerWarm)
 			as, err := ReadAssignment(a.DevDir, "/sys/class/virtio-ports")
@@ -326,7 +355,7 @@ func (a *Agent) runWorkload(w Workload, timeout time.Duration, assign func() ([]
 	cmd.Stdout, cmd.Stderr = a.Console, a.Console
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setsid:     true,
-		Credential: &syscall.Credential{Uid: uint32(w.UID), Gid: uint32(w.GID), Groups: []uint32{}},
+		Credential: &syscall.Credential{Uid: uint32(w.UID), Gid: uint32(w.GID), Groups: append([]uint32{}, w.Groups...)},
 	}
 	var fed chan error
 	if w.ConfigTOML != nil {

@@ -47,6 +47,9 @@ type Config struct {
 	// MachineID is this VM's /etc/machine-id (32 hex digits): every VM keeps
 	// its own identity, even when booted from one image.
 	MachineID string `json:"machine_id,omitempty"`
+	// Docker, when set, runs a Docker engine on the scratch disk and
+	// gitlab-runner's docker executor (see docker.go); nil: shell executor.
+	Docker *Docker `json:"docker,omitempty"`
 }
 
 // Assignment is what a warm VM needs to run one job; it reaches the guest
@@ -109,6 +112,9 @@ type Network struct {
 func (c Config) Validate() error {
 	if c.JobTimeoutSec <= 0 {
 		return errors.New("guest config: job_timeout_sec must be > 0")
+	}
+	if err := c.Docker.Validate(); err != nil {
+		return err
 	}
 	if c.Warm {
 		if c.RunnerToken != "" || len(c.Command) > 0 {

@@ -77,6 +77,9 @@ type Inputs struct {
 	InitSHA256         string   `json:"init_sha256"`
 	AgentSHA256        string   `json:"agent_sha256"`
 	GitLabRunnerSHA256 string   `json:"gitlab_runner_sha256,omitempty"`
+	HelperSHA256       string   `json:"gitlab_runner_helper_sha256,omitempty"`
+	HelperImageSHA256  string   `json:"helper_image_tar_sha256,omitempty"`
+	DockerModules      []string `json:"docker_modules"`
 	ExtraCASHA256      string   `json:"extra_ca_sha256,omitempty"`
 }
 

@@ -1,0 +1,237 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/firerunner/firerunner/internal/guestconfig"
+)
+
+// DockerReadyTimeout bounds dockerd's start and the helper image load.
+const DockerReadyTimeout = 3 * time.Minute
+
+// startDocker brings Docker up in the background; the channel yields nil
+// once dockerd answers and the helper image is loaded, or the error.
+func (a *Agent) startDocker(d *guestconfig.Docker, mtu int) <-chan error {
+	ch := make(chan error, 1)
+	go func() {
+		start := time.Now()
+		err := a.dockerUp(d, mtu)
+		if err == nil {
+			fmt.Fprintf(a.Console, "%s %.2fs\n", guestconfig.MarkerDockerReady, time.Since(start).Seconds())
+		}
+		ch <- err
+	}()
+	return ch
+}
+
+func (a *Agent) dockerUp(d *guestconfig.Docker, mtu int) error {
+	a.loadDockerModules()
+	dev, err := FindScratchDisk(a.SysBlock, a.DevDir)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(DockerDataRoot, 0o710); err != nil {
+		return err
+	}
+	if err := unix.Mount(dev, DockerDataRoot, "ext4", unix.MS_NOATIME, ""); err != nil {
+		return fmt.Errorf("mount scratch disk %s on %s: %w", dev, DockerDataRoot, err)
+	}
+	if err := os.MkdirAll("/etc/docker", 0o755); err != nil {
+		return err
+	}
+	if err := os.WriteFile("/etc/docker/daemon.json", DockerDaemonConfig(d, mtu), 0o644); err != nil {
+		return err
+	}
+	logf, err := os.OpenFile("/var/log/dockerd.log", os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command("/usr/sbin/dockerd", "--config-file", "/etc/docker/daemon.json")
+	cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	exited, err := a.reaper.start(cmd)
+	logf.Close()
+	if err != nil {
+		return fmt.Errorf("start dockerd: %w", err)
+	}
+	c := dockerClient()
+	deadline := time.Now().Add(DockerReadyTimeout)
+	for {
+		select {
+		case ws := <-exited:
+			return fmt.Errorf("dockerd exited (%d): %s", exitCode(ws), logTail("/var/log/dockerd.log", 600))
+		default:
+		}
+		if r, err := c.Get("http://docker/_ping"); err == nil {
+			r.Body.Close()
+			if r.StatusCode == http.StatusOK {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("dockerd not ready after %s: %s", DockerReadyTimeout, logTail("/var/log/dockerd.log", 600))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return LoadImage(c, filepath.Join(guestconfig.DockerAssetsDir, guestconfig.HelperImageTar))
+}
+
+// dockerClient talks HTTP to the Docker API socket.
+func dockerClient() *http.Client {
+	return &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var dl net.Dialer
+			return dl.DialContext(ctx, "unix", DockerSocket)
+		},
+	}}
+}
+
+// LoadImage loads a `docker save` archive through the API (a missing
+// archive is no error: an image without a preloaded helper).
+func LoadImage(c *http.Client, archive string) error {
+	f, err := os.Open(archive)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	r, err := c.Post("http://docker/images/load?quiet=1", "application/x-tar", f)
+	if err != nil {
+		return fmt.Errorf("docker load %s: %w", archive, err)
+	}
+	defer r.Body.Close()
+	sc := bufio.NewScanner(r.Body)
+	for sc.Scan() {
+		var m struct {
+			Error string `json:"error"`
+		}
+		if json.Unmarshal(sc.Bytes(), &m) == nil && m.Error != "" {
+			return fmt.Errorf("docker load %s: %s", archive, m.Error)
+		}
+	}
+	if r.StatusCode != http.StatusOK {
+		return fmt.Errorf("docker load %s: HTTP %d", archive, r.StatusCode)
+	}
+	return sc.Err()
+}
+
+// HelperImageName reads the preloaded helper image's name ("" none).
+func HelperImageName() string {
+	b, err := os.ReadFile(filepath.Join(guestconfig.DockerAssetsDir, guestconfig.HelperImageNameFile))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// DockerGID is the docker group's gid in /etc/group (the socket's group).
+func DockerGID() (uint32, error) {
+	f, err := os.Open("/etc/group")
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		w := strings.Split(sc.Text(), ":")
+		if len(w) >= 3 && w[0] == "docker" {
+			g, err := strconv.ParseUint(w[2], 10, 32)
+			return uint32(g), err
+		}
+	}
+	return 0, errors.New("no docker group in /etc/group")
+}
+
+// loadDockerModules loads the image's Docker modules in order; one that is
+// already loaded (or built in) is fine, another failure is logged: dockerd
+// says what it misses.
+func (a *Agent) loadDockerModules() {
+	dir := filepath.Join(guestconfig.DockerAssetsDir, "modules")
+	b, err := os.ReadFile(filepath.Join(dir, guestconfig.DockerModulesOrder))
+	if err != nil {
+		a.logf("docker modules: %v", err)
+		return
+	}
+	for _, m := range strings.Fields(string(b)) {
+		f, err := os.Open(filepath.Join(dir, m))
+		if err != nil {
+			a.logf("docker module %s: %v", m, err)
+			continue
+		}
+		err = unix.FinitModule(int(f.Fd()), "", 0)
+		f.Close()
+		if err != nil && !errors.Is(err, unix.EEXIST) {
+			a.logf("docker module %s: %v", m, err)
+		}
+	}
+}
+
+// FindScratchDisk returns the virtio block device (sysBlock/vd*, opened
+// as devDir/<name>) holding an ext4 file system labelled
+// guestconfig.ScratchLabel.
+func FindScratchDisk(sysBlock, devDir string) (string, error) {
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		names, _ := filepath.Glob(filepath.Join(sysBlock, "vd*"))
+		for _, n := range names {
+			dev := filepath.Join(devDir, filepath.Base(n))
+			if l, err := ext4Label(dev); err == nil && l == guestconfig.ScratchLabel {
+				return dev, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return "", guestconfig.ErrNoScratch
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// ext4Label reads an ext2/3/4 superblock's volume name.
+func ext4Label(dev string) (string, error) {
+	f, err := os.Open(dev)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	sb := make([]byte, 1024)
+	if _, err := f.ReadAt(sb, 1024); err != nil {
+		return "", err
+	}
+	if binary.LittleEndian.Uint16(sb[0x38:]) != 0xEF53 {
+		return "", errors.New("not ext4")
+	}
+	return strings.TrimRight(string(sb[0x78:0x88]), "\x00"), nil
+}
+
+func logTail(path string, n int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return err.Error()
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err == nil && st.Size() > n {
+		f.Seek(st.Size()-n, io.SeekStart)
+	}
+	b, _ := io.ReadAll(f)
+	return strings.TrimSpace(string(b))
+}
