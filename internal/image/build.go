@@ -652,7 +652,7 @@ func (b *builder) rootfs(ctx context.Context, in Inputs) (map[string]string, str
 	if err != nil {
 		return nil, "", err
 	}
-	ext4Key := hashJSON(treeKey, in.GitLabRunnerSHA256, in.ExtraCASHA256, in.HelperSHA256, in.HelperImageSHA256,
+	ext4Key := hashJSON(treeKey, dockerRecipe, in.GitLabRunnerSHA256, in.ExtraCASHA256, in.HelperSHA256, in.HelperImageSHA256,
 		in.DockerModules, in.KernelPackage, in.KernelVersion, in.BusyboxVersion)[:16]
 	ext4 := filepath.Join(b.work, "rootfs-"+ext4Key+".ext4")
 	if _, err := os.Stat(ext4); err == nil {

@@ -37,6 +37,10 @@ var dockerSlim = []string{
 	"usr/bin/dnet", "usr/sbin/ovrouter", // libnetwork's test tools
 }
 
+// dockerRecipe keys the rootfs.ext4 together with its inputs; bump it when
+// dockerAssets or dockerSlim change.
+const dockerRecipe = "docker/1"
+
 // HelperImageName is the tag of the helper image built from the
 // gitlab-runner-helper binary (--gitlab-runner-helper).
 const HelperImageName = "firerunner/gitlab-runner-helper:local"
@@ -332,4 +336,31 @@ func (c *treeCopier) copyTree(dir string) error {
 		}
 		return c.copy("/" + filepath.ToSlash(rel))
 	})
+}
+
+// CopyWithLibs copies files of a root filesystem tree (e.g. "/" or a
+// debootstrap tree) into stage at the same paths, with the shared
+// libraries and the interpreter of ELF files, resolving the tree's
+// symlinks inside it. stage gets the tree's merged-/usr symlinks.
+func CopyWithLibs(tree, stage string, paths ...string) error {
+	for _, l := range []string{"bin", "sbin", "lib", "lib64"} {
+		if t, err := os.Readlink(filepath.Join(tree, l)); err == nil {
+			if _, err := os.Lstat(filepath.Join(stage, l)); err == nil {
+				continue
+			}
+			if err := os.MkdirAll(filepath.Join(stage, filepath.Dir(l), t), 0o755); err != nil {
+				return err
+			}
+			if err := os.Symlink(t, filepath.Join(stage, l)); err != nil {
+				return err
+			}
+		}
+	}
+	c := &treeCopier{tree: tree, stage: stage, done: map[string]bool{}}
+	for _, p := range paths {
+		if err := c.copy(p); err != nil {
+			return err
+		}
+	}
+	return nil
 }
