@@ -364,3 +364,10 @@ func CopyWithLibs(tree, stage string, paths ...string) error {
 	}
 	return nil
 }
+
+// CopyLibsOf copies the interpreter and shared libraries an ELF file
+// outside the tree needs from the tree into stage (see CopyWithLibs).
+func CopyLibsOf(tree, stage, elfFile string) error {
+	c := &treeCopier{tree: tree, stage: stage, done: map[string]bool{}}
+	return c.copyELFDeps(elfFile)
+}

@@ -2,6 +2,7 @@ package registry
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -14,8 +15,61 @@ import (
 // Busybox is the static busybox (Debian package busybox-static).
 const Busybox = "/bin/busybox"
 
-// DockerClient is the Debian docker.io package's client.
-const DockerClient = "/usr/bin/docker"
+// DockerClient returns the docker client of Debian's docker.io package,
+// unpacked (apt-get download, dpkg-deb -x: nothing installed, no daemon on
+// the host) once per package version into $FIRERUNNER_CACHE/docker-client.
+func DockerClient(ctx context.Context) (string, error) {
+	cache := os.Getenv("FIRERUNNER_CACHE")
+	if cache == "" {
+		cache = "/var/cache/firerunner"
+	}
+	v, err := exec.CommandContext(ctx, "apt-cache", "show", "--no-all-versions", "docker.io").Output()
+	if err != nil {
+		return "", fmt.Errorf("apt-cache show docker.io: %w (apt-get update?)", err)
+	}
+	version := ""
+	for _, l := range strings.Split(string(v), "\n") {
+		if x, ok := strings.CutPrefix(l, "Version: "); ok {
+			version = strings.TrimSpace(x)
+			break
+		}
+	}
+	if version == "" {
+		return "", errors.New("apt-cache show docker.io: no version")
+	}
+	dir := filepath.Join(cache, "docker-client", strings.NewReplacer(":", "_", "/", "_").Replace(version))
+	bin := filepath.Join(dir, "docker")
+	if _, err := os.Stat(bin); err == nil {
+		return bin, nil
+	}
+	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
+		return "", err
+	}
+	tmp, err := os.MkdirTemp(filepath.Dir(dir), ".dl-")
+	if err != nil {
+		return "", err
+	}
+	defer os.RemoveAll(tmp)
+	dl := exec.CommandContext(ctx, "apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", "docker.io="+version)
+	dl.Dir = tmp
+	if out, err := dl.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("apt-get download docker.io: %w: %s", err, out)
+	}
+	debs, _ := filepath.Glob(filepath.Join(tmp, "docker.io_*.deb"))
+	if len(debs) != 1 {
+		return "", fmt.Errorf("apt-get download docker.io: got %v", debs)
+	}
+	if out, err := exec.CommandContext(ctx, "dpkg-deb", "-x", debs[0], filepath.Join(tmp, "x")).CombinedOutput(); err != nil {
+		return "", fmt.Errorf("dpkg-deb -x: %w: %s", err, out)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	if err := os.Rename(filepath.Join(tmp, "x/usr/bin/docker"), bin+".tmp"); err != nil {
+		return "", err
+	}
+	return bin, os.Rename(bin+".tmp", bin)
+}
 
 // Test images, by their Docker Hub names: the guest's dockerd asks its
 // mirror for docker.io/<name>, so the mirror's upstream must hold them under
@@ -28,7 +82,13 @@ const (
 	// ImageDockerCLI is busybox plus the host's docker client (with its
 	// libraries): a job image that uses the VM's Docker daemon.
 	ImageDockerCLI = "frtest/docker-cli:1"
+	// ImageShell is busybox plus git: the runner's default image in the
+	// tests and the demo, so shell-style jobs (no image:) run unchanged.
+	ImageShell = "frtest/shell:1"
 )
+
+// Git is the host's git (Debian package git) and its HTTP transport.
+var Git = []string{"/usr/bin/git", "/usr/lib/git-core/git-remote-http", "/usr/lib/git-core/git-remote-https", "/etc/ssl/certs/ca-certificates.crt"}
 
 // WebPage is what ImageWeb serves at /.
 const WebPage = "hello from the web service\n"
@@ -87,10 +147,23 @@ func BuildImages(dir string) (map[string]string, error) {
 		return nil, err
 	}
 	if err := build(ImageDockerCLI, image.ContainerConfig{Cmd: []string{"sh"}}, func(root string) error {
-		if _, err := os.Stat(DockerClient); err != nil {
-			return fmt.Errorf("the docker client (Debian package docker.io): %w", err)
+		client, err := DockerClient(context.Background())
+		if err != nil {
+			return err
 		}
-		return image.CopyWithLibs("/", root, DockerClient)
+		b, err := os.ReadFile(client)
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(root, "usr/bin/docker"), b, 0o755); err != nil {
+			return err
+		}
+		return image.CopyLibsOf("/", root, client)
+	}); err != nil {
+		return nil, err
+	}
+	if err := build(ImageShell, image.ContainerConfig{Cmd: []string{"sh"}}, func(root string) error {
+		return image.CopyWithLibs("/", root, Git...)
 	}); err != nil {
 		return nil, err
 	}
