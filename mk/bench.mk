@@ -28,3 +28,11 @@ BENCH_STORE_JOBS ?= 1000000
 
 bench-store:
 	FIRERUNNER_BENCH_STORE_JOBS=$(BENCH_STORE_JOBS) $(GO) test -run '^$$' -bench 'BenchmarkStoreHistory' -benchtime 1x -count 1 -timeout 30m ./internal/controller/
+
+# Docker in a real VM (root, QEMU): VM start -> Docker ready, image pull with
+# the registry mirror's cache cold vs warm, container start, docker build of
+# a small Dockerfile (internal/vm/qemu BenchmarkDocker). Prints a table.
+.PHONY: bench-docker
+bench-docker: gitlab-runner image
+	FIRERUNNER_TEST_IMAGE=$$(readlink -e $(IMAGE_DIR_FILE)) \
+	  $(GO) test -run '^$$' -bench 'BenchmarkDocker$$' -benchtime 1x -count 1 -timeout 20m ./internal/vm/qemu/

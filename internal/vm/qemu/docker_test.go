@@ -1,11 +1,19 @@
 package qemu
 
 import (
+	"context"
+	"fmt"
+	"net"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/firerunner/firerunner/internal/guestconfig"
+	"github.com/firerunner/firerunner/internal/image"
+	"github.com/firerunner/firerunner/internal/testenv"
+	"github.com/firerunner/firerunner/internal/testsupport/registry"
 	"github.com/firerunner/firerunner/internal/vm"
 )
 
@@ -53,4 +61,109 @@ func TestDockerInGuest(t *testing.T) {
 		t.Errorf("timeline lacks docker ready:\n%s", tl)
 	}
 	printTimeline(t, spec.ID, tl)
+}
+
+// BenchmarkDocker (make bench-docker) boots the real image with Docker and
+// a registry mirror (docker-registry pull-through cache in front of a local
+// Docker Hub stand-in, as in the tests) and prints a table: VM start to
+// Docker ready (dockerd answering, helper image loaded), an image pull with
+// the mirror's cache cold (fetched from the upstream) and warm (what every
+// later VM gets), a container start, and a docker build of a small
+// Dockerfile. Timings inside the guest come from GNU date around each step.
+func BenchmarkDocker(b *testing.B) {
+	testenv.RequireRoot(b)
+	bin := testenv.QEMU(b)
+	if err := registry.Check(); err != nil {
+		testenv.Missing(b, err.Error(), "run make deps")
+	}
+	m, err := image.Load(testenv.ImageDir(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	d, err := New(Options{Binary: bin, Accel: AccelAuto, StateDir: b.TempDir(), NetworkMode: "user"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx := context.Background()
+	for b.Loop() {
+		mirror, err := registry.StartMirror(ctx, b.TempDir(), 0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		_, port, _ := net.SplitHostPort(mirror.Mirror.Addr)
+		big := registry.ImageDockerCLI // ~17 MB compressed: a pull worth timing
+		script := strings.Join([]string{
+			"set -e",
+			`step() { name=$1; shift; s=$(date +%s%N); "$@" >/dev/null; e=$(date +%s%N); echo "BENCH $name $(( (e - s) / 1000000 ))"; }`,
+			"step pull_cold_mirror docker pull " + big,
+			"docker rmi " + big + " >/dev/null",
+			"step pull_warm_mirror docker pull " + big,
+			"step pull_small_cold docker pull " + registry.ImageBusybox,
+			"step container_run docker run --rm " + registry.ImageBusybox + " true",
+			"mkdir -p /tmp/ctx && printf 'FROM " + registry.ImageBusybox + "\\nRUN echo hi > /hi\\nCMD cat /hi\\n' > /tmp/ctx/Dockerfile",
+			"step docker_build docker build -q -t bench:1 /tmp/ctx",
+			"step container_run_built docker run --rm bench:1",
+		}, "\n")
+		spec := vm.Spec{ID: "fr-dbench", VCPUs: 2, MemoryMiB: 2048, Image: m.VMImage(), Timeout: 10 * time.Minute,
+			ScratchDiskBytes: 8 << 30,
+			Guest: guestconfig.Config{JobTimeoutSec: 600, Command: []string{"/bin/bash", "-c", script},
+				Docker: &guestconfig.Docker{DefaultImage: registry.ImageBusybox, RegistryMirror: "http://10.0.2.2:" + port}}}
+		if err := d.Start(ctx, spec); err != nil {
+			b.Fatal(err)
+		}
+		tl, _ := d.Timeline(spec.ID)
+		res, err := d.Wait(ctx, spec.ID)
+		console, _ := os.ReadFile(res.ConsoleLog)
+		if derr := d.Destroy(ctx, spec.ID); derr != nil {
+			b.Fatal(derr)
+		}
+		mirror.Close()
+		if err != nil || res.ExitCode != 0 {
+			b.Fatalf("bench VM: %+v %v\n%s", res, err, tail(string(console), 60))
+		}
+		ready, ok := tl.Between(vm.MilestoneVMMStarted, vm.MilestoneDockerReady)
+		if !ok {
+			b.Fatalf("no docker ready milestone:\n%s", tl)
+		}
+		agent, _ := tl.Between(vm.MilestoneVMMStarted, vm.MilestoneAgentStart)
+		rows := [][2]string{
+			{"VM start -> guest agent", fmt.Sprintf("%.2f s", agent.Seconds())},
+			{"VM start -> Docker ready (dockerd up, helper image loaded)", fmt.Sprintf("%.2f s", ready.Seconds())},
+		}
+		if i := strings.Index(string(console), guestconfig.MarkerDockerReady); i >= 0 {
+			line := string(console[i:])
+			line = line[:strings.IndexByte(line, '\n')]
+			rows = append(rows, [2]string{"  of which (guest)", strings.TrimSpace(strings.TrimPrefix(line, guestconfig.MarkerDockerReady))})
+		}
+		names := map[string]string{
+			"pull_cold_mirror":    "pull " + big + ", mirror cache cold (from upstream)",
+			"pull_warm_mirror":    "pull " + big + ", from the mirror's cache",
+			"pull_small_cold":     "pull " + registry.ImageBusybox + " (1 MB), mirror cache cold",
+			"container_run":       "docker run --rm busybox true",
+			"docker_build":        "docker build (FROM busybox, one RUN)",
+			"container_run_built": "docker run --rm of the built image",
+		}
+		for _, l := range strings.Split(string(console), "\n") {
+			f := strings.Fields(strings.TrimSpace(l))
+			if len(f) == 3 && f[0] == "BENCH" {
+				ms, _ := strconv.Atoi(f[2])
+				rows = append(rows, [2]string{names[f[1]], fmt.Sprintf("%.2f s", float64(ms)/1000)})
+				b.ReportMetric(float64(ms)/1000, f[1]+"_s")
+			}
+		}
+		b.ReportMetric(ready.Seconds(), "docker_ready_s")
+		var sb strings.Builder
+		fmt.Fprintf(&sb, "\nDocker in a FireRunner VM (2 vCPU, 2 GiB, accel %s):\n", accelOf(string(console)))
+		for _, r := range rows {
+			fmt.Fprintf(&sb, "  %-62s %10s\n", r[0], r[1])
+		}
+		fmt.Print(sb.String())
+	}
+}
+
+func accelOf(console string) string {
+	if strings.Contains(console, "tsc_early_khz") {
+		return "tcg"
+	}
+	return "kvm"
 }
