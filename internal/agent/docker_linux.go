@@ -69,6 +69,7 @@ func (a *Agent) dockerUp(d *guestconfig.Docker, mtu int) (answered time.Time, er
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	exited, err := a.reaper.start(cmd)
+	a.dockerd, a.dockerdExited = cmd, exited
 	logf.Close()
 	if err != nil {
 		return answered, fmt.Errorf("start dockerd: %w", err)
@@ -93,7 +94,40 @@ func (a *Agent) dockerUp(d *guestconfig.Docker, mtu int) (answered time.Time, er
 		time.Sleep(50 * time.Millisecond)
 	}
 	answered = time.Now()
+	if d.HelperImage != "" {
+		// A scratch disk copied from the image's Docker seed has it.
+		if r, err := c.Get("http://docker/images/" + d.HelperImage + "/json"); err == nil {
+			r.Body.Close()
+			if r.StatusCode == http.StatusOK {
+				a.logf("docker: helper image %s is on the scratch disk (docker seed)", d.HelperImage)
+				return answered, nil
+			}
+		}
+	}
 	return answered, LoadImage(c, filepath.Join(guestconfig.DockerAssetsDir, guestconfig.HelperImageTar))
+}
+
+// stopDockerForSeed stops dockerd cleanly (SIGTERM, then waits) and
+// unmounts the scratch disk, so the disk can become the image's seed.
+func (a *Agent) stopDockerForSeed() error {
+	if a.dockerd == nil || a.dockerd.Process == nil {
+		return errors.New("dockerd is not running")
+	}
+	if err := a.dockerd.Process.Signal(syscall.SIGTERM); err != nil {
+		return err
+	}
+	select {
+	case <-a.dockerdExited:
+	case <-time.After(2 * time.Minute):
+		return errors.New("dockerd did not stop within 2 minutes")
+	}
+	unix.Sync()
+	if err := unix.Unmount(DockerDataRoot, 0); err != nil {
+		return fmt.Errorf("unmount %s: %w", DockerDataRoot, err)
+	}
+	unix.Sync()
+	fmt.Fprintln(a.Console, guestconfig.MarkerDockerSeeded)
+	return nil
 }
 
 // dockerClient talks HTTP to the Docker API socket.

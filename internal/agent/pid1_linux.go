@@ -27,6 +27,9 @@ type Agent struct {
 	SysBlock string // /sys/block
 	DevDir   string // /dev
 	reaper   *reaper
+	// dockerd and its exit, when the agent started Docker (docker_linux.go).
+	dockerd       *exec.Cmd
+	dockerdExited <-chan unix.WaitStatus
 }
 
 // Main runs the agent as PID 1 and never returns normally: it powers off.
@@ -105,6 +108,14 @@ func (a *Agent) run() error {
 		if err := <-dockerReady; err != nil {
 			return fmt.Errorf("docker: %w", err)
 		}
+	}
+	if cfg.DockerSeed {
+		// An image build's seed boot: no workload, just a clean data-root.
+		if err := a.stopDockerForSeed(); err != nil {
+			return fmt.Errorf("docker seed: %w", err)
+		}
+		fmt.Fprintf(a.Console, "%s%d\n", guestconfig.ExitMarker, 0)
+		return nil
 	}
 	var assign func() ([]byte, time.Duration, error)
 	if cfg.Warm {

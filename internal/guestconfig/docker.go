@@ -58,6 +58,9 @@ const (
 const (
 	// MarkerDockerReady: dockerd answers and the helper image is loaded.
 	MarkerDockerReady = "FIRERUNNER-DOCKER-READY"
+	// MarkerDockerSeeded: a DockerSeed boot stopped dockerd and unmounted
+	// the scratch disk cleanly.
+	MarkerDockerSeeded = "FIRERUNNER-DOCKER-SEEDED"
 )
 
 // ErrNoScratch means a Docker VM came up without its scratch disk.

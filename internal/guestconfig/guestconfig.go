@@ -50,6 +50,10 @@ type Config struct {
 	// Docker, when set, runs a Docker engine on the scratch disk and
 	// gitlab-runner's docker executor (see docker.go); nil: shell executor.
 	Docker *Docker `json:"docker,omitempty"`
+	// DockerSeed (image builds only): bring Docker up on the scratch disk,
+	// stop it cleanly and power off without running the workload; the disk
+	// becomes the image's Docker seed (internal/image).
+	DockerSeed bool `json:"docker_seed,omitempty"`
 }
 
 // Assignment is what a warm VM needs to run one job; it reaches the guest

@@ -364,7 +364,20 @@ func (b *builder) run(ctx context.Context) (Manifest, error) {
 		Created: time.Now().UTC().Format(time.RFC3339), Inputs: in, Packages: pkgs,
 		Artifacts: map[string]Artifact{}, Cmdline: DefaultCmdline,
 	}
-	for _, n := range []string{ArtVMLinux, ArtBzImage, ArtInitrd, ArtRootfs} {
+	// 5b. The Docker seed: the helper image loaded into a data-root once
+	// here rather than in every VM. Best effort: without it VMs load the
+	// helper image themselves.
+	arts := []string{ArtVMLinux, ArtBzImage, ArtInitrd, ArtRootfs}
+	if o.GitLabRunnerHelper != "" || o.HelperImageTar != "" {
+		if seed, err := b.dockerSeed(ctx, tmp); err != nil {
+			b.note("WARNING: no docker seed (VMs will docker load the helper image at boot): %v", err)
+		} else if err := linkOrCopy(seed, filepath.Join(tmp, ArtDockerSeed)); err != nil {
+			return Manifest{}, err
+		} else {
+			arts = append(arts, ArtDockerSeed)
+		}
+	}
+	for _, n := range arts {
 		if m.Artifacts[n], err = artifact(tmp, n); err != nil {
 			return Manifest{}, err
 		}
@@ -419,7 +432,7 @@ func (b *builder) prune(current string) {
 			os.RemoveAll(filepath.Join(b.o.CacheDir, im.name))
 		}
 	}
-	for _, g := range []string{"initrd-*.img", "rootfs-*.ext4"} {
+	for _, g := range []string{"initrd-*.img", "rootfs-*.ext4", "docker-seed-*.ext4"} {
 		m, _ := filepath.Glob(filepath.Join(b.work, g))
 		for _, p := range m {
 			var st syscall.Stat_t

@@ -125,11 +125,15 @@ func Load(dir string) (Manifest, error) {
 
 // VMImage returns the absolute artefact paths the drivers boot.
 func (m Manifest) VMImage() vm.Image {
-	return vm.Image{
+	img := vm.Image{
 		Kernel: filepath.Join(m.Dir, m.Artifacts[ArtVMLinux].File),
 		Initrd: filepath.Join(m.Dir, m.Artifacts[ArtInitrd].File),
 		Rootfs: filepath.Join(m.Dir, m.Artifacts[ArtRootfs].File),
 	}
+	if a, ok := m.Artifacts[ArtDockerSeed]; ok {
+		img.DockerSeed = filepath.Join(m.Dir, a.File)
+	}
+	return img
 }
 
 // BzImage returns the absolute path of the compressed kernel.

@@ -44,6 +44,9 @@ type Image struct {
 	Kernel string // ELF vmlinux (Firecracker, QEMU PVH boot)
 	Initrd string // initramfs (busybox + modules), mounts root, switch_root
 	Rootfs string // ext4, attached read-only; the guest overlays a tmpfs on it
+	// DockerSeed, when set, is the image's Docker seed (ext4 with the
+	// helper image loaded): scratch disks start as a copy of it.
+	DockerSeed string
 }
 
 // NetAttachment is a tap device prepared by internal/netsetup.

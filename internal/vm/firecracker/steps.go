@@ -241,7 +241,7 @@ func (b *boot) prepareVMDir(ctx context.Context, m *sdk.Machine) error {
 		return fmt.Errorf("write config drive: %w", err)
 	}
 	if b.spec.ScratchDiskBytes > 0 && b.snap == nil {
-		if err := vm.CreateScratchDisk(ctx, filepath.Join(b.dir, vm.ScratchDisk), b.spec.ScratchDiskBytes); err != nil {
+		if err := vm.CreateScratchDisk(ctx, filepath.Join(b.dir, vm.ScratchDisk), b.spec.ScratchDiskBytes, b.spec.Image.DockerSeed); err != nil {
 			return err
 		}
 	}

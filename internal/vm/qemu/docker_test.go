@@ -60,6 +60,11 @@ func TestDockerInGuest(t *testing.T) {
 	if _, ok := tl.At(vm.MilestoneDockerReady); !ok {
 		t.Errorf("timeline lacks docker ready:\n%s", tl)
 	}
+	// The image's Docker seed (when it has one) already holds the helper
+	// image: the VM does not docker load it.
+	if e.img.DockerSeed != "" && !strings.Contains(console, "is on the scratch disk (docker seed)") {
+		t.Errorf("the image has a docker seed, but the VM loaded the helper image itself:\n%s", tail(console, 80))
+	}
 	printTimeline(t, spec.ID, tl)
 }
 

@@ -190,7 +190,7 @@ func (d *Driver) Prepare(spec vm.Spec) (string, error) {
 		return dir, fmt.Errorf("vm %s: write config drive: %w", spec.ID, err)
 	}
 	if spec.ScratchDiskBytes > 0 {
-		if err := vm.CreateScratchDisk(context.Background(), filepath.Join(dir, vm.ScratchDisk), spec.ScratchDiskBytes); err != nil {
+		if err := vm.CreateScratchDisk(context.Background(), filepath.Join(dir, vm.ScratchDisk), spec.ScratchDiskBytes, spec.Image.DockerSeed); err != nil {
 			return dir, fmt.Errorf("vm %s: %w", spec.ID, err)
 		}
 	}
