@@ -51,10 +51,11 @@ func dockerRunnerTOML(b *strings.Builder, kv func(k, v string), d *guestconfig.D
 	kv("builds_dir", "/builds")
 	kv("cache_dir", "/cache")
 	b.WriteString("  [runners.docker]\n")
-	kv("host", "unix://"+DockerSocket)
-	kv("image", d.DefaultImage)
+	kv4 := func(k, v string) { fmt.Fprintf(b, "    %s = %s\n", k, tomlString(v)) }
+	kv4("host", "unix://"+DockerSocket)
+	kv4("image", d.DefaultImage)
 	if d.HelperImage != "" {
-		kv("helper_image", d.HelperImage)
+		kv4("helper_image", d.HelperImage)
 	}
 	b.WriteString("    privileged = false\n")
 	b.WriteString("    tls_verify = false\n")

@@ -39,7 +39,7 @@ var dockerSlim = []string{
 
 // dockerRecipe keys the rootfs.ext4 together with its inputs; bump it when
 // dockerAssets or dockerSlim change.
-const dockerRecipe = "docker/1"
+const dockerRecipe = "docker/2"
 
 // HelperImageName is the tag of the helper image built from the
 // gitlab-runner-helper binary (--gitlab-runner-helper).
@@ -132,7 +132,7 @@ func HelperRoot(tree, busybox, helper, stage string) error {
 			return err
 		}
 	}
-	if err := os.Chmod(filepath.Join(stage, "tmp"), 0o1777); err != nil {
+	if err := os.Chmod(filepath.Join(stage, "tmp"), 0o777|os.ModeSticky); err != nil {
 		return err
 	}
 	c := &treeCopier{tree: tree, stage: stage, done: map[string]bool{}}

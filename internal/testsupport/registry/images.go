@@ -178,7 +178,7 @@ func busyboxRoot(root string) error {
 			return err
 		}
 	}
-	if err := os.Chmod(filepath.Join(root, "tmp"), 0o1777); err != nil {
+	if err := os.Chmod(filepath.Join(root, "tmp"), 0o777|os.ModeSticky); err != nil {
 		return err
 	}
 	for _, l := range []string{"bin", "sbin"} {
