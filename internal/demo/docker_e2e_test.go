@@ -50,7 +50,8 @@ func (w *stageWatch) Write(p []byte) (int, error) {
 // each VM, pulling through a real docker-registry pull-through cache in front
 // of a Docker Hub stand-in (both local, no internet):
 //   - stage 1: a job with image: and a services: container reached by its
-//     alias;
+//     alias, in a warm pool VM (which reports itself warm only once Docker
+//     is ready);
 //   - stage 2: a job without image: (the runner's default image) running a
 //     shell-style script, and a job that docker-builds the repository's
 //     Dockerfile (FROM busybox) with the VM's own daemon and runs the result.
@@ -111,6 +112,7 @@ func TestDockerExecutorEndToEnd(t *testing.T) {
 	logs := &testenv.Buffer{}
 	rep, err := Run(context.Background(), Options{
 		ImageDir: dir, Jobs: jobs, WorkDir: work, Out: out, LogOut: logs, Docker: true, Mirror: mirror,
+		WarmSize: "firecracker-1cpu-1gb",
 	})
 	os.Stdout.Write(out.buf.Bytes())
 	if err != nil {
@@ -153,6 +155,17 @@ func TestDockerExecutorEndToEnd(t *testing.T) {
 	}
 	want("docker-image", trace("docker-image"), "Using Docker executor", "IMAGE=BusyBox v", "NOT-THE-VM-ROOT",
 		"SERVICE="+strings.TrimSpace(registry.WebPage), "Starting service "+registry.ImageWeb)
+	// The warm VM: Docker was ready before it reported itself warm, and the
+	// job ran there.
+	if r, _ := rep.Job("docker-image"); r.VM == nil || r.VM.Timeline.Assigned.IsZero() || r.Guest == nil {
+		t.Errorf("docker-image did not run in a warm pool VM: %+v", r.VM)
+	} else {
+		dr, ok1 := r.Guest.At(vm.MilestoneDockerReady)
+		wr, ok2 := r.Guest.At(vm.MilestoneWarm)
+		if !ok1 || !ok2 || wr.Before(dr) {
+			t.Errorf("warm VM: docker ready %v (%v), warm %v (%v): want Docker ready first\n%s", dr, ok1, wr, ok2, r.Guest)
+		}
+	}
 	r, _ := rep.Job("shell-style")
 	want("shell-style", trace("shell-style"), "Using docker image", registry.ImageShell, "NPROC=1",
 		"A repository served by the GitLab stand-in", "HEAD="+r.GitLab.SHA)

@@ -117,15 +117,8 @@ func (b *builder) dockerAssets(ctx context.Context, in Inputs, tree string) erro
 // bundle.
 func HelperRoot(tree, busybox, helper, stage string) error {
 	// The merged-/usr symlinks (bin -> usr/bin, ...) as in the tree.
-	for _, l := range []string{"bin", "sbin", "lib", "lib64"} {
-		if t, err := os.Readlink(filepath.Join(tree, l)); err == nil {
-			if err := os.MkdirAll(filepath.Join(stage, filepath.Dir(l), t), 0o755); err != nil {
-				return err
-			}
-			if err := os.Symlink(t, filepath.Join(stage, l)); err != nil {
-				return err
-			}
-		}
+	if err := mergedUsr(tree, stage); err != nil {
+		return err
 	}
 	for _, d := range []string{"usr/bin", "etc/ssl/certs", "tmp", "root", "builds", "cache"} {
 		if err := os.MkdirAll(filepath.Join(stage, d), 0o755); err != nil {
@@ -343,18 +336,8 @@ func (c *treeCopier) copyTree(dir string) error {
 // libraries and the interpreter of ELF files, resolving the tree's
 // symlinks inside it. stage gets the tree's merged-/usr symlinks.
 func CopyWithLibs(tree, stage string, paths ...string) error {
-	for _, l := range []string{"bin", "sbin", "lib", "lib64"} {
-		if t, err := os.Readlink(filepath.Join(tree, l)); err == nil {
-			if _, err := os.Lstat(filepath.Join(stage, l)); err == nil {
-				continue
-			}
-			if err := os.MkdirAll(filepath.Join(stage, filepath.Dir(l), t), 0o755); err != nil {
-				return err
-			}
-			if err := os.Symlink(t, filepath.Join(stage, l)); err != nil {
-				return err
-			}
-		}
+	if err := mergedUsr(tree, stage); err != nil {
+		return err
 	}
 	c := &treeCopier{tree: tree, stage: stage, done: map[string]bool{}}
 	for _, p := range paths {
@@ -368,6 +351,29 @@ func CopyWithLibs(tree, stage string, paths ...string) error {
 // CopyLibsOf copies the interpreter and shared libraries an ELF file
 // outside the tree needs from the tree into stage (see CopyWithLibs).
 func CopyLibsOf(tree, stage, elfFile string) error {
+	if err := mergedUsr(tree, stage); err != nil {
+		return err
+	}
 	c := &treeCopier{tree: tree, stage: stage, done: map[string]bool{}}
 	return c.copyELFDeps(elfFile)
+}
+
+// mergedUsr gives stage the tree's merged-/usr symlinks (bin -> usr/bin,
+// lib64 -> usr/lib64, ...) where stage has no such entry yet, so the paths
+// ELF files name (/lib64/ld-linux-x86-64.so.2) resolve as in the tree.
+func mergedUsr(tree, stage string) error {
+	for _, l := range []string{"bin", "sbin", "lib", "lib64"} {
+		if t, err := os.Readlink(filepath.Join(tree, l)); err == nil {
+			if _, err := os.Lstat(filepath.Join(stage, l)); err == nil {
+				continue
+			}
+			if err := os.MkdirAll(filepath.Join(stage, filepath.Dir(l), t), 0o755); err != nil {
+				return err
+			}
+			if err := os.Symlink(t, filepath.Join(stage, l)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
