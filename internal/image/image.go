@@ -136,6 +136,10 @@ func (m Manifest) VMImage() vm.Image {
 	return img
 }
 
+// HasDocker reports whether the image was built with the Docker engine
+// (runners.executor docker needs it); images of builder 1 were not.
+func (m Manifest) HasDocker() bool { return len(m.Inputs.DockerModules) > 0 }
+
 // BzImage returns the absolute path of the compressed kernel.
 func (m Manifest) BzImage() string {
 	return filepath.Join(m.Dir, m.Artifacts[ArtBzImage].File)
