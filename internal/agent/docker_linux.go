@@ -26,6 +26,45 @@ import (
 // DockerReadyTimeout bounds dockerd's start and the helper image load.
 const DockerReadyTimeout = 3 * time.Minute
 
+// prepareDocker starts Docker for a docker-executor VM (cfg.Docker set):
+// it comes up beside gitlab-runner's start, and a job is taken only once
+// it is ready (cold: before gitlab-runner starts, see awaitDocker; warm:
+// before the VM reports itself warm). It fills in the preloaded helper
+// image's name and returns the socket's group for gitlab-runner.
+func (a *Agent) prepareDocker(cfg guestconfig.Config) (<-chan error, []uint32, error) {
+	if cfg.Docker == nil {
+		return nil, nil, nil
+	}
+	gid, err := DockerGID()
+	if err != nil {
+		return nil, nil, fmt.Errorf("docker: %w", err)
+	}
+	cfg.Docker.HelperImage = HelperImageName()
+	mtu := 0
+	if cfg.Network != nil {
+		mtu = cfg.Network.MTU
+	}
+	return a.startDocker(cfg.Docker, mtu), []uint32{gid}, nil
+}
+
+// awaitDocker waits for Docker in a cold VM. In an image build's seed boot
+// it then stops dockerd cleanly, reports exit 0 and says stop: no workload.
+func (a *Agent) awaitDocker(cfg guestconfig.Config, ready <-chan error) (stop bool, err error) {
+	if ready != nil && !cfg.Warm {
+		if err := <-ready; err != nil {
+			return false, fmt.Errorf("docker: %w", err)
+		}
+	}
+	if !cfg.DockerSeed {
+		return false, nil
+	}
+	if err := a.stopDockerForSeed(); err != nil {
+		return true, fmt.Errorf("docker seed: %w", err)
+	}
+	fmt.Fprintf(a.Console, "%s%d\n", guestconfig.ExitMarker, 0)
+	return true, nil
+}
+
 // startDocker brings Docker up in the background; the channel yields nil
 // once dockerd answers and the helper image is loaded, or the error.
 func (a *Agent) startDocker(d *guestconfig.Docker, mtu int) <-chan error {

@@ -81,41 +81,18 @@ func (a *Agent) run() error {
 			return fmt.Errorf("%s: %w", s.name, err)
 		}
 	}
-	var dockerReady <-chan error
-	var dockerGroups []uint32
-	if cfg.Docker != nil {
-		// Docker comes up beside gitlab-runner's start; a job is taken
-		// only once it is ready (cold: before gitlab-runner starts; warm:
-		// before the VM reports itself warm).
-		gid, err := DockerGID()
-		if err != nil {
-			return fmt.Errorf("docker: %w", err)
-		}
-		dockerGroups = []uint32{gid}
-		cfg.Docker.HelperImage = HelperImageName()
-		mtu := 0
-		if cfg.Network != nil {
-			mtu = cfg.Network.MTU
-		}
-		dockerReady = a.startDocker(cfg.Docker, mtu)
+	// Docker (docker executor; docker_linux.go): nil channel without.
+	dockerReady, dockerGroups, err := a.prepareDocker(cfg)
+	if err != nil {
+		return err
 	}
 	w, err := BuildWorkload(cfg)
 	if err != nil {
 		return err
 	}
 	w.Groups = dockerGroups
-	if dockerReady != nil && !cfg.Warm {
-		if err := <-dockerReady; err != nil {
-			return fmt.Errorf("docker: %w", err)
-		}
-	}
-	if cfg.DockerSeed {
-		// An image build's seed boot: no workload, just a clean data-root.
-		if err := a.stopDockerForSeed(); err != nil {
-			return fmt.Errorf("docker seed: %w", err)
-		}
-		fmt.Fprintf(a.Console, "%s%d\n", guestconfig.ExitMarker, 0)
-		return nil
+	if stop, err := a.awaitDocker(cfg, dockerReady); stop || err != nil {
+		return err
 	}
 	var assign func() ([]byte, time.Duration, error)
 	if cfg.Warm {
