@@ -334,6 +334,10 @@ func (a *Agent) runWorkload(w Workload, timeout time.Duration, assign func() ([]
 			a.logf("error: runner config: %v", err)
 			return 127
 		}
+		if err := WriteSystemID(RunnerConfigDir, w.SystemID, w.UID, w.GID); err != nil {
+			a.logf("error: runner system_id: %v", err)
+			return 127
+		}
 		defer os.Remove(RunnerConfigPath)
 	}
 	fmt.Fprintln(a.Console, guestconfig.MarkerJobStart)

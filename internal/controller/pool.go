@@ -21,6 +21,7 @@ func (c *Controller) spec(v job.VM, wait time.Duration) vm.Spec {
 		Guest: guestconfig.Config{
 			Hostname:       v.ID,
 			MachineID:      machineID(),
+			SystemID:       job.SystemID(v.ID),
 			JobTimeoutSec:  int(c.cfg.Limits.JobMaxDuration / time.Second),
 			WaitTimeoutSec: int((c.cfg.Limits.VMStartTimeout + wait) / time.Second),
 			UnixTimeNano:   time.Now().UnixNano(),
