@@ -232,6 +232,14 @@ func (c *Controller) recordPick(ctx context.Context, id, runnerID int64, confirm
 			return err
 		}
 		ours = err == nil && v.HostID == c.host && v.State != job.VMGone
+		if err == nil && v.Pooled() {
+			// A pool's shared runner: many VMs use it. The job API's
+			// runner_manager (a VM's system_id) says which one took it.
+			if v, ours, err = c.poolPicker(ctx, id, runnerID); err != nil {
+				return err
+			}
+			confirmed = true // that was GitLab's word
+		}
 	}
 	if !ours && !confirmed {
 		j, err := c.store.GetJob(ctx, id)
@@ -291,7 +299,7 @@ func (c *Controller) recordPick(ctx context.Context, id, runnerID int64, confirm
 		return err
 	}
 	if ours && j.State == job.Running {
-		if v.ForJob != id {
+		if v.ForJob != id && v.ForJob != 0 {
 			c.jobLog(j).Info("a runner made for another job took this one (GitLab matches tag subsets)", "vm_id", v.ID, "runner_id", runnerID, "made_for_job_id", v.ForJob)
 		}
 		c.jobLog(j).Info("job picked", "vm_id", v.ID, "runner_id", runnerID)

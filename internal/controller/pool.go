@@ -113,6 +113,9 @@ func (c *Controller) superviseWarm(ctx context.Context, v job.VM) error {
 		c.vmLog(v).Info("warm vm idle too long; recycling it", "idle_timeout", idle)
 		return c.stopFor(ctx, v.ID, job.ReasonPoolIdle)
 	}
+	if tag := c.pooledTag(v.VCPUs, v.MemoryMiB); tag != "" && !v.Timeline.Ready.IsZero() {
+		return c.handToPool(ctx, v, tag, idle)
+	}
 	if !v.Timeline.Ready.IsZero() {
 		c.q.AddAfter(vmKey(v.ID), time.Until(v.Timeline.Started.Add(idle)))
 	}

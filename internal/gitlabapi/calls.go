@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"net/url"
 	"strings"
 
 	gitlab "gitlab.com/gitlab-org/api/client-go"
@@ -73,10 +72,12 @@ func (c *Client) ManagerJobs(ctx context.Context, runnerID int64, systemID strin
 		return nil, fmt.Errorf("%w: manager_jobs needs a system_id", ErrInvalidSpec)
 	}
 	var list []*gitlab.Job
-	q := url.Values{"system_id": {systemID}, "per_page": {"20"}, "page": {"1"}, "order_by": {"id"}, "sort": {"desc"}}
+	opt := &managerJobsOptions{ListRunnerJobsOptions: gitlab.ListRunnerJobsOptions{
+		ListOptions: gitlab.ListOptions{PerPage: 20, Page: 1}, OrderBy: gitlab.Ptr("id"), Sort: gitlab.Ptr("desc"),
+	}, SystemID: systemID}
 	err := c.call(ctx, "manager_jobs", nil, []any{"runner_id", runnerID, "system_id", systemID},
 		func(ro ...gitlab.RequestOptionFunc) (*gitlab.Response, error) {
-			req, err := c.gl.NewRequest(http.MethodGet, fmt.Sprintf("runners/%d/jobs?%s", runnerID, q.Encode()), nil, ro)
+			req, err := c.gl.NewRequest(http.MethodGet, fmt.Sprintf("runners/%d/jobs", runnerID), opt, ro)
 			if err != nil {
 				return nil, err
 			}
@@ -94,6 +95,13 @@ func (c *Client) ManagerJobs(ctx context.Context, runnerID int64, systemID strin
 		}
 	}
 	return out, nil
+}
+
+// managerJobsOptions adds system_id (GitLab 16.9+), which client-go's
+// ListRunnerJobsOptions lacks.
+type managerJobsOptions struct {
+	gitlab.ListRunnerJobsOptions
+	SystemID string `url:"system_id"`
 }
 
 // ResetRunnerToken gives a runner a new authentication token (POST
