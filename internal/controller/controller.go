@@ -315,7 +315,7 @@ func (c *Controller) reconcile(k key) error {
 // Snapshot feeds the metrics gauges (read at scrape time, always exact).
 func (c *Controller) Snapshot() metrics.Snapshot {
 	s := metrics.Snapshot{JobsByState: map[string]int{}, VMsByState: map[string]int{}, RunnersByTags: map[string]int{}, PoolIdle: map[string]int{},
-		PoolPolling: map[string]int{},
+		PoolPolling:   map[string]int{},
 		VCPUsCapacity: c.capacity.VCPUs, MemoryMiBCap: c.capacity.MemoryMiB}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
@@ -379,7 +379,7 @@ func (c *Controller) Snapshot() metrics.Snapshot {
 func (c *Controller) Shutdown(ctx context.Context) error {
 	c.draining.Store(true)
 	c.stopOnce.Do(func() { close(c.stopLoop) })
-	c.q.Add(planKey) // pending VMs are dropped, nothing new starts
+	c.q.Add(planKey)      // pending VMs are dropped, nothing new starts
 	c.enqueuePollers(ctx) // VMs on shared runners stop unless they took a job
 	c.log.Info("draining: waiting for running vms", "drain_timeout", c.cfg.Limits.DrainTimeout.String())
 	drainCtx, cancel := context.WithTimeout(ctx, c.cfg.Limits.DrainTimeout)
