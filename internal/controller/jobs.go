@@ -303,6 +303,9 @@ func (c *Controller) recordPick(ctx context.Context, id, runnerID int64, confirm
 			c.jobLog(j).Info("a runner made for another job took this one (GitLab matches tag subsets)", "vm_id", v.ID, "runner_id", runnerID, "made_for_job_id", v.ForJob)
 		}
 		c.jobLog(j).Info("job picked", "vm_id", v.ID, "runner_id", runnerID)
+		if v.Pooled() && len(v.Tags) > 0 {
+			c.m.PoolJobs.WithLabelValues(v.Tags[0], "hit").Inc() // taken by a pool's VM polling on its shared runner
+		}
 	} else if !ours {
 		c.jobLog(j).Info("job taken by a runner that is not one of this host's VMs", "runner_id", runnerID)
 	}

@@ -53,8 +53,7 @@ type Pooled struct {
 	*OneOff
 	api   PoolAPI
 	pools []string
-
-	mu     sync.Mutex
+	// byPool is fixed at construction; each entry has its own lock.
 	byPool map[string]*poolRunner
 }
 
