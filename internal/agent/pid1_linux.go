@@ -100,12 +100,87 @@ func (a *Agent) run() error {
 			}
 			fmt.Fprintln(a.Console, guestconfig.MarkerAssigned)
 			c := cfg.Apply(as)
+			if as.Identity != nil {
+				// A clone restored from a snapshot: take on its own
+				// identity before gitlab-runner reads its config.
+				if err := reidentify(c, as.Identity.MAC); err != nil {
+					return nil, 0, fmt.Errorf("identity: %w", err)
+				}
+				a.logf("identity of %s applied", c.Hostname)
+			}
 			return RunnerConfigTOML(c), time.Duration(c.JobTimeoutSec) * time.Second, nil
 		}
 	}
 	code := a.runWorkload(w, time.Duration(cfg.JobTimeoutSec)*time.Second, assign)
 	fmt.Fprintf(a.Console, "%s%d\n", guestconfig.ExitMarker, code)
 	return nil
+}
+
+// reidentify gives a VM restored from a snapshot the identity of the clone:
+// the source's clock, RNG state, hostname, MAC, address and machine-id all
+// came back with the snapshot's memory.
+func reidentify(c guestconfig.Config, mac string) error {
+	for _, s := range []struct {
+		name string
+		fn   func(guestconfig.Config) error
+	}{
+		{"clock", setClock},
+		{"entropy", seedEntropy},
+		{"reseed", reseedCRNG},
+		{"hostname", setHostname},
+		{"network", func(c guestconfig.Config) error { return renumber(c, mac) }},
+		{"machine-id", setMachineID},
+	} {
+		if err := s.fn(c); err != nil {
+			return fmt.Errorf("%s: %w", s.name, err)
+		}
+	}
+	return nil
+}
+
+// reseedCRNG makes the kernel draw its next random numbers from a pool that
+// now holds the clone's own seed (RNDRESEEDCRNG): crediting entropy alone
+// leaves the CRNG, identical in every clone, in use until its next timed
+// reseed. The VMGenID device Firecracker updates on restore does the same
+// where the guest kernel has the driver; this does not depend on it.
+func reseedCRNG(guestconfig.Config) error {
+	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if _, _, e := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.RNDRESEEDCRNG, 0); e != 0 {
+		return fmt.Errorf("RNDRESEEDCRNG: %w", e)
+	}
+	return nil
+}
+
+// renumber moves the NIC from the snapshot source's MAC and address to the
+// clone's: the host pins each tap to its own VM's MAC and address.
+func renumber(c guestconfig.Config, mac string) error {
+	nic, err := firstNIC()
+	if err != nil {
+		return err
+	}
+	if mac != "" {
+		hw, err := net.ParseMAC(mac)
+		if err != nil {
+			return err
+		}
+		if err := netlink.LinkSetHardwareAddr(nic, hw); err != nil {
+			return fmt.Errorf("mac %s: %w", mac, err)
+		}
+	}
+	addrs, err := netlink.AddrList(nic, netlink.FAMILY_V4)
+	if err != nil {
+		return err
+	}
+	for i := range addrs {
+		if err := netlink.AddrDel(nic, &addrs[i]); err != nil {
+			return fmt.Errorf("drop the source's address %s: %w", addrs[i].IPNet, err)
+		}
+	}
+	return setupNetwork(c)
 }
 
 // setMachineID gives the VM its own /etc/machine-id (the image's is shared).

@@ -250,6 +250,15 @@ type fcMeta struct {
 	GID       int    `json:"gid,omitempty"`
 	JailDir   string `json:"jail_dir,omitempty"`
 	CgroupDir string `json:"cgroup_dir,omitempty"`
+	// Vsock: the VM has the vsock device of the assignment channel (a
+	// warm VM, see assign.go).
+	Vsock bool `json:"vsock,omitempty"`
+	// Restored: started from a snapshot (Snapshot names it); its guest
+	// resumed with the source's identity and gets its own with the
+	// assignment. GuestMAC is the MAC its spec asked for.
+	Restored bool   `json:"restored,omitempty"`
+	Snapshot string `json:"snapshot,omitempty"`
+	GuestMAC string `json:"guest_mac,omitempty"`
 }
 
 const fcMetaFile = "firecracker.json"
@@ -687,4 +696,5 @@ func (d *Driver) command(spec vm.Spec, socket string, uid, gid int) *exec.Cmd {
 var (
 	_ vm.Driver         = (*Driver)(nil)
 	_ vm.TimelineSource = (*Driver)(nil)
+	_ vm.Assigner       = (*Driver)(nil)
 )

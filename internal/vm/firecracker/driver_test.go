@@ -149,7 +149,7 @@ func TestStepChain(t *testing.T) {
 	if got := d.Steps(false); !slices.Contains(got, StepPrepareJail) || slices.Index(got, StepPrepareJail) > slices.Index(got, StepStartVMM) {
 		t.Errorf("jailer steps %q: PrepareJail must come before StartVMM", got)
 	}
-	wantSnap := []string{"validate.LoadSnapshotCfg", StepPrepareVMDir, StepPrepareJail, StepStartVMM, "fcinit.BootstrapLogging", "fcinit.LoadSnapshot"}
+	wantSnap := []string{"validate.LoadSnapshotCfg", StepPrepareVMDir, StepPrepareJail, StepStartVMM, "fcinit.BootstrapLogging", StepLoadSnapshot}
 	if got := d.Steps(true); !slices.Equal(got, wantSnap) {
 		t.Errorf("snapshot steps:\n got %q\nwant %q", got, wantSnap)
 	}
