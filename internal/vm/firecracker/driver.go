@@ -79,6 +79,9 @@ type Options struct {
 	// vm.NetAttachment names (a per-VM user from the range netsetup hands
 	// out, >= VMUIDBase); VMs without one run as UID/GID.
 	VMUIDBase int
+	// SnapshotRefill lets pools refill from a snapshot of a booted warm VM
+	// of the size (vm.WarmCloner; jailer only, see clone.go).
+	SnapshotRefill bool
 	// Console caps the live console log (zero value: the defaults; see
 	// vm.NewConsolePolicy).
 	Console vm.ConsolePolicy
@@ -198,6 +201,8 @@ type Driver struct {
 	swapAccounted bool
 	// stageMu serialises staging image files in the chroot base.
 	stageMu sync.Mutex
+	// snapMu serialises making and discarding pool snapshots.
+	snapMu sync.Mutex
 
 	mu   sync.Mutex
 	runs map[string]*vmRun // VMs started by this process
@@ -696,5 +701,4 @@ func (d *Driver) command(spec vm.Spec, socket string, uid, gid int) *exec.Cmd {
 var (
 	_ vm.Driver         = (*Driver)(nil)
 	_ vm.TimelineSource = (*Driver)(nil)
-	_ vm.Assigner       = (*Driver)(nil)
 )

@@ -56,6 +56,9 @@ func (Provider) Validate(c config.Config, selected bool) []vm.FieldError {
 		bad("firecracker.serial_bytes_per_sec", "must be 0 (no limit) or >= %d, got %d", MinSerialBytesPerSec, f.SerialBytesPerSec)
 	}
 	if !f.UseJailer {
+		if f.SnapshotRefill {
+			bad("firecracker.snapshot_refill", "needs use_jailer: a snapshot names its device files by path, which only the jail's fixed paths make each clone's own")
+		}
 		return errs
 	}
 	if err := ValidParentCgroup(f.ParentCgroup); err != nil {
@@ -171,6 +174,7 @@ func (Provider) New(c config.Config, log *slog.Logger) (vm.Driver, error) {
 		LogLevel:                c.Firecracker.LogLevel,
 		SerialBytesPerSec:       serialRate(c.Firecracker.SerialBytesPerSec),
 		VMUIDBase:               c.Firecracker.VMUIDBase,
+		SnapshotRefill:          c.Firecracker.SnapshotRefill,
 		Console:                 vm.NewConsolePolicy(c.VM.ConsoleLogMaxBytes, c.VM.ConsoleLogKeep, c.VM.ConsoleLogMaxAge),
 		Logger:                  log,
 	})
