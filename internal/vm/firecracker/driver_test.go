@@ -126,7 +126,7 @@ func TestProviderChecks(t *testing.T) {
 	for _, ch := range (Provider{}).Checks(c) {
 		names = append(names, ch.Name)
 	}
-	if !slices.Equal(names, []string{"firecracker", "jailer", "kvm-guest"}) { // their tests: checks_test.go
+	if !slices.Equal(names, []string{"firecracker", "jailer", "kvm-guest", "snapshots"}) { // their tests: checks_test.go
 		t.Fatalf("checks %q", names)
 	}
 	c.Firecracker.UseJailer = false
