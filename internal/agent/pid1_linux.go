@@ -608,10 +608,11 @@ func (r *reaper) start(cmd *exec.Cmd) (<-chan unix.WaitStatus, error) {
 }
 
 // ReadAssignment waits for a warm VM's assignment: on the virtio-serial port
-// named guestconfig.AssignPort (QEMU), or, when the VM has no such port, from
-// the host over vsock (Firecracker: CID 2, guestconfig.AssignVsockPort).
+// named guestconfig.AssignPort (QEMU), or from the host over vsock
+// (Firecracker: CID 2, guestconfig.AssignVsockPort). Both are tried in one
+// loop: a VM has only one of them, and the host listens on vsock only
+// while it assigns a job, so a refused connect just means "not yet".
 func ReadAssignment(devDir, sysPorts string) (guestconfig.Assignment, error) {
-	deadline := time.Now().Add(10 * time.Second)
 	for {
 		if dev := FindAssignPort(sysPorts, devDir); dev != "" {
 			f, err := os.OpenFile(dev, os.O_RDWR, 0)
@@ -623,23 +624,16 @@ func ReadAssignment(devDir, sysPorts string) (guestconfig.Assignment, error) {
 			// connected; the host connects only when it assigns a job.
 			return AcceptAssignment(&waitReader{rw: f})
 		}
-		if time.Now().After(deadline) {
-			break
+		fd, err := unix.Socket(unix.AF_VSOCK, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err == nil {
+			if err = unix.Connect(fd, &unix.SockaddrVM{CID: unix.VMADDR_CID_HOST, Port: guestconfig.AssignVsockPort}); err == nil {
+				f := os.NewFile(uintptr(fd), "vsock")
+				defer f.Close()
+				return AcceptAssignment(f)
+			}
+			unix.Close(fd)
 		}
 		time.Sleep(50 * time.Millisecond)
-	}
-	for {
-		fd, err := unix.Socket(unix.AF_VSOCK, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return guestconfig.Assignment{}, fmt.Errorf("no assignment port and no vsock: %w", err)
-		}
-		if err = unix.Connect(fd, &unix.SockaddrVM{CID: unix.VMADDR_CID_HOST, Port: guestconfig.AssignVsockPort}); err == nil {
-			f := os.NewFile(uintptr(fd), "vsock")
-			defer f.Close()
-			return AcceptAssignment(f)
-		}
-		unix.Close(fd)
-		time.Sleep(100 * time.Millisecond) // the host listens once it assigns a job
 	}
 }
 

@@ -163,12 +163,7 @@ var errNotClone = errors.New("not restored from a snapshot")
 // the driver wrote to its config drive (0600, root's) when it restored it.
 // The guest resumed with the snapshot source's and takes this one on.
 func (d *Driver) cloneIdentity(id string) (*guestconfig.Identity, error) {
-	f, err := os.Open(d.sd.File(id, vm.ConfigDrive))
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	c, err := guestconfig.Decode(f)
+	c, err := d.readDrive(id)
 	if err != nil {
 		return nil, err
 	}
@@ -199,4 +194,14 @@ func randomBytes(n int) []byte {
 	b := make([]byte, n)
 	_, _ = rand.Read(b)
 	return b
+}
+
+// readDrive decodes the config drive the driver wrote for VM id.
+func (d *Driver) readDrive(id string) (guestconfig.Config, error) {
+	f, err := os.Open(d.sd.File(id, vm.ConfigDrive))
+	if err != nil {
+		return guestconfig.Config{}, err
+	}
+	defer f.Close()
+	return guestconfig.Decode(f)
 }

@@ -4,12 +4,15 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 
+	"github.com/firerunner/firerunner/internal/guestconfig"
 	"github.com/firerunner/firerunner/internal/vm"
 )
 
@@ -38,9 +41,26 @@ var (
 // host paths).
 func (d *Driver) cloning() bool { return d.opts.SnapshotRefill && d.opts.UseJailer }
 
-// templateDir is the snapshot directory for warm VMs of this size, image
-// and network.
-func (d *Driver) templateDir(vcpus, memMiB int, img vm.Image, network bool) (string, error) {
+// guestShape is what of a warm guest's config its snapshot keeps and every
+// clone shares: all but its identity (hostname, machine-id, seed, clock,
+// address), which a clone gets with its assignment. A config change (CA
+// certificates, DNS, gitlab-runner's wait) makes a new snapshot.
+func guestShape(c guestconfig.Config) []byte {
+	c.Hostname, c.MachineID, c.EntropySeed, c.UnixTimeNano = "", "", nil, 0
+	if n := c.Network; n != nil {
+		x := *n
+		if p, err := netip.ParsePrefix(x.Address); err == nil {
+			x.Address = fmt.Sprintf("/%d", p.Bits())
+		}
+		c.Network = &x
+	}
+	b, _ := json.Marshal(c)
+	return b
+}
+
+// templateDir is the snapshot directory for warm VMs of this size, image,
+// network and guest config.
+func (d *Driver) templateDir(vcpus, memMiB int, img vm.Image, network bool, guest guestconfig.Config) (string, error) {
 	h := sha256.New()
 	exec, err := d.resolveExec()
 	if err != nil {
@@ -54,7 +74,7 @@ func (d *Driver) templateDir(vcpus, memMiB int, img vm.Image, network bool) (str
 		st, _ := fi.Sys().(*syscall.Stat_t)
 		fmt.Fprintf(h, "%s %d %d %d %d\n", p, st.Dev, st.Ino, fi.Size(), fi.ModTime().UnixNano())
 	}
-	fmt.Fprintf(h, "network=%v\n", network)
+	fmt.Fprintf(h, "network=%v\nguest=%s\n", network, guestShape(guest))
 	return filepath.Join(d.opts.ChrootBase, snapshotCacheDir, fmt.Sprintf("%dcpu-%dmib-%s", vcpus, memMiB, hex.EncodeToString(h.Sum(nil))[:16])), nil
 }
 
@@ -78,7 +98,11 @@ func (d *Driver) SnapshotWarm(ctx context.Context, id string) error {
 	if !fm.Vsock || fm.Restored {
 		return nil // only a booted warm guest is a template
 	}
-	dir, err := d.templateDir(meta.VCPUs, meta.MemoryMiB, meta.Image, meta.Network != nil)
+	guest, err := d.readDrive(id)
+	if err != nil {
+		return fmt.Errorf("vm %s: %w", id, err)
+	}
+	dir, err := d.templateDir(meta.VCPUs, meta.MemoryMiB, meta.Image, meta.Network != nil, guest)
 	if err != nil {
 		return fmt.Errorf("vm %s: %w", id, err)
 	}
@@ -132,7 +156,7 @@ func (d *Driver) StartClone(ctx context.Context, spec vm.Spec) (bool, error) {
 	if !d.cloning() || !spec.Guest.Warm {
 		return false, nil
 	}
-	dir, err := d.templateDir(spec.VCPUs, spec.MemoryMiB, spec.Image, spec.Network != nil)
+	dir, err := d.templateDir(spec.VCPUs, spec.MemoryMiB, spec.Image, spec.Network != nil, spec.Guest)
 	if err != nil {
 		return false, nil
 	}

@@ -46,6 +46,11 @@ func TestWarmClonerRefill(t *testing.T) {
 	if fi, err := os.Stat(dirs[0]); err != nil || fi.Mode().Perm() != 0o700 {
 		t.Errorf("snapshot dir %v %v; want 0700", fi.Mode(), err)
 	}
+	other := b
+	other.Guest.CACertsPEM = "-----BEGIN CERTIFICATE-----\n"
+	if ok, _ := d.StartClone(ctx, other); ok {
+		t.Fatal("a snapshot restored a VM whose guest config (CA certificates) differs")
+	}
 	if ok, err := d.StartClone(ctx, b); !ok || err != nil {
 		t.Fatalf("StartClone = %v, %v; want restored", ok, err)
 	}
