@@ -34,6 +34,9 @@ const (
 	// EnvTapDir is where the lock files that stand for the host's taps
 	// live (Server.TapDir).
 	EnvTapDir = "FCSTANDIN_TAP_DIR"
+	// EnvUID is "uid:gid" the stand-in jailer was told to drop to (it does
+	// not drop them; Server.UID/GID).
+	EnvUID = "FCSTANDIN_UID"
 )
 
 // Guest commands (guestconfig.Config.Command) the emulated guest understands.
@@ -121,6 +124,10 @@ func runFirecracker(args []string) int {
 	srv.API = os.Getenv(EnvAPI)
 	srv.OnStart = emulateGuest
 	srv.TapDir, srv.ExitOnLoadFailure, srv.guestLog = os.Getenv(EnvTapDir), true, guestLog
+	if u, g, ok := strings.Cut(os.Getenv(EnvUID), ":"); ok {
+		srv.UID, _ = strconv.Atoi(u)
+		srv.GID, _ = strconv.Atoi(g)
+	}
 	if err := srv.Serve(srv.Resolve(sock)); err != nil {
 		return fail("firecracker: %v", err)
 	}
@@ -376,9 +383,9 @@ func runJailer(args []string) int {
 		fmt.Fprintln(os.Stderr, "fcstandin: jailer: hanging (FCSTANDIN_JAILER_HANG)")
 		select {}
 	}
-	env := []string{EnvRoot + "=" + chroot}
+	env := []string{EnvRoot + "=" + chroot, fmt.Sprintf("%s=%d:%d", EnvUID, j.UID, j.GID)}
 	for _, kv := range os.Environ() {
-		if strings.HasPrefix(kv, "FCSTANDIN_") && !strings.HasPrefix(kv, EnvRoot+"=") {
+		if strings.HasPrefix(kv, "FCSTANDIN_") && !strings.HasPrefix(kv, EnvRoot+"=") && !strings.HasPrefix(kv, EnvUID+"=") {
 			env = append(env, kv)
 		}
 	}

@@ -69,6 +69,10 @@ type Server struct {
 	// TapDir holds the lock files that stand for the host's tap devices
 	// (see openTap); "" = <tmp>/fcstandin-taps.
 	TapDir string
+	// UID and GID are the user the VMM runs as (the jailer's --uid/--gid;
+	// 0 = unjailed): the stand-in keeps its privileges, so it checks the
+	// access such a user would have where the kernel would (dialHost).
+	UID, GID int
 	// ExitOnLoadFailure ends the process after answering a failed
 	// PUT /snapshot/load, as Firecracker does (the process binary sets it).
 	ExitOnLoadFailure bool
@@ -78,6 +82,7 @@ type Server struct {
 	vsockL     net.Listener
 	guestPorts map[uint32]func(net.Conn)
 	guestLog   string // GuestEvent log ("" = none)
+	assignSock [2]int // mode and uid of the listener the guest reached
 	// guest is the emulated guest's config once booted (or restored);
 	// guestWarm: it waits for its assignment (the state a snapshot keeps).
 	guest     *guestconfig.Config

@@ -115,6 +115,11 @@ func parseConnect(line string) (uint32, bool) {
 
 // dialHost is the guest connecting to the host (CID 2) on port: Firecracker
 // connects to "<uds_path>_<port>" for it.
+//
+// The stand-in runs with the privileges it was started with, but
+// Firecracker under the jailer runs as the jail's uid: a socket that uid
+// may not write (connect(2) needs write permission) is refused here as the
+// kernel would refuse it (EACCES).
 func (s *Server) dialHost(port uint32) (net.Conn, error) {
 	s.mu.Lock()
 	v := s.vsock
@@ -122,7 +127,32 @@ func (s *Server) dialHost(port uint32) (net.Conn, error) {
 	if v == nil {
 		return nil, errors.New("no vsock device")
 	}
-	return net.Dial("unix", s.Resolve(v.UDSPath)+"_"+strconv.FormatUint(uint64(port), 10))
+	p := s.Resolve(v.UDSPath) + "_" + strconv.FormatUint(uint64(port), 10)
+	if fi, err := os.Stat(p); err == nil && s.UID > 0 {
+		st, _ := fi.Sys().(*syscall.Stat_t)
+		perm := fi.Mode().Perm()
+		ok := int(st.Uid) == s.UID && perm&0o200 != 0 || int(st.Gid) == s.GID && perm&0o020 != 0 || perm&0o002 != 0
+		if !ok {
+			return nil, fmt.Errorf("connect %s as uid %d: %w", p, s.UID, syscall.EACCES)
+		}
+	}
+	return net.Dial("unix", p)
+}
+
+// socketOwner is the mode and owner of the host's listener for port.
+func (s *Server) socketOwner(port uint32) (os.FileMode, int) {
+	s.mu.Lock()
+	v := s.vsock
+	s.mu.Unlock()
+	if v == nil {
+		return 0, -1
+	}
+	fi, err := os.Stat(s.Resolve(v.UDSPath) + "_" + strconv.FormatUint(uint64(port), 10))
+	if err != nil {
+		return 0, -1
+	}
+	st, _ := fi.Sys().(*syscall.Stat_t)
+	return fi.Mode(), int(st.Uid)
 }
 
 // GuestEvent is what the emulated guest did that a test checks and the
@@ -137,6 +167,10 @@ type GuestEvent struct {
 	Hostname  string `json:"hostname,omitempty"`
 	MachineID string `json:"machine_id,omitempty"`
 	Restored  bool   `json:"restored,omitempty"`
+	// SocketMode and SocketUID are those of the host's listening socket
+	// the guest's connection reached ("<uds_path>_52").
+	SocketMode os.FileMode `json:"socket_mode,omitempty"`
+	SocketUID  int         `json:"socket_uid"`
 }
 
 func (s *Server) guestEvent(e GuestEvent) {
@@ -181,8 +215,12 @@ func (s *Server) waitAssignment(out io.Writer) (guestconfig.Assignment, error) {
 		st := s.state
 		s.mu.Unlock()
 		if st == running {
+			mode, uid := s.socketOwner(guestconfig.AssignVsockPort)
 			c, err := s.dialHost(guestconfig.AssignVsockPort)
 			if err == nil {
+				s.mu.Lock()
+				s.assignSock = [2]int{int(mode), uid}
+				s.mu.Unlock()
 				a, err := agent.AcceptAssignment(c)
 				c.Close()
 				return a, err
@@ -211,8 +249,12 @@ func (s *Server) runWarm(cfg guestconfig.Config, restored bool) {
 		fmt.Fprintf(out, "FIRERUNNER-AGENT: identity of %s applied\n", c.Hostname)
 	}
 	sum := sha256.Sum256([]byte(a.RunnerToken))
+	s.mu.Lock()
+	sock := s.assignSock
+	s.mu.Unlock()
 	s.guestEvent(GuestEvent{Event: "assigned", GitLabURL: a.GitLabURL, TokenSHA256: hex.EncodeToString(sum[:]),
-		Identity: a.Identity, Hostname: c.Hostname, MachineID: c.MachineID, Restored: restored})
+		Identity: a.Identity, Hostname: c.Hostname, MachineID: c.MachineID, Restored: restored,
+		SocketMode: os.FileMode(sock[0]), SocketUID: sock[1]})
 	fmt.Fprintln(out, guestconfig.MarkerJobEnd)
 	fmt.Fprintf(out, "%s%d\n", guestconfig.ExitMarker, 0)
 	fmt.Fprintln(out, guestconfig.MarkerPowerOff)

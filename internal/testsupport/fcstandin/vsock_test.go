@@ -189,6 +189,16 @@ func TestVsockGuestInitiated(t *testing.T) {
 	if b, _ := bufio.NewReader(c).ReadString('\n'); b != "hello\n" {
 		t.Errorf("guest read %q from the host", b)
 	}
+	// A jailed Firecracker runs as its own uid: a socket only another user
+	// may write is refused, as connect(2) would refuse it.
+	os.Chmod(filepath.Join(dir, "fr-vs3.vsock_52"), 0o600)
+	v.srv.UID, v.srv.GID = os.Geteuid()+12345, os.Getegid()+12345
+	if c, err := v.srv.dialHost(52); err == nil || !strings.Contains(err.Error(), "permission denied") {
+		if c != nil {
+			c.Close()
+		}
+		t.Errorf("a jailed VMM connected to another user's 0600 socket: %v", err)
+	}
 }
 
 // TestSnapshotLoadSemantics: what Firecracker refuses on PUT /snapshot/load,

@@ -81,6 +81,15 @@ func TestContractAssignOverVsock(t *testing.T) {
 			if ev[i].Identity != nil || ev[i].MachineID != spec.Guest.MachineID {
 				t.Errorf("a booted warm VM keeps its own identity; got %+v", ev[i])
 			}
+			// Only the VM's own VMM user may connect: 0600, its uid (root's
+			// for an unjailed VMM, which runs as the daemon's user).
+			wantUID := os.Geteuid()
+			if jailer {
+				wantUID = e.opts.UID
+			}
+			if m := ev[i].SocketMode; m&os.ModeSocket == 0 || m.Perm() != 0o600 || ev[i].SocketUID != wantUID {
+				t.Errorf("assignment socket %v owned by %d; want a 0600 socket of uid %d", m, ev[i].SocketUID, wantUID)
+			}
 			if _, err := os.Lstat(d.assignSocket(spec.ID, fcMeta{Jailed: jailer})); err == nil {
 				t.Error("the assignment socket is left after Assign")
 			}
