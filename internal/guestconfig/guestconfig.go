@@ -86,6 +86,12 @@ type Identity struct {
 	MAC string `json:"mac,omitempty"`
 }
 
+// String leaves the entropy seed out: whoever knows it knows part of what
+// the clone's RNG was reseeded from.
+func (id Identity) String() string {
+	return fmt.Sprintf("identity{host=%s machine-id=%s mac=%s seed=[redacted]}", id.Hostname, id.MachineID, id.MAC)
+}
+
 // Validate reports the first problem with an identity.
 func (id Identity) Validate() error {
 	if id.Hostname == "" {

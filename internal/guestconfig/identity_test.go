@@ -17,6 +17,9 @@ func TestAssignmentIdentity(t *testing.T) {
 	if err := a.Validate(); err != nil {
 		t.Fatal(err)
 	}
+	if s := id.String(); strings.Contains(s, "\x07") || !strings.Contains(s, "fr-clone") || !strings.Contains(s, "[redacted]") {
+		t.Errorf("Identity.String = %q", s)
+	}
 	c := warm.Apply(a)
 	if c.Hostname != "fr-clone" || c.MachineID != id.MachineID || !bytes.Equal(c.EntropySeed, id.EntropySeed) || c.UnixTimeNano != 42 || c.Network.Address != "172.30.0.9/24" || c.Warm {
 		t.Errorf("Apply with identity = %+v", c)
