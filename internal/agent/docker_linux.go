@@ -47,6 +47,19 @@ func (a *Agent) prepareDocker(cfg guestconfig.Config) (<-chan error, []uint32, e
 	return a.startDocker(cfg.Docker, mtu), []uint32{gid}, nil
 }
 
+// gateAddr is where the job gate listens: loopback, or with Docker the
+// VM's own address (containers cannot reach the VM's loopback).
+func gateAddr(cfg guestconfig.Config) string {
+	if cfg.Docker == nil {
+		return "127.0.0.1:0"
+	}
+	p, err := PlanNetwork(cfg.Network)
+	if err != nil {
+		return "127.0.0.1:0"
+	}
+	return net.JoinHostPort(p.Address.Addr().String(), "0")
+}
+
 // awaitDocker waits for Docker in a cold VM. In an image build's seed boot
 // it then stops dockerd cleanly, reports exit 0 and says stop: no workload.
 func (a *Agent) awaitDocker(cfg guestconfig.Config, ready <-chan error) (stop bool, err error) {

@@ -132,7 +132,11 @@ type GitLab struct {
 
 // Runners says how runners are made for jobs.
 type Runners struct {
-	// Mode is "oneoff": one runner created per job, deleted after it.
+	// Mode is "oneoff" (one runner created per job, deleted after it) or
+	// "pooled": each pool gets one runner, created once and shared by the
+	// pool's VMs, which take jobs of exactly the pool's size tag from GitLab
+	// themselves; other jobs get one-off runners. Pooled needs scope group
+	// or instance.
 	Mode string `yaml:"mode"`
 	// Scope is project (runner locked to the job's project), group or instance.
 	Scope string `yaml:"scope"`
@@ -322,6 +326,11 @@ type Firecracker struct {
 	// own: the VM whose address is host number i of network.cidr runs as
 	// VMUIDBase+i (its tap belongs to it). 0 = every VM runs as UID/GID.
 	VMUIDBase int `yaml:"vm_uid_base"`
+	// SnapshotRefill lets pools refill by restoring a snapshot of a booted
+	// warm VM of the size instead of booting (jailer only): each clone
+	// gets its own tap, memory file link and identity. Off by default:
+	// Firecracker ships snapshots as a developer preview.
+	SnapshotRefill bool `yaml:"snapshot_refill"`
 }
 
 // Default returns the configuration used for every field the file omits.
@@ -539,8 +548,14 @@ func (c Config) Validate(drivers Drivers) error {
 	if c.GitLab.WebhookMaxBody < 1024 {
 		bad("gitlab.webhook_max_body", "must be >= 1024 bytes, got %d", c.GitLab.WebhookMaxBody)
 	}
-	if c.Runners.Mode != "oneoff" {
-		bad("runners.mode", "%q is not supported (supported: oneoff)", c.Runners.Mode)
+	switch c.Runners.Mode {
+	case "oneoff":
+	case "pooled":
+		if c.Runners.Scope == "project" {
+			bad("runners.mode", "pooled needs runners.scope group or instance: a project runner serves only its project, and a pool's VMs get their runner before any job names a project")
+		}
+	default:
+		bad("runners.mode", "%q is not one of oneoff, pooled", c.Runners.Mode)
 	}
 	switch c.Runners.Scope {
 	case "project", "instance":
@@ -577,6 +592,9 @@ func (c Config) Validate(drivers Drivers) error {
 	}
 	if c.Docker.ScratchDiskGiB < 1 || c.Docker.ScratchDiskGiB > MaxScratchDiskGiB {
 		bad("docker.scratch_disk_gib", "must be between 1 and %d, got %d", MaxScratchDiskGiB, c.Docker.ScratchDiskGiB)
+	}
+	if c.Runners.Executor == ExecutorDocker && c.Firecracker.SnapshotRefill {
+		bad("firecracker.snapshot_refill", "not with runners.executor docker yet: a snapshot clone would need its own copy of the template's scratch disk (Docker's data-root)")
 	}
 	if m := c.Docker.RegistryMirror; m != "" {
 		if u, err := url.Parse(m); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.User != nil {
@@ -745,6 +763,38 @@ func ReadSecret(path string) (string, error) {
 		return "", fmt.Errorf("secret file %s is empty", path)
 	}
 	return s, nil
+}
+
+// RunnerRequestBudget is GitLab's limit of job requests per runner per
+// minute (POST /jobs/request); all VMs polling on one pooled runner share it.
+const RunnerRequestBudget = 2000
+
+// PollsPerMinute is what one idle gitlab-runner run-single sends: one job
+// request every 3 s (common.CheckInterval; check_interval is ignored).
+const PollsPerMinute = 20
+
+// Warnings lists what is valid but unwise, for the log at start: pooled
+// pools whose pollers could exceed the job-request budget their shared
+// runner has in GitLab.
+func (c Config) Warnings() []string {
+	if c.Runners.Mode != "pooled" {
+		return nil
+	}
+	var out []string
+	sum := 0
+	for i, p := range c.Pools {
+		n := max(p.MaxIdle, p.MinIdle)
+		sum += n
+		if n*PollsPerMinute > RunnerRequestBudget {
+			out = append(out, fmt.Sprintf("pools[%d] (%s): up to %d idle VMs poll one shared runner, %d job requests/min, over GitLab's %d per runner: GitLab answers 429 and they take jobs late; keep max_idle at %d or below",
+				i, p.Size, n, n*PollsPerMinute, RunnerRequestBudget, RunnerRequestBudget/PollsPerMinute))
+		}
+	}
+	if sum*PollsPerMinute > RunnerRequestBudget && len(c.Pools) > 1 {
+		out = append(out, fmt.Sprintf("pools: up to %d idle VMs in all poll GitLab from this host, %d job requests/min (GitLab allows %d per runner; a host's address may be limited too)",
+			sum, sum*PollsPerMinute, RunnerRequestBudget))
+	}
+	return out
 }
 
 // PoolIdleTimeout is a pool's idle timeout with its default.

@@ -3,6 +3,7 @@ package config_test
 import (
 	"errors"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/firerunner/firerunner/internal/config"
@@ -40,6 +41,13 @@ func TestDockerFields(t *testing.T) {
 	err = c.Validate(drivers)
 	if !errors.As(err, &fe) || len(fe) != 2 {
 		t.Fatalf("empty default image and a mirror with a path: %v", err)
+	}
+	c = valid()
+	c.Runners.Executor, c.Firecracker.SnapshotRefill = config.ExecutorDocker, true
+	if err := c.Validate(drivers); !errors.As(err, &fe) || !slices.ContainsFunc(fe, func(s string) bool {
+		return strings.HasPrefix(s, "firecracker.snapshot_refill: not with runners.executor docker")
+	}) {
+		t.Errorf("docker with snapshot refills: %v", err)
 	}
 	// The shell executor ignores default_image.
 	c = valid()

@@ -28,6 +28,7 @@ type Snapshot struct {
 	MemoryMiBInUse int
 	MemoryMiBCap   int
 	RunnersByTags  map[string]int // live runners per canonical tag set
+	PoolPolling    map[string]int // VMs polling GitLab on a pool's shared runner, per size tag
 }
 
 // Metrics are the collectors the controller, webhook handler and API client feed.
@@ -46,6 +47,8 @@ type Metrics struct {
 	VMsFinished     *prometheus.CounterVec // reason
 	WebhookLatency  prometheus.Histogram   // time to answer POST /webhook
 	PoolJobs        *prometheus.CounterVec // size, result (hit|miss)
+	PoolHandovers   *prometheus.CounterVec // size: warm VMs given their pool's shared runner
+	TokenRotations  prometheus.Counter     // shared runners' tokens rotated (restart, drain, pool removed)
 }
 
 // New registers all collectors on a fresh registry (plus Go/process
@@ -80,9 +83,13 @@ func New(snap func() Snapshot) *Metrics {
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1, 5, 10}}),
 		PoolJobs: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "pool_jobs_total",
 			Help: "Jobs of a pooled size: hit = took a warm VM, miss = booted cold (pool empty)."}, []string{"size", "result"}),
+		PoolHandovers: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "pool_handovers_total",
+			Help: "Warm VMs handed their pool's shared runner (runners.mode pooled), by size."}, []string{"size"}),
+		TokenRotations: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "runner_token_rotations_total",
+			Help: "Shared runners' tokens rotated so that no VM holding the old token can take a job (restart, drain, pool removed)."}),
 	}
 	reg.MustRegister(m.WebhookRejects, m.WebhookEvents, m.APIErrors, m.TagRejects, m.JobsFinished,
-		m.RunnerLimitHits, m.Reconcile, m.StageDuration, m.Attempts, m.VMsFinished, m.WebhookLatency, m.PoolJobs, &snapshotCollector{snap: snap},
+		m.RunnerLimitHits, m.Reconcile, m.StageDuration, m.Attempts, m.VMsFinished, m.WebhookLatency, m.PoolJobs, m.PoolHandovers, m.TokenRotations, &snapshotCollector{snap: snap},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -108,12 +115,13 @@ var (
 	descMem     = prometheus.NewDesc(ns+"_memory_mib_in_use", "Memory (MiB) handed to VMs.", nil, nil)
 	descMemCap  = prometheus.NewDesc(ns+"_memory_mib_capacity", "Memory (MiB) FireRunner may hand out.", nil, nil)
 	descRunners = prometheus.NewDesc(ns+"_runners", "Live GitLab runners FireRunner created, by tag set (a runner may run any job with these tags).", []string{"tags"}, nil)
+	descPolling = prometheus.NewDesc(ns+"_pool_polling_vms", "VMs asking GitLab for a job on their pool's shared runner (runners.mode pooled), per size; they share its 2,000 job requests per minute.", []string{"size"}, nil)
 )
 
 type snapshotCollector struct{ snap func() Snapshot }
 
 func (c *snapshotCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descJobs, descVMState, descPool, descQueue, descVMs, descVCPU, descVCPUCap, descMem, descMemCap, descRunners} {
+	for _, d := range []*prometheus.Desc{descJobs, descVMState, descPool, descQueue, descVMs, descVCPU, descVCPUCap, descMem, descMemCap, descRunners, descPolling} {
 		ch <- d
 	}
 }
@@ -143,6 +151,9 @@ func (c *snapshotCollector) Collect(ch chan<- prometheus.Metric) {
 	g(descMemCap, s.MemoryMiBCap)
 	for t, n := range s.RunnersByTags {
 		ch <- prometheus.MustNewConstMetric(descRunners, prometheus.GaugeValue, float64(n), t)
+	}
+	for size, n := range s.PoolPolling {
+		ch <- prometheus.MustNewConstMetric(descPolling, prometheus.GaugeValue, float64(n), size)
 	}
 }
 
