@@ -118,7 +118,7 @@ func DockerJobs() []gitlabstandin.JobSpec {
 // Files is the demo repository.
 var Files = map[string]string{
 	"README.md":  "# demo/app\nA repository served by the GitLab stand-in over git smart HTTP.\n",
-	"Dockerfile": "FROM busybox:latest\nRUN echo \"built by docker build in the job's VM $(hostname)\" > /built.txt\nCMD [\"cat\", \"/built.txt\"]\n",
+	"Dockerfile": "FROM busybox:latest\nRUN echo \"built by docker build in the job's VM (kernel $(uname -r))\" > /built.txt\nCMD [\"cat\", \"/built.txt\"]\n",
 	"build.sh":   "#!/bin/sh\nset -e\necho building...\nseq 1 200000 | sort -n | tail -1 > out.txt\necho \"built: $(cat out.txt)\"\n",
 }
 
