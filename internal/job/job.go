@@ -168,6 +168,10 @@ type Job struct {
 	VCPUs       int
 	MemoryMiB   int
 	Source      string // how FireRunner learned of it: webhook, poll, picked
+	// HostID is the host that claimed the waiting job (a fleet on one
+	// PostgreSQL store): only it plans VMs for the job. Empty: unclaimed,
+	// and always on a single host's store.
+	HostID string
 
 	State  State
 	Reason string // for failed/canceled/ignored; the last retry reason while queued
