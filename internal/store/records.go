@@ -285,7 +285,9 @@ func (t *Tx) Job(id int64) (job.Job, error) {
 }
 
 // VM reads one VM inside the transaction (locking it, as Job).
-func (t *Tx) VM(id string) (job.VM, error) { return scanVM(t.stmt("lockVM").QueryRowContext(t.ctx, id)) }
+func (t *Tx) VM(id string) (job.VM, error) {
+	return scanVM(t.stmt("lockVM").QueryRowContext(t.ctx, id))
+}
 
 // CreateJob inserts j unless its id is known; created=false then.
 func (t *Tx) CreateJob(j *job.Job) (bool, error) {
