@@ -138,6 +138,15 @@ type Controller struct {
 	workers  int
 	pools    map[[2]int]config.Pool // by VCPUs, MemoryMiB
 
+	// fleet: the store is PostgreSQL, shared with other hosts (fleet.go).
+	// Jobs are claimed, only this host's VMs are planned and supervised
+	// here, hosts heartbeat, and the backstop poll has one leader.
+	fleet     bool
+	hbStop    chan struct{}
+	hbWG      sync.WaitGroup
+	hbOnce    sync.Once
+	startedAt time.Time
+
 	q       *workqueue.Queue[key]
 	baseCtx context.Context
 	cancel  context.CancelFunc
@@ -172,6 +181,7 @@ func New(o Options) (*Controller, error) {
 		q:        workqueue.New[key](workqueue.Exponential(200*time.Millisecond, 30*time.Second)),
 		stopLoop: make(chan struct{}), watchers: map[string]context.CancelFunc{}, surplus: map[string]bool{}, paused: map[string]bool{},
 		checked: map[int64]time.Time{},
+		fleet:   o.Store.Backend() == "postgres", hbStop: make(chan struct{}), startedAt: time.Now(),
 	}
 	if c.log == nil {
 		c.log = slog.Default()
@@ -217,6 +227,14 @@ func (c *Controller) Capacity() planner.Capacity { return c.capacity }
 func (c *Controller) Start(ctx context.Context) error {
 	if err := c.prov.Init(ctx); err != nil {
 		return fmt.Errorf("runner provider: %w", err)
+	}
+	if c.fleet {
+		// Join before the first sweep: a host without a lease may not claim.
+		if err := c.heartbeat(ctx); err != nil {
+			return fmt.Errorf("joining the fleet: %w", err)
+		}
+		c.hbWG.Add(1)
+		go c.fleetLoop()
 	}
 	if err := c.sweep(ctx); err != nil {
 		return fmt.Errorf("initial reconcile: %w", err)
@@ -305,7 +323,7 @@ func (c *Controller) Snapshot() metrics.Snapshot {
 	for _, p := range c.cfg.Pools {
 		s.PoolIdle[p.Size] = 0
 	}
-	if live, err := c.store.ListVMs(ctx, true, 0); err == nil {
+	if live, err := c.liveVMs(ctx); err == nil {
 		for _, v := range live {
 			if v.Warm() && v.State == job.VMWarm {
 				s.PoolIdle[tags.Size{VCPUs: v.VCPUs, MemoryGiB: v.MemoryMiB / 1024}.Tag()]++
@@ -339,7 +357,7 @@ func (c *Controller) Shutdown(ctx context.Context) error {
 	err := c.waitNoVMs(drainCtx)
 	cancel()
 	if err != nil {
-		live, _ := c.store.ListVMs(context.WithoutCancel(ctx), true, 0)
+		live, _ := c.liveVMs(context.WithoutCancel(ctx))
 		c.log.Warn("drain timeout: stopping remaining vms", "vms", len(live))
 		for _, v := range live {
 			if err := c.stopFor(context.WithoutCancel(ctx), v.ID, job.ReasonShutdown+": drain timeout reached"); err != nil {
@@ -355,6 +373,9 @@ func (c *Controller) Shutdown(ctx context.Context) error {
 	if perr := c.prov.Shutdown(context.WithoutCancel(ctx)); perr != nil && err == nil {
 		err = perr
 	}
+	if c.fleet {
+		c.leaveFleet(context.WithoutCancel(ctx), err == nil)
+	}
 	if err != nil {
 		return fmt.Errorf("shutdown: cleanup not finished: %w (reconcile finishes it on next start)", err)
 	}
@@ -367,7 +388,7 @@ func (c *Controller) waitNoVMs(ctx context.Context) error {
 	t := time.NewTicker(20 * time.Millisecond)
 	defer t.Stop()
 	for {
-		live, err := c.store.ListVMs(ctx, true, 0)
+		live, err := c.liveVMs(ctx)
 		if err == nil && len(live) == 0 {
 			return nil
 		}

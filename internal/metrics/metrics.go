@@ -46,6 +46,10 @@ type Metrics struct {
 	VMsFinished     *prometheus.CounterVec // reason
 	WebhookLatency  prometheus.Histogram   // time to answer POST /webhook
 	PoolJobs        *prometheus.CounterVec // size, result (hit|miss)
+	// A fleet on one PostgreSQL store: the host label tells the hosts'
+	// series apart where Prometheus scrapes them all into one view.
+	HostInfo *prometheus.GaugeVec   // host, backend: 1
+	Fleet    *prometheus.CounterVec // host, event
 }
 
 // New registers all collectors on a fresh registry (plus Go/process
@@ -80,9 +84,13 @@ func New(snap func() Snapshot) *Metrics {
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1, 5, 10}}),
 		PoolJobs: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "pool_jobs_total",
 			Help: "Jobs of a pooled size: hit = took a warm VM, miss = booted cold (pool empty)."}, []string{"size", "result"}),
+		HostInfo: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "host_info",
+			Help: "Always 1: this FireRunner's host id and store backend (sqlite, postgres), to join other series by host."}, []string{"host", "backend"}),
+		Fleet: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "fleet_events_total",
+			Help: "Fleet coordination on a shared PostgreSQL store, by host and event (claimed, claim_lost, heartbeat_failed, reaped_host, job_requeued, job_host_lost, runner_deleted, was_reaped)."}, []string{"host", "event"}),
 	}
 	reg.MustRegister(m.WebhookRejects, m.WebhookEvents, m.APIErrors, m.TagRejects, m.JobsFinished,
-		m.RunnerLimitHits, m.Reconcile, m.StageDuration, m.Attempts, m.VMsFinished, m.WebhookLatency, m.PoolJobs, &snapshotCollector{snap: snap},
+		m.RunnerLimitHits, m.Reconcile, m.StageDuration, m.Attempts, m.VMsFinished, m.WebhookLatency, m.PoolJobs, m.HostInfo, m.Fleet, &snapshotCollector{snap: snap},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
