@@ -85,6 +85,11 @@ func testClaimExactlyOnce(t *testing.T, b backend) {
 			t.Fatalf("job %d: stored claim %q, claimer %q (%v)", id, j.HostID, owner[id], err)
 		}
 	}
+	for _, f := range []Filter{{ActiveOnly: true, ClaimableBy: "h1"}, {State: job.Queued, ClaimableBy: "h1"}, {ClaimableBy: "h1"}, {ClaimableBy: "h1", Limit: 500}} {
+		if js, err := s0.ListJobs(ctx, f); err != nil || len(js) != len(got["h1"]) {
+			t.Fatalf("jobs claimable by h1 (%+v): %d %v, want %d", f, len(js), err, len(got["h1"]))
+		}
+	}
 	if c, err := s0.UnclaimedReady(ctx); err != nil || c != 0 {
 		t.Fatalf("unclaimed %d %v", c, err)
 	}

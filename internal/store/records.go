@@ -483,7 +483,7 @@ type Filter struct {
 // ListJobs returns jobs, oldest first (or the newest Limit, still oldest first).
 func (s *Store) ListJobs(ctx context.Context, f Filter) ([]job.Job, error) {
 	q, a := listJobsSQL(f)
-	if s.pg {
+	if s.pg && f.Limit > 0 {
 		// PostgreSQL 15 wants its subqueries named.
 		q = strings.Replace(q, `) ORDER BY created_at, job_id`, `) AS recent ORDER BY created_at, job_id`, 1)
 	}
