@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -166,5 +167,26 @@ func testHostLeases(t *testing.T, b backend) {
 	load, err := s.FleetLoad(ctx)
 	if err != nil || load["a"] == nil || load["a"].Jobs[job.Queued] != 1 || load[""].Jobs[job.Queued] != 1 {
 		t.Fatalf("load %v %v", fmt.Sprint(load), err)
+	}
+}
+
+// TestPostgresErrorsHideTheDSN: a bad or unreachable connection string
+// fails with an error that never quotes its password.
+func TestPostgresErrorsHideTheDSN(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, dsn := range []string{
+		"postgres://fr:s3cretpw@[::1", // unparsable
+		"host=/nonexistent-dir port=5432 user=fr password=s3cretpw dbname=x connect_timeout=2", // unreachable
+	} {
+		s, err := OpenPostgres(ctx, dsn)
+		if err == nil {
+			s.Close()
+			t.Fatalf("%q opened", dsn)
+		}
+		t.Logf("%v", err)
+		if strings.Contains(err.Error(), "s3cretpw") {
+			t.Errorf("the password reached the error: %v", err)
+		}
 	}
 }
