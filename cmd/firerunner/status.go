@@ -122,10 +122,54 @@ func showPools(ctx context.Context, st *store.Store) error {
 		a := by[size]
 		fmt.Printf("pool %s: %d warm VMs ready, %d booting; they hold %d vCPUs and %d MiB\n", size, a.ready, a.booting, a.vcpus, a.mib)
 	}
-	if len(sizes) > 0 {
+	shared, err := showSharedRunners(ctx, st, vms)
+	if err != nil {
+		return err
+	}
+	if len(sizes) > 0 || shared > 0 {
 		fmt.Println()
 	}
 	return nil
+}
+
+// showSharedRunners prints each pool's shared runner (runners.mode pooled)
+// with the live VMs using it, each a runner manager in GitLab named by its
+// system_id. Tokens are never stored, so none can be shown.
+func showSharedRunners(ctx context.Context, st *store.Store, live []job.VM) (int, error) {
+	rs, err := st.ListRunners(ctx, true)
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, r := range rs {
+		if r.Mode != "pooled" {
+			continue
+		}
+		n++
+		var polling, busy int
+		var managers []string
+		for _, v := range live {
+			if v.RunnerID != r.ID || !v.Pooled() {
+				continue
+			}
+			what := "polling"
+			switch {
+			case v.State == job.VMBusy:
+				busy++
+				what = fmt.Sprintf("job %d", v.PickedJobID)
+			case v.State == job.VMStarting:
+				polling++
+			default:
+				what = string(v.State)
+			}
+			managers = append(managers, fmt.Sprintf("%s (%s, %s)", v.ID, job.SystemID(v.ID), what))
+		}
+		fmt.Printf("pooled runner %d (pool %s): %d VMs polling, %d running a job\n", r.ID, strings.Join(r.Tags, ","), polling, busy)
+		for _, m := range managers {
+			fmt.Printf("  manager %s\n", m)
+		}
+	}
+	return n, nil
 }
 
 func showVMs(ctx context.Context, st *store.Store) error {

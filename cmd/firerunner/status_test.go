@@ -72,9 +72,32 @@ func TestStatusReadsTheStore(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
+	// A VM polling on a pool's shared runner (runners.mode pooled).
+	pv := job.PlanWarmVM("fr-pppppppppp", "h", 1, 1024, now)
+	if err := st.Tx(ctx, func(tx *store.Tx) error {
+		if err := tx.CreateVM(&pv); err != nil {
+			return err
+		}
+		if _, err := tx.UpdateVM(pv.ID, func(x *job.VM) error {
+			if err := x.WarmStarted(now); err != nil {
+				return err
+			}
+			x.Tags = []string{"firecracker-1cpu-1gb"}
+			return x.RunnerCreated(77, x.Tags, now)
+		}); err != nil {
+			return err
+		}
+		return tx.PutRunner(job.Runner{ID: 77, HostID: "h", Mode: "pooled", Tags: []string{"firecracker-1cpu-1gb"}})
+	}); err != nil {
+		t.Fatal(err)
+	}
 	out := captureStdout(t, func() error { return status([]string{"--state-dir", dir}) })
 	if !strings.Contains(out, "pool firecracker-2cpu-4gb: 1 warm VMs ready, 0 booting; they hold 2 vCPUs and 4096 MiB") {
 		t.Fatalf("no pool line:\n%s", out)
+	}
+	if !strings.Contains(out, "pooled runner 77 (pool firecracker-1cpu-1gb): 1 VMs polling, 0 running a job") ||
+		!strings.Contains(out, "manager fr-pppppppppp (s_frpppppppppp, polling)") {
+		t.Fatalf("no pooled runner lines:\n%s", out)
 	}
 	if !strings.Contains(out, "4242") || !strings.Contains(out, "queued") || !strings.Contains(out, "vm_start: boom (attempt 1)") {
 		t.Fatalf("status output:\n%s", out)

@@ -57,6 +57,10 @@ const RunnerConfigDir = "/run/firerunner"
 // RunnerConfigPath is the FIFO gitlab-runner reads its config.toml from.
 const RunnerConfigPath = RunnerConfigDir + "/config.toml"
 
+// SystemIDPath is where gitlab-runner looks for its system_id: beside its
+// config file (commands/internal/configfile reads it after the config).
+const SystemIDPath = RunnerConfigDir + "/.runner_system_id"
+
 // Workload is the process the agent runs: argv, environment, and for
 // gitlab-runner the config that travels through RunnerConfigPath (never
 // argv or env).
@@ -66,6 +70,9 @@ type Workload struct {
 	Dir        string
 	UID, GID   int
 	ConfigTOML []byte // nil for a plain command
+	// SystemID is written to SystemIDPath before gitlab-runner starts ("":
+	// gitlab-runner makes up its own).
+	SystemID string
 }
 
 // BaseEnv is the environment every workload starts from.
@@ -111,7 +118,34 @@ func BuildWorkload(c guestconfig.Config) (Workload, error) {
 		"--wait-timeout", strconv.Itoa(wait),
 	}
 	w.ConfigTOML = RunnerConfigTOML(c)
+	w.SystemID = c.SystemID
 	return w, nil
+}
+
+// WriteSystemID writes gitlab-runner's .runner_system_id into dir, owned by
+// the runner's user and readable only by it, so the runner manager GitLab
+// records for this VM's gitlab-runner has a name the host knows.
+func WriteSystemID(dir, id string, uid, gid int) error {
+	if id == "" {
+		return nil
+	}
+	if !guestconfig.ValidSystemID(id) {
+		return fmt.Errorf("system_id %q is not gitlab-runner's format", id)
+	}
+	p := filepath.Join(dir, filepath.Base(SystemIDPath))
+	os.Remove(p)
+	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.WriteString(id + "\n"); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Chown(p, uid, gid)
 }
 
 // RunnerConfigTOML renders the gitlab-runner config.toml for run-single -r.

@@ -225,3 +225,37 @@ func TestAssignmentChannel(t *testing.T) {
 		t.Fatal("assignment printed its token")
 	}
 }
+
+// TestWriteSystemID: the VM's system_id lands where gitlab-runner reads it
+// (beside its config), in gitlab-runner's format, owner-only; a malformed
+// one is refused rather than silently replaced by gitlab-runner.
+func TestWriteSystemID(t *testing.T) {
+	c := runnerConfig()
+	c.SystemID = "s_fr0123456789"
+	w, err := BuildWorkload(c)
+	if err != nil || w.SystemID != c.SystemID {
+		t.Fatalf("workload system id %q: %v", w.SystemID, err)
+	}
+	dir := t.TempDir()
+	if err := WriteSystemID(dir, w.SystemID, os.Getuid(), os.Getgid()); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, ".runner_system_id")
+	b, err := os.ReadFile(p)
+	fi, _ := os.Stat(p)
+	if err != nil || strings.TrimSpace(string(b)) != c.SystemID || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("%s: %q mode %v err %v", p, b, fi.Mode(), err)
+	}
+	if err := WriteSystemID(dir, "", 0, 0); err != nil {
+		t.Fatalf("no system id: %v", err)
+	}
+	for _, bad := range []string{"s_short", "x_fr0123456789", "s_fr01234567-9"} {
+		if err := WriteSystemID(dir, bad, os.Getuid(), os.Getgid()); err == nil {
+			t.Errorf("system id %q accepted", bad)
+		}
+		c.SystemID = bad
+		if _, err := BuildWorkload(c); err == nil {
+			t.Errorf("guest config with system id %q accepted", bad)
+		}
+	}
+}

@@ -82,6 +82,23 @@ func (a *Agent) run() error {
 	if err != nil {
 		return err
 	}
+	var gate *JobGate
+	if w.ConfigTOML != nil {
+		// gitlab-runner reaches GitLab through the gate, which lets one
+		// job through: the VM runs exactly one, however the first ends.
+		if gate, err = NewJobGate(); err != nil {
+			return fmt.Errorf("job gate: %w", err)
+		}
+		defer gate.Close()
+		if !cfg.Warm {
+			if err := gate.SetTarget(cfg.GitLabURL); err != nil {
+				return err
+			}
+			gated := cfg
+			gated.GitLabURL = gate.URL()
+			w.ConfigTOML = RunnerConfigTOML(gated)
+		}
+	}
 	var assign func() ([]byte, time.Duration, error)
 	if cfg.Warm {
 		// gitlab-runner starts now and blocks reading its config FIFO; the
@@ -100,10 +117,18 @@ func (a *Agent) run() error {
 			}
 			fmt.Fprintln(a.Console, guestconfig.MarkerAssigned)
 			c := cfg.Apply(as)
+			if err := gate.SetTarget(c.GitLabURL); err != nil {
+				return nil, 0, err
+			}
+			c.GitLabURL = gate.URL()
 			return RunnerConfigTOML(c), time.Duration(c.JobTimeoutSec) * time.Second, nil
 		}
 	}
-	code := a.runWorkload(w, time.Duration(cfg.JobTimeoutSec)*time.Second, assign)
+	var again <-chan struct{}
+	if gate != nil {
+		again = gate.Again()
+	}
+	code := a.runWorkload(w, time.Duration(cfg.JobTimeoutSec)*time.Second, assign, again)
 	fmt.Fprintf(a.Console, "%s%d\n", guestconfig.ExitMarker, code)
 	return nil
 }
@@ -315,7 +340,11 @@ func harden(guestconfig.Config) error {
 // blocks until the assignment arrives and returns the runner config and the
 // job's timeout, which then starts; before that the host bounds the VM's
 // life (the pool's idle timeout).
-func (a *Agent) runWorkload(w Workload, timeout time.Duration, assign func() ([]byte, time.Duration, error)) int {
+//
+// again is closed when gitlab-runner asks for a second job (JobGate): its
+// one job is over, however it ended, and it is ended before it can take
+// another; the VM then reports a clean end (exit 0).
+func (a *Agent) runWorkload(w Workload, timeout time.Duration, assign func() ([]byte, time.Duration, error), again <-chan struct{}) int {
 	cmd := exec.Command(w.Args[0], w.Args[1:]...)
 	if filepath.Base(w.Args[0]) == w.Args[0] {
 		if p, err := lookPath(w.Args[0], w.Env); err == nil {
@@ -332,6 +361,10 @@ func (a *Agent) runWorkload(w Workload, timeout time.Duration, assign func() ([]
 	if w.ConfigTOML != nil {
 		if err := makeConfigFIFO(w.UID, w.GID); err != nil {
 			a.logf("error: runner config: %v", err)
+			return 127
+		}
+		if err := WriteSystemID(RunnerConfigDir, w.SystemID, w.UID, w.GID); err != nil {
+			a.logf("error: runner system_id: %v", err)
 			return 127
 		}
 		defer os.Remove(RunnerConfigPath)
@@ -382,6 +415,14 @@ wait:
 				}
 			}
 			fed = nil
+		case <-again:
+			again = nil
+			fmt.Fprintf(a.Console, "\n")
+			a.logf("gitlab-runner asked for a second job; ending it (one job per VM)")
+			unix.Kill(-cmd.Process.Pid, unix.SIGKILL)
+			<-done
+			code = 0
+			break wait
 		case ws := <-done:
 			code = exitCode(ws)
 			break wait

@@ -142,7 +142,11 @@ type GitLab struct {
 
 // Runners says how runners are made for jobs.
 type Runners struct {
-	// Mode is "oneoff": one runner created per job, deleted after it.
+	// Mode is "oneoff" (one runner created per job, deleted after it) or
+	// "pooled": each pool gets one runner, created once and shared by the
+	// pool's VMs, which take jobs of exactly the pool's size tag from GitLab
+	// themselves; other jobs get one-off runners. Pooled needs scope group
+	// or instance.
 	Mode string `yaml:"mode"`
 	// Scope is project (runner locked to the job's project), group or instance.
 	Scope string `yaml:"scope"`
@@ -535,8 +539,14 @@ func (c Config) Validate(drivers Drivers) error {
 	if c.GitLab.WebhookMaxBody < 1024 {
 		bad("gitlab.webhook_max_body", "must be >= 1024 bytes, got %d", c.GitLab.WebhookMaxBody)
 	}
-	if c.Runners.Mode != "oneoff" {
-		bad("runners.mode", "%q is not supported (supported: oneoff)", c.Runners.Mode)
+	switch c.Runners.Mode {
+	case "oneoff":
+	case "pooled":
+		if c.Runners.Scope == "project" {
+			bad("runners.mode", "pooled needs runners.scope group or instance: a project runner serves only its project, and a pool's VMs get their runner before any job names a project")
+		}
+	default:
+		bad("runners.mode", "%q is not one of oneoff, pooled", c.Runners.Mode)
 	}
 	switch c.Runners.Scope {
 	case "project", "instance":
@@ -724,6 +734,38 @@ func ReadSecret(path string) (string, error) {
 		return "", fmt.Errorf("secret file %s is empty", path)
 	}
 	return s, nil
+}
+
+// RunnerRequestBudget is GitLab's limit of job requests per runner per
+// minute (POST /jobs/request); all VMs polling on one pooled runner share it.
+const RunnerRequestBudget = 2000
+
+// PollsPerMinute is what one idle gitlab-runner run-single sends: one job
+// request every 3 s (common.CheckInterval; check_interval is ignored).
+const PollsPerMinute = 20
+
+// Warnings lists what is valid but unwise, for the log at start: pooled
+// pools whose pollers could exceed the job-request budget their shared
+// runner has in GitLab.
+func (c Config) Warnings() []string {
+	if c.Runners.Mode != "pooled" {
+		return nil
+	}
+	var out []string
+	sum := 0
+	for i, p := range c.Pools {
+		n := max(p.MaxIdle, p.MinIdle)
+		sum += n
+		if n*PollsPerMinute > RunnerRequestBudget {
+			out = append(out, fmt.Sprintf("pools[%d] (%s): up to %d idle VMs poll one shared runner, %d job requests/min, over GitLab's %d per runner: GitLab answers 429 and they take jobs late; keep max_idle at %d or below",
+				i, p.Size, n, n*PollsPerMinute, RunnerRequestBudget, RunnerRequestBudget/PollsPerMinute))
+		}
+	}
+	if sum*PollsPerMinute > RunnerRequestBudget && len(c.Pools) > 1 {
+		out = append(out, fmt.Sprintf("pools: up to %d idle VMs in all poll GitLab from this host, %d job requests/min (GitLab allows %d per runner; a host's address may be limited too)",
+			sum, sum*PollsPerMinute, RunnerRequestBudget))
+	}
+	return out
 }
 
 // PoolIdleTimeout is a pool's idle timeout with its default.

@@ -63,6 +63,11 @@ type GitLab interface {
 	// PauseRunner makes GitLab give the runner no new job (before an idle
 	// VM is stopped); a job it took runs on.
 	PauseRunner(ctx context.Context, runnerID int64) error
+	// ManagerJobs lists the jobs one runner manager (a VM's system_id) of
+	// a shared runner took.
+	ManagerJobs(ctx context.Context, runnerID int64, systemID string) ([]gitlabapi.Job, error)
+	// ResetRunnerToken rotates a runner's token (the old one dies at once).
+	ResetRunnerToken(ctx context.Context, runnerID int64) (string, error)
 }
 
 // APIHTTPClient is the HTTP client for the GitLab API: Go's default keeps
@@ -137,6 +142,10 @@ type Controller struct {
 	tagLim   tags.Limits
 	workers  int
 	pools    map[[2]int]config.Pool // by VCPUs, MemoryMiB
+	// poolProv hands out pools' shared runners (runners.mode pooled; nil
+	// otherwise), pooledSize the sizes that have one (their size tag).
+	poolProv   runners.Pools
+	pooledSize map[[2]int]string
 
 	// fleet: the store is PostgreSQL, shared with other hosts (fleet.go).
 	// Jobs are claimed, only this host's VMs are planned and supervised
@@ -164,6 +173,16 @@ type Controller struct {
 	paused   map[string]bool               // idle VMs being stopped: their runner is paused
 	checked  map[int64]time.Time           // last time a job's status was read from GitLab
 	waiting  int                           // jobs the last plan left waiting for capacity
+	// Pooled mode: VMs this process handed a shared runner's token to, and
+	// shared runners whose token this process rotated (so no VM of an
+	// earlier process can take a job with it), also since the drain began.
+	// pollerGrace is how long after its gitlab-runner's wait timeout a
+	// pool's VM on a shared runner may take to end by itself (a job request
+	// GitLab holds open, a slow guest) before the host steps in.
+	pollerGrace  time.Duration
+	handed       map[string]bool
+	rotated      map[int64]bool
+	drainRotated map[int64]bool
 }
 
 // New builds a controller; call Start to begin reconciling.
@@ -180,8 +199,9 @@ func New(o Options) (*Controller, error) {
 		tagLim:   tags.Limits{MaxVCPUs: o.Config.Capacity.MaxVCPUsPerVM, MaxMemoryGiB: o.Config.Capacity.MaxMemoryGiBPerVM},
 		q:        workqueue.New[key](workqueue.Exponential(200*time.Millisecond, 30*time.Second)),
 		stopLoop: make(chan struct{}), watchers: map[string]context.CancelFunc{}, surplus: map[string]bool{}, paused: map[string]bool{},
-		checked: map[int64]time.Time{},
-		fleet:   o.Store.Backend() == "postgres", hbStop: make(chan struct{}), startedAt: time.Now(),
+		checked: map[int64]time.Time{}, handed: map[string]bool{}, rotated: map[int64]bool{}, drainRotated: map[int64]bool{},
+		pooledSize: map[[2]int]string{}, pollerGrace: time.Minute,
+		fleet: o.Store.Backend() == "postgres", hbStop: make(chan struct{}), startedAt: time.Now(),
 	}
 	if c.log == nil {
 		c.log = slog.Default()
@@ -193,6 +213,13 @@ func New(o Options) (*Controller, error) {
 			return nil, fmt.Errorf("controller: pool size %q: %v", p.Size, err)
 		}
 		c.pools[[2]int{size.VCPUs, size.MemoryMiB()}] = p
+		if pp, ok := o.Runners.(runners.Pools); ok && o.Config.Runners.Mode == "pooled" && pp.Pooled(size.Tag()) {
+			c.poolProv = pp
+			c.pooledSize[[2]int{size.VCPUs, size.MemoryMiB()}] = size.Tag()
+		}
+	}
+	if pp, ok := o.Runners.(runners.Pools); ok && o.Config.Runners.Mode == "pooled" {
+		c.poolProv = pp // also without pools: VMs of removed pools still need their tokens rotated
 	}
 	if _, ok := o.Driver.(vm.Assigner); len(c.pools) > 0 && !ok {
 		return nil, fmt.Errorf("controller: driver %s cannot keep warm VMs (pools)", o.Driver.Name())
@@ -306,6 +333,7 @@ func (c *Controller) reconcile(k key) error {
 // Snapshot feeds the metrics gauges (read at scrape time, always exact).
 func (c *Controller) Snapshot() metrics.Snapshot {
 	s := metrics.Snapshot{JobsByState: map[string]int{}, VMsByState: map[string]int{}, RunnersByTags: map[string]int{}, PoolIdle: map[string]int{},
+		PoolPolling:   map[string]int{},
 		VCPUsCapacity: c.capacity.VCPUs, MemoryMiBCap: c.capacity.MemoryMiB}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
@@ -323,8 +351,26 @@ func (c *Controller) Snapshot() metrics.Snapshot {
 	for _, p := range c.cfg.Pools {
 		s.PoolIdle[p.Size] = 0
 	}
+	for _, tag := range c.pooledSize {
+		s.PoolPolling[tag] = 0
+	}
+	shared := map[int64]bool{} // a pool's runner counts once, however many VMs use it
 	if live, err := c.liveVMs(ctx); err == nil {
 		for _, v := range live {
+			if v.Pooled() && v.State == job.VMStarting && v.Timeline.Exited.IsZero() && len(v.Tags) > 0 {
+				s.PoolPolling[v.Tags[0]]++
+			}
+			if v.Pooled() {
+				if !shared[v.RunnerID] {
+					shared[v.RunnerID] = true
+					s.RunnersByTags[tags.Key(v.Tags)]++
+				}
+				s.VMsByState[string(v.State)]++
+				s.VMsRunning++
+				s.VCPUsInUse += v.VCPUs
+				s.MemoryMiBInUse += v.MemoryMiB
+				continue
+			}
 			if v.Warm() && v.State == job.VMWarm {
 				s.PoolIdle[tags.Size{VCPUs: v.VCPUs, MemoryGiB: v.MemoryMiB / 1024}.Tag()]++
 			}
@@ -351,7 +397,8 @@ func (c *Controller) Snapshot() metrics.Snapshot {
 func (c *Controller) Shutdown(ctx context.Context) error {
 	c.draining.Store(true)
 	c.stopOnce.Do(func() { close(c.stopLoop) })
-	c.q.Add(planKey) // pending VMs are dropped, nothing new starts
+	c.q.Add(planKey)      // pending VMs are dropped, nothing new starts
+	c.enqueuePollers(ctx) // VMs on shared runners stop unless they took a job
 	c.log.Info("draining: waiting for running vms", "drain_timeout", c.cfg.Limits.DrainTimeout.String())
 	drainCtx, cancel := context.WithTimeout(ctx, c.cfg.Limits.DrainTimeout)
 	err := c.waitNoVMs(drainCtx)

@@ -116,8 +116,21 @@ func (g *gitLab) call(method, path string, body any, hdr ...string) (int, []byte
 // requestWith is POST /jobs/request with a runner token, as gitlab-runner
 // sends it: the job GitLab handed out (0: none) and its job token.
 func (g *gitLab) requestWith(token string) (int64, string, error) {
-	code, body, err := g.call(http.MethodPost, "/api/v4/jobs/request", map[string]any{"token": token,
-		"info": map[string]any{"name": "gitlab-runner", "version": "17.0.0", "executor": "shell"}})
+	return g.requestAs(token, "")
+}
+
+// requestAs is requestWith from a runner manager with a system_id (the
+// gitlab-runner of one VM on a shared runner).
+func (g *gitLab) requestAs(token, systemID string) (int64, string, error) {
+	body := map[string]any{"token": token, "info": map[string]any{"name": "gitlab-runner", "version": "17.0.0", "executor": "shell"}}
+	if systemID != "" {
+		body["system_id"] = systemID
+	}
+	code, out, err := g.call(http.MethodPost, "/api/v4/jobs/request", body)
+	return g.requestResult(code, out, err)
+}
+
+func (g *gitLab) requestResult(code int, body []byte, err error) (int64, string, error) {
 	switch {
 	case err != nil:
 		return 0, "", err

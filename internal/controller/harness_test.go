@@ -54,6 +54,7 @@ type harness struct {
 	logs        *testenv.Buffer
 	api         *gitlabapi.Client
 	stopd       bool
+	pollerGrace time.Duration // pooled mode: Controller.pollerGrace (0: its default)
 	// dsn, when set, puts the store in that PostgreSQL database (fleet
 	// mode) instead of SQLite in dir; host is the host id ("" = testHost).
 	dsn  string
@@ -126,8 +127,18 @@ func (h *harness) start() {
 		t.Fatal(err)
 	}
 	h.api = api
-	prov, err := runners.NewOneOff(api, runners.OneOffConfig{Scope: h.cfg.Runners.Scope, GroupID: h.cfg.Runners.GroupID,
-		MaximumTimeout: h.cfg.Runners.MaximumTimeout, DescriptionPrefix: h.cfg.Runners.DescriptionPrefix, HostID: h.hostID()})
+	oc := runners.OneOffConfig{Scope: h.cfg.Runners.Scope, GroupID: h.cfg.Runners.GroupID,
+		MaximumTimeout: h.cfg.Runners.MaximumTimeout, DescriptionPrefix: h.cfg.Runners.DescriptionPrefix, HostID: h.hostID()}
+	var prov runners.Provider
+	if h.cfg.Runners.Mode == "pooled" {
+		pc := runners.PooledConfig{OneOffConfig: oc}
+		for _, p := range h.cfg.Pools {
+			pc.Pools = append(pc.Pools, sizeOf(t, p.Size).Tag())
+		}
+		prov, err = runners.NewPooled(api, pc)
+	} else {
+		prov, err = runners.NewOneOff(api, oc)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,6 +150,9 @@ func (h *harness) start() {
 		Capacity: h.capa, Network: h.net, Image: vm.Image{Kernel: "/img/vmlinux", Initrd: "/img/initrd.img", Rootfs: "/img/rootfs.ext4"}})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if h.pollerGrace != 0 {
+		c.pollerGrace = h.pollerGrace
 	}
 	h.c = c
 	// Serving first, like the daemon: hooks that come during start-up are

@@ -237,6 +237,14 @@ func (c *Controller) recordPick(ctx context.Context, id, runnerID int64, confirm
 		// In a fleet, a VM of any host is ours: its record is in the shared
 		// store, and its host supervises it.
 		ours = err == nil && (v.HostID == c.host || c.fleet) && v.State != job.VMGone
+		if err == nil && v.Pooled() {
+			// A pool's shared runner: many VMs use it. The job API's
+			// runner_manager (a VM's system_id) says which one took it.
+			if v, ours, err = c.poolPicker(ctx, id, runnerID); err != nil {
+				return err
+			}
+			confirmed = true // that was GitLab's word
+		}
 	}
 	if !ours && !confirmed {
 		j, err := c.store.GetJob(ctx, id)
@@ -296,10 +304,13 @@ func (c *Controller) recordPick(ctx context.Context, id, runnerID int64, confirm
 		return err
 	}
 	if ours && j.State == job.Running {
-		if v.ForJob != id {
+		if v.ForJob != id && v.ForJob != 0 {
 			c.jobLog(j).Info("a runner made for another job took this one (GitLab matches tag subsets)", "vm_id", v.ID, "runner_id", runnerID, "made_for_job_id", v.ForJob)
 		}
 		c.jobLog(j).Info("job picked", "vm_id", v.ID, "runner_id", runnerID)
+		if v.Pooled() && len(v.Tags) > 0 {
+			c.m.PoolJobs.WithLabelValues(v.Tags[0], "hit").Inc() // taken by a pool's VM polling on its shared runner
+		}
 	} else if !ours {
 		c.jobLog(j).Info("job taken by a runner that is not one of this host's VMs", "runner_id", runnerID)
 	}

@@ -56,13 +56,14 @@ func (c *Controller) reconcilePlan(ctx context.Context) error {
 		fresh := verified[j.ID] || (c.fleet && j.HostID == "")
 		ready := !now.Before(j.NotBefore) && fresh && job.StatusRank(j.GitLabStatus) < 2
 		in.Jobs = append(in.Jobs, planner.Job{ID: j.ID, Pool: c.pool(j.ProjectID), Tags: j.TagSet(), VCPUs: j.VCPUs, MemoryMiB: j.MemoryMiB,
-			Ready: ready})
+			Ready: ready, Pooled: c.fitsPool(j)})
 	}
 	for _, v := range live {
 		warm := v.Warm() && v.Timeline.Exited.IsZero()
+		shared := v.Pooled() && v.State == job.VMStarting && v.Timeline.Exited.IsZero()
 		in.VMs = append(in.VMs, planner.VM{ID: v.ID, ForJob: v.ForJob, Pool: c.pool(v.ProjectID), Tags: v.TagSet(), VCPUs: v.VCPUs,
-			MemoryMiB: v.MemoryMiB, Idle: !warm && v.ForJob != 0 && v.State.Idle() && v.Timeline.Exited.IsZero(), Warm: warm,
-			Booted: warm && v.State == job.VMWarm && !v.Timeline.Ready.IsZero()})
+			MemoryMiB: v.MemoryMiB, Idle: (!warm && v.ForJob != 0 && v.State.Idle() && v.Timeline.Exited.IsZero()) || shared, Warm: warm,
+			Booted: warm && v.State == job.VMWarm && !v.Timeline.Ready.IsZero(), Shared: shared})
 	}
 	for size, pl := range c.pools {
 		in.Pools = append(in.Pools, planner.Pool{VCPUs: size[0], MemoryMiB: size[1], MinIdle: pl.MinIdle, MaxIdle: pl.MaxIdle})

@@ -21,6 +21,7 @@ func (c *Controller) spec(v job.VM, wait time.Duration) vm.Spec {
 		Guest: guestconfig.Config{
 			Hostname:       v.ID,
 			MachineID:      machineID(),
+			SystemID:       job.SystemID(v.ID),
 			JobTimeoutSec:  int(c.cfg.Limits.JobMaxDuration / time.Second),
 			WaitTimeoutSec: int((c.cfg.Limits.VMStartTimeout + wait) / time.Second),
 			UnixTimeNano:   time.Now().UnixNano(),
@@ -111,6 +112,9 @@ func (c *Controller) superviseWarm(ctx context.Context, v job.VM) error {
 	case time.Since(v.Timeline.Started) >= idle:
 		c.vmLog(v).Info("warm vm idle too long; recycling it", "idle_timeout", idle)
 		return c.stopFor(ctx, v.ID, job.ReasonPoolIdle)
+	}
+	if tag := c.pooledTag(v.VCPUs, v.MemoryMiB); tag != "" && !v.Timeline.Ready.IsZero() {
+		return c.handToPool(ctx, v, tag, idle)
 	}
 	if !v.Timeline.Ready.IsZero() {
 		c.q.AddAfter(vmKey(v.ID), time.Until(v.Timeline.Started.Add(idle)))

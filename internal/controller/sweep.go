@@ -3,6 +3,7 @@ package controller
 import (
 	"context"
 	"errors"
+	"slices"
 	"time"
 
 	"github.com/firerunner/firerunner/internal/job"
@@ -152,7 +153,36 @@ func (c *Controller) sweepRunners(ctx context.Context) {
 		c.log.Error("reconcile: listing runners failed", "err", err)
 		return
 	}
+	var live []job.VM
 	for _, r := range owned {
+		if r.Pool != "" {
+			// A pool's shared runner: kept while its pool is configured
+			// (it outlives every VM, and restarts); else deleted once no
+			// live VM uses it (their tokens are rotated and the idle ones
+			// stopped by their own reconcile; busy ones finish first).
+			if c.poolRunnerWanted(r.Pool) {
+				continue
+			}
+			if live == nil {
+				if live, err = c.store.ListVMs(ctx, true, 0); err != nil {
+					c.log.Error("reconcile: listing vms failed", "err", err)
+					return
+				}
+			}
+			if slices.ContainsFunc(live, func(v job.VM) bool { return v.RunnerID == r.RunnerID }) {
+				continue
+			}
+			if err := c.prov.Delete(ctx, r.RunnerID); err != nil {
+				c.log.Error("reconcile: deleting the runner of a removed pool failed", "runner_id", r.RunnerID, "size", r.Pool, "err", err)
+				continue
+			}
+			if err := c.store.Tx(ctx, func(tx *store.Tx) error { return tx.RunnerDeleted(r.RunnerID) }); err != nil {
+				c.log.Error("reconcile: recording runner deletion failed", "runner_id", r.RunnerID, "err", err)
+			}
+			c.m.Reconcile.WithLabelValues("pool_runner_deleted").Inc()
+			c.log.Warn("reconcile: deleted the shared runner of a pool no longer configured for pooled runners", "runner_id", r.RunnerID, "size", r.Pool)
+			continue
+		}
 		if r.Legacy {
 			// Made by a release before host ids: ours only if our store knows its job.
 			if _, err := c.store.GetJob(ctx, r.JobID); err != nil {

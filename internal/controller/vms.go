@@ -115,6 +115,9 @@ func (c *Controller) superviseVM(ctx context.Context, v job.VM) error {
 				if picked, err := c.pickedWhileDown(ctx, v); picked || err != nil {
 					return err
 				}
+				if v.Pooled() {
+					return c.stopFor(ctx, v.ID, job.ReasonRestartLost+": vm was not running after restart")
+				}
 				return c.failAttempt(ctx, v, job.ReasonRestartLost+": vm was not running after restart", false)
 			}
 			return c.stopFor(ctx, v.ID, job.ReasonRestartLost+": vm was not running after restart")
@@ -127,6 +130,9 @@ func (c *Controller) superviseVM(ctx context.Context, v job.VM) error {
 	}
 	if v.State == job.VMBusy {
 		return c.superviseBusy(ctx, v)
+	}
+	if v.Pooled() {
+		return c.supervisePoller(ctx, v)
 	}
 	if v.TagsStale {
 		if err := c.prov.Retag(ctx, v.RunnerID, v.Tags); err != nil {
@@ -192,7 +198,7 @@ func (c *Controller) pickedWhileDown(ctx context.Context, v job.VM) (bool, error
 	if v.RunnerID == 0 {
 		return false, nil
 	}
-	jobs, err := c.gl.RunnerJobs(ctx, v.RunnerID)
+	jobs, err := c.runnerJobs(ctx, v)
 	if err != nil {
 		if !gitlabapi.IsNotFound(err) && time.Since(v.Timeline.StartRequest) < c.cfg.Limits.VMStartTimeout+time.Minute {
 			return false, err
@@ -292,7 +298,11 @@ func (c *Controller) superviseBusy(ctx context.Context, v job.VM) error {
 	if err == nil && pj.State.Terminal() {
 		return c.stopFor(ctx, v.ID, job.ReasonRanJob)
 	}
-	deadline := startedAt(v).Add(c.cfg.Limits.JobMaxDuration)
+	base := startedAt(v)
+	if v.Pooled() && !v.Timeline.Picked.IsZero() {
+		base = v.Timeline.Picked // it may have polled a long while before its job came
+	}
+	deadline := base.Add(c.cfg.Limits.JobMaxDuration)
 	if time.Now().Before(deadline) {
 		c.q.AddAfter(vmKey(v.ID), time.Until(deadline))
 		return nil
@@ -313,7 +323,7 @@ func (c *Controller) vmExited(ctx context.Context, v job.VM) error {
 		// No pick recorded: the "running" hook may be late or lost while
 		// the job already ran. GitLab knows whether the runner took one.
 		if v.RunnerID != 0 {
-			jobs, err := c.gl.RunnerJobs(ctx, v.RunnerID)
+			jobs, err := c.runnerJobs(ctx, v)
 			if err != nil && time.Since(v.Timeline.Exited) < time.Minute {
 				return err
 			}
@@ -323,6 +333,15 @@ func (c *Controller) vmExited(ctx context.Context, v job.VM) error {
 				}
 				return job.ErrStale // reconcile again as busy
 			}
+		}
+		if v.Pooled() {
+			// A pool's VM whose gitlab-runner took no job before its wait
+			// timeout (the pool's idle time) ended by itself: recycled.
+			reason := fmt.Sprintf("%s: its gitlab-runner took no job (exit code %d %s)", job.ReasonPoolIdle, code, v.ExitReason)
+			if !clean {
+				reason = fmt.Sprintf("%s: pool's vm ended before taking a job (exit code %d %s)", job.ReasonVMExit, code, v.ExitReason)
+			}
+			return c.stopFor(ctx, v.ID, reason)
 		}
 		// It ended before its runner took anything: the attempt failed.
 		return c.failAttempt(ctx, v, fmt.Sprintf("%s: vm ended before taking a job (exit code %d %s)", job.ReasonVMExit, code, v.ExitReason), false)
@@ -339,6 +358,9 @@ func (c *Controller) vmExited(ctx context.Context, v job.VM) error {
 // charges the failed attempt to the job it was made for: back-off and a
 // new plan while attempts remain and the error may pass, else give up.
 func (c *Controller) failAttempt(ctx context.Context, v job.VM, reason string, permanent bool) error {
+	if v.ForJob == 0 {
+		return c.stopFor(ctx, v.ID, reason) // a pool's VM: no job of its own to charge
+	}
 	label := job.ReasonKey(reason) // this attempt's own reason, before a give-up wraps it in "attempts: …"
 	now := time.Now()
 	var j job.Job
@@ -448,7 +470,7 @@ func (c *Controller) stopVM(ctx context.Context, v job.VM) error {
 			return err2
 		}
 	}
-	if v.RunnerID != 0 && v.Timeline.RunnerDeleted.IsZero() {
+	if v.RunnerID != 0 && v.Timeline.RunnerDeleted.IsZero() && !v.Pooled() {
 		rctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 		err := c.prov.Release(rctx, runners.Lease{RunnerID: v.RunnerID})
 		cancel()
@@ -459,10 +481,15 @@ func (c *Controller) stopVM(ctx context.Context, v job.VM) error {
 	now := time.Now()
 	err := c.store.Tx(ctx, func(tx *store.Tx) error {
 		var err error
-		if v, err = tx.UpdateVM(v.ID, func(x *job.VM) error { x.RunnerDeleted(now); return x.Gone(now) }); err != nil {
+		if v, err = tx.UpdateVM(v.ID, func(x *job.VM) error {
+			if !x.Pooled() {
+				x.RunnerDeleted(now) // a pool's shared runner outlives its VMs
+			}
+			return x.Gone(now)
+		}); err != nil {
 			return err
 		}
-		if v.RunnerID != 0 {
+		if v.RunnerID != 0 && !v.Pooled() {
 			return tx.RunnerDeleted(v.RunnerID)
 		}
 		return nil
@@ -472,7 +499,9 @@ func (c *Controller) stopVM(ctx context.Context, v job.VM) error {
 	}
 	c.vmGone(v)
 	c.q.Add(planKey) // capacity freed
-	c.q.Add(jobKey(v.ForJob))
+	if v.ForJob != 0 {
+		c.q.Add(jobKey(v.ForJob))
+	}
 	if v.PickedJobID != 0 {
 		c.q.Add(jobKey(v.PickedJobID))
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/firerunner/firerunner/internal/netsetup"
 	"github.com/firerunner/firerunner/internal/runners"
 	"github.com/firerunner/firerunner/internal/store"
+	"github.com/firerunner/firerunner/internal/tags"
 	"github.com/firerunner/firerunner/internal/vm"
 	"github.com/firerunner/firerunner/internal/webhook"
 )
@@ -84,7 +85,10 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Daemon,
 	if err != nil {
 		return nil, err
 	}
-	prov, err := runners.NewOneOff(api, runners.OneOffConfig{
+	for _, w := range cfg.Warnings() {
+		log.Warn("config: " + w)
+	}
+	prov, err := provider(cfg, api, runners.OneOffConfig{
 		Scope: cfg.Runners.Scope, GroupID: cfg.Runners.GroupID, MaximumTimeout: cfg.Runners.MaximumTimeout,
 		DescriptionPrefix: cfg.Runners.DescriptionPrefix, HostID: hostID, LegacyRegistrationToken: regToken,
 	})
@@ -258,6 +262,23 @@ func (d *Daemon) Shutdown(ctx context.Context) error {
 		d.log.Info("firerunner stopped", "state_dir", d.Config.StateDir)
 	}
 	return shutErr
+}
+
+// provider is the runner provider of runners.mode: one-off, or pooled with
+// a shared runner per configured pool.
+func provider(cfg config.Config, api *gitlabapi.Client, o runners.OneOffConfig) (runners.Provider, error) {
+	if cfg.Runners.Mode != "pooled" {
+		return runners.NewOneOff(api, o)
+	}
+	pc := runners.PooledConfig{OneOffConfig: o}
+	for _, p := range cfg.Pools {
+		size, ok, err := tags.Parse([]string{p.Size}, tags.Limits{})
+		if err != nil || !ok {
+			return nil, fmt.Errorf("pools: size %q: %v", p.Size, err)
+		}
+		pc.Pools = append(pc.Pools, size.Tag())
+	}
+	return runners.NewPooled(api, pc)
 }
 
 // OpenStore opens the store cfg.state.backend names: SQLite in state_dir,

@@ -102,6 +102,10 @@ type Job struct {
 	Name, Ref, Status         string
 	TagList                   []string
 	RunnerID                  int64 // the runner that took it (0: none yet)
+	// RunnerSystemID is the system_id of the runner manager that took it
+	// (the job API's runner_manager, GitLab 16+): which of the processes
+	// sharing one runner's token ran it. "" when unknown.
+	RunnerSystemID string
 }
 
 // RunnerSpec describes a runner to create.

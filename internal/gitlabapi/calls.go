@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"strings"
 
 	gitlab "gitlab.com/gitlab-org/api/client-go"
@@ -26,22 +27,103 @@ func toJob(j *gitlab.Job, projectID int64) Job {
 
 // GetJob reads one job (GET /projects/:id/jobs/:job_id); the token needs read_api.
 // The Job Hook payload lacks the job's tags, so this is how they are learnt.
+//
+// client-go's Job has no runner_manager, so the response is decoded here
+// with it: a pooled runner's job names the VM that ran it only there.
 func (c *Client) GetJob(ctx context.Context, projectID, jobID int64) (Job, error) {
-	var j *gitlab.Job
+	var j *jobWithManager
 	err := c.call(ctx, "get_job", nil, []any{"project_id", projectID, "job_id", jobID},
 		func(ro ...gitlab.RequestOptionFunc) (*gitlab.Response, error) {
-			var resp *gitlab.Response
-			var err error
-			j, resp, err = c.gl.Jobs.GetJob(projectID, jobID, ro...)
-			return resp, err
+			req, err := c.gl.NewRequest(http.MethodGet, fmt.Sprintf("projects/%d/jobs/%d", projectID, jobID), nil, ro)
+			if err != nil {
+				return nil, err
+			}
+			j = new(jobWithManager)
+			return c.gl.Do(req, j)
 		})
 	if err != nil {
 		return Job{}, err
 	}
-	if j == nil {
+	if j == nil || j.ID == 0 {
 		return Job{}, fmt.Errorf("gitlab get_job: empty response for job %d", jobID)
 	}
-	return toJob(j, projectID), nil
+	out := toJob(&j.Job, projectID)
+	if j.RunnerManager != nil {
+		out.RunnerSystemID = j.RunnerManager.SystemID
+	}
+	return out, nil
+}
+
+// jobWithManager is GitLab's job entity with its runner_manager
+// (API::Entities::Ci::RunnerManager: id, system_id, version, …).
+type jobWithManager struct {
+	gitlab.Job
+	RunnerManager *struct {
+		ID       int64  `json:"id"`
+		SystemID string `json:"system_id"`
+	} `json:"runner_manager"`
+}
+
+// ManagerJobs lists the jobs one runner manager (system_id) of a runner
+// has picked, newest first (GET /runners/:id/jobs?system_id=, GitLab 16.9+):
+// with one runner shared by many VMs, whether one VM took a job.
+func (c *Client) ManagerJobs(ctx context.Context, runnerID int64, systemID string) ([]Job, error) {
+	if systemID == "" {
+		return nil, fmt.Errorf("%w: manager_jobs needs a system_id", ErrInvalidSpec)
+	}
+	var list []*gitlab.Job
+	opt := &managerJobsOptions{ListRunnerJobsOptions: gitlab.ListRunnerJobsOptions{
+		ListOptions: gitlab.ListOptions{PerPage: 20, Page: 1}, OrderBy: gitlab.Ptr("id"), Sort: gitlab.Ptr("desc"),
+	}, SystemID: systemID}
+	err := c.call(ctx, "manager_jobs", nil, []any{"runner_id", runnerID, "system_id", systemID},
+		func(ro ...gitlab.RequestOptionFunc) (*gitlab.Response, error) {
+			req, err := c.gl.NewRequest(http.MethodGet, fmt.Sprintf("runners/%d/jobs", runnerID), opt, ro)
+			if err != nil {
+				return nil, err
+			}
+			return c.gl.Do(req, &list)
+		})
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Job, 0, len(list))
+	for _, j := range list {
+		if j != nil {
+			x := toJob(j, 0)
+			x.RunnerSystemID = systemID
+			out = append(out, x)
+		}
+	}
+	return out, nil
+}
+
+// managerJobsOptions adds system_id (GitLab 16.9+), which client-go's
+// ListRunnerJobsOptions lacks.
+type managerJobsOptions struct {
+	gitlab.ListRunnerJobsOptions
+	SystemID string `url:"system_id"`
+}
+
+// ResetRunnerToken gives a runner a new authentication token (POST
+// /runners/:id/reset_authentication_token; manage_runner or api) and
+// returns it; the old token stops working at once, for every gitlab-runner
+// still using it. The token is a secret: never log it.
+func (c *Client) ResetRunnerToken(ctx context.Context, runnerID int64) (string, error) {
+	var t *gitlab.RunnerAuthenticationToken
+	err := c.call(ctx, "reset_runner_token", nil, []any{"runner_id", runnerID},
+		func(ro ...gitlab.RequestOptionFunc) (*gitlab.Response, error) {
+			var resp *gitlab.Response
+			var err error
+			t, resp, err = c.gl.Runners.ResetRunnerAuthenticationToken(runnerID, ro...)
+			return resp, err
+		})
+	if err != nil {
+		return "", err
+	}
+	if t == nil || t.Token == nil || *t.Token == "" {
+		return "", errors.New("gitlab reset_runner_token: response lacks a token")
+	}
+	return *t.Token, nil
 }
 
 // RunnerJobs lists the jobs a runner has picked, newest first

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net/http"
 	"slices"
 	"strings"
 	"testing"
@@ -110,5 +111,71 @@ func TestAgainstStandin(t *testing.T) {
 		if strings.Contains(logs.String(), sec) {
 			t.Fatalf("%q in logs: %s", sec, logs.String())
 		}
+	}
+}
+
+// TestSharedRunnerCallsAgainstStandin: the calls of pooled mode. A job's
+// runner manager (system_id) is read from the job API, one manager's jobs
+// are listed, and a token reset returns a new token while the old one is
+// refused; none of the tokens reaches the log.
+func TestSharedRunnerCallsAgainstStandin(t *testing.T) {
+	s, err := gitlabstandin.New(gitlabstandin.Options{LongPoll: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	tok := "glpat" + "-interop-token-000001"
+	s.AddToken(tok, gitlabstandin.ScopeAPI)
+	p, err := s.AddProject(gitlabstandin.ProjectSpec{Path: "grp/app", Files: map[string]string{"README": "x"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl, err := s.CreatePipeline(p.ID, gitlabstandin.JobSpec{Name: "a", Script: []string{"true"}, Tags: []string{"firecracker-1cpu-1gb"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := s.CreateRunner(gitlabstandin.RunnerSpec{Type: "instance_type", Tags: []string{"firecracker-1cpu-1gb"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs bytes.Buffer
+	c, err := New(s.URL(), tok, WithRetries(1), WithBackoff(time.Millisecond, time.Millisecond),
+		WithLogger(slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if j, err := c.GetJob(ctx, p.ID, pl.JobIDs[0]); err != nil || j.RunnerSystemID != "" {
+		t.Fatalf("pending job: %+v %v", j, err)
+	}
+	body := `{"token":"` + r.Token + `","system_id":"s_fr0123456789"}`
+	resp, err := http.Post(s.URL()+"/api/v4/jobs/request", "application/json", strings.NewReader(body))
+	if err != nil || resp.StatusCode != http.StatusCreated {
+		t.Fatalf("job request: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	j, err := c.GetJob(ctx, p.ID, pl.JobIDs[0])
+	if err != nil || j.RunnerID != r.ID || j.RunnerSystemID != "s_fr0123456789" {
+		t.Fatalf("running job: %+v %v", j, err)
+	}
+	mine, err := c.ManagerJobs(ctx, r.ID, "s_fr0123456789")
+	if err != nil || len(mine) != 1 || mine[0].ID != j.ID {
+		t.Fatalf("ManagerJobs: %+v %v", mine, err)
+	}
+	if other, err := c.ManagerJobs(ctx, r.ID, "s_fr9999999999"); err != nil || len(other) != 0 {
+		t.Fatalf("ManagerJobs of another manager: %+v %v", other, err)
+	}
+	nt, err := c.ResetRunnerToken(ctx, r.ID)
+	if err != nil || nt == "" || nt == r.Token {
+		t.Fatalf("ResetRunnerToken: %v", err)
+	}
+	if now, _ := s.Runner(r.ID); now.Token != nt {
+		t.Fatal("the stand-in did not keep the new token")
+	}
+	if _, err := c.ResetRunnerToken(ctx, 999999); !IsNotFound(err) {
+		t.Fatalf("reset of an unknown runner: %v", err)
+	}
+	if strings.Contains(logs.String(), nt) || strings.Contains(logs.String(), r.Token) {
+		t.Fatalf("a runner token reached the log:\n%s", logs.String())
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"io"
 	"net/url"
 	"os"
+	"regexp"
 )
 
 // Config is what the guest agent needs to run one job. It holds the runner
@@ -47,7 +48,20 @@ type Config struct {
 	// MachineID is this VM's /etc/machine-id (32 hex digits): every VM keeps
 	// its own identity, even when booted from one image.
 	MachineID string `json:"machine_id,omitempty"`
+	// SystemID is gitlab-runner's system_id for this VM (s_ + 12
+	// alphanumerics, gitlab-runner's own format), written to
+	// .runner_system_id beside the runner's config before gitlab-runner
+	// starts. GitLab keys a runner manager by it, so when many VMs share one
+	// pooled runner, the job API's runner_manager names the VM that ran a job.
+	SystemID string `json:"system_id,omitempty"`
 }
+
+// systemIDPattern is gitlab-runner's own check of a .runner_system_id
+// (commands/internal/configfile): anything else it silently replaces.
+var systemIDPattern = regexp.MustCompile(`^[sr]_[0-9a-zA-Z]{12}$`)
+
+// ValidSystemID reports whether id is a system_id gitlab-runner accepts.
+func ValidSystemID(id string) bool { return systemIDPattern.MatchString(id) }
 
 // Assignment is what a warm VM needs to run one job; it reaches the guest
 // over the assignment channel only (never argv, a kernel command line, a
@@ -109,6 +123,9 @@ type Network struct {
 func (c Config) Validate() error {
 	if c.JobTimeoutSec <= 0 {
 		return errors.New("guest config: job_timeout_sec must be > 0")
+	}
+	if c.SystemID != "" && !ValidSystemID(c.SystemID) {
+		return fmt.Errorf("guest config: system_id %q is not gitlab-runner's format (s_ or r_ and 12 letters or digits)", c.SystemID)
 	}
 	if c.Warm {
 		if c.RunnerToken != "" || len(c.Command) > 0 {

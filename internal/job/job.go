@@ -126,6 +126,7 @@ const (
 	ReasonJobEnded     = "job_ended"       // the job the VM was made for ended before the VM took any
 	ReasonVMLost       = "vm_lost"         // the VM that ran the job is gone and GitLab never ended the job
 	ReasonPoolIdle     = "idle_timeout"    // a pool's warm VM waited longer than its pool's idle_timeout
+	ReasonTokenRotated = "token_rotated"   // a VM on a pool's shared runner whose token was rotated (restart, pool removed) took no job
 	ReasonHostLost     = "host_lost"       // the fleet host the VM ran on stopped heartbeating; another host reconciled its jobs
 )
 

@@ -105,3 +105,19 @@ func TestVMOperations(t *testing.T) {
 		t.Fatal("reason key")
 	}
 }
+
+func TestSystemIDRoundTrip(t *testing.T) {
+	for range 100 {
+		id := NewVMID()
+		sid := SystemID(id)
+		back, ok := VMIDFromSystemID(sid)
+		if !ok || back != id || len(sid) != 14 {
+			t.Fatalf("%s → %s → %s %v", id, sid, back, ok)
+		}
+	}
+	for _, bad := range []string{"", "s_c2d22f638c25", "r_fr0123456789", "s_frABCDEFGHIJ", "s_fr012345678"} {
+		if _, ok := VMIDFromSystemID(bad); ok {
+			t.Errorf("%q taken for one of our VMs", bad)
+		}
+	}
+}

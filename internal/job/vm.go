@@ -296,3 +296,33 @@ type Runner struct {
 
 // Active reports whether the runner still exists in GitLab.
 func (r *Runner) Active() bool { return r.DeletedAt.IsZero() }
+
+// SystemID is the gitlab-runner system_id of VM id's gitlab-runner
+// ("fr-abc…" → "s_frabc…": s_ and 12 letters or digits, gitlab-runner's
+// format). GitLab names the runner manager of each VM by it, so the VM
+// that ran a job on a pooled runner, shared by many VMs, can be told from
+// the job's runner_manager.
+func SystemID(vmID string) string {
+	return "s_fr" + strings.TrimPrefix(vmID, "fr-")
+}
+
+// VMIDFromSystemID reverses SystemID; ok is false for a system_id that is
+// not one of FireRunner's VMs.
+func VMIDFromSystemID(systemID string) (string, bool) {
+	rest, ok := strings.CutPrefix(systemID, "s_fr")
+	if !ok || len(rest) != 10 {
+		return "", false
+	}
+	for _, c := range rest {
+		if (c < 'a' || c > 'z') && (c < '0' || c > '9') {
+			return "", false
+		}
+	}
+	return "fr-" + rest, true
+}
+
+// Pooled reports whether the VM's gitlab-runner uses a pool's shared runner
+// (runners.mode pooled): a runner handed over with no job of its own. Such
+// a VM takes whatever job GitLab gives it, its runner is never retagged,
+// paused or deleted with it.
+func (v *VM) Pooled() bool { return v.ForJob == 0 && v.RunnerID != 0 }

@@ -28,6 +28,7 @@ type Snapshot struct {
 	MemoryMiBInUse int
 	MemoryMiBCap   int
 	RunnersByTags  map[string]int // live runners per canonical tag set
+	PoolPolling    map[string]int // VMs polling GitLab on a pool's shared runner, per size tag
 }
 
 // Metrics are the collectors the controller, webhook handler and API client feed.
@@ -46,6 +47,8 @@ type Metrics struct {
 	VMsFinished     *prometheus.CounterVec // reason
 	WebhookLatency  prometheus.Histogram   // time to answer POST /webhook
 	PoolJobs        *prometheus.CounterVec // size, result (hit|miss)
+	PoolHandovers   *prometheus.CounterVec // size: warm VMs given their pool's shared runner
+	TokenRotations  prometheus.Counter     // shared runners' tokens rotated (restart, drain, pool removed)
 	// A fleet on one PostgreSQL store: the host label tells the hosts'
 	// series apart where Prometheus scrapes them all into one view.
 	HostInfo *prometheus.GaugeVec   // host, backend: 1
@@ -84,13 +87,17 @@ func New(snap func() Snapshot) *Metrics {
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1, 5, 10}}),
 		PoolJobs: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "pool_jobs_total",
 			Help: "Jobs of a pooled size: hit = took a warm VM, miss = booted cold (pool empty)."}, []string{"size", "result"}),
+		PoolHandovers: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "pool_handovers_total",
+			Help: "Warm VMs handed their pool's shared runner (runners.mode pooled), by size."}, []string{"size"}),
+		TokenRotations: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "runner_token_rotations_total",
+			Help: "Shared runners' tokens rotated so that no VM holding the old token can take a job (restart, drain, pool removed)."}),
 		HostInfo: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "host_info",
 			Help: "Always 1: this FireRunner's host id and store backend (sqlite, postgres), to join other series by host."}, []string{"host", "backend"}),
 		Fleet: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "fleet_events_total",
 			Help: "Fleet coordination on a shared PostgreSQL store, by host and event (claimed, claim_lost, heartbeat_failed, reaped_host, job_requeued, job_host_lost, runner_deleted, was_reaped)."}, []string{"host", "event"}),
 	}
 	reg.MustRegister(m.WebhookRejects, m.WebhookEvents, m.APIErrors, m.TagRejects, m.JobsFinished,
-		m.RunnerLimitHits, m.Reconcile, m.StageDuration, m.Attempts, m.VMsFinished, m.WebhookLatency, m.PoolJobs, m.HostInfo, m.Fleet, &snapshotCollector{snap: snap},
+		m.RunnerLimitHits, m.Reconcile, m.StageDuration, m.Attempts, m.VMsFinished, m.WebhookLatency, m.PoolJobs, m.PoolHandovers, m.TokenRotations, m.HostInfo, m.Fleet, &snapshotCollector{snap: snap},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -116,12 +123,13 @@ var (
 	descMem     = prometheus.NewDesc(ns+"_memory_mib_in_use", "Memory (MiB) handed to VMs.", nil, nil)
 	descMemCap  = prometheus.NewDesc(ns+"_memory_mib_capacity", "Memory (MiB) FireRunner may hand out.", nil, nil)
 	descRunners = prometheus.NewDesc(ns+"_runners", "Live GitLab runners FireRunner created, by tag set (a runner may run any job with these tags).", []string{"tags"}, nil)
+	descPolling = prometheus.NewDesc(ns+"_pool_polling_vms", "VMs asking GitLab for a job on their pool's shared runner (runners.mode pooled), per size; they share its 2,000 job requests per minute.", []string{"size"}, nil)
 )
 
 type snapshotCollector struct{ snap func() Snapshot }
 
 func (c *snapshotCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descJobs, descVMState, descPool, descQueue, descVMs, descVCPU, descVCPUCap, descMem, descMemCap, descRunners} {
+	for _, d := range []*prometheus.Desc{descJobs, descVMState, descPool, descQueue, descVMs, descVCPU, descVCPUCap, descMem, descMemCap, descRunners, descPolling} {
 		ch <- d
 	}
 }
@@ -151,6 +159,9 @@ func (c *snapshotCollector) Collect(ch chan<- prometheus.Metric) {
 	g(descMemCap, s.MemoryMiBCap)
 	for t, n := range s.RunnersByTags {
 		ch <- prometheus.MustNewConstMetric(descRunners, prometheus.GaugeValue, float64(n), t)
+	}
+	for size, n := range s.PoolPolling {
+		ch <- prometheus.MustNewConstMetric(descPolling, prometheus.GaugeValue, float64(n), size)
 	}
 }
 

@@ -73,7 +73,7 @@ func registeredSeries(t *testing.T) map[string]bool {
 func registeredFamilies(t *testing.T) []*dto.MetricFamily {
 	t.Helper()
 	m := New(func() Snapshot {
-		return Snapshot{JobsByState: map[string]int{"queued": 1}, VMsByState: map[string]int{"stopping": 1}, PoolIdle: map[string]int{"firecracker-1cpu-1gb": 1}, RunnersByTags: map[string]int{"firecracker-1cpu-1gb": 1}}
+		return Snapshot{JobsByState: map[string]int{"queued": 1}, VMsByState: map[string]int{"stopping": 1}, PoolIdle: map[string]int{"firecracker-1cpu-1gb": 1}, PoolPolling: map[string]int{"firecracker-1cpu-1gb": 1}, RunnersByTags: map[string]int{"firecracker-1cpu-1gb": 1}}
 	})
 	v := reflect.ValueOf(m).Elem()
 	for i := 0; i < v.NumField(); i++ {

@@ -37,6 +37,10 @@ type Job struct {
 	// Ready is false while the job backs off after a failed attempt: it may
 	// take an idle VM, but no new VM is started for it.
 	Ready bool
+	// Pooled: a pool's shared runner takes it (runners.mode pooled), so it
+	// never gets a VM of its own (cold or warm): it is demand for its
+	// pool, whose VMs take it from GitLab themselves.
+	Pooled bool
 }
 
 // VM is a live VM of this host (every one holds capacity).
@@ -53,6 +57,12 @@ type VM struct {
 	// Booted (gitlab-runner waiting for its config) it may be assigned any
 	// waiting job of its size; while it boots it only counts for the pool.
 	Warm, Booted bool
+	// Shared: it polls GitLab on its pool's shared runner. Idle ones take
+	// jobs like any idle VM, but are never retargeted (the runner is
+	// shared) nor stopped as surplus (they are the pool's warm VMs: they
+	// end by themselves at the pool's idle timeout); they count toward the
+	// pool's idle VMs.
+	Shared bool
 }
 
 // Pool keeps warm VMs of one size.
@@ -158,9 +168,14 @@ func Decide(in Input) Plan {
 		augment(ji, cands, vmJob, jobVM, map[int]bool{})
 	}
 	var surplus []int
+	var polling []int // shared VMs no job in this plan is expected to take
 	for _, vi := range idle {
 		if _, ok := vmJob[vi]; !ok {
-			surplus = append(surplus, vi)
+			if in.VMs[vi].Shared {
+				polling = append(polling, vi)
+			} else {
+				surplus = append(surplus, vi)
+			}
 		}
 	}
 	used := Capacity{}
@@ -196,6 +211,11 @@ func Decide(in Input) Plan {
 			p.Assigned[j.ID] = in.VMs[vi].ID
 			continue
 		}
+		if j.Pooled {
+			// Its pool's refill below boots VMs that take it themselves.
+			p.Waiting = append(p.Waiting, j.ID)
+			continue
+		}
 		if k := ofSize(in.VMs, warm, j.VCPUs, j.MemoryMiB, booted); k >= 0 && j.Ready {
 			vi := warm[k]
 			warm = append(warm[:k], warm[k+1:]...)
@@ -222,7 +242,7 @@ func Decide(in Input) Plan {
 		p.Stop = append(p.Stop, in.VMs[vi].ID)
 	}
 	warm = yieldWarm(in, &p, warm, used, head)
-	refill(in, &p, warm, demand, used, blocked)
+	refill(in, &p, warm, polling, demand, used, blocked)
 	return p
 }
 
@@ -254,7 +274,7 @@ func yieldWarm(in Input, p *Plan, warm []int, used Capacity, head *Job) []int {
 // refill keeps each pool's warm VMs at min_idle, raised by this plan's demand
 // for the size up to max_idle; only with capacity no waiting job needs. Warm
 // VMs beyond max_idle, of sizes without a pool, or all while draining, stop.
-func refill(in Input, p *Plan, warm []int, demand map[[2]int]int, used Capacity, blocked bool) {
+func refill(in Input, p *Plan, warm, polling []int, demand map[[2]int]int, used Capacity, blocked bool) {
 	keep := map[[2]int]int{}
 	for _, pl := range in.Pools {
 		size := [2]int{pl.VCPUs, pl.MemoryMiB}
@@ -264,7 +284,7 @@ func refill(in Input, p *Plan, warm []int, demand map[[2]int]int, used Capacity,
 			continue
 		}
 		have := 0
-		for _, vi := range warm {
+		for _, vi := range append(append([]int(nil), warm...), polling...) {
 			if in.VMs[vi].VCPUs == pl.VCPUs && in.VMs[vi].MemoryMiB == pl.MemoryMiB {
 				have++
 			}

@@ -208,3 +208,34 @@ func TestDecideNeverStrandsAJob(t *testing.T) {
 		}
 	}
 }
+
+// TestDecidePooled: jobs of a pool's shared runner never get a VM of their
+// own; idle VMs on the shared runner take them like any idle VM, are never
+// retargeted or stopped as surplus, and count toward the pool's idle VMs;
+// demand beyond them refills the pool up to max_idle.
+func TestDecidePooled(t *testing.T) {
+	pooled := func(id int64) Job { j := job(id, small); j.Pooled = true; return j }
+	shared := func(id string) VM { v := vm(id, 0, small, true); v.Shared = true; return v }
+	pool := []Pool{{VCPUs: 1, MemoryMiB: 1024, MinIdle: 1, MaxIdle: 3}}
+	big := Capacity{VCPUs: 16, MemoryMiB: 16 << 10}
+
+	// Two pollers, one pooled job: one poller expected to take it, the
+	// other is the pool's idle VM; nothing started, stopped or retargeted.
+	p := Decide(Input{Jobs: []Job{pooled(1)}, VMs: []VM{shared("a"), shared("b")}, Capacity: big, Pools: pool})
+	if len(p.Start)+len(p.Retarget)+len(p.Stop)+len(p.Refill)+len(p.Assign) != 0 || p.Assigned[1] == "" {
+		t.Fatalf("with pollers: %s %+v", p, p.Assigned)
+	}
+	// No poller free: three pooled jobs raise the pool's target to
+	// max_idle; none gets a cold VM or a warm VM assigned.
+	warm := VM{ID: "w", VCPUs: 1, MemoryMiB: 1024, Warm: true, Booted: true}
+	p = Decide(Input{Jobs: []Job{pooled(1), pooled(2), pooled(3)}, VMs: []VM{warm}, Capacity: big, Pools: pool})
+	if len(p.Start) != 0 || len(p.Assign) != 0 || len(p.Refill) != 2 || len(p.Waiting) != 3 {
+		t.Fatalf("no poller free: %s", p)
+	}
+	// Idle pollers beyond max_idle are not stopped (they end by
+	// themselves); a one-off job the pollers' tags do not cover starts cold.
+	p = Decide(Input{Jobs: []Job{job(9, linux)}, VMs: []VM{shared("a"), shared("b"), shared("c"), shared("d")}, Capacity: big, Pools: pool})
+	if len(p.Stop) != 0 || len(p.Retarget) != 0 || len(p.Start) != 1 || p.Start[0].JobID != 9 {
+		t.Fatalf("surplus pollers: %s", p)
+	}
+}

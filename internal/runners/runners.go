@@ -55,10 +55,13 @@ func (l Lease) String() string { return fmt.Sprintf("runner %d [%s]", l.RunnerID
 
 // Owned is a runner in GitLab that this host's provider created.
 type Owned struct {
-	RunnerID    int64
-	VMID        string // the VM it was created for ("" for a legacy runner)
-	JobID       int64  // the job it was created for
-	Legacy      bool   // description of releases before host ids: "<prefix> job <id> …"
+	RunnerID int64
+	VMID     string // the VM it was created for ("" for a legacy runner)
+	JobID    int64  // the job it was created for
+	Legacy   bool   // description of releases before host ids: "<prefix> job <id> …"
+	// Pool is the size tag of a pool's shared runner ("<prefix> <host> pool
+	// <size>", runners.mode pooled); "" for a one-off runner.
+	Pool        string
 	Description string
 }
 
@@ -119,6 +122,7 @@ type OneOff struct {
 	cfg    OneOffConfig
 	re     *regexp.Regexp
 	legacy *regexp.Regexp
+	pool   *regexp.Regexp
 }
 
 // NewOneOff returns the one-off provider.
@@ -141,7 +145,8 @@ func NewOneOff(api API, cfg OneOffConfig) (*OneOff, error) {
 	p := regexp.QuoteMeta(cfg.DescriptionPrefix)
 	return &OneOff{api: api, cfg: cfg,
 		re:     regexp.MustCompile(`^` + p + ` ` + regexp.QuoteMeta(cfg.HostID) + ` vm (fr-[a-z0-9]+) job ([0-9]+)( |$)`),
-		legacy: regexp.MustCompile(`^` + p + ` job ([0-9]+)( |$)`)}, nil
+		legacy: regexp.MustCompile(`^` + p + ` job ([0-9]+)( |$)`),
+		pool:   regexp.MustCompile(`^` + p + ` ` + regexp.QuoteMeta(cfg.HostID) + ` pool (firecracker-[0-9]+cpu-[0-9]+gb)$`)}, nil
 }
 
 // Name implements Provider.
@@ -219,7 +224,10 @@ func (o *OneOff) Retag(ctx context.Context, runnerID int64, tagList []string) er
 }
 
 // Owned implements Provider: runners whose description starts with
-// "<prefix> <host> vm <id> job <id>", and legacy ones ("<prefix> job <id>").
+// "<prefix> <host> vm <id> job <id>", legacy ones ("<prefix> job <id>"),
+// and this host's pool runners ("<prefix> <host> pool <size>", listed in
+// either mode, so that a pool removed from the config, or a switch back to
+// one-off mode, still finds its runner to delete).
 func (o *OneOff) Owned(ctx context.Context) ([]Owned, error) {
 	listRunners := o.api.ListOwnedRunners
 	if o.cfg.Scope == "instance" {
@@ -234,6 +242,8 @@ func (o *OneOff) Owned(ctx context.Context) ([]Owned, error) {
 		if m := o.re.FindStringSubmatch(r.Description); m != nil {
 			id, _ := strconv.ParseInt(m[2], 10, 64)
 			out = append(out, Owned{RunnerID: r.ID, VMID: m[1], JobID: id, Description: r.Description})
+		} else if m := o.pool.FindStringSubmatch(r.Description); m != nil {
+			out = append(out, Owned{RunnerID: r.ID, Pool: m[1], Description: r.Description})
 		} else if m := o.legacy.FindStringSubmatch(r.Description); m != nil {
 			id, _ := strconv.ParseInt(m[1], 10, 64)
 			out = append(out, Owned{RunnerID: r.ID, JobID: id, Legacy: true, Description: r.Description})

@@ -92,6 +92,7 @@ type job struct {
 	exitCode                  int
 	token                     string
 	runnerID                  int64
+	managerID                 int64 // the runner manager (system_id) that took it
 	runnerGraceful            bool
 	trace                     []byte
 	createdAt, queuedAt       time.Time
@@ -119,6 +120,63 @@ type runner struct {
 	deletedAt      time.Time
 	jobIDs         []int64
 	version        string
+	// managers are the runner's runner managers (GitLab 16+): every
+	// gitlab-runner process that uses the runner's token, keyed by the
+	// system_id it sends with each job request.
+	managers    []*manager
+	tokenResets int
+}
+
+// manager is one runner manager (Ci::RunnerManager): the gitlab-runner
+// process of one machine, system_xid its system_id.
+type manager struct {
+	id                     int64
+	systemID               string
+	version, revision      string
+	platform, architecture string
+	createdAt, contactedAt time.Time
+}
+
+// managerLocked returns (creating it on first contact, as GitLab's
+// ensure_runner_manager does) runner r's manager of systemID.
+func (s *Server) managerLocked(r *runner, systemID string, info runnerInfo) *manager {
+	now := time.Now().UTC()
+	for _, m := range r.managers {
+		if m.systemID == systemID {
+			m.contactedAt, m.version = now, info.Version
+			return m
+		}
+	}
+	m := &manager{id: s.id("runner_manager"), systemID: systemID, version: info.Version, revision: info.Revision,
+		platform: info.Platform, architecture: info.Architecture, createdAt: now, contactedAt: now}
+	r.managers = append(r.managers, m)
+	return m
+}
+
+// managerByIDLocked finds a runner manager by id among all runners, deleted ones too.
+func (s *Server) managerByIDLocked(runnerID, id int64) *manager {
+	r, ok := s.runners[runnerID]
+	if !ok {
+		r, ok = s.deleted[runnerID]
+	}
+	if !ok || id == 0 {
+		return nil
+	}
+	for _, m := range r.managers {
+		if m.id == id {
+			return m
+		}
+	}
+	return nil
+}
+
+// ManagerState is a snapshot of a runner manager.
+type ManagerState struct {
+	ID          int64
+	SystemID    string
+	Version     string
+	CreatedAt   time.Time
+	ContactedAt time.Time
 }
 
 func randomHex(n int) string {
@@ -480,15 +538,23 @@ type JobState struct {
 	FailureReason             string
 	ExitCode                  int
 	RunnerID                  int64 // 0 until a runner picked it
-	Trace                     string
-	CreatedAt, QueuedAt       time.Time
-	StartedAt, FinishedAt     time.Time // StartedAt: picked by a runner
+	// RunnerManagerSystemID is the system_id of the runner manager that
+	// picked it ("" when none, or when the runner sent no system_id).
+	RunnerManagerSystemID string
+	Trace                 string
+	CreatedAt, QueuedAt   time.Time
+	StartedAt, FinishedAt time.Time // StartedAt: picked by a runner
 }
 
 func (s *Server) jobStateLocked(j *job) JobState {
 	pl := s.pipes[j.pipelineID]
+	sid := ""
+	if m := s.managerByIDLocked(j.runnerID, j.managerID); m != nil {
+		sid = m.systemID
+	}
 	return JobState{
-		ID: j.id, ProjectID: j.projectID, PipelineID: j.pipelineID,
+		RunnerManagerSystemID: sid,
+		ID:                    j.id, ProjectID: j.projectID, PipelineID: j.pipelineID,
 		Name: j.spec.Name, Stage: j.spec.Stage, Ref: pl.ref, SHA: pl.sha,
 		Tags: append([]string(nil), j.spec.Tags...), Status: j.status,
 		FailureReason: j.failureReason, ExitCode: j.exitCode, RunnerID: j.runnerID,
@@ -593,6 +659,9 @@ type RunnerState struct {
 	DeletedAt      time.Time // zero: exists
 	JobIDs         []int64   // jobs it picked
 	Version        string    // gitlab-runner version it reported
+	Managers       []ManagerState
+	// TokenResets counts POST /runners/:id/reset_authentication_token.
+	TokenResets int
 }
 
 // CreateRunner creates a runner like POST /user/runners (subject to the cap).
@@ -617,7 +686,16 @@ func (r *runner) state() RunnerState {
 		Locked: r.locked, Paused: r.paused, MaximumTimeout: r.maximumTimeout,
 		CreatedAt: r.createdAt, ContactedAt: r.contactedAt, FirstRequestAt: r.firstRequestAt,
 		DeletedAt: r.deletedAt, JobIDs: append([]int64(nil), r.jobIDs...), Version: r.version,
+		Managers: r.managerStates(), TokenResets: r.tokenResets,
 	}
+}
+
+func (r *runner) managerStates() []ManagerState {
+	var out []ManagerState
+	for _, m := range r.managers {
+		out = append(out, ManagerState{ID: m.id, SystemID: m.systemID, Version: m.version, CreatedAt: m.createdAt, ContactedAt: m.contactedAt})
+	}
+	return out
 }
 
 // Runner returns a runner by id, including deleted ones (DeletedAt set).

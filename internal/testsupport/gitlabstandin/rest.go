@@ -251,6 +251,10 @@ func (s *Server) serveAPI(w http.ResponseWriter, r *http.Request) {
 		s.getRunner(w, r, seg[1])
 	case route("GET", "runners", "*", "jobs"):
 		s.listRunnerJobs(w, r, seg[1])
+	case route("GET", "runners", "*", "managers"):
+		s.listRunnerManagers(w, r, seg[1])
+	case route("POST", "runners", "*", "reset_authentication_token"):
+		s.resetRunnerToken(w, r, seg[1])
 	case route("DELETE", "runners", "*"):
 		s.deleteRunner(w, r, seg[1])
 	case route("PUT", "runners", "*"):
@@ -460,6 +464,10 @@ func (s *Server) jobJSONLocked(j *job) map[string]any {
 	if r, ok := s.runners[j.runnerID]; ok && j.runnerID != 0 {
 		runnerObj = s.runnerJSONLocked(r)
 	}
+	var managerObj any
+	if m := s.managerByIDLocked(j.runnerID, j.managerID); m != nil {
+		managerObj = managerJSON(m)
+	}
 	duration, queued := j.durations()
 	out := map[string]any{
 		"id": j.id, "name": j.spec.Name, "stage": j.spec.Stage, "status": j.status,
@@ -473,7 +481,7 @@ func (s *Server) jobJSONLocked(j *job) map[string]any {
 			"status": s.pipelineStatusLocked(pl), "source": "push"},
 		"commit": map[string]any{"id": pl.sha, "short_id": pl.sha[:8], "title": p.headMessage,
 			"message": p.headMessage, "author_name": "Administrator", "author_email": "admin@example.com"},
-		"runner": runnerObj, "runner_manager": nil,
+		"runner": runnerObj, "runner_manager": managerObj,
 		"project": map[string]any{"ci_job_token_scope_enabled": false},
 	}
 	if j.status == StatusFailed {
@@ -747,7 +755,7 @@ func (s *Server) listRunnerJobs(w http.ResponseWriter, r *http.Request, ref stri
 		msg(w, 400, "400 Bad request - "+err.Error())
 		return
 	}
-	status, sort, orderBy := q.str("status"), q.str("sort"), q.str("order_by")
+	status, sort, orderBy, systemID := q.str("status"), q.str("sort"), q.str("order_by"), q.str("system_id")
 	switch {
 	case status != "" && !slices.Contains(runnerJobStatus, status):
 		writeJSON(w, 400, map[string]any{"error": "status does not have a valid value"})
@@ -762,13 +770,24 @@ func (s *Server) listRunnerJobs(w http.ResponseWriter, r *http.Request, ref stri
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	id, _ := strconv.ParseInt(ref, 10, 64)
-	if _, ok := s.runners[id]; !ok {
+	rn, ok := s.runners[id]
+	if !ok {
 		msg(w, 404, "404 Runner Not Found")
 		return
 	}
+	// system_id (GitLab 16.9+) narrows the list to one runner manager's
+	// jobs; an unknown system_id matches none.
+	var mgrID int64 = -1
+	if q.has("system_id") {
+		for _, m := range rn.managers {
+			if m.systemID == systemID {
+				mgrID = m.id
+			}
+		}
+	}
 	var list []*job
 	for _, j := range s.jobs {
-		if j.runnerID == id && (status == "" || j.status == status) {
+		if j.runnerID == id && (status == "" || j.status == status) && (!q.has("system_id") || j.managerID == mgrID) {
 			list = append(list, j)
 		}
 	}
@@ -955,4 +974,70 @@ func runnerSpecFromParams(q params) (RunnerSpec, string) {
 	}
 	spec.MaximumTimeout = mt
 	return spec, ""
+}
+
+func managerStatus(m *manager) string {
+	switch {
+	case m.contactedAt.IsZero():
+		return "never_contacted"
+	case time.Since(m.contactedAt) < 2*time.Hour:
+		return "online"
+	case time.Since(m.contactedAt) > 7*24*time.Hour:
+		return "stale"
+	}
+	return "offline"
+}
+
+// managerJSON is GitLab's API::Entities::Ci::RunnerManager.
+func managerJSON(m *manager) map[string]any {
+	st := managerStatus(m)
+	return map[string]any{"id": m.id, "system_id": m.systemID, "version": m.version, "revision": m.revision,
+		"platform": m.platform, "architecture": m.architecture, "created_at": isoTS(m.createdAt),
+		"contacted_at": isoTS(m.contactedAt), "ip_address": "127.0.0.1", "status": st}
+}
+
+// listRunnerManagers is GET /runners/:id/managers: every gitlab-runner
+// process (system_id) that has used the runner's token.
+func (s *Server) listRunnerManagers(w http.ResponseWriter, r *http.Request, ref string) {
+	if !s.auth(w, r, ScopeAPI, ScopeReadAPI, ScopeManageRunner) {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	id, _ := strconv.ParseInt(ref, 10, 64)
+	rn, ok := s.runners[id]
+	if !ok {
+		msg(w, 404, "404 Runner Not Found")
+		return
+	}
+	out := []map[string]any{}
+	for _, m := range rn.managers {
+		out = append(out, managerJSON(m))
+	}
+	writeJSON(w, 200, out)
+}
+
+// resetRunnerToken is POST /runners/:id/reset_authentication_token: a new
+// authentication token for the runner; the old one stops working at once
+// (every gitlab-runner still using it gets 403 on its next request).
+func (s *Server) resetRunnerToken(w http.ResponseWriter, r *http.Request, ref string) {
+	if !s.auth(w, r, ScopeAPI, ScopeManageRunner) {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	id, _ := strconv.ParseInt(ref, 10, 64)
+	rn, ok := s.runners[id]
+	if !ok {
+		msg(w, 404, "404 Runner Not Found")
+		return
+	}
+	prefix := "glrt-"
+	if strings.HasPrefix(rn.token, "glrtr-") {
+		prefix = "glrtr-"
+	}
+	rn.token = prefix + randomHex(10)
+	rn.tokenResets++
+	s.notify()
+	writeJSON(w, http.StatusCreated, map[string]any{"token": rn.token, "token_expires_at": nil})
 }

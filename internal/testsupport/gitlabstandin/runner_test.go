@@ -446,3 +446,149 @@ func TestLegacyRegistration(t *testing.T) {
 		t.Fatalf("verify after unregister: %d", resp.StatusCode)
 	}
 }
+
+// startManager runs `gitlab-runner run-single -c DIR/config.toml` with a
+// pre-written DIR/.runner_system_id, as FireRunner's guest agent does: many
+// such processes share one runner token, each a runner manager of its own.
+func startManager(t *testing.T, bin string, s *Server, token, systemID string) *runnerProc {
+	t.Helper()
+	dir := t.TempDir()
+	cfg := fmt.Sprintf("concurrent = 1\n\n[[runners]]\n  name = \"m\"\n  url = %q\n  token = %q\n  executor = \"shell\"\n  builds_dir = %q\n  cache_dir = %q\n",
+		s.URL(), token, dir+"/builds", dir+"/cache")
+	if err := os.WriteFile(dir+"/config.toml", []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dir+"/.runner_system_id", []byte(systemID+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "run-single", "-c", dir+"/config.toml", "-r", "m", "--max-builds", "1", "--wait-timeout", "120")
+	cmd.Env = append(os.Environ(), "HOME="+dir)
+	rp := &runnerProc{cmd: cmd, out: &testenv.Buffer{}, done: make(chan error, 1)}
+	cmd.Stdout, cmd.Stderr = rp.out, rp.out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { rp.done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		select {
+		case <-rp.done:
+		default:
+			_ = cmd.Process.Kill()
+			<-rp.done
+		}
+		if t.Failed() {
+			t.Logf("gitlab-runner %s output:\n%s", systemID, rp.out.String())
+		}
+	})
+	return rp
+}
+
+// TestRealRunnerManagersShareOneToken: two real gitlab-runner processes use
+// one runner's token, each with its own .runner_system_id. GitLab (the
+// stand-in) keeps a runner manager per system_id, the job API names the
+// manager that ran each job (runner_manager.system_id), GET
+// /runners/:id/jobs?system_id= lists one manager's jobs, and after POST
+// /runners/:id/reset_authentication_token the old token is refused.
+func TestRealRunnerManagersShareOneToken(t *testing.T) {
+	bin := testenv.GitLabRunner(t)
+	s := newServer(t, Options{})
+	p := addProject(t, s, "acme/app")
+	const tag = "firecracker-1cpu-1gb"
+	pl, err := s.CreatePipeline(p.ID, JobSpec{Name: "a", Tags: []string{tag}, Script: []string{"echo a"}},
+		JobSpec{Name: "b", Tags: []string{tag}, Script: []string{"echo b"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := projectRunner(t, s, p, tag)
+	ids := []string{"s_fr0000000001", "s_fr0000000002"}
+	procs := []*runnerProc{startManager(t, bin, s, r.Token, ids[0]), startManager(t, bin, s, r.Token, ids[1])}
+	ran := map[string]int64{}
+	for _, id := range pl.JobIDs {
+		st := waitJob(t, s, id, nil)
+		if st.Status != StatusSuccess || st.RunnerID != r.ID {
+			t.Fatalf("job %d: %s on runner %d", id, st.Status, st.RunnerID)
+		}
+		ran[st.RunnerManagerSystemID] = id
+	}
+	for _, rp := range procs {
+		rp.wait(t)
+	}
+	if len(ran) != 2 || ran[ids[0]] == 0 || ran[ids[1]] == 0 {
+		t.Fatalf("each manager should have run one job: %v", ran)
+	}
+
+	tok := "glpat-" + "managers-test-0001"
+	s.AddToken(tok, ScopeAPI)
+	get := func(path string, out any) {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodGet, s.URL()+path, nil)
+		req.Header.Set("PRIVATE-TOKEN", tok)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("GET %s: HTTP %d", path, resp.StatusCode)
+		}
+		if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var job struct {
+		RunnerManager struct {
+			ID       int64  `json:"id"`
+			SystemID string `json:"system_id"`
+			Status   string `json:"status"`
+		} `json:"runner_manager"`
+	}
+	get(fmt.Sprintf("/api/v4/projects/%d/jobs/%d", p.ID, ran[ids[1]]), &job)
+	if job.RunnerManager.SystemID != ids[1] || job.RunnerManager.ID == 0 || job.RunnerManager.Status != "online" {
+		t.Fatalf("job API runner_manager: %+v", job.RunnerManager)
+	}
+	var managers []struct {
+		SystemID string `json:"system_id"`
+		Version  string `json:"version"`
+	}
+	get(fmt.Sprintf("/api/v4/runners/%d/managers", r.ID), &managers)
+	if len(managers) != 2 || managers[0].Version == "" {
+		t.Fatalf("managers: %+v", managers)
+	}
+	var jobs []struct {
+		ID int64 `json:"id"`
+	}
+	get(fmt.Sprintf("/api/v4/runners/%d/jobs?system_id=%s", r.ID, ids[0]), &jobs)
+	if len(jobs) != 1 || jobs[0].ID != ran[ids[0]] {
+		t.Fatalf("jobs of manager %s: %+v", ids[0], jobs)
+	}
+	get(fmt.Sprintf("/api/v4/runners/%d/jobs?system_id=s_unknown00000", r.ID), &jobs)
+	if len(jobs) != 0 {
+		t.Fatalf("jobs of an unknown manager: %+v", jobs)
+	}
+
+	req, _ := http.NewRequest(http.MethodPost, fmt.Sprintf("%s/api/v4/runners/%d/reset_authentication_token", s.URL(), r.ID), nil)
+	req.Header.Set("PRIVATE-TOKEN", tok)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var reset struct {
+		Token string `json:"token"`
+	}
+	_ = json.NewDecoder(resp.Body).Decode(&reset)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusCreated || reset.Token == "" || reset.Token == r.Token {
+		t.Fatalf("reset: HTTP %d", resp.StatusCode)
+	}
+	for tk, want := range map[string]int{r.Token: http.StatusForbidden, reset.Token: http.StatusNoContent} {
+		body, _ := json.Marshal(map[string]any{"token": tk, "system_id": ids[0]})
+		resp, err := http.Post(s.URL()+"/api/v4/jobs/request", "application/json", bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("job request with the %s token: HTTP %d, want %d", map[bool]string{true: "old", false: "new"}[tk == r.Token], resp.StatusCode, want)
+		}
+	}
+}

@@ -16,10 +16,13 @@ import (
 
 // runnerInfo is the part of gitlab-runner's request "info" the stand-in uses.
 type runnerInfo struct {
-	Name     string `json:"name"`
-	Version  string `json:"version"`
-	Executor string `json:"executor"`
-	Features struct {
+	Name         string `json:"name"`
+	Version      string `json:"version"`
+	Revision     string `json:"revision"`
+	Platform     string `json:"platform"`
+	Architecture string `json:"architecture"`
+	Executor     string `json:"executor"`
+	Features     struct {
 		CancelGracefully bool `json:"cancel_gracefully"`
 	} `json:"features"`
 }
@@ -74,6 +77,9 @@ func (s *Server) runnerVerify(w http.ResponseWriter, r *http.Request) {
 	}
 	rn.contactedAt = time.Now().UTC()
 	rn.version = b.Info.Version
+	if b.SystemID != "" {
+		s.managerLocked(rn, b.SystemID, b.Info)
+	}
 	writeJSON(w, 200, map[string]any{"id": rn.id, "token": rn.token, "token_expires_at": nil})
 }
 
@@ -160,12 +166,19 @@ func (s *Server) jobsRequest(w http.ResponseWriter, r *http.Request) {
 		}
 		rn.contactedAt = time.Now().UTC()
 		rn.version = b.Info.Version
+		var mgr *manager
+		if b.SystemID != "" {
+			mgr = s.managerLocked(rn, b.SystemID, b.Info)
+		}
 		if rn.firstRequestAt.IsZero() {
 			rn.firstRequestAt = rn.contactedAt
 			s.notify()
 		}
 		if j := s.pickLocked(rn); j != nil {
 			j.runnerID = rn.id
+			if mgr != nil {
+				j.managerID = mgr.id
+			}
 			j.runnerGraceful = b.Info.Features.CancelGracefully
 			j.token = "glcbt-" + randomHex(12)
 			rn.jobIDs = append(rn.jobIDs, j.id)
