@@ -6,8 +6,9 @@
 # duplicated, reordered and a few dropped; one host killed with SIGKILL
 # mid-run and brought back at the end. Fails when a job is lost or served
 # twice, a host exceeds its capacity, a host serves nothing, or anything
-# leaks. About 30 s on 2 cores. `make test` runs it too (go test ./...);
-# FLEET_JOBS=N changes the job count.
+# leaks. About 1-1.5 min on 2 cores. `make test` runs it (after test-go, whose
+# go test -race ./... runs the same test with 200 jobs); FLEET_JOBS=N
+# changes the job count.
 FLEET_JOBS ?= 1000
 .PHONY: test-fleet
 test-fleet:

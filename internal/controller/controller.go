@@ -154,6 +154,7 @@ type Controller struct {
 	hbStop    chan struct{}
 	hbWG      sync.WaitGroup
 	hbOnce    sync.Once
+	poked     map[int64]bool // unclaimed waiting jobs this host told the fleet about
 	startedAt time.Time
 
 	q       *workqueue.Queue[key]
@@ -201,7 +202,7 @@ func New(o Options) (*Controller, error) {
 		stopLoop: make(chan struct{}), watchers: map[string]context.CancelFunc{}, surplus: map[string]bool{}, paused: map[string]bool{},
 		checked: map[int64]time.Time{}, handed: map[string]bool{}, rotated: map[int64]bool{}, drainRotated: map[int64]bool{},
 		pooledSize: map[[2]int]string{}, pollerGrace: time.Minute,
-		fleet: o.Store.Backend() == "postgres", hbStop: make(chan struct{}), startedAt: time.Now(),
+		fleet: o.Store.Backend() == "postgres", hbStop: make(chan struct{}), startedAt: time.Now(), poked: map[int64]bool{},
 	}
 	if c.log == nil {
 		c.log = slog.Default()
@@ -260,8 +261,13 @@ func (c *Controller) Start(ctx context.Context) error {
 		if err := c.heartbeat(ctx); err != nil {
 			return fmt.Errorf("joining the fleet: %w", err)
 		}
-		c.hbWG.Add(1)
+		c.hbWG.Add(2)
 		go c.fleetLoop()
+		go func() {
+			defer c.hbWG.Done()
+			// Another host could not take a job: plan now, not at the next heartbeat.
+			c.store.Listen(c.baseCtx, func() { c.q.Add(planKey) })
+		}()
 	}
 	if err := c.sweep(ctx); err != nil {
 		return fmt.Errorf("initial reconcile: %w", err)

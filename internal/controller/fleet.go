@@ -302,6 +302,36 @@ func (c *Controller) reapHost(ctx context.Context, dead store.Host) {
 		c.q.Add(jobKey(j.ID))
 	}
 	c.q.Add(planKey)
+	if len(claimed) > 0 {
+		_ = c.store.Poke(ctx) // the other hosts with room plan them too
+	}
+}
+
+// pokeFleet tells the other hosts (store.Poke) about waiting jobs this
+// host's plan left without a VM that no host claimed and whose back-off is
+// over: a host with room plans them at once. Each job is told about once
+// per host, so full hosts never bounce pokes between them; the
+// heartbeat's scan is the safety net.
+func (c *Controller) pokeFleet(ctx context.Context, waiting []int64, byID map[int64]job.Job, now time.Time) {
+	fresh := false
+	c.mu.Lock()
+	for _, id := range waiting {
+		j := byID[id]
+		if j.HostID == "" && !now.Before(j.NotBefore) && !c.poked[id] {
+			c.poked[id], fresh = true, true
+		}
+	}
+	for id := range c.poked {
+		if _, still := byID[id]; !still {
+			delete(c.poked, id) // claimed, served or ended: forget it
+		}
+	}
+	c.mu.Unlock()
+	if fresh {
+		if err := c.store.Poke(ctx); err != nil {
+			c.log.Debug("fleet: poking the other hosts failed; their heartbeat finds the jobs", "err", err)
+		}
+	}
 }
 
 // fitsElsewhere reports whether a job too big for this host fits a live

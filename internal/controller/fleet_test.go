@@ -2,6 +2,7 @@ package controller
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -48,7 +49,7 @@ func TestOnPostgres(t *testing.T) {
 
 // fleetHost is one host of a test fleet: its own fake driver and
 // controller, the shared PostgreSQL database and GitLab.
-func fleetHost(t *testing.T, first *harness, dsn, host string, maxVMs int) *harness {
+func fleetHost(t *testing.T, first *harness, dsn, host string, maxVMs int, mods ...func(*harness)) *harness {
 	return newHarness(t, func(h *harness) {
 		if first != nil {
 			h.gl, h.pid = first.gl, first.pid
@@ -58,6 +59,9 @@ func fleetHost(t *testing.T, first *harness, dsn, host string, maxVMs int) *harn
 		h.capa = planner.Capacity{VCPUs: 16, MemoryMiB: 64 * 1024, MaxVMs: maxVMs}
 		h.cfg.State.HeartbeatInterval = 50 * time.Millisecond
 		h.cfg.State.HostLease = 600 * time.Millisecond
+		for _, m := range mods {
+			m(h)
+		}
 	})
 }
 
@@ -206,5 +210,35 @@ func TestFleetReapsADeadHost(t *testing.T) {
 		if !h.Alive(time.Now()) {
 			t.Errorf("host %s not alive after its return", h.ID)
 		}
+	}
+}
+
+// TestFleetPokeWakesOtherHosts: host a has room for one VM and gets both
+// webhooks; heartbeats are a minute apart, so only a's poke (LISTEN/NOTIFY)
+// can make host b plan the job a has no room for, which it does at once.
+func TestFleetPokeWakesOtherHosts(t *testing.T) {
+	dsn := pgtest.NewDatabase(t)
+	slow := func(h *harness) {
+		h.cfg.State.HeartbeatInterval, h.cfg.State.HostLease = time.Minute, 3*time.Minute
+	}
+	a := fleetHost(t, nil, dsn, "host-a", 1, slow)
+	b := fleetHost(t, a, dsn, "host-b", 1, slow)
+	j1, j2 := a.newJob(tag1x1), a.newJob(tag1x1)
+	started := func(id int64) job.VM {
+		var v job.VM
+		a.eventually(fmt.Sprintf("a VM for job %d started on some host", id), func() bool {
+			for _, x := range a.vms(id) {
+				if x.ForJob == id && !x.Timeline.Started.IsZero() {
+					v = x
+					return true
+				}
+			}
+			return false
+		})
+		return v
+	}
+	v1, v2 := started(j1), started(j2)
+	if v1.HostID == v2.HostID || a.live() != 1 || b.live() != 1 {
+		t.Fatalf("VMs on %s and %s; a runs %d, b %d", v1.HostID, v2.HostID, a.live(), b.live())
 	}
 }

@@ -78,6 +78,9 @@ func (c *Controller) reconcilePlan(ctx context.Context) error {
 	old := c.surplus
 	c.surplus, c.waiting = surplus, len(p.Waiting)
 	c.mu.Unlock()
+	if c.fleet {
+		c.pokeFleet(ctx, p.Waiting, byID, now)
+	}
 	for id := range surplus {
 		if !old[id] {
 			c.q.Add(vmKey(id))

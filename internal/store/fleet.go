@@ -222,3 +222,56 @@ func (s *Store) FleetLoad(ctx context.Context) (map[string]*HostLoad, error) {
 	}
 	return out, nil
 }
+
+// pokeChannel is the PostgreSQL notification channel on which a host says
+// "a waiting job is unclaimed": hosts with room plan at once instead of at
+// their next heartbeat.
+const pokeChannel = "firerunner_unclaimed"
+
+// Poke tells every host of the fleet that waiting jobs may be unclaimed
+// (pg_notify; a no-op on SQLite). Notifications are coalesced by the
+// receivers, so poking often is cheap.
+func (s *Store) Poke(ctx context.Context) error {
+	if !s.pg || s.readOnly {
+		return nil
+	}
+	_, err := s.db.ExecContext(ctx, `SELECT pg_notify($1, '')`, pokeChannel)
+	return err
+}
+
+// Listen calls fn for every Poke of any host until ctx ends, on a
+// connection of its own taken out of the pool (it stays in LISTEN). A lost
+// connection is re-established after a second; the heartbeat's periodic
+// scan covers the gap. SQLite: returns at once.
+func (s *Store) Listen(ctx context.Context, fn func()) {
+	if !s.pg {
+		return
+	}
+	for ctx.Err() == nil {
+		pc, err := s.pool.Acquire(ctx)
+		if err != nil {
+			sleepCtx(ctx, time.Second)
+			continue
+		}
+		conn := pc.Hijack() // a LISTENing connection must not go back to the pool
+		if _, err := conn.Exec(ctx, `LISTEN `+pokeChannel); err == nil {
+			for {
+				if _, err := conn.WaitForNotification(ctx); err != nil {
+					break
+				}
+				fn()
+			}
+		}
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		_ = conn.Close(cctx)
+		cancel()
+		sleepCtx(ctx, time.Second)
+	}
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(d):
+	}
+}

@@ -15,10 +15,14 @@ import (
 // killed with SIGKILL mid-run and brought back at the end. Every job must
 // be served exactly once (or, if it ran on the killed host, failed
 // host_lost), no host over its capacity, every host serving, nothing
-// leaked. FIRERUNNER_FLEET_JOBS changes the job count.
+// leaked. FIRERUNNER_FLEET_JOBS changes the job count (200 under the race
+// detector, which make test-go uses).
 func TestFleet(t *testing.T) {
 	pgtest.Shared(t) // skips loudly (or fails under FIRERUNNER_TEST_REQUIRE=1) without PostgreSQL
 	o := DefaultFleetOptions()
+	if raceBuild { // go test -race ./... (make test-go); make test-fleet runs all 1,000
+		o.Jobs, o.KillAfter = 200, 80
+	}
 	if n, err := strconv.Atoi(os.Getenv("FIRERUNNER_FLEET_JOBS")); err == nil && n > 0 {
 		o.Jobs, o.KillAfter = n, n*2/5
 	}
