@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/firerunner/firerunner/internal/gitlabapi"
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/runners"
 	"github.com/firerunner/firerunner/internal/store"
@@ -203,6 +204,22 @@ func (c *Controller) reapHost(ctx context.Context, dead store.Host) {
 		if v.HostID != dead.ID {
 			continue
 		}
+		if v.RunnerID != 0 && v.PickedJobID == 0 && v.Timeline.RunnerDeleted.IsZero() && !v.Pooled() {
+			// Its runner may have taken (and even finished) a job whose
+			// hooks went to the dead host: ask GitLab before deleting the
+			// runner, which makes GitLab forget who ran the job.
+			jobs, err := c.gl.RunnerJobs(ctx, v.RunnerID)
+			if err != nil && !gitlabapi.IsNotFound(err) {
+				log.Error("fleet: asking GitLab what the dead host's runner took failed; retried at the next reap", "runner_id", v.RunnerID, "err", err)
+				continue
+			}
+			if len(jobs) > 0 {
+				if err := c.pickFromGitLab(ctx, v, jobs[0]); err != nil {
+					log.Error("fleet: recording the dead host's VM's job failed; retried at the next reap", "vm_id", v.ID, "err", err)
+					continue
+				}
+			}
+		}
 		if v.RunnerID != 0 && v.Timeline.RunnerDeleted.IsZero() {
 			if err := c.prov.Delete(ctx, v.RunnerID); err != nil {
 				log.Error("fleet: deleting the dead host's runner failed; retried at the next reap", "runner_id", v.RunnerID, "err", err)
@@ -212,6 +229,7 @@ func (c *Controller) reapHost(ctx context.Context, dead store.Host) {
 		}
 		now := time.Now()
 		var failed *job.Job
+		var picked int64
 		err := c.store.Tx(ctx, func(tx *store.Tx) error {
 			failed = nil
 			v, err := tx.UpdateVM(v.ID, func(x *job.VM) error {
@@ -224,6 +242,7 @@ func (c *Controller) reapHost(ctx context.Context, dead store.Host) {
 			if err != nil {
 				return err
 			}
+			picked = v.PickedJobID
 			if v.RunnerID != 0 {
 				if err := tx.RunnerDeleted(v.RunnerID); err != nil {
 					return err
@@ -233,8 +252,8 @@ func (c *Controller) reapHost(ctx context.Context, dead store.Host) {
 				return nil
 			}
 			j, err := tx.UpdateJob(v.PickedJobID, func(r *job.Job) error {
-				if r.State != job.Running || r.VMID != v.ID {
-					return nil
+				if r.State != job.Running || r.VMID != v.ID || job.StatusFinal(r.GitLabStatus) {
+					return nil // GitLab's end, if any, is recorded by the job's reconcile
 				}
 				return r.Fail(reason, nil)
 			})
@@ -253,6 +272,8 @@ func (c *Controller) reapHost(ctx context.Context, dead store.Host) {
 		if failed != nil {
 			c.m.Fleet.WithLabelValues(c.host, "job_host_lost").Inc()
 			c.finished(*failed)
+		} else if picked != 0 {
+			c.q.Add(jobKey(picked)) // ended in GitLab meanwhile: its reconcile records how
 		}
 	}
 	// Runners of the dead host no record names: created just before it died.

@@ -282,7 +282,7 @@ func RunFleet(ctx context.Context, o FleetOptions) (res FleetResult, err error) 
 		mu.Lock()
 		created := slices.Clone(ids)
 		mu.Unlock()
-		if victim != nil && !killed && len(created) >= o.KillAfter {
+		if victim != nil && !killed && len(created) >= o.KillAfter && (fed || victimBusy(ctx, st, victim.id)) {
 			// What the victim holds right now, then SIGKILL: no drain, no
 			// cleanup, its heartbeats stop.
 			claimed, _ := st.ClaimedJobs(ctx, victim.id)
@@ -366,6 +366,21 @@ func RunFleet(ctx context.Context, o FleetOptions) (res FleetResult, err error) 
 	summary := res.Line() + "\n" + strings.Join(res.Problems, "\n") + "\n"
 	_ = os.WriteFile(filepath.Join(o.WorkDir, "report.txt"), []byte(summary), 0o600)
 	return res, nil
+}
+
+// victimBusy reports whether host runs a job on one of its VMs: the kill
+// waits for that, so that a running job dies with the host.
+func victimBusy(ctx context.Context, st *store.Store, host string) bool {
+	live, err := st.ListVMs(ctx, true, 0)
+	if err != nil {
+		return false
+	}
+	for _, v := range live {
+		if v.HostID == host && v.State == job.VMBusy {
+			return true
+		}
+	}
+	return false
 }
 
 // reaperFunc is reaper for several FireRunner processes: it collects
@@ -549,7 +564,7 @@ func fleetMeasure(res *FleetResult, gl *gitlabstandin.Server, st *store.Store, h
 			problem("job %d failed: %s (GitLab %s)", id, r.Reason, js.Status)
 		default:
 			res.Lost++
-			problem("lost job %d: GitLab %s runner #%d, record %v %s %q vm %s", id, js.Status, js.RunnerID, known, r.State, r.Reason, r.VMID)
+			problem("lost job %d: GitLab %s runner #%d, record %v %s %q vm %q runner %d", id, js.Status, js.RunnerID, known, r.State, r.Reason, r.VMID, r.RunnerID)
 		}
 		if picks[id] > 1 || recordPicks[id] > 1 {
 			res.Doubled++

@@ -18,7 +18,7 @@ import (
 // leaked. FIRERUNNER_FLEET_JOBS changes the job count (200 under the race
 // detector, which make test-go uses).
 func TestFleet(t *testing.T) {
-	pgtest.Shared(t) // skips loudly (or fails under FIRERUNNER_TEST_REQUIRE=1) without PostgreSQL
+	pgtest.Require(t) // skips loudly (or fails under FIRERUNNER_TEST_REQUIRE=1) without PostgreSQL; RunFleet starts its own
 	o := DefaultFleetOptions()
 	if raceBuild { // go test -race ./... (make test-go); make test-fleet runs all 1,000
 		o.Jobs, o.KillAfter = 200, 80
@@ -27,6 +27,9 @@ func TestFleet(t *testing.T) {
 		o.Jobs, o.KillAfter = n, n*2/5
 	}
 	o.WorkDir = t.TempDir()
+	if d := os.Getenv("FIRERUNNER_FLEET_WORKDIR"); d != "" {
+		o.WorkDir = d // kept: the hosts' logs, report.txt
+	}
 	o.Log = testWriter{t}
 	res, err := RunFleet(context.Background(), o)
 	if err != nil {

@@ -187,14 +187,22 @@ var (
 // FIRERUNNER_TEST_REQUIRE=1 (internal/testenv).
 func Shared(t testing.TB) *Cluster {
 	t.Helper()
-	if why := Available(); why != "" {
-		testenv.Missing(t, "PostgreSQL server binaries", why+"; apt-get install postgresql, or run make deps")
-	}
+	Require(t)
 	sharedOnce.Do(func() { shared, sharedErr = Start(Options{}) })
 	if sharedErr != nil {
 		t.Fatalf("starting a throwaway PostgreSQL: %v", sharedErr)
 	}
 	return shared
+}
+
+// Require stops the test unless PostgreSQL's binaries are here: a loud
+// skip, or a failure under FIRERUNNER_TEST_REQUIRE=1 (for tests that start
+// a cluster of their own rather than the shared one).
+func Require(t testing.TB) {
+	t.Helper()
+	if why := Available(); why != "" {
+		testenv.Missing(t, "PostgreSQL server binaries", why+"; apt-get install postgresql, or run make deps")
+	}
 }
 
 // NewDatabase returns the DSN of a fresh database in the shared cluster.
