@@ -576,6 +576,15 @@ func fleetMeasure(res *FleetResult, gl *gitlabstandin.Server, st *store.Store, h
 			problem("host %s ran no job", h.id) // the killed one may have run only jobs that failed host_lost
 		}
 	}
+	// A host process built with -race reports races on its stderr (its log).
+	for _, h := range hosts {
+		logs, _ := filepath.Glob(filepath.Join(h.fr.work, "firerunner-*.log"))
+		for _, l := range logs {
+			if b, err := os.ReadFile(l); err == nil && strings.Contains(string(b), "WARNING: DATA RACE") {
+				problem("%s: the race detector reported a data race in %s", h.id, l)
+			}
+		}
+	}
 	left := fleetLeftovers(gl, st, hosts)
 	for _, l := range left {
 		if strings.HasPrefix(l, "runner #") {
