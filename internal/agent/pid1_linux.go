@@ -117,6 +117,23 @@ func (a *Agent) run() error {
 			}
 			fmt.Fprintln(a.Console, guestconfig.MarkerAssigned)
 			c := cfg.Apply(as)
+			if as.Identity != nil {
+				// A clone restored from a snapshot: take on its own
+				// identity before gitlab-runner reads its config.
+				if err := reidentify(c, as.Identity.MAC); err != nil {
+					return nil, 0, fmt.Errorf("identity: %w", err)
+				}
+				// The template wrote its own .runner_system_id before
+				// the snapshot; gitlab-runner reads it only after its
+				// config, so the clone's replaces it in time and GitLab
+				// sees the clone as its own runner manager.
+				if c.SystemID != "" {
+					if err := WriteSystemID(RunnerConfigDir, c.SystemID, w.UID, w.GID); err != nil {
+						return nil, 0, fmt.Errorf("identity: %w", err)
+					}
+				}
+				a.logf("identity of %s applied", c.Hostname)
+			}
 			if err := gate.SetTarget(c.GitLabURL); err != nil {
 				return nil, 0, err
 			}
@@ -131,6 +148,73 @@ func (a *Agent) run() error {
 	code := a.runWorkload(w, time.Duration(cfg.JobTimeoutSec)*time.Second, assign, again)
 	fmt.Fprintf(a.Console, "%s%d\n", guestconfig.ExitMarker, code)
 	return nil
+}
+
+// reidentify gives a VM restored from a snapshot the identity of the clone:
+// the source's clock, RNG state, hostname, MAC, address and machine-id all
+// came back with the snapshot's memory.
+func reidentify(c guestconfig.Config, mac string) error {
+	for _, s := range []struct {
+		name string
+		fn   func(guestconfig.Config) error
+	}{
+		{"clock", setClock},
+		{"entropy", seedEntropy},
+		{"reseed", reseedCRNG},
+		{"hostname", setHostname},
+		{"network", func(c guestconfig.Config) error { return renumber(c, mac) }},
+		{"machine-id", setMachineID},
+	} {
+		if err := s.fn(c); err != nil {
+			return fmt.Errorf("%s: %w", s.name, err)
+		}
+	}
+	return nil
+}
+
+// reseedCRNG makes the kernel draw its next random numbers from a pool that
+// now holds the clone's own seed (RNDRESEEDCRNG): crediting entropy alone
+// leaves the CRNG, identical in every clone, in use until its next timed
+// reseed. The VMGenID device Firecracker updates on restore does the same
+// where the guest kernel has the driver; this does not depend on it.
+func reseedCRNG(guestconfig.Config) error {
+	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if _, _, e := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.RNDRESEEDCRNG, 0); e != 0 {
+		return fmt.Errorf("RNDRESEEDCRNG: %w", e)
+	}
+	return nil
+}
+
+// renumber moves the NIC from the snapshot source's MAC and address to the
+// clone's: the host pins each tap to its own VM's MAC and address.
+func renumber(c guestconfig.Config, mac string) error {
+	nic, err := firstNIC()
+	if err != nil {
+		return err
+	}
+	if mac != "" {
+		hw, err := net.ParseMAC(mac)
+		if err != nil {
+			return err
+		}
+		if err := netlink.LinkSetHardwareAddr(nic, hw); err != nil {
+			return fmt.Errorf("mac %s: %w", mac, err)
+		}
+	}
+	addrs, err := netlink.AddrList(nic, netlink.FAMILY_V4)
+	if err != nil {
+		return err
+	}
+	for i := range addrs {
+		if err := netlink.AddrDel(nic, &addrs[i]); err != nil {
+			return fmt.Errorf("drop the source's address %s: %w", addrs[i].IPNet, err)
+		}
+	}
+	return setupNetwork(c)
 }
 
 // setMachineID gives the VM its own /etc/machine-id (the image's is shared).
@@ -574,10 +658,11 @@ func (r *reaper) start(cmd *exec.Cmd) (<-chan unix.WaitStatus, error) {
 }
 
 // ReadAssignment waits for a warm VM's assignment: on the virtio-serial port
-// named guestconfig.AssignPort (QEMU), or, when the VM has no such port, from
-// the host over vsock (Firecracker: CID 2, guestconfig.AssignVsockPort).
+// named guestconfig.AssignPort (QEMU), or from the host over vsock
+// (Firecracker: CID 2, guestconfig.AssignVsockPort). Both are tried in one
+// loop: a VM has only one of them, and the host listens on vsock only
+// while it assigns a job, so a refused connect just means "not yet".
 func ReadAssignment(devDir, sysPorts string) (guestconfig.Assignment, error) {
-	deadline := time.Now().Add(10 * time.Second)
 	for {
 		if dev := FindAssignPort(sysPorts, devDir); dev != "" {
 			f, err := os.OpenFile(dev, os.O_RDWR, 0)
@@ -589,23 +674,16 @@ func ReadAssignment(devDir, sysPorts string) (guestconfig.Assignment, error) {
 			// connected; the host connects only when it assigns a job.
 			return AcceptAssignment(&waitReader{rw: f})
 		}
-		if time.Now().After(deadline) {
-			break
+		fd, err := unix.Socket(unix.AF_VSOCK, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err == nil {
+			if err = unix.Connect(fd, &unix.SockaddrVM{CID: unix.VMADDR_CID_HOST, Port: guestconfig.AssignVsockPort}); err == nil {
+				f := os.NewFile(uintptr(fd), "vsock")
+				defer f.Close()
+				return AcceptAssignment(f)
+			}
+			unix.Close(fd)
 		}
 		time.Sleep(50 * time.Millisecond)
-	}
-	for {
-		fd, err := unix.Socket(unix.AF_VSOCK, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return guestconfig.Assignment{}, fmt.Errorf("no assignment port and no vsock: %w", err)
-		}
-		if err = unix.Connect(fd, &unix.SockaddrVM{CID: unix.VMADDR_CID_HOST, Port: guestconfig.AssignVsockPort}); err == nil {
-			f := os.NewFile(uintptr(fd), "vsock")
-			defer f.Close()
-			return AcceptAssignment(f)
-		}
-		unix.Close(fd)
-		time.Sleep(100 * time.Millisecond) // the host listens once it assigns a job
 	}
 }
 

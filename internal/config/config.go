@@ -308,6 +308,11 @@ type Firecracker struct {
 	// own: the VM whose address is host number i of network.cidr runs as
 	// VMUIDBase+i (its tap belongs to it). 0 = every VM runs as UID/GID.
 	VMUIDBase int `yaml:"vm_uid_base"`
+	// SnapshotRefill lets pools refill by restoring a snapshot of a booted
+	// warm VM of the size instead of booting (jailer only): each clone
+	// gets its own tap, memory file link and identity. Off by default:
+	// Firecracker ships snapshots as a developer preview.
+	SnapshotRefill bool `yaml:"snapshot_refill"`
 }
 
 // Default returns the configuration used for every field the file omits.

@@ -55,7 +55,7 @@ func (c *Controller) startWarm(ctx context.Context, v job.VM) error {
 		spec.Network, spec.Guest.Network = att, gnet
 	}
 	startCtx, cancel := context.WithTimeout(ctx, c.cfg.Limits.VMStartTimeout)
-	err := c.drv.Start(startCtx, spec)
+	err := c.bootWarm(startCtx, spec)
 	cancel()
 	if err != nil {
 		c.vmLog(v).Error("warm vm start failed", "err", err)
@@ -69,6 +69,32 @@ func (c *Controller) startWarm(ctx context.Context, v job.VM) error {
 	c.vmLog(v).Info("warm vm started", "vcpus", v.VCPUs, "memory_mib", v.MemoryMiB)
 	c.q.Add(vmKey(v.ID)) // assigned meanwhile, or wait for its idle timeout
 	return nil
+}
+
+// bootWarm restores a warm VM from its size's snapshot where the driver can
+// (vm.WarmCloner), else boots it.
+func (c *Controller) bootWarm(ctx context.Context, spec vm.Spec) error {
+	if cl, ok := c.drv.(vm.WarmCloner); ok {
+		if restored, err := cl.StartClone(ctx, spec); restored || err != nil {
+			return err
+		}
+	}
+	return c.drv.Start(ctx, spec)
+}
+
+// snapshotWarm makes a ready warm VM its size's template for snapshot
+// refills where the driver has them; a failure only means the pool keeps
+// booting cold.
+func (c *Controller) snapshotWarm(ctx context.Context, v job.VM) {
+	cl, ok := c.drv.(vm.WarmCloner)
+	if !ok {
+		return
+	}
+	sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	if err := cl.SnapshotWarm(sctx, v.ID); err != nil {
+		c.vmLog(v).Warn("snapshot for pool refills failed; the pool boots its VMs cold", "err", err)
+	}
 }
 
 // superviseWarm acts on a booted pool VM: hand it its job's runner when the
@@ -102,7 +128,8 @@ func (c *Controller) superviseWarm(ctx context.Context, v job.VM) error {
 			if v, err = c.store.UpdateVM(ctx, v.ID, func(x *job.VM) error { x.WarmReady(time.Now()); return nil }); err != nil {
 				return err
 			}
-			c.q.Add(planKey) // one more warm VM to assign
+			c.snapshotWarm(ctx, v) // before it can be assigned: its guest still waits
+			c.q.Add(planKey)       // one more warm VM to assign
 		}
 	}
 	idle, ok := c.poolOf(v)

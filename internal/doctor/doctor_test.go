@@ -357,7 +357,7 @@ func TestDriverChecksFollowTheDriver(t *testing.T) {
 		driver string
 		want   []string
 	}{
-		{"firecracker", []string{"image", "firecracker", "jailer", "kvm-guest", "cgroup-v2"}},
+		{"firecracker", []string{"image", "firecracker", "jailer", "kvm-guest", "snapshots", "cgroup-v2"}},
 		{"qemu", []string{"image", "qemu", "kvm-guest", "cgroup-v2"}},
 		{"vbox", []string{"image", "vm-driver", "cgroup-v2"}},
 	} {

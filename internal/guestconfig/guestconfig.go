@@ -10,9 +10,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/url"
 	"os"
 	"regexp"
+	"strings"
 )
 
 // Config is what the guest agent needs to run one job. It holds the runner
@@ -71,6 +73,63 @@ type Assignment struct {
 	RunnerToken    string `json:"runner_token"`
 	JobTimeoutSec  int    `json:"job_timeout_sec"`
 	WaitTimeoutSec int    `json:"wait_timeout_sec,omitempty"`
+	// Identity, when set, replaces the identity the guest booted with: a VM
+	// restored from a snapshot resumes with the identity of the VM the
+	// snapshot was taken of (hostname, addresses, machine-id, RNG state), so
+	// the driver sends the clone's own here (Firecracker warns that a
+	// snapshot restored many times shares randomness and ids).
+	Identity *Identity `json:"identity,omitempty"`
+}
+
+// Identity is what makes one VM distinct from every other booted from the
+// same image or restored from the same snapshot. The agent applies it before
+// gitlab-runner reads its config, so the runner's system_id (derived from
+// /etc/machine-id) and every random value it draws are the clone's own.
+type Identity struct {
+	Hostname  string `json:"hostname"`
+	MachineID string `json:"machine_id"`
+	// EntropySeed is mixed into the guest's pool, and the kernel RNG is
+	// then reseeded from it (RNDRESEEDCRNG), besides the VMGenID reseed
+	// Firecracker triggers on restore where the guest kernel supports it.
+	EntropySeed  []byte   `json:"entropy_seed"`
+	UnixTimeNano int64    `json:"unix_time_nano,omitempty"`
+	Network      *Network `json:"network,omitempty"`
+	// MAC is the clone's guest MAC (aa:bb:cc:dd:ee:ff): the NIC restored from
+	// the snapshot still has the source VM's, which the host's bridge rules
+	// pin to the source's tap only.
+	MAC string `json:"mac,omitempty"`
+	// SystemID replaces the template's gitlab-runner system_id, which the
+	// clone's memory still holds on its tmpfs: without it every clone of a
+	// pooled size would be one runner manager to GitLab.
+	SystemID string `json:"system_id,omitempty"`
+}
+
+// String leaves the entropy seed out: whoever knows it knows part of what
+// the clone's RNG was reseeded from.
+func (id Identity) String() string {
+	return fmt.Sprintf("identity{host=%s machine-id=%s mac=%s seed=[redacted]}", id.Hostname, id.MachineID, id.MAC)
+}
+
+// Validate reports the first problem with an identity.
+func (id Identity) Validate() error {
+	if id.Hostname == "" {
+		return errors.New("identity: hostname is required")
+	}
+	if len(id.MachineID) != 32 || strings.Trim(id.MachineID, "0123456789abcdef") != "" {
+		return errors.New("identity: machine_id must be 32 lowercase hex digits")
+	}
+	if len(id.EntropySeed) < 32 {
+		return errors.New("identity: entropy_seed must hold at least 32 bytes")
+	}
+	if id.MAC != "" {
+		if hw, err := net.ParseMAC(id.MAC); err != nil || len(hw) != 6 {
+			return fmt.Errorf("identity: mac %q is not aa:bb:cc:dd:ee:ff", id.MAC)
+		}
+	}
+	if id.SystemID != "" && !ValidSystemID(id.SystemID) {
+		return fmt.Errorf("identity: system_id %q is not gitlab-runner's format (s_ or r_ and 12 letters or digits)", id.SystemID)
+	}
+	return nil
 }
 
 // AssignPort is the virtio-serial port name (QEMU) of the assignment
@@ -95,6 +154,9 @@ func (a Assignment) Validate() error {
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		return fmt.Errorf("assignment: gitlab_url %q is not an http(s) URL", a.GitLabURL)
 	}
+	if a.Identity != nil {
+		return a.Identity.Validate()
+	}
 	return nil
 }
 
@@ -107,6 +169,15 @@ func (c Config) Apply(a Assignment) Config {
 	c.GitLabURL, c.RunnerToken, c.JobTimeoutSec, c.Warm = a.GitLabURL, a.RunnerToken, a.JobTimeoutSec, false
 	if a.WaitTimeoutSec > 0 {
 		c.WaitTimeoutSec = a.WaitTimeoutSec
+	}
+	if id := a.Identity; id != nil {
+		c.Hostname, c.MachineID, c.EntropySeed, c.UnixTimeNano = id.Hostname, id.MachineID, id.EntropySeed, id.UnixTimeNano
+		if id.SystemID != "" {
+			c.SystemID = id.SystemID
+		}
+		if id.Network != nil {
+			c.Network = id.Network
+		}
 	}
 	return c
 }

@@ -140,6 +140,23 @@ type Assigner interface {
 	Assign(ctx context.Context, id string, a guestconfig.Assignment) error
 }
 
+// WarmCloner is a driver that can refill a pool by restoring a snapshot of
+// a booted warm guest of the same size instead of booting one
+// (Firecracker). The controller uses it where the driver has it; a driver
+// without it, or a size without a snapshot, boots warm VMs cold.
+type WarmCloner interface {
+	// SnapshotWarm makes warm VM id, whose guest reported ready, the
+	// template of its size: a snapshot later clones are restored from. The
+	// VM goes on running (paused only while the snapshot is written). It
+	// does nothing when the size already has one, or the driver clones
+	// nothing (turned off, or not possible).
+	SnapshotWarm(ctx context.Context, id string) error
+	// StartClone starts warm VM spec from its size's snapshot; ok=false
+	// (no error) when there is none that fits: the caller boots it (Start).
+	// A clone gets its own identity with its assignment (Assigner).
+	StartClone(ctx context.Context, spec Spec) (ok bool, err error)
+}
+
 // SendAssignment is the host side of the assignment protocol on an open
 // stream to the guest agent: one JSON object and a newline; the agent
 // answers "ok\n" once it has read and accepted it.

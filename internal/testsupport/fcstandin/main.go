@@ -31,6 +31,12 @@ const (
 	// EnvJailerHang makes the stand-in jailer hang after building the
 	// chroot, as a jailer stuck on a cgroup or mount would.
 	EnvJailerHang = "FCSTANDIN_JAILER_HANG"
+	// EnvTapDir is where the lock files that stand for the host's taps
+	// live (Server.TapDir).
+	EnvTapDir = "FCSTANDIN_TAP_DIR"
+	// EnvUID is "uid:gid" the stand-in jailer was told to drop to (it does
+	// not drop them; Server.UID/GID).
+	EnvUID = "FCSTANDIN_UID"
 )
 
 // Guest commands (guestconfig.Config.Command) the emulated guest understands.
@@ -98,12 +104,15 @@ func runFirecracker(args []string) int {
 	for _, o := range NewerOptional {
 		checker.Optional[o] = true
 	}
+	checker.OptionalFields = NewerOptionalFields
 	root := os.Getenv(EnvRoot)
 	if root == "" {
 		root = "/"
 	}
 	var logW io.Writer
+	guestLog := ""
 	if d := os.Getenv(EnvLogDir); d != "" {
+		guestLog = filepath.Join(d, id+".guest.jsonl")
 		f, err := os.OpenFile(filepath.Join(d, id+".jsonl"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 		if err != nil {
 			return fail("firecracker: request log: %v", err)
@@ -114,6 +123,11 @@ func runFirecracker(args []string) int {
 	srv := NewServer(checker, id, root, logW)
 	srv.API = os.Getenv(EnvAPI)
 	srv.OnStart = emulateGuest
+	srv.TapDir, srv.ExitOnLoadFailure, srv.guestLog = os.Getenv(EnvTapDir), true, guestLog
+	if u, g, ok := strings.Cut(os.Getenv(EnvUID), ":"); ok {
+		srv.UID, _ = strconv.Atoi(u)
+		srv.GID, _ = strconv.Atoi(g)
+	}
 	if err := srv.Serve(srv.Resolve(sock)); err != nil {
 		return fail("firecracker: %v", err)
 	}
@@ -150,6 +164,21 @@ func emulateGuest(s *Server) {
 		return
 	}
 	fmt.Fprintln(out, guestconfig.MarkerAgentStart)
+	s.mu.Lock()
+	s.guest = cfg
+	s.mu.Unlock()
+	if cfg.Warm {
+		// gitlab-runner started and blocked on its config: the state a
+		// pool's snapshot is taken in.
+		fmt.Fprintln(out, guestconfig.MarkerJobStart)
+		s.mu.Lock()
+		s.guestWarm = true
+		s.mu.Unlock()
+		fmt.Fprintln(out, guestconfig.MarkerWarm)
+		s.guestEvent(GuestEvent{Event: "warm", Hostname: cfg.Hostname, MachineID: cfg.MachineID})
+		s.runWarm(*cfg, false)
+		return
+	}
 	code := 0
 	if len(cfg.Command) > 0 {
 		switch cfg.Command[0] {
@@ -354,9 +383,9 @@ func runJailer(args []string) int {
 		fmt.Fprintln(os.Stderr, "fcstandin: jailer: hanging (FCSTANDIN_JAILER_HANG)")
 		select {}
 	}
-	env := []string{EnvRoot + "=" + chroot}
+	env := []string{EnvRoot + "=" + chroot, fmt.Sprintf("%s=%d:%d", EnvUID, j.UID, j.GID)}
 	for _, kv := range os.Environ() {
-		if strings.HasPrefix(kv, "FCSTANDIN_") && !strings.HasPrefix(kv, EnvRoot+"=") {
+		if strings.HasPrefix(kv, "FCSTANDIN_") && !strings.HasPrefix(kv, EnvRoot+"=") && !strings.HasPrefix(kv, EnvUID+"=") {
 			env = append(env, kv)
 		}
 	}

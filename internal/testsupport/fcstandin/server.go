@@ -12,6 +12,8 @@ import (
 	"slices"
 	"strings"
 	"sync"
+
+	"github.com/firerunner/firerunner/internal/guestconfig"
 )
 
 // Record is one request the stand-in received, as written to the request log.
@@ -63,6 +65,52 @@ type Server struct {
 	ifaces     map[string]map[string]any
 	configured []string // boot-specific resources set so far
 	vmmLog     string   // PUT /logger's log_path (resolved): Firecracker's own log
+
+	// TapDir holds the lock files that stand for the host's tap devices
+	// (see openTap); "" = <tmp>/fcstandin-taps.
+	TapDir string
+	// UID and GID are the user the VMM runs as (the jailer's --uid/--gid;
+	// 0 = unjailed): the stand-in keeps its privileges, so it checks the
+	// access such a user would have where the kernel would (dialHost).
+	UID, GID int
+	// ExitOnLoadFailure ends the process after answering a failed
+	// PUT /snapshot/load, as Firecracker does (the process binary sets it).
+	ExitOnLoadFailure bool
+
+	taps       map[string]*os.File // taps this VMM holds open
+	vsock      *vsockDev
+	vsockL     net.Listener
+	guestPorts map[uint32]func(net.Conn)
+	guestLog   string // GuestEvent log ("" = none)
+	assignSock [2]int // mode and uid of the listener the guest reached
+	// guest is the emulated guest's config once booted (or restored);
+	// guestWarm: it waits for its assignment (the state a snapshot keeps).
+	guest     *guestconfig.Config
+	guestWarm bool
+	// restored: loaded from a snapshot of a warm guest, which goes on
+	// waiting for its assignment once the VM runs (guestGoing: it does).
+	restored, guestGoing bool
+	clockRealtime        bool
+	loadFailed           bool
+}
+
+// snapState is the stand-in's microVM state file: what Firecracker keeps
+// in its own (devices, their host backends) plus the emulated guest.
+type snapState struct {
+	Machine   map[string]any            `json:"machine-config"`
+	Boot      map[string]any            `json:"boot-source"`
+	Drives    map[string]map[string]any `json:"drives"`
+	Ifaces    map[string]map[string]any `json:"network-interfaces"`
+	Vsock     *vsockDev                 `json:"vsock,omitempty"`
+	Guest     *guestconfig.Config       `json:"guest,omitempty"`
+	GuestWarm bool                      `json:"guest_warm,omitempty"`
+}
+
+// ClockRealtime reports whether the snapshot load asked for clock_realtime.
+func (s *Server) ClockRealtime() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.clockRealtime
 }
 
 // NewServer returns a stand-in for VM id checking against c.
@@ -185,6 +233,21 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if started && s.OnStart != nil {
 		go s.OnStart(s)
 	}
+	s.mu.Lock()
+	goOn := s.restored && !s.guestGoing && s.state == running && s.guest != nil && s.guestWarm
+	if goOn {
+		s.guestGoing = true
+	}
+	cfg, exit := s.guest, s.loadFailed && s.ExitOnLoadFailure
+	s.mu.Unlock()
+	if goOn {
+		go s.runWarm(*cfg, true)
+	}
+	if exit {
+		// "on failure: A specific error is reported and then the current
+		// Firecracker process is ended (as it might be in an invalid state)."
+		os.Exit(1)
+	}
 }
 
 func isInstanceStart(body []byte) bool {
@@ -208,6 +271,11 @@ func (s *Server) handle(method, path string, body []byte) (any, *fault) {
 	if s.API != "" && slices.Contains(op.Missing, s.API) {
 		// An older Firecracker: not a contract violation, its answer.
 		return nil, &fault{status: http.StatusBadRequest, msg: fmt.Sprintf("Invalid request method and/or path: %s %s.", method, path)}
+	}
+	if lacks := op.MissingFields[s.API]; s.API != "" && len(lacks) > 0 {
+		// An older Firecracker refuses a field it does not know (serde
+		// deny_unknown_fields): its answer, not a contract violation.
+		return nil, &fault{status: http.StatusBadRequest, msg: fmt.Sprintf("An error occurred when deserializing the json body of a request: unknown field `%s`.", lacks[0])}
 	}
 	var obj map[string]any
 	if len(bytes.TrimSpace(body)) > 0 {
@@ -280,6 +348,11 @@ func (s *Server) handle(method, path string, body []byte) (any, *fault) {
 		if obj["iface_id"] != params["iface_id"] {
 			return nil, bad("The id from the path [%s] does not match the id from the body [%v]!", params["iface_id"], obj["iface_id"])
 		}
+		if name, _ := obj["host_dev_name"].(string); name != "" {
+			if f := s.openTap(name); f != nil {
+				return nil, f
+			}
+		}
 		s.ifaces[params["iface_id"]] = obj
 		s.configured = append(s.configured, "network-interface")
 	case "PUT /logger":
@@ -293,7 +366,15 @@ func (s *Server) handle(method, path string, body []byte) (any, *fault) {
 		if f := s.needFile("metrics_path", fmt.Sprint(obj["metrics_path"])); f != nil {
 			return nil, f
 		}
-	case "PUT /entropy", "PUT /vsock", "PUT /balloon", "PUT /mmds/config", "PUT /cpu-config", "PUT /serial":
+	case "PUT /vsock":
+		uds, _ := obj["uds_path"].(string)
+		cid, _ := obj["guest_cid"].(float64)
+		if f := s.bindVsock(uds); f != nil {
+			return nil, f
+		}
+		s.vsock = &vsockDev{CID: int64(cid), UDSPath: uds}
+		s.configured = append(s.configured, "vsock")
+	case "PUT /entropy", "PUT /balloon", "PUT /mmds/config", "PUT /cpu-config", "PUT /serial":
 		s.configured = append(s.configured, strings.TrimPrefix(op.Template, "/"))
 	case "PUT /actions":
 		switch obj["action_type"] {
@@ -329,7 +410,8 @@ func (s *Server) handle(method, path string, body []byte) (any, *fault) {
 				return nil, &fault{status: 400, msg: fmt.Sprintf("Cannot create snapshot file %s: %v", obj[k], err)}
 			}
 		}
-		state, _ := json.Marshal(map[string]any{"machine-config": s.machine, "boot-source": s.bootSource, "drives": s.drives, "network-interfaces": s.ifaces})
+		state, _ := json.Marshal(snapState{Machine: s.machine, Boot: s.bootSource, Drives: s.drives, Ifaces: s.ifaces,
+			Vsock: s.vsock, Guest: s.guest, GuestWarm: s.guestWarm})
 		if err := os.WriteFile(s.Resolve(fmt.Sprint(obj["snapshot_path"])), state, 0o600); err != nil {
 			return nil, &fault{status: 400, msg: err.Error()}
 		}
@@ -337,38 +419,10 @@ func (s *Server) handle(method, path string, body []byte) (any, *fault) {
 			return nil, &fault{status: 400, msg: err.Error()}
 		}
 	case "PUT /snapshot/load":
-		if len(s.configured) > 0 {
-			return nil, bad("Loading a microVM snapshot not allowed after configuring boot-specific resources (%v).", s.configured)
-		}
-		snap := fmt.Sprint(obj["snapshot_path"])
-		b, err := os.ReadFile(s.Resolve(snap))
-		if err != nil {
-			return nil, &fault{status: 400, msg: fmt.Sprintf("Load snapshot error: cannot open snapshot file %s: %v", snap, err)}
-		}
-		mem, _ := obj["mem_file_path"].(string)
-		if mb, ok := obj["mem_backend"].(map[string]any); ok {
-			mem, _ = mb["backend_path"].(string)
-		}
-		if f := s.needFile("memory file", mem); f != nil {
+		f := s.loadSnapshot(obj)
+		if f != nil {
+			s.loadFailed = true
 			return nil, f
-		}
-		var st struct {
-			Machine map[string]any            `json:"machine-config"`
-			Boot    map[string]any            `json:"boot-source"`
-			Drives  map[string]map[string]any `json:"drives"`
-		}
-		_ = json.Unmarshal(b, &st)
-		for _, d := range st.Drives { // the restored devices reopen their files
-			if p, ok := d["path_on_host"].(string); ok {
-				if f := s.needFile("snapshot drive", p); f != nil {
-					return nil, f
-				}
-			}
-		}
-		s.machine, s.bootSource = st.Machine, st.Boot
-		s.state = paused
-		if r, _ := obj["resume_vm"].(bool); r {
-			s.state = running
 		}
 	default:
 		if method == "GET" {

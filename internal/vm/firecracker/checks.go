@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/firerunner/firerunner/internal/config"
 	"github.com/firerunner/firerunner/internal/image"
@@ -214,4 +215,92 @@ func kvmGuestCheck(ctx context.Context, h vm.CheckHost, c config.Config) vm.Chec
 			Detail: fmt.Sprintf("KVM cannot run the guest kernel %s under Firecracker, so jobs would never start: %v", kernel, err)}
 	}
 	return vm.CheckResult{Status: vm.CheckPass, Detail: fmt.Sprintf("jobs get KVM: the guest kernel %s booted under Firecracker to its root-mount panic", kernel)}
+}
+
+// SnapshotMinVersion is the oldest Firecracker that can make the pools'
+// clones: PUT /snapshot/load with network_overrides (each clone on its own
+// tap) and clock_realtime.
+var SnapshotMinVersion = Version{Major: 1, Minor: 16}
+
+const snapshotsFix = "turn firecracker.snapshot_refill off, or meet what the detail names (install.sh --firecracker-version v1.16.0 or later; use_jailer: true)"
+
+// snapshotsCheck: what warm VMs and snapshot refills need of the host.
+// Warm VMs' assignment channel is Firecracker's own vsock device, backed by
+// a Unix socket in each jail, so the host needs no vhost_vsock module. With
+// snapshot_refill: the jailer, a Firecracker with network_overrides and
+// clock_realtime, a host kernel with KVM_CLOCK_REALTIME (5.16+, else the
+// guest clock is set by the agent only), and a snapshot directory only root
+// can change, holding files no VMM can write.
+func snapshotsCheck(ctx context.Context, h vm.CheckHost, c config.Config) vm.CheckResult {
+	const vsock = "warm VMs' vsock is Firecracker's own device on a Unix socket in each jail (no vhost_vsock module needed)"
+	f := c.Firecracker
+	if !f.SnapshotRefill {
+		return vm.CheckResult{Status: vm.CheckPass, Detail: "snapshot refills off (firecracker.snapshot_refill); " + vsock}
+	}
+	if !f.UseJailer {
+		return vm.CheckResult{Status: vm.CheckFail, Fix: snapshotsFix, Detail: "snapshot_refill needs use_jailer: only the jail's fixed paths give each clone its own drives and vsock socket"}
+	}
+	p, out, err := h.Version(ctx, f.Binary)
+	if err != nil {
+		return vm.CheckResult{Status: vm.CheckFail, Fix: fcFix, Detail: err.Error()}
+	}
+	v, err := ParseVersion(out, "Firecracker")
+	if err != nil {
+		return vm.CheckResult{Status: vm.CheckFail, Fix: versionFix, Detail: fmt.Sprintf("%s: %v", p, err)}
+	}
+	if v.Less(SnapshotMinVersion) {
+		return vm.CheckResult{Status: vm.CheckFail, Fix: snapshotsFix, Detail: fmt.Sprintf("%s: Firecracker %s is older than %s: its snapshot load has no network_overrides or clock_realtime, so clones would reopen their source's tap", p, v, SnapshotMinVersion)}
+	}
+	dir := filepath.Join(f.ChrootBase, snapshotCacheDir)
+	if err := checkSnapshotTree(h.Path(dir)); err != nil {
+		return vm.CheckResult{Status: vm.CheckFail, Fix: fmt.Sprintf("remove %s (FireRunner makes it anew, root's, 0700, with 0444 files)", dir), Detail: err.Error()}
+	}
+	detail := fmt.Sprintf("%s: Firecracker %s restores clones (network_overrides, clock_realtime); %s is root's and no VMM can write it; %s", p, v, dir, vsock)
+	rel, _ := os.ReadFile(h.Path("/proc/sys/kernel/osrelease"))
+	if k, ok := kernelAtLeast(strings.TrimSpace(string(rel)), 5, 16); !ok {
+		return vm.CheckResult{Status: vm.CheckWarn, Fix: "run a host kernel 5.16 or later", Detail: detail + fmt.Sprintf("; host kernel %q lacks KVM_CLOCK_REALTIME: a clone's clock is set by its agent only", k)}
+	}
+	return vm.CheckResult{Status: vm.CheckPass, Detail: detail}
+}
+
+// kernelAtLeast reports whether the kernel release rel ("6.1.0-57-amd64")
+// is at least major.minor.
+func kernelAtLeast(rel string, major, minor int) (string, bool) {
+	m := regexp.MustCompile(`^([0-9]+)\.([0-9]+)`).FindStringSubmatch(rel)
+	if m == nil {
+		return rel, false
+	}
+	a, _ := strconv.Atoi(m[1])
+	b, _ := strconv.Atoi(m[2])
+	return rel, a > major || a == major && b >= minor
+}
+
+// checkSnapshotTree checks the pools' snapshot directory (absent is fine):
+// directories root's (the daemon's user) and 0700, files regular, root's
+// and read-only, no symlinks. A file a VMM's user could write would let one
+// VM rewrite the memory every clone of its size runs on.
+func checkSnapshotTree(dir string) error {
+	if _, err := os.Lstat(dir); os.IsNotExist(err) {
+		return nil
+	}
+	return filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		st, ok := fi.Sys().(*syscall.Stat_t)
+		if !ok {
+			return nil
+		}
+		switch {
+		case int(st.Uid) != os.Geteuid():
+			return fmt.Errorf("%s belongs to uid %d, not to FireRunner's user", p, st.Uid)
+		case fi.IsDir() && fi.Mode().Perm()&0o077 != 0:
+			return fmt.Errorf("directory %s has mode %04o; want 0700", p, fi.Mode().Perm())
+		case fi.Mode()&os.ModeSymlink != 0 || !fi.IsDir() && !fi.Mode().IsRegular():
+			return fmt.Errorf("%s is not a regular file (%v)", p, fi.Mode())
+		case fi.Mode().IsRegular() && fi.Mode().Perm()&0o222 != 0:
+			return fmt.Errorf("%s is writable (mode %04o); snapshot files must be read-only", p, fi.Mode().Perm())
+		}
+		return nil
+	})
 }

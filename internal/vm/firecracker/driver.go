@@ -79,6 +79,9 @@ type Options struct {
 	// vm.NetAttachment names (a per-VM user from the range netsetup hands
 	// out, >= VMUIDBase); VMs without one run as UID/GID.
 	VMUIDBase int
+	// SnapshotRefill lets pools refill from a snapshot of a booted warm VM
+	// of the size (vm.WarmCloner; jailer only, see clone.go).
+	SnapshotRefill bool
 	// Console caps the live console log (zero value: the defaults; see
 	// vm.NewConsolePolicy).
 	Console vm.ConsolePolicy
@@ -198,6 +201,8 @@ type Driver struct {
 	swapAccounted bool
 	// stageMu serialises staging image files in the chroot base.
 	stageMu sync.Mutex
+	// snapMu serialises making and discarding pool snapshots.
+	snapMu sync.Mutex
 
 	mu   sync.Mutex
 	runs map[string]*vmRun // VMs started by this process
@@ -250,6 +255,15 @@ type fcMeta struct {
 	GID       int    `json:"gid,omitempty"`
 	JailDir   string `json:"jail_dir,omitempty"`
 	CgroupDir string `json:"cgroup_dir,omitempty"`
+	// Vsock: the VM has the vsock device of the assignment channel (a
+	// warm VM, see assign.go).
+	Vsock bool `json:"vsock,omitempty"`
+	// Restored: started from a snapshot (Snapshot names it); its guest
+	// resumed with the source's identity and gets its own with the
+	// assignment. GuestMAC is the MAC its spec asked for.
+	Restored bool   `json:"restored,omitempty"`
+	Snapshot string `json:"snapshot,omitempty"`
+	GuestMAC string `json:"guest_mac,omitempty"`
 }
 
 const fcMetaFile = "firecracker.json"

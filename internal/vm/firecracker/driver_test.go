@@ -126,7 +126,7 @@ func TestProviderChecks(t *testing.T) {
 	for _, ch := range (Provider{}).Checks(c) {
 		names = append(names, ch.Name)
 	}
-	if !slices.Equal(names, []string{"firecracker", "jailer", "kvm-guest"}) { // their tests: checks_test.go
+	if !slices.Equal(names, []string{"firecracker", "jailer", "kvm-guest", "snapshots"}) { // their tests: checks_test.go
 		t.Fatalf("checks %q", names)
 	}
 	c.Firecracker.UseJailer = false
@@ -149,7 +149,7 @@ func TestStepChain(t *testing.T) {
 	if got := d.Steps(false); !slices.Contains(got, StepPrepareJail) || slices.Index(got, StepPrepareJail) > slices.Index(got, StepStartVMM) {
 		t.Errorf("jailer steps %q: PrepareJail must come before StartVMM", got)
 	}
-	wantSnap := []string{"validate.LoadSnapshotCfg", StepPrepareVMDir, StepPrepareJail, StepStartVMM, "fcinit.BootstrapLogging", "fcinit.LoadSnapshot"}
+	wantSnap := []string{"validate.LoadSnapshotCfg", StepPrepareVMDir, StepPrepareJail, StepStartVMM, "fcinit.BootstrapLogging", StepLoadSnapshot}
 	if got := d.Steps(true); !slices.Equal(got, wantSnap) {
 		t.Errorf("snapshot steps:\n got %q\nwant %q", got, wantSnap)
 	}

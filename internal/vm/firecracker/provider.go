@@ -56,6 +56,9 @@ func (Provider) Validate(c config.Config, selected bool) []vm.FieldError {
 		bad("firecracker.serial_bytes_per_sec", "must be 0 (no limit) or >= %d, got %d", MinSerialBytesPerSec, f.SerialBytesPerSec)
 	}
 	if !f.UseJailer {
+		if f.SnapshotRefill {
+			bad("firecracker.snapshot_refill", "needs use_jailer: a snapshot names its device files by path, which only the jail's fixed paths make each clone's own")
+		}
 		return errs
 	}
 	if err := ValidParentCgroup(f.ParentCgroup); err != nil {
@@ -103,8 +106,9 @@ func (Provider) Validate(c config.Config, selected bool) []vm.FieldError {
 const fcFix = "install.sh --firecracker-bin PATH --jailer-bin PATH, or let install.sh download the official release (github.com/firecracker-microvm/firecracker/releases)"
 
 // Checks implements vm.Provider: the firecracker binary is v1.8.0 or
-// later, the jailer (when use_jailer is on) is the same release, and
-// kvm-guest boots the image's kernel under Firecracker (checks.go).
+// later, the jailer (when use_jailer is on) is the same release,
+// kvm-guest boots the image's kernel under Firecracker, and snapshots
+// checks what snapshot refills need (checks.go).
 func (Provider) Checks(c config.Config) []vm.Check {
 	return []vm.Check{
 		{Name: "firecracker", Run: func(ctx context.Context, h vm.CheckHost) vm.CheckResult {
@@ -115,6 +119,9 @@ func (Provider) Checks(c config.Config) []vm.Check {
 		}},
 		{Name: "kvm-guest", Run: func(ctx context.Context, h vm.CheckHost) vm.CheckResult {
 			return kvmGuestCheck(ctx, h, c)
+		}},
+		{Name: "snapshots", Run: func(ctx context.Context, h vm.CheckHost) vm.CheckResult {
+			return snapshotsCheck(ctx, h, c)
 		}},
 	}
 }
@@ -171,6 +178,7 @@ func (Provider) New(c config.Config, log *slog.Logger) (vm.Driver, error) {
 		LogLevel:                c.Firecracker.LogLevel,
 		SerialBytesPerSec:       serialRate(c.Firecracker.SerialBytesPerSec),
 		VMUIDBase:               c.Firecracker.VMUIDBase,
+		SnapshotRefill:          c.Firecracker.SnapshotRefill,
 		Console:                 vm.NewConsolePolicy(c.VM.ConsoleLogMaxBytes, c.VM.ConsoleLogKeep, c.VM.ConsoleLogMaxAge),
 		Logger:                  log,
 	})

@@ -36,6 +36,8 @@ const (
 	StepStartVMM       = "firerunner.StartVMM"
 	StepAddEntropy     = "firerunner.AddEntropyDevice"
 	StepLimitSerial    = "firerunner.LimitSerialConsole"
+	StepAddVsock       = "firerunner.AddVsockDevice"
+	StepLoadSnapshot   = "firerunner.LoadSnapshot"
 	StepInstanceStart  = "InstanceStart" // run by sdk.Machine.Start after the chain
 	driveIDRootfs      = "rootfs"
 	driveIDConfigDrive = "config"
@@ -50,6 +52,7 @@ type boot struct {
 	dir      string // per-VM state dir
 	socket   string // API socket, host path
 	snap     *Snapshot
+	snapMeta *snapshotMeta
 	resume   bool
 	exec     string // jailed: the canonical firecracker path (resolveExec)
 	uid, gid int    // jailed: the VMM's user (vmmUser)
@@ -163,9 +166,9 @@ func (b *boot) handlers() chain {
 	}
 	c.init = append(c.init, sdk.Handler{Name: StepStartVMM, Fn: b.startVMM}, sdk.BootstrapLoggingHandler)
 	if b.snap != nil {
-		return c.with(sdk.LoadSnapshotHandler)
+		return c.with(sdk.Handler{Name: StepLoadSnapshot, Fn: b.loadSnapshot})
 	}
-	return c.with(
+	c = c.with(
 		sdk.CreateMachineHandler,
 		sdk.CreateBootSourceHandler,
 		sdk.AttachDrivesHandler,
@@ -173,6 +176,27 @@ func (b *boot) handlers() chain {
 		sdk.Handler{Name: StepAddEntropy, Fn: b.addEntropy},
 		sdk.Handler{Name: StepLimitSerial, Fn: b.limitSerial},
 	)
+	if b.spec.Guest.Warm {
+		// Only a warm VM waits for an assignment: a cold one has no
+		// vsock device at all.
+		c = c.with(sdk.Handler{Name: StepAddVsock, Fn: b.addVsock})
+	}
+	return c
+}
+
+// addVsock attaches the vsock device of the assignment channel (PUT /vsock,
+// pre-boot; sent raw: the SDK's model adds the deprecated vsock_id).
+func (b *boot) addVsock(ctx context.Context, m *sdk.Machine) error {
+	api, _ := b.d.vsockPaths(b.spec.ID, b.jailed)
+	body, _ := json.Marshal(map[string]any{"guest_cid": vsockCID, "uds_path": api})
+	code, fault, err := apiPut(ctx, b.socket, "/vsock", body)
+	switch {
+	case err != nil:
+		return fmt.Errorf("PUT /vsock: %w", err)
+	case code != 204:
+		return fmt.Errorf("PUT /vsock: HTTP %d: %s", code, fault)
+	}
+	return nil
 }
 
 func (c chain) with(h ...sdk.Handler) chain {
@@ -214,7 +238,13 @@ func (b *boot) prepareVMDir(ctx context.Context, m *sdk.Machine) error {
 	d.mu.Lock()
 	d.runs[id] = b.vr
 	d.mu.Unlock()
-	fm := fcMeta{Jailed: b.jailed, Socket: b.socket}
+	fm := fcMeta{Jailed: b.jailed, Socket: b.socket, Vsock: b.spec.Guest.Warm}
+	if n := b.spec.Network; n != nil {
+		fm.GuestMAC = n.MAC
+	}
+	if b.snap != nil {
+		fm.Restored, fm.Snapshot = true, filepath.Dir(b.snap.StatePath)
+	}
 	if b.jailed {
 		// Recorded: everything about the VM's jail follows from this path,
 		// later too (jailExec).
@@ -332,11 +362,24 @@ func (b *boot) prepareJail(ctx context.Context, m *sdk.Machine) error {
 		}
 	}
 	if b.snap != nil {
-		if err := place(b.snap.StatePath, jailSnapVM, true); err != nil {
-			return err
-		}
-		if err := place(b.snap.MemPath, jailSnapMem, true); err != nil {
-			return err
+		// Root's and read-only in every jail: a hard link to the one
+		// snapshot (it lives in the chroot base, on the jails' mount), never
+		// given to the jail user, so no VMM can rewrite memory that backs
+		// other clones. Firecracker only reads both (File::open).
+		for _, f := range []struct{ src, jail string }{{b.snap.StatePath, jailSnapVM}, {b.snap.MemPath, jailSnapMem}} {
+			if err := readOnlyRoot(f.src); err != nil {
+				return err
+			}
+			mode, err := placeFile(f.src, d.inJail(id, f.jail))
+			if err != nil {
+				return err
+			}
+			if mode != placedLink {
+				b.d.log.Warn("snapshot file copied into the jail (no hard link possible): keep snapshots in the chroot base's file system", "vm", id, "file", f.src, "how", mode)
+				if err := os.Chmod(d.inJail(id, f.jail), 0o444); err != nil {
+					return err
+				}
+			}
 		}
 		cfg.Snapshot.SnapshotPath = jailSnapVM
 		cfg.Snapshot.MemBackend.BackendPath = sdk.String(jailSnapMem)
@@ -523,14 +566,24 @@ func (b *boot) limitSerial(ctx context.Context, m *sdk.Machine) error {
 // apiPut sends one JSON PUT to Firecracker's API socket and returns the
 // status and fault_message.
 func apiPut(ctx context.Context, socket, path string, body []byte) (int, string, error) {
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	return apiDo(ctx, http.MethodPut, socket, path, body)
+}
+
+// apiDo sends one JSON request to Firecracker's API socket and returns the
+// status and fault_message.
+func apiDo(ctx context.Context, method, socket, path string, body []byte) (int, string, error) {
+	return apiDoTimeout(ctx, method, socket, path, body, 5*time.Second)
+}
+
+func apiDoTimeout(ctx context.Context, method, socket, path string, body []byte, timeout time.Duration) (int, string, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		var d net.Dialer
 		return d.DialContext(ctx, "unix", socket)
 	}}}
 	defer hc.CloseIdleConnections()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, "http://localhost"+path, bytes.NewReader(body))
+	req, err := http.NewRequestWithContext(ctx, method, "http://localhost"+path, bytes.NewReader(body))
 	if err != nil {
 		return 0, "", err
 	}
