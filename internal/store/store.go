@@ -17,6 +17,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -440,6 +441,22 @@ func (s *Store) migrate(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// LatestSchemaVersion is the migration number this build migrates to.
+func LatestSchemaVersion() int { return len(migrations) - 1 }
+
+// ServerVersionNum is PostgreSQL's server_version_num (150018 for 15.18);
+// 0 for SQLite. Doctor checks it against the oldest supported release.
+func (s *Store) ServerVersionNum(ctx context.Context) (int, error) {
+	if !s.pg {
+		return 0, nil
+	}
+	var v string
+	if err := s.db.QueryRowContext(ctx, `SHOW server_version_num`).Scan(&v); err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(v)
 }
 
 // SchemaVersion returns the applied migration number.
