@@ -412,6 +412,7 @@ func (c *Controller) Shutdown(ctx context.Context) error {
 	if err != nil {
 		live, _ := c.liveVMs(context.WithoutCancel(ctx))
 		c.log.Warn("drain timeout: stopping remaining vms", "vms", len(live))
+		live = c.pauseIdleBeforeStop(context.WithoutCancel(ctx), live)
 		for _, v := range live {
 			if err := c.stopFor(context.WithoutCancel(ctx), v.ID, job.ReasonShutdown+": drain timeout reached"); err != nil {
 				c.log.Error("stopping vm at shutdown failed", "vm_id", v.ID, "err", err)
@@ -434,6 +435,47 @@ func (c *Controller) Shutdown(ctx context.Context) error {
 	}
 	c.log.Info("drained: no vms left")
 	return nil
+}
+
+// pauseIdleBeforeStop pauses the runners of one-off VMs that have not
+// taken a job yet, then asks GitLab whether they took one: such a runner
+// polls until its VM is gone, and a job handed to it in the drain's last
+// instant would die with the VM unrecorded (stuck "running" in GitLab
+// until its timeout). A job found is recorded on its VM, so the stop below
+// fails it with reason shutdown and the records say what happened. Each
+// call is bounded: GitLab being down must not hold the shutdown. It
+// returns the VMs re-read after the picks.
+func (c *Controller) pauseIdleBeforeStop(ctx context.Context, live []job.VM) []job.VM {
+	picked := false
+	for _, v := range live {
+		if v.State == job.VMBusy || v.PickedJobID != 0 || v.RunnerID == 0 || v.Pooled() {
+			continue
+		}
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		if !c.isPaused(v.ID) {
+			if err := c.gl.PauseRunner(cctx, v.RunnerID); err != nil && !gitlabapi.IsNotFound(err) {
+				c.vmLog(v).Warn("drain timeout: cannot pause the idle vm's runner; stopping it all the same", "err", err)
+			} else {
+				c.setPaused(v.ID)
+			}
+		}
+		jobs, err := c.gl.RunnerJobs(cctx, v.RunnerID)
+		cancel()
+		if err != nil || len(jobs) == 0 {
+			continue
+		}
+		if err := c.pickFromGitLab(ctx, v, jobs[0]); err != nil && !errors.Is(err, job.ErrStale) {
+			c.vmLog(v).Warn("drain timeout: recording the job the idle vm's runner took failed", "job_id", jobs[0].ID, "err", err)
+		}
+		picked = true
+	}
+	if !picked {
+		return live
+	}
+	if again, err := c.liveVMs(ctx); err == nil {
+		return again
+	}
+	return live
 }
 
 // waitNoVMs waits until the store has no live VM, or ctx ends.
