@@ -34,7 +34,7 @@ include $(wildcard mk/*.mk)
 # binary and the guest image first (cached by input hash, outside the clone).
 TEST_TIMEOUT ?= 25m
 .PHONY: test test-go test-fuzz fuzz lint
-test: deps lint gitlab-runner image test-go test-fuzz test-install
+test: deps lint gitlab-runner image test-go test-fuzz test-install test-fleet
 
 # FIRERUNNER_TEST_REQUIRE=1 (TEST_REQUIRE=0 to turn it off): a missing
 # prerequisite (guest image, gitlab-runner, QEMU, root, git, xz, promtool)

@@ -3,8 +3,8 @@
 # reconcilers against the zero-cost fake VM driver and a loopback GitLab stub;
 # prints a table (webhook→VM-start-request p50/p99, webhook answer p50/p99,
 # jobs/s for 1,000 jobs, CPU per job).
-.PHONY: bench bench-controller
-bench: bench-controller
+.PHONY: bench bench-controller bench-fleet
+bench: bench-controller bench-fleet
 
 bench-controller:
 	$(GO) test -run '^$$' -bench 'BenchmarkControllerOverhead' -benchtime 1x -count 1 ./internal/controller/
@@ -28,6 +28,14 @@ BENCH_STORE_JOBS ?= 1000000
 
 bench-store:
 	FIRERUNNER_BENCH_STORE_JOBS=$(BENCH_STORE_JOBS) $(GO) test -run '^$$' -bench 'BenchmarkStoreHistory' -benchtime 1x -count 1 -timeout 30m ./internal/controller/
+
+# The fleet's store (internal/controller/fleet_bench_test.go, docs/fleet.md):
+# PostgreSQL (a throwaway cluster, fsync on) next to SQLite; prints a table:
+# claims per second with three hosts racing for 3,000 waiting jobs (SQLite:
+# one host), and the controller-overhead run on each store (webhook → VM
+# start request p50/p99/max one job at a time, jobs/s with 16 senders).
+bench-fleet:
+	$(GO) test -run '^$$' -bench 'BenchmarkFleet' -benchtime 1x -count 1 -timeout 20m ./internal/controller/
 
 # Docker in a real VM (root, QEMU): VM start -> Docker ready, image pull with
 # the registry mirror's cache cold vs warm, container start, docker build of

@@ -9,6 +9,8 @@ import (
 	"sort"
 	"strings"
 	"testing"
+
+	"github.com/firerunner/firerunner/internal/testsupport/pgtest"
 )
 
 // asMain makes the test binary act as firerunner: TestCLI runs it with this
@@ -20,7 +22,7 @@ func TestMain(m *testing.M) {
 		main()
 		os.Exit(0) // main returned without exiting: the command succeeded
 	}
-	os.Exit(m.Run())
+	os.Exit(pgtest.Main(m))
 }
 
 type cliResult struct {

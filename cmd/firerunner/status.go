@@ -28,26 +28,32 @@ func status(args []string) error {
 	activeOnly := fs.Bool("active", false, "only jobs still in flight")
 	jobID := fs.Int64("job", 0, "show one job's timeline and transitions (with the VMs started for it or that ran it)")
 	vms := fs.Bool("vms", false, "show the live VMs and their runners instead of jobs")
+	fleet := fs.Bool("fleet", false, "show the fleet's hosts (state.backend postgres): alive, capacity, jobs, VMs, pools")
 	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
 	if err := cli.NoArgs(fs); err != nil {
 		return err
 	}
-	dir := *stateDir
-	if dir == "" {
-		cfg, err := config.Load(*cfgPath, daemon.Drivers())
-		if err != nil {
-			return fmt.Errorf("%w\n(or pass --state-dir)", err)
-		}
-		dir = cfg.StateDir
-	}
 	ctx := context.Background()
-	st, err := store.OpenReadOnly(ctx, dir)
+	var st *store.Store
+	var err error
+	if *stateDir != "" {
+		st, err = store.OpenReadOnly(ctx, *stateDir)
+	} else {
+		cfg, lerr := config.Load(*cfgPath, daemon.Drivers())
+		if lerr != nil {
+			return fmt.Errorf("%w\n(or pass --state-dir)", lerr)
+		}
+		st, err = daemon.OpenStore(ctx, cfg, true)
+	}
 	if err != nil {
 		return err
 	}
 	defer st.Close()
+	if *fleet {
+		return showFleet(ctx, st)
+	}
 	if *jobID != 0 {
 		return showJob(ctx, st, *jobID)
 	}
@@ -279,4 +285,50 @@ func clipReason(s string, n int) string {
 		return s[:n-1] + "…"
 	}
 	return s
+}
+
+// showFleet prints one line per host of the fleet: whether its lease runs,
+// its capacity and pools, the active jobs it claimed and its live VMs; and
+// the waiting jobs no host claimed yet.
+func showFleet(ctx context.Context, st *store.Store) error {
+	hosts, err := st.Hosts(ctx)
+	if err != nil {
+		return err
+	}
+	load, err := st.FleetLoad(ctx)
+	if err != nil {
+		return err
+	}
+	if len(hosts) == 0 {
+		fmt.Println("no hosts (state.backend sqlite keeps no fleet; a postgres host registers at start)")
+		return nil
+	}
+	now := time.Now()
+	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "HOST\tALIVE\tLAST SEEN\tCAPACITY\tMAX VMS\tQUEUED\tRUNNING\tVMS\tIN USE\tPOOLS\tNOTE")
+	for _, h := range hosts {
+		l := load[h.ID]
+		if l == nil {
+			l = &store.HostLoad{Jobs: map[job.State]int{}}
+		}
+		alive, note := "yes", ""
+		if !h.Alive(now) {
+			alive = "no"
+			switch {
+			case h.ReapedBy == h.ID:
+				note = "left after a clean drain"
+			case h.ReapedBy != "":
+				note = "lease ended; jobs reconciled by " + h.ReapedBy
+			default:
+				note = "lease ended; not reconciled yet"
+			}
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s ago\t%d vCPU / %d MiB\t%d\t%d\t%d\t%d\t%d vCPU / %d MiB\t%s\t%s\n", h.ID, alive,
+			now.Sub(h.LastSeen).Round(time.Second), h.VCPUs, h.MemoryMiB, h.MaxVMs, l.Jobs[job.Queued], l.Jobs[job.Running], l.VMs,
+			l.VCPUs, l.MemoryMiB, orDash(h.Pools), note)
+	}
+	if u := load[""]; u != nil {
+		fmt.Fprintf(w, "(unclaimed)\t\t\t\t\t%d\t%d\t\t\t\t\n", u.Jobs[job.Queued]+u.Jobs[job.New], u.Jobs[job.Running])
+	}
+	return w.Flush()
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/store"
 	"github.com/firerunner/firerunner/internal/tags"
+	"github.com/firerunner/firerunner/internal/testsupport/pgtest"
 )
 
 func captureStdout(t *testing.T, f func() error) string {
@@ -111,4 +113,55 @@ func TestStatusReadsTheStore(t *testing.T) {
 		}
 	}
 	st.Close()
+}
+
+// TestStatusFleet: --fleet reads the hosts of a PostgreSQL store named by
+// the config (state.backend postgres, the DSN in a 0600 file): a live host
+// with its claimed job, a dead one, the unclaimed jobs. A DSN file others
+// can read is refused.
+func TestStatusFleet(t *testing.T) {
+	ctx := context.Background()
+	dsn := pgtest.NewDatabase(t)
+	st, err := store.OpenPostgres(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if _, err := st.Heartbeat(ctx, store.Host{ID: "kvm-1", VCPUs: 8, MemoryMiB: 16384, MaxVMs: 4}, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Heartbeat(ctx, store.Host{ID: "kvm-2", VCPUs: 4, MemoryMiB: 8192}, time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	size, _, _ := tags.Parse([]string{"firecracker-2cpu-4gb"}, tags.Limits{})
+	for _, id := range []int64{1, 2} {
+		if _, _, err := st.Observe(ctx, store.Observation{JobID: id, ProjectID: 7, Status: "pending", Source: "webhook", At: time.Now(), Create: true}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := st.UpdateJob(ctx, id, func(j *job.Job) error { return j.Accept([]string{"firecracker-2cpu-4gb"}, size, time.Now()) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := st.Tx(ctx, func(tx *store.Tx) error { return tx.ClaimJob(1, "kvm-1") }); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	dsnFile := pgtest.DSNFile(t, dir, dsn)
+	cfgPath := filepath.Join(dir, "config.yaml")
+	if err := os.WriteFile(cfgPath, []byte("gitlab:\n  url: https://gitlab.example\nstate:\n  backend: postgres\n  postgres_dsn_file: "+dsnFile+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out := captureStdout(t, func() error { return status([]string{"--config", cfgPath, "--fleet"}) })
+	for _, want := range []string{"HOST", "kvm-1", "yes", "8 vCPU / 16384 MiB", "kvm-2", "no", "lease ended; not reconciled yet", "(unclaimed)"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status --fleet lacks %q:\n%s", want, out)
+		}
+	}
+	if err := os.Chmod(dsnFile, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	err = status([]string{"--config", cfgPath, "--fleet"})
+	if err == nil || !strings.Contains(err.Error(), "state.postgres_dsn_file") || !strings.Contains(err.Error(), "0600") || strings.Contains(err.Error(), "host=") {
+		t.Fatalf("a world-readable DSN file: %v", err)
+	}
 }

@@ -83,6 +83,18 @@ type State struct {
 	// periodic sweep; 0 = keep everything. Active jobs, live VMs and what
 	// an active job's timeline shows are never removed.
 	Retention time.Duration `yaml:"retention"`
+	// Backend is the store's database: sqlite (one host, the store in
+	// state_dir) or postgres (a fleet of hosts sharing one queue).
+	Backend string `yaml:"backend"`
+	// PostgresDSNFile holds the PostgreSQL connection string (it may carry
+	// a password: mode 0600 or stricter, never logged); backend postgres.
+	PostgresDSNFile string `yaml:"postgres_dsn_file"`
+	// HeartbeatInterval is how often a fleet host renews its lease,
+	// re-checks the other hosts' and looks for unclaimed jobs.
+	HeartbeatInterval time.Duration `yaml:"heartbeat_interval"`
+	// HostLease is how long a fleet host counts as alive after its last
+	// heartbeat; when it ends, another host reconciles its jobs.
+	HostLease time.Duration `yaml:"host_lease"`
 }
 
 // PruneBefore is the cutoff of state retention at now: records last
@@ -339,7 +351,8 @@ func Default() Config {
 		Listen:   ":8080",
 		LogLevel: "info",
 		StateDir: "/var/lib/firerunner",
-		State:    State{Retention: 14 * 24 * time.Hour},
+		State: State{Retention: 14 * 24 * time.Hour, Backend: "sqlite", PostgresDSNFile: "/etc/firerunner/.postgres_dsn",
+			HeartbeatInterval: 5 * time.Second, HostLease: 30 * time.Second},
 		GitLab: GitLab{
 			TokenFile:         "/etc/firerunner/.gitlab_token",
 			WebhookSecretFile: "/etc/firerunner/.webhook_secret",
@@ -524,6 +537,22 @@ func (c Config) Validate(drivers Drivers) error {
 	}
 	if r := c.State.Retention; r < 0 || (r > 0 && r < MinRetention) {
 		bad("state.retention", "must be 0 (keep everything) or >= %s, got %s", MinRetention, r)
+	}
+	switch c.State.Backend {
+	case "sqlite":
+	case "postgres":
+		if c.State.PostgresDSNFile == "" {
+			bad("state.postgres_dsn_file", "must be set for backend postgres")
+		}
+	default:
+		bad("state.backend", "%q is not one of sqlite, postgres", c.State.Backend)
+	}
+	if hb := c.State.HeartbeatInterval; hb < 100*time.Millisecond || hb > time.Minute {
+		bad("state.heartbeat_interval", "must be between 100ms and 1m, got %s", hb)
+	} else if c.State.HostLease < 3*hb {
+		// A lease shorter than a few heartbeats expires on one slow
+		// database round trip: a live host would be reaped.
+		bad("state.host_lease", "must be at least 3 heartbeat intervals (%s), got %s", 3*hb, c.State.HostLease)
 	}
 	if u, err := url.Parse(c.GitLab.URL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		bad("gitlab.url", "%q is not an http(s) URL", c.GitLab.URL)

@@ -280,3 +280,30 @@ func TestListenersAndTLS(t *testing.T) {
 		})
 	}
 }
+
+// TestStateBackendFields: a bad store backend, a postgres backend without
+// its DSN file, and heartbeat/lease values that would reap live hosts are
+// each one clear error.
+func TestStateBackendFields(t *testing.T) {
+	for _, tc := range []struct {
+		mod  func(c *config.Config)
+		want string
+	}{
+		{func(c *config.Config) { c.State.Backend = "mysql" }, `state.backend: "mysql" is not one of sqlite, postgres`},
+		{func(c *config.Config) { c.State.Backend, c.State.PostgresDSNFile = "postgres", "" }, "state.postgres_dsn_file: must be set for backend postgres"},
+		{func(c *config.Config) { c.State.HeartbeatInterval = 10 * time.Millisecond }, "state.heartbeat_interval: must be between 100ms and 1m, got 10ms"},
+		{func(c *config.Config) { c.State.HostLease = 10 * time.Second }, "state.host_lease: must be at least 3 heartbeat intervals (15s), got 10s"},
+	} {
+		c := valid()
+		tc.mod(&c)
+		var fe config.FieldErrors
+		if err := c.Validate(drivers); !errors.As(err, &fe) || !slices.Equal(fe, config.FieldErrors{tc.want}) {
+			t.Errorf("got %v, want %q", err, tc.want)
+		}
+	}
+	c := valid()
+	c.State.Backend = "postgres"
+	if err := c.Validate(drivers); err != nil {
+		t.Errorf("postgres with the default DSN file: %v", err)
+	}
+}

@@ -168,7 +168,15 @@ func runBenchIn(b *testing.B, dir string, n, senders int, atEnd func(m *metrics.
 			runJob(s)
 		}()
 	}})
-	st, err := store.Open(context.Background(), dir)
+	var st *store.Store
+	if benchDSN != "" { // BenchmarkFleet: the same run on PostgreSQL
+		st, err = store.OpenPostgres(context.Background(), benchDSN)
+		if err == nil {
+			_, err = st.Heartbeat(context.Background(), store.Host{ID: testHost}, time.Hour)
+		}
+	} else {
+		st, err = store.Open(context.Background(), dir)
+	}
 	if err != nil {
 		b.Fatal(err)
 	}

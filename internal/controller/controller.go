@@ -147,6 +147,16 @@ type Controller struct {
 	poolProv   runners.Pools
 	pooledSize map[[2]int]string
 
+	// fleet: the store is PostgreSQL, shared with other hosts (fleet.go).
+	// Jobs are claimed, only this host's VMs are planned and supervised
+	// here, hosts heartbeat, and the backstop poll has one leader.
+	fleet     bool
+	hbStop    chan struct{}
+	hbWG      sync.WaitGroup
+	hbOnce    sync.Once
+	poked     map[int64]bool // unclaimed waiting jobs this host told the fleet about
+	startedAt time.Time
+
 	q       *workqueue.Queue[key]
 	baseCtx context.Context
 	cancel  context.CancelFunc
@@ -192,6 +202,7 @@ func New(o Options) (*Controller, error) {
 		stopLoop: make(chan struct{}), watchers: map[string]context.CancelFunc{}, surplus: map[string]bool{}, paused: map[string]bool{},
 		checked: map[int64]time.Time{}, handed: map[string]bool{}, rotated: map[int64]bool{}, drainRotated: map[int64]bool{},
 		pooledSize: map[[2]int]string{}, pollerGrace: time.Minute,
+		fleet: o.Store.Backend() == "postgres", hbStop: make(chan struct{}), startedAt: time.Now(), poked: map[int64]bool{},
 	}
 	if c.log == nil {
 		c.log = slog.Default()
@@ -244,6 +255,19 @@ func (c *Controller) Capacity() planner.Capacity { return c.capacity }
 func (c *Controller) Start(ctx context.Context) error {
 	if err := c.prov.Init(ctx); err != nil {
 		return fmt.Errorf("runner provider: %w", err)
+	}
+	if c.fleet {
+		// Join before the first sweep: a host without a lease may not claim.
+		if err := c.heartbeat(ctx); err != nil {
+			return fmt.Errorf("joining the fleet: %w", err)
+		}
+		c.hbWG.Add(2)
+		go c.fleetLoop()
+		go func() {
+			defer c.hbWG.Done()
+			// Another host could not take a job: plan now, not at the next heartbeat.
+			c.store.Listen(c.baseCtx, func() { c.q.Add(planKey) })
+		}()
 	}
 	if err := c.sweep(ctx); err != nil {
 		return fmt.Errorf("initial reconcile: %w", err)
@@ -337,7 +361,7 @@ func (c *Controller) Snapshot() metrics.Snapshot {
 		s.PoolPolling[tag] = 0
 	}
 	shared := map[int64]bool{} // a pool's runner counts once, however many VMs use it
-	if live, err := c.store.ListVMs(ctx, true, 0); err == nil {
+	if live, err := c.liveVMs(ctx); err == nil {
 		for _, v := range live {
 			if v.Pooled() && v.State == job.VMStarting && v.Timeline.Exited.IsZero() && len(v.Tags) > 0 {
 				s.PoolPolling[v.Tags[0]]++
@@ -386,8 +410,9 @@ func (c *Controller) Shutdown(ctx context.Context) error {
 	err := c.waitNoVMs(drainCtx)
 	cancel()
 	if err != nil {
-		live, _ := c.store.ListVMs(context.WithoutCancel(ctx), true, 0)
+		live, _ := c.liveVMs(context.WithoutCancel(ctx))
 		c.log.Warn("drain timeout: stopping remaining vms", "vms", len(live))
+		live = c.pauseIdleBeforeStop(context.WithoutCancel(ctx), live)
 		for _, v := range live {
 			if err := c.stopFor(context.WithoutCancel(ctx), v.ID, job.ReasonShutdown+": drain timeout reached"); err != nil {
 				c.log.Error("stopping vm at shutdown failed", "vm_id", v.ID, "err", err)
@@ -402,6 +427,9 @@ func (c *Controller) Shutdown(ctx context.Context) error {
 	if perr := c.prov.Shutdown(context.WithoutCancel(ctx)); perr != nil && err == nil {
 		err = perr
 	}
+	if c.fleet {
+		c.leaveFleet(context.WithoutCancel(ctx), err == nil)
+	}
 	if err != nil {
 		return fmt.Errorf("shutdown: cleanup not finished: %w (reconcile finishes it on next start)", err)
 	}
@@ -409,12 +437,53 @@ func (c *Controller) Shutdown(ctx context.Context) error {
 	return nil
 }
 
+// pauseIdleBeforeStop pauses the runners of one-off VMs that have not
+// taken a job yet, then asks GitLab whether they took one: such a runner
+// polls until its VM is gone, and a job handed to it in the drain's last
+// instant would die with the VM unrecorded (stuck "running" in GitLab
+// until its timeout). A job found is recorded on its VM, so the stop below
+// fails it with reason shutdown and the records say what happened. Each
+// call is bounded: GitLab being down must not hold the shutdown. It
+// returns the VMs re-read after the picks.
+func (c *Controller) pauseIdleBeforeStop(ctx context.Context, live []job.VM) []job.VM {
+	picked := false
+	for _, v := range live {
+		if v.State == job.VMBusy || v.PickedJobID != 0 || v.RunnerID == 0 || v.Pooled() {
+			continue
+		}
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		if !c.isPaused(v.ID) {
+			if err := c.gl.PauseRunner(cctx, v.RunnerID); err != nil && !gitlabapi.IsNotFound(err) {
+				c.vmLog(v).Warn("drain timeout: cannot pause the idle vm's runner; stopping it all the same", "err", err)
+			} else {
+				c.setPaused(v.ID)
+			}
+		}
+		jobs, err := c.gl.RunnerJobs(cctx, v.RunnerID)
+		cancel()
+		if err != nil || len(jobs) == 0 {
+			continue
+		}
+		if err := c.pickFromGitLab(ctx, v, jobs[0]); err != nil && !errors.Is(err, job.ErrStale) {
+			c.vmLog(v).Warn("drain timeout: recording the job the idle vm's runner took failed", "job_id", jobs[0].ID, "err", err)
+		}
+		picked = true
+	}
+	if !picked {
+		return live
+	}
+	if again, err := c.liveVMs(ctx); err == nil {
+		return again
+	}
+	return live
+}
+
 // waitNoVMs waits until the store has no live VM, or ctx ends.
 func (c *Controller) waitNoVMs(ctx context.Context) error {
 	t := time.NewTicker(20 * time.Millisecond)
 	defer t.Stop()
 	for {
-		live, err := c.store.ListVMs(ctx, true, 0)
+		live, err := c.liveVMs(ctx)
 		if err == nil && len(live) == 0 {
 			return nil
 		}

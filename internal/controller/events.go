@@ -35,7 +35,7 @@ func (c *Controller) HandleJobEvent(ctx context.Context, ev webhook.JobEvent) er
 		if err != nil && !errors.Is(err, store.ErrNotFound) {
 			return err
 		}
-		o.Create = err == nil && v.HostID == c.host
+		o.Create = err == nil && (v.HostID == c.host || c.fleet) // in a fleet, any host's VM is the fleet's
 	}
 	known, changed, err := c.store.Observe(ctx, o)
 	if err != nil {

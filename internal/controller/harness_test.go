@@ -22,6 +22,7 @@ import (
 	"github.com/firerunner/firerunner/internal/tags"
 	"github.com/firerunner/firerunner/internal/testenv"
 	fake "github.com/firerunner/firerunner/internal/testsupport/fakevm"
+	"github.com/firerunner/firerunner/internal/testsupport/pgtest"
 	"github.com/firerunner/firerunner/internal/vm"
 	"github.com/firerunner/firerunner/internal/webhook"
 )
@@ -54,6 +55,21 @@ type harness struct {
 	api         *gitlabapi.Client
 	stopd       bool
 	pollerGrace time.Duration // pooled mode: Controller.pollerGrace (0: its default)
+	// dsn, when set, puts the store in that PostgreSQL database (fleet
+	// mode) instead of SQLite in dir; host is the host id ("" = testHost).
+	dsn  string
+	host string
+}
+
+// onPostgres makes newHarness put its store in a fresh PostgreSQL database
+// (TestOnPostgres runs existing tests that way).
+var onPostgres bool
+
+func (h *harness) hostID() string {
+	if h.host != "" {
+		return h.host
+	}
+	return testHost
 }
 
 func testConfig(glURL string) config.Config {
@@ -75,6 +91,9 @@ func newHarness(t *testing.T, mod func(h *harness)) *harness {
 		capa: planner.Capacity{VCPUs: 16, MemoryMiB: 64 * 1024, MaxVMs: 8}}
 	h.pid = h.gl.proj.ID
 	h.cfg = testConfig(h.gl.URL())
+	if onPostgres {
+		h.dsn = pgtest.NewDatabase(t)
+	}
 	if mod != nil {
 		mod(h)
 	}
@@ -87,7 +106,14 @@ func (h *harness) start() {
 	t := h.t
 	t.Helper()
 	ctx := context.Background()
-	st, err := store.Open(ctx, h.dir)
+	var st *store.Store
+	var err error
+	if h.dsn != "" {
+		h.cfg.State.Backend = "postgres"
+		st, err = store.OpenPostgres(ctx, h.dsn)
+	} else {
+		st, err = store.Open(ctx, h.dir)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,7 +128,7 @@ func (h *harness) start() {
 	}
 	h.api = api
 	oc := runners.OneOffConfig{Scope: h.cfg.Runners.Scope, GroupID: h.cfg.Runners.GroupID,
-		MaximumTimeout: h.cfg.Runners.MaximumTimeout, DescriptionPrefix: h.cfg.Runners.DescriptionPrefix, HostID: testHost}
+		MaximumTimeout: h.cfg.Runners.MaximumTimeout, DescriptionPrefix: h.cfg.Runners.DescriptionPrefix, HostID: h.hostID()}
 	var prov runners.Provider
 	if h.cfg.Runners.Mode == "pooled" {
 		pc := runners.PooledConfig{OneOffConfig: oc}
@@ -120,7 +146,7 @@ func (h *harness) start() {
 	if h.driver != nil {
 		drv = h.driver
 	}
-	c, err = New(Options{Config: h.cfg, HostID: testHost, Store: st, Driver: drv, GitLab: api, Runners: prov, Metrics: m, Logger: log,
+	c, err = New(Options{Config: h.cfg, HostID: h.hostID(), Store: st, Driver: drv, GitLab: api, Runners: prov, Metrics: m, Logger: log,
 		Capacity: h.capa, Network: h.net, Image: vm.Image{Kernel: "/img/vmlinux", Initrd: "/img/initrd.img", Rootfs: "/img/rootfs.ext4"}})
 	if err != nil {
 		t.Fatal(err)
@@ -157,6 +183,8 @@ func (h *harness) crash() {
 	h.c.running.Wait()
 	h.c.cancel()
 	h.c.watchWG.Wait()
+	h.c.hbOnce.Do(func() { close(h.c.hbStop) })
+	h.c.hbWG.Wait()
 	h.st.Close()
 }
 

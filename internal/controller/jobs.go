@@ -70,7 +70,7 @@ func (c *Controller) admitJob(ctx context.Context, j job.Job) error {
 	oursRan := false
 	if rid := max(gj.RunnerID, j.GitLabRunner); rid != 0 {
 		v, err := c.store.VMByRunner(ctx, rid)
-		oursRan = err == nil && v.HostID == c.host
+		oursRan = err == nil && (v.HostID == c.host || c.fleet)
 	}
 	j, err = c.store.UpdateJob(ctx, j.ID, func(r *job.Job) error {
 		r.Observe(gj.Status, gj.RunnerID, time.Now())
@@ -126,6 +126,9 @@ func (c *Controller) reconcileQueued(ctx context.Context, j job.Job) error {
 	}
 	if job.StatusFinal(j.GitLabStatus) {
 		return c.finishJob(ctx, j, j.GitLabStatus, false)
+	}
+	if c.fleet && j.HostID != "" && j.HostID != c.host {
+		return nil // another host claimed it: it plans, times out and retries it
 	}
 	if c.checkDue(j) {
 		gj, err := c.gl.GetJob(ctx, j.ProjectID, j.ID)
@@ -194,7 +197,7 @@ func (c *Controller) reconcileRunning(ctx context.Context, j job.Job) error {
 	if over.IsZero() {
 		over = v.Timeline.StopRequested
 	}
-	if time.Since(over) > vmLostGrace || gitlabapi.IsNotFound(err) {
+	if time.Since(over) > vmLostGrace || gitlabapi.IsNotFound(err) || job.ReasonKey(v.Reason) == job.ReasonHostLost {
 		reason := job.ReasonVMLost + ": its VM ended and GitLab never reported the job's end"
 		if v.Reason != "" && v.Reason != job.ReasonRanJob {
 			reason = v.Reason
@@ -231,7 +234,9 @@ func (c *Controller) recordPick(ctx context.Context, id, runnerID int64, confirm
 		if err != nil && !errors.Is(err, store.ErrNotFound) {
 			return err
 		}
-		ours = err == nil && v.HostID == c.host && v.State != job.VMGone
+		// In a fleet, a VM of any host is ours: its record is in the shared
+		// store, and its host supervises it.
+		ours = err == nil && (v.HostID == c.host || c.fleet) && v.State != job.VMGone
 		if err == nil && v.Pooled() {
 			// A pool's shared runner: many VMs use it. The job API's
 			// runner_manager (a VM's system_id) says which one took it.
@@ -309,7 +314,7 @@ func (c *Controller) recordPick(ctx context.Context, id, runnerID int64, confirm
 	} else if !ours {
 		c.jobLog(j).Info("job taken by a runner that is not one of this host's VMs", "runner_id", runnerID)
 	}
-	if ours {
+	if ours && v.HostID == c.host {
 		c.q.Add(vmKey(v.ID))
 	}
 	c.q.Add(planKey)

@@ -27,11 +27,15 @@ func (c *Controller) reconcilePlan(ctx context.Context) error {
 		verified[id] = true
 	}
 	c.mu.Unlock()
-	queued, err := c.store.ListJobs(ctx, store.Filter{State: job.Queued})
+	f := store.Filter{State: job.Queued}
+	if c.fleet {
+		f.ClaimableBy = c.host // its own claims and the unclaimed ones
+	}
+	queued, err := c.store.ListJobs(ctx, f)
 	if err != nil {
 		return err
 	}
-	live, err := c.store.ListVMs(ctx, true, 0)
+	live, err := c.liveVMs(ctx)
 	if err != nil {
 		return err
 	}
@@ -46,7 +50,11 @@ func (c *Controller) reconcilePlan(ctx context.Context) error {
 		// A job not re-read since a restart, or that an event says was
 		// taken or ended (not yet confirmed with GitLab), keeps an idle VM
 		// that can take it, but gets no new one.
-		ready := !now.Before(j.NotBefore) && verified[j.ID] && job.StatusRank(j.GitLabStatus) < 2
+		// In a fleet, an unclaimed job's record is as fresh as the fleet:
+		// the host that stored it read it from GitLab (or re-queued it after
+		// reading it), and any host's webhooks keep it current.
+		fresh := verified[j.ID] || (c.fleet && j.HostID == "")
+		ready := !now.Before(j.NotBefore) && fresh && job.StatusRank(j.GitLabStatus) < 2
 		in.Jobs = append(in.Jobs, planner.Job{ID: j.ID, Pool: c.pool(j.ProjectID), Tags: j.TagSet(), VCPUs: j.VCPUs, MemoryMiB: j.MemoryMiB,
 			Ready: ready, Pooled: c.fitsPool(j)})
 	}
@@ -70,6 +78,9 @@ func (c *Controller) reconcilePlan(ctx context.Context) error {
 	old := c.surplus
 	c.surplus, c.waiting = surplus, len(p.Waiting)
 	c.mu.Unlock()
+	if c.fleet {
+		c.pokeFleet(ctx, p.Waiting, byID, now)
+	}
 	for id := range surplus {
 		if !old[id] {
 			c.q.Add(vmKey(id))
@@ -78,12 +89,24 @@ func (c *Controller) reconcilePlan(ctx context.Context) error {
 	var errs []error
 	for _, id := range p.TooBig {
 		j := byID[id]
+		if c.fleet && c.fitsElsewhere(ctx, j) {
+			continue // a larger host of the fleet takes it
+		}
 		errs = append(errs, c.giveUp(ctx, j, fmt.Sprintf("%s: %d vCPUs / %d MiB is more than the host's %d vCPUs / %d MiB",
 			job.ReasonTooBig, j.VCPUs, j.MemoryMiB, c.capacity.VCPUs, c.capacity.MemoryMiB)))
 	}
 	for _, rt := range p.Retarget {
 		j := byID[rt.JobID]
-		_, err := c.store.UpdateVM(ctx, rt.VMID, func(v *job.VM) error { return v.Retarget(j) })
+		err := c.store.Tx(ctx, func(tx *store.Tx) error {
+			if err := c.claim(tx, j); err != nil {
+				return err
+			}
+			_, err := tx.UpdateVM(rt.VMID, func(v *job.VM) error { return v.Retarget(j) })
+			return err
+		})
+		if errors.Is(err, store.ErrNotClaimed) {
+			continue
+		}
 		if err != nil && !errors.Is(err, job.ErrStale) {
 			errs = append(errs, err)
 			continue
@@ -94,8 +117,14 @@ func (c *Controller) reconcilePlan(ctx context.Context) error {
 	}
 	for _, a := range p.Assign {
 		j := byID[a.JobID]
-		if _, err := c.store.UpdateVM(ctx, a.VMID, func(v *job.VM) error { return v.AssignTo(j, now) }); err != nil {
-			if !errors.Is(err, job.ErrStale) {
+		if err := c.store.Tx(ctx, func(tx *store.Tx) error {
+			if err := c.claim(tx, j); err != nil {
+				return err
+			}
+			_, err := tx.UpdateVM(a.VMID, func(v *job.VM) error { return v.AssignTo(j, now) })
+			return err
+		}); err != nil {
+			if !errors.Is(err, job.ErrStale) && !errors.Is(err, store.ErrNotClaimed) {
 				errs = append(errs, err)
 			}
 			c.log.Debug("warm vm not assigned: it moved on", "vm_id", a.VMID, "job_id", j.ID, "err", err)
@@ -108,8 +137,15 @@ func (c *Controller) reconcilePlan(ctx context.Context) error {
 	for _, s := range p.Start {
 		j := byID[s.JobID]
 		v := job.PlanVM(job.NewVMID(), c.host, j, now)
-		if err := c.store.Tx(ctx, func(tx *store.Tx) error { return tx.CreateVM(&v) }); err != nil {
-			errs = append(errs, err)
+		if err := c.store.Tx(ctx, func(tx *store.Tx) error {
+			if err := c.claim(tx, j); err != nil {
+				return err
+			}
+			return tx.CreateVM(&v)
+		}); err != nil {
+			if !errors.Is(err, store.ErrNotClaimed) {
+				errs = append(errs, err)
+			}
 			continue
 		}
 		if _, pooled := c.pools[[2]int{j.VCPUs, j.MemoryMiB}]; pooled {
@@ -119,8 +155,17 @@ func (c *Controller) reconcilePlan(ctx context.Context) error {
 	}
 	for _, r := range p.Refill {
 		v := job.PlanWarmVM(job.NewVMID(), c.host, r.VCPUs, r.MemoryMiB, now)
-		if err := c.store.Tx(ctx, func(tx *store.Tx) error { return tx.CreateVM(&v) }); err != nil {
-			errs = append(errs, err)
+		if err := c.store.Tx(ctx, func(tx *store.Tx) error {
+			if c.fleet {
+				if ok, err := tx.HostAlive(c.host); err != nil || !ok {
+					return errors.Join(err, store.ErrNotClaimed)
+				}
+			}
+			return tx.CreateVM(&v)
+		}); err != nil {
+			if !errors.Is(err, store.ErrNotClaimed) {
+				errs = append(errs, err)
+			}
 			continue
 		}
 		c.q.Add(vmKey(v.ID))

@@ -369,3 +369,44 @@ func TestIdleStopPausesTheRunnerFirst(t *testing.T) {
 	h.waitState(a, job.Done)
 	h.clean()
 }
+
+// TestDrainTimeoutPausesIdleRunners: at the drain timeout the VMs left are
+// killed. An idle VM's runner may have taken its job in the last instant
+// (its "running" hook not yet here): the runner is paused first, so it
+// takes nothing more, and GitLab is asked what it took, so the job's record
+// says the drain killed it on that VM rather than waiting for a VM that is
+// gone.
+func TestDrainTimeoutPausesIdleRunners(t *testing.T) {
+	h := newHarness(t, func(h *harness) { h.cfg.Limits.DrainTimeout = 300 * time.Millisecond })
+	a := h.newJob(tag2x4)
+	va := h.waitStarted(a)
+	var paused atomic.Bool
+	runnerPath := fmt.Sprintf("/api/v4/runners/%d", va.RunnerID)
+	h.gl.AfterRequest(func(r gitlabstandin.Request) {
+		if r.Method == http.MethodPut && r.Path == runnerPath {
+			if rr, ok := h.gl.Runner(va.RunnerID); ok && rr.Paused {
+				paused.Store(true)
+			}
+		}
+	})
+	// The runner takes the job; its hook is never sent.
+	if took := h.gl.request(va.RunnerID); took != a {
+		t.Fatalf("runner took %d, want %d", took, a)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := h.c.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	h.stopd = true
+	h.gl.AfterRequest(nil)
+	if !paused.Load() {
+		t.Fatal("the idle VM's runner was not paused before its VM was killed")
+	}
+	if j := h.job(a); j.State != job.Failed || job.ReasonKey(j.Reason) != job.ReasonShutdown || j.VMID != va.ID {
+		t.Fatalf("job killed by the drain: %s %q on %q, want failed shutdown on %s", j.State, j.Reason, j.VMID, va.ID)
+	}
+	if list, _ := h.drv.List(context.Background()); len(list) != 0 || len(h.gl.runnerList()) != 0 {
+		t.Fatal("drain leaked vms or runners")
+	}
+}

@@ -52,11 +52,15 @@ func (c *Controller) ReconcileOnce(ctx context.Context) {
 //
 // Each correction is logged and counted; errors do not stop later steps.
 func (c *Controller) sweep(ctx context.Context) error {
-	active, err := c.store.ListJobs(ctx, store.Filter{ActiveOnly: true})
+	f := store.Filter{ActiveOnly: true}
+	if c.fleet {
+		f.ClaimableBy = c.host // other hosts reconcile theirs
+	}
+	active, err := c.store.ListJobs(ctx, f)
 	if err != nil {
 		return err
 	}
-	live, err := c.store.ListVMs(ctx, true, 0)
+	live, err := c.liveVMs(ctx)
 	if err != nil {
 		return err
 	}
@@ -65,12 +69,19 @@ func (c *Controller) sweep(ctx context.Context) error {
 	}
 	for _, v := range live {
 		c.q.Add(vmKey(v.ID))
+		if v.PickedJobID != 0 {
+			c.q.Add(jobKey(v.PickedJobID)) // in a fleet it may be another host's claim
+		}
 	}
 	c.q.Add(planKey)
 	c.sweepHost(ctx)
 	c.sweepRunners(ctx)
-	c.poll(ctx)
-	c.logPruned(c.store.Prune(ctx, c.cfg.State.PruneBefore(time.Now())))
+	// In a fleet the backstop poll and pruning are the leader's: every
+	// host polling would multiply GitLab's load by the fleet's size.
+	if c.leads(ctx) {
+		c.poll(ctx)
+		c.logPruned(c.store.Prune(ctx, c.cfg.State.PruneBefore(time.Now())))
+	}
 	if err := c.store.Checkpoint(ctx); err != nil {
 		c.log.Warn("reconcile: store checkpoint failed", "err", err)
 	}

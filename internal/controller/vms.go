@@ -28,6 +28,9 @@ func (c *Controller) reconcileVM(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
+	if c.fleet && v.HostID != c.host {
+		return nil // another host's VM: its VMM is not here
+	}
 	switch v.State {
 	case job.VMPending:
 		if v.ForJob == 0 {
@@ -376,6 +379,9 @@ func (c *Controller) failAttempt(ctx context.Context, v job.VM, reason string, p
 				}
 				r.Attempts++
 				return r.GiveUp(reason)
+			}
+			if c.fleet {
+				r.HostID = "" // the retry may go to any host with room
 			}
 			return r.Retry(reason, now.Add(c.backoff(r.Attempts+1)))
 		})

@@ -18,12 +18,17 @@ func (c *Controller) watch(id string) {
 		return
 	}
 	ctx, cancel := context.WithCancel(c.baseCtx)
-	c.watchers[id] = cancel
+	done := make(chan struct{})
+	// Unwatching waits for the watcher: an exit it is recording lands in
+	// the record before the VM is torn down (on PostgreSQL, a stop's
+	// transactions could otherwise overtake it and the exit code be lost).
+	c.watchers[id] = func() { cancel(); <-done }
 	c.watchWG.Add(1)
 	go func() {
 		defer c.watchWG.Done()
+		defer close(done)
 		res, err := c.drv.Wait(ctx, id)
-		if ctx.Err() != nil {
+		if ctx.Err() != nil && err != nil {
 			return // unwatched: the VM is being stopped
 		}
 		var code *int
@@ -36,7 +41,12 @@ func (c *Controller) watch(id string) {
 		default:
 			code = &res.ExitCode
 		}
-		if _, err := c.store.UpdateVM(ctx, id, func(v *job.VM) error { v.Exited(code, reason, time.Now()); return nil }); err != nil {
+		// The exit is a fact: record it even when a stop of the VM races
+		// with it and unwatches it (on PostgreSQL the stop may hold the
+		// VM's row while this waits for it).
+		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer rcancel()
+		if _, err := c.store.UpdateVM(rctx, id, func(v *job.VM) error { v.Exited(code, reason, time.Now()); return nil }); err != nil {
 			c.log.Error("recording vm exit failed", "vm_id", id, "err", err)
 		}
 		// The watcher entry stays until stopVM: the VM is accounted for.
@@ -53,11 +63,12 @@ func (c *Controller) watching(id string) bool {
 
 func (c *Controller) unwatch(id string) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	delete(c.paused, id)
-	if cancel, ok := c.watchers[id]; ok {
-		cancel()
-		delete(c.watchers, id)
+	stop, ok := c.watchers[id]
+	delete(c.watchers, id)
+	c.mu.Unlock()
+	if ok {
+		stop() // outside c.mu: it waits for the watcher's last write
 	}
 }
 

@@ -112,7 +112,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Daemon,
 	if err != nil {
 		return nil, err
 	}
-	if d.Store, err = store.Open(ctx, cfg.StateDir); err != nil {
+	if d.Store, err = OpenStore(ctx, cfg, false); err != nil {
 		return nil, err
 	}
 	defer func() {
@@ -144,7 +144,7 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Daemon,
 	}
 	log.Info("firerunner serving", "host_id", hostID, "listen", d.Addr(), "tls", cfg.TLS.Enabled(), "metrics_listen", d.MetricsAddr(),
 		"gitlab", cfg.GitLab.URL, "driver", cfg.VM.Driver,
-		"network", cfg.Network.Mode, "state_dir", cfg.StateDir, "image", d.Image.Dir,
+		"network", cfg.Network.Mode, "state_dir", cfg.StateDir, "store", d.Store.Backend(), "image", d.Image.Dir,
 		"poll_projects", fmt.Sprint(cfg.Reconcile.PollProjects), "poll_groups", fmt.Sprint(cfg.Reconcile.PollGroups))
 	return d, nil
 }
@@ -282,4 +282,25 @@ func provider(cfg config.Config, api *gitlabapi.Client, o runners.OneOffConfig) 
 		pc.Pools = append(pc.Pools, size.Tag())
 	}
 	return runners.NewPooled(api, pc)
+}
+
+// OpenStore opens the store cfg.state.backend names: SQLite in state_dir,
+// or PostgreSQL with the connection string read from
+// state.postgres_dsn_file (0600 or stricter, like every secret file; the
+// string is never logged). readOnly opens it for inspection (status).
+func OpenStore(ctx context.Context, cfg config.Config, readOnly bool) (*store.Store, error) {
+	if cfg.State.Backend != "postgres" {
+		if readOnly {
+			return store.OpenReadOnly(ctx, cfg.StateDir)
+		}
+		return store.Open(ctx, cfg.StateDir)
+	}
+	dsn, err := config.ReadSecret(cfg.State.PostgresDSNFile)
+	if err != nil {
+		return nil, fmt.Errorf("state.postgres_dsn_file: %w", err)
+	}
+	if readOnly {
+		return store.OpenPostgresReadOnly(ctx, dsn)
+	}
+	return store.OpenPostgres(ctx, dsn)
 }

@@ -126,7 +126,7 @@ func Run(ctx context.Context, env Env) Report {
 	checks := []check{checkConfig, checkKVMDevice, checkCPUVirt, checkImage}
 	checks = append(checks, driverChecks(&env)...)
 	checks = append(checks, checkCgroup, checkTun, checkNetwork, checkDisk, checkMemory, checkCPUs,
-		checkGitLabReachable, checkToken, checkWebhookSecret)
+		checkState, checkGitLabReachable, checkToken, checkWebhookSecret)
 	r := Report{OK: true}
 	for _, c := range checks {
 		res := c(ctx, &env)

@@ -127,6 +127,7 @@ const (
 	ReasonVMLost       = "vm_lost"         // the VM that ran the job is gone and GitLab never ended the job
 	ReasonPoolIdle     = "idle_timeout"    // a pool's warm VM waited longer than its pool's idle_timeout
 	ReasonTokenRotated = "token_rotated"   // a VM on a pool's shared runner whose token was rotated (restart, pool removed) took no job
+	ReasonHostLost     = "host_lost"       // the fleet host the VM ran on stopped heartbeating; another host reconciled its jobs
 )
 
 // GitLab job statuses FireRunner distinguishes.
@@ -169,6 +170,10 @@ type Job struct {
 	VCPUs       int
 	MemoryMiB   int
 	Source      string // how FireRunner learned of it: webhook, poll, picked
+	// HostID is the host that claimed the waiting job (a fleet on one
+	// PostgreSQL store): only it plans VMs for the job. Empty: unclaimed,
+	// and always on a single host's store.
+	HostID string
 
 	State  State
 	Reason string // for failed/canceled/ignored; the last retry reason while queued

@@ -49,6 +49,10 @@ type Metrics struct {
 	PoolJobs        *prometheus.CounterVec // size, result (hit|miss)
 	PoolHandovers   *prometheus.CounterVec // size: warm VMs given their pool's shared runner
 	TokenRotations  prometheus.Counter     // shared runners' tokens rotated (restart, drain, pool removed)
+	// A fleet on one PostgreSQL store: the host label tells the hosts'
+	// series apart where Prometheus scrapes them all into one view.
+	HostInfo *prometheus.GaugeVec   // host, backend: 1
+	Fleet    *prometheus.CounterVec // host, event
 }
 
 // New registers all collectors on a fresh registry (plus Go/process
@@ -87,9 +91,13 @@ func New(snap func() Snapshot) *Metrics {
 			Help: "Warm VMs handed their pool's shared runner (runners.mode pooled), by size."}, []string{"size"}),
 		TokenRotations: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "runner_token_rotations_total",
 			Help: "Shared runners' tokens rotated so that no VM holding the old token can take a job (restart, drain, pool removed)."}),
+		HostInfo: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "host_info",
+			Help: "Always 1: this FireRunner's host id and store backend (sqlite, postgres), to join other series by host."}, []string{"host", "backend"}),
+		Fleet: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "fleet_events_total",
+			Help: "Fleet coordination on a shared PostgreSQL store, by host and event (claimed, claim_lost, heartbeat_failed, reaped_host, job_requeued, job_host_lost, runner_deleted, was_reaped)."}, []string{"host", "event"}),
 	}
 	reg.MustRegister(m.WebhookRejects, m.WebhookEvents, m.APIErrors, m.TagRejects, m.JobsFinished,
-		m.RunnerLimitHits, m.Reconcile, m.StageDuration, m.Attempts, m.VMsFinished, m.WebhookLatency, m.PoolJobs, m.PoolHandovers, m.TokenRotations, &snapshotCollector{snap: snap},
+		m.RunnerLimitHits, m.Reconcile, m.StageDuration, m.Attempts, m.VMsFinished, m.WebhookLatency, m.PoolJobs, m.PoolHandovers, m.TokenRotations, m.HostInfo, m.Fleet, &snapshotCollector{snap: snap},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

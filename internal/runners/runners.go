@@ -256,3 +256,24 @@ func (o *OneOff) Owned(ctx context.Context) ([]Owned, error) {
 func (o *OneOff) Delete(ctx context.Context, runnerID int64) error {
 	return o.api.DeleteRunner(ctx, runnerID)
 }
+
+// OwnedBy lists the runners in GitLab whose description names host (not
+// this provider's host): a fleet host whose lease ended is reaped by
+// another, which deletes them (controller.reapHost).
+func (o *OneOff) OwnedBy(ctx context.Context, host string) ([]Owned, error) {
+	other := *o
+	other.cfg.HostID = host
+	other.re = regexp.MustCompile(`^` + regexp.QuoteMeta(o.cfg.DescriptionPrefix) + ` ` + regexp.QuoteMeta(host) + ` vm (fr-[a-z0-9]+) job ([0-9]+)( |$)`)
+	out, err := other.Owned(ctx)
+	if err != nil {
+		return nil, err
+	}
+	// Legacy descriptions name no host: never another host's to delete.
+	mine := out[:0]
+	for _, r := range out {
+		if !r.Legacy {
+			mine = append(mine, r)
+		}
+	}
+	return mine, nil
+}

@@ -81,7 +81,7 @@ func (s *Store) Prune(ctx context.Context, before time.Time) (Pruned, error) {
 			var n int
 			t0 := time.Now()
 			err := s.Tx(ctx, func(tx *Tx) error {
-				rows, err := tx.tx.QueryContext(ctx, k.pick, cut, pruneBatch)
+				rows, err := tx.query(k.pick, cut, pruneBatch)
 				ids, err := scanRows(rows, err, func(r scanner) (any, error) {
 					var id any
 					return id, r.Scan(&id)
@@ -91,7 +91,7 @@ func (s *Store) Prune(ctx context.Context, before time.Time) (Pruned, error) {
 				}
 				arg, _ := json.Marshal(ids)
 				for i, q := range k.del {
-					res, err := tx.tx.ExecContext(ctx, q, string(arg))
+					res, err := tx.exec(s.pruneSQL(q), string(arg))
 					if err != nil {
 						return err
 					}

@@ -91,9 +91,9 @@ func (h history) date(id int64, vmID string, runner int64, at time.Time) {
 		{`UPDATE transitions SET at = ?1 WHERE job_id = ?2`, id},
 		{`UPDATE vms SET updated_at = ?1, created_at = ?1 WHERE vm_id = ?2`, vmID},
 		{`UPDATE vm_transitions SET at = ?1 WHERE vm_id = ?2`, vmID},
-		{`UPDATE runners SET created_at = ?1, deleted_at = CASE WHEN deleted_at = 0 THEN 0 ELSE ?1 END WHERE runner_id = ?2`, runner},
+		{`UPDATE runners SET created_at = ?1, deleted_at = CASE WHEN deleted_at = 0 THEN 0 ELSE CAST(?1 AS BIGINT) END WHERE runner_id = ?2`, runner},
 	} {
-		if _, err := h.s.db.Exec(q.sql, at.UnixNano(), q.arg); err != nil {
+		if _, err := h.s.db.Exec(h.s.bind(q.sql), at.UnixNano(), q.arg); err != nil {
 			h.t.Fatal(err)
 		}
 	}
@@ -111,9 +111,11 @@ func (h history) rows(table string) int {
 // their gone VMs (and those VMs' transitions) and their deleted runners;
 // recent history, active jobs, live VMs and what an active job's timeline
 // shows stay; the per-state job counts stay exact.
-func TestPrune(t *testing.T) {
+func TestPrune(t *testing.T) { eachBackend(t, testPrune) }
+
+func testPrune(t *testing.T, b backend) {
 	ctx := context.Background()
-	s := open(t, t.TempDir())
+	s := b.open(t)
 	h := history{t, s}
 	old, recent := time.Now().Add(-20*24*time.Hour), time.Now().Add(-2*24*time.Hour)
 	h.job(1, job.Done, false, old)
@@ -174,11 +176,13 @@ func TestPrune(t *testing.T) {
 
 // Prune works in batches and stops at its per-call bound; the next call
 // goes on.
-func TestPruneBatches(t *testing.T) {
+func TestPruneBatches(t *testing.T) { eachBackend(t, testPruneBatches) }
+
+func testPruneBatches(t *testing.T, b backend) {
 	defer func(b, m int) { pruneBatch, pruneMaxPerCall = b, m }(pruneBatch, pruneMaxPerCall)
 	pruneBatch, pruneMaxPerCall = 3, 6
 	ctx := context.Background()
-	s := open(t, t.TempDir())
+	s := b.open(t)
 	h := history{t, s}
 	old := time.Now().Add(-30 * 24 * time.Hour)
 	for id := int64(1); id <= 10; id++ {

@@ -14,7 +14,7 @@ import (
 
 var jobCols = []string{"job_id", "project_id", "project_path", "pipeline_id", "name", "ref", "tags", "size_tag", "vcpus", "memory_mib", "source",
 	"state", "reason", "attempts", "not_before", "gitlab_status", "gitlab_runner", "observed_at", "vm_id", "runner_id", "exit_code",
-	"created_at", "updated_at", "t_webhook", "t_tags", "t_vm_start_req", "t_job_picked", "t_finished"}
+	"created_at", "updated_at", "t_webhook", "t_tags", "t_vm_start_req", "t_job_picked", "t_finished", "host_id"}
 
 var vmCols = []string{"vm_id", "host_id", "for_job", "project_id", "tags", "vcpus", "memory_mib", "state", "reason", "runner_id", "tags_stale",
 	"picked_job_id", "exit_code", "exit_reason", "created_at", "updated_at", "t_planned", "t_runner_created", "t_start_req",
@@ -40,6 +40,8 @@ func selectSQL(table string, cols []string, where string) string {
 // vms_runner (TestQueriesUseIndexes).
 var queries = map[string]string{
 	"getJob":     selectSQL("jobs", jobCols, `WHERE job_id = ?`),
+	"lockJob":    selectSQL("jobs", jobCols, `WHERE job_id = ?`), // + FOR UPDATE on PostgreSQL
+	"lockVM":     selectSQL("vms", vmCols, `WHERE vm_id = ?`),    // + FOR UPDATE on PostgreSQL
 	"insertJob":  insertSQL("jobs", jobCols, `ON CONFLICT(job_id) DO NOTHING`),
 	"updateJob":  updateSQL("jobs", jobCols),
 	"jobTrans":   `INSERT INTO transitions(job_id, from_state, to_state, reason, at) VALUES(?,?,?,?,?)`,
@@ -49,7 +51,7 @@ var queries = map[string]string{
 	"vmTrans":    `INSERT INTO vm_transitions(vm_id, from_state, to_state, reason, at) VALUES(?,?,?,?,?)`,
 	"vmByRunner": selectSQL("vms", vmCols, `WHERE runner_id = ? AND runner_id != 0 ORDER BY created_at DESC LIMIT 1`),
 	"putRunner":  insertSQL("runners", runnerCols, `ON CONFLICT(runner_id) DO UPDATE SET vm_id = excluded.vm_id, tags = excluded.tags, deleted_at = excluded.deleted_at`),
-	"project":    `INSERT INTO projects(project_id, path, last_hook_at) VALUES(?,?,?) ON CONFLICT(project_id) DO UPDATE SET path = CASE WHEN excluded.path != '' THEN excluded.path ELSE path END, last_hook_at = excluded.last_hook_at WHERE excluded.last_hook_at > last_hook_at + 60000000000`,
+	"project":    `INSERT INTO projects(project_id, path, last_hook_at) VALUES(?,?,?) ON CONFLICT(project_id) DO UPDATE SET path = CASE WHEN excluded.path != '' THEN excluded.path ELSE projects.path END, last_hook_at = excluded.last_hook_at WHERE excluded.last_hook_at > projects.last_hook_at + 60000000000`,
 }
 
 func ns(t time.Time) int64 {
@@ -96,7 +98,7 @@ func jobArgs(j *job.Job) []any {
 	return []any{j.ID, j.ProjectID, j.ProjectPath, j.PipelineID, j.Name, j.Ref, jsonTags(j.Tags), j.SizeTag, j.VCPUs, j.MemoryMiB, j.Source,
 		string(j.State), j.Reason, j.Attempts, ns(j.NotBefore), j.GitLabStatus, j.GitLabRunner, ns(j.ObservedAt), j.VMID, j.RunnerID,
 		intPtr(j.ExitCode), ns(j.CreatedAt), ns(j.UpdatedAt),
-		ns(t.WebhookReceived), ns(t.TagsFetched), ns(t.VMStartRequest), ns(t.JobPicked), ns(t.Finished)}
+		ns(t.WebhookReceived), ns(t.TagsFetched), ns(t.VMStartRequest), ns(t.JobPicked), ns(t.Finished), j.HostID}
 }
 
 func scanJob(r scanner) (job.Job, error) {
@@ -107,7 +109,7 @@ func scanJob(r scanner) (job.Job, error) {
 	var tl [5]int64
 	err := r.Scan(&j.ID, &j.ProjectID, &j.ProjectPath, &j.PipelineID, &j.Name, &j.Ref, &tags, &j.SizeTag, &j.VCPUs, &j.MemoryMiB, &j.Source,
 		&state, &j.Reason, &j.Attempts, &nb, &j.GitLabStatus, &j.GitLabRunner, &obs, &j.VMID, &j.RunnerID, &exit, &created, &updated,
-		&tl[0], &tl[1], &tl[2], &tl[3], &tl[4])
+		&tl[0], &tl[1], &tl[2], &tl[3], &tl[4], &j.HostID)
 	if errors.Is(err, sql.ErrNoRows) {
 		return j, ErrNotFound
 	}
@@ -194,13 +196,76 @@ type Tx struct {
 	now time.Time
 }
 
-func (t *Tx) stmt(name string) *sql.Stmt { return t.tx.StmtContext(t.ctx, t.s.stmts[name]) }
+// stmt is a named query: a prepared statement on SQLite, the rebound text
+// on PostgreSQL (pgx prepares and caches it per connection).
+type stmt interface {
+	ExecContext(ctx context.Context, args ...any) (sql.Result, error)
+	QueryRowContext(ctx context.Context, args ...any) *sql.Row
+}
 
-// Tx runs fn in one transaction.
+// runner is what runs SQL text: the pool or one transaction.
+type runner interface {
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+}
+
+type textStmt struct {
+	r runner
+	q string
+}
+
+func (x textStmt) ExecContext(ctx context.Context, args ...any) (sql.Result, error) {
+	return x.r.ExecContext(ctx, x.q, args...)
+}
+func (x textStmt) QueryRowContext(ctx context.Context, args ...any) *sql.Row {
+	return x.r.QueryRowContext(ctx, x.q, args...)
+}
+
+func (s *Store) stmt(name string) stmt {
+	if s.pg {
+		return textStmt{s.db, s.namedSQL(name)}
+	}
+	return s.stmts[name]
+}
+
+func (t *Tx) stmt(name string) stmt {
+	if t.s.pg {
+		return textStmt{t.tx, t.s.namedSQL(name)}
+	}
+	return t.tx.StmtContext(t.ctx, t.s.stmts[name])
+}
+
+// query runs SQL text written with ? placeholders on either backend.
+func (s *Store) query(ctx context.Context, q string, args ...any) (*sql.Rows, error) {
+	return s.db.QueryContext(ctx, s.bind(q), args...)
+}
+
+// exec runs SQL text written with ? placeholders inside the transaction.
+func (t *Tx) exec(q string, args ...any) (sql.Result, error) {
+	return t.tx.ExecContext(t.ctx, t.s.bind(q), args...)
+}
+
+func (t *Tx) query(q string, args ...any) (*sql.Rows, error) {
+	return t.tx.QueryContext(t.ctx, t.s.bind(q), args...)
+}
+
+// Tx runs fn in one transaction. On PostgreSQL, a transaction that lost a
+// deadlock or a serialization conflict to another host is run again from
+// the start (fn must only write through tx, which all callers do).
 func (s *Store) Tx(ctx context.Context, fn func(tx *Tx) error) error {
 	if s.readOnly {
 		return ErrReadOnly
 	}
+	for attempt := 1; ; attempt++ {
+		err := s.tx1(ctx, fn)
+		if !s.pg || attempt >= 8 || !retryable(err) {
+			return err
+		}
+	}
+}
+
+func (s *Store) tx1(ctx context.Context, fn func(tx *Tx) error) error {
 	sqlTx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return err
@@ -212,13 +277,17 @@ func (s *Store) Tx(ctx context.Context, fn func(tx *Tx) error) error {
 	return sqlTx.Commit()
 }
 
-// Job reads one job inside the transaction.
+// Job reads one job inside the transaction; on PostgreSQL it locks the row
+// until the transaction ends, so the read-modify-write of UpdateJob is
+// atomic across connections and hosts (SQLite has one writer anyway).
 func (t *Tx) Job(id int64) (job.Job, error) {
-	return scanJob(t.stmt("getJob").QueryRowContext(t.ctx, id))
+	return scanJob(t.stmt("lockJob").QueryRowContext(t.ctx, id))
 }
 
-// VM reads one VM inside the transaction.
-func (t *Tx) VM(id string) (job.VM, error) { return scanVM(t.stmt("getVM").QueryRowContext(t.ctx, id)) }
+// VM reads one VM inside the transaction (locking it, as Job).
+func (t *Tx) VM(id string) (job.VM, error) {
+	return scanVM(t.stmt("lockVM").QueryRowContext(t.ctx, id))
+}
 
 // CreateJob inserts j unless its id is known; created=false then.
 func (t *Tx) CreateJob(j *job.Job) (bool, error) {
@@ -317,7 +386,7 @@ func (t *Tx) PutRunner(r job.Runner) error {
 
 // RunnerDeleted marks a runner deleted in GitLab.
 func (t *Tx) RunnerDeleted(id int64) error {
-	_, err := t.tx.ExecContext(t.ctx, `UPDATE runners SET deleted_at = ? WHERE runner_id = ? AND deleted_at = 0`, ns(t.now), id)
+	_, err := t.exec(`UPDATE runners SET deleted_at = ? WHERE runner_id = ? AND deleted_at = 0`, ns(t.now), id)
 	return err
 }
 
@@ -376,7 +445,7 @@ func (s *Store) Observe(ctx context.Context, o Observation) (known, changed bool
 
 // GetJob returns one job.
 func (s *Store) GetJob(ctx context.Context, id int64) (job.Job, error) {
-	return scanJob(s.stmts["getJob"].QueryRowContext(ctx, id))
+	return scanJob(s.stmt("getJob").QueryRowContext(ctx, id))
 }
 
 // UpdateJob is Tx.UpdateJob in a transaction of its own.
@@ -387,7 +456,7 @@ func (s *Store) UpdateJob(ctx context.Context, id int64, fn func(j *job.Job) err
 
 // GetVM returns one VM.
 func (s *Store) GetVM(ctx context.Context, id string) (job.VM, error) {
-	return scanVM(s.stmts["getVM"].QueryRowContext(ctx, id))
+	return scanVM(s.stmt("getVM").QueryRowContext(ctx, id))
 }
 
 // UpdateVM is Tx.UpdateVM in a transaction of its own.
@@ -398,7 +467,7 @@ func (s *Store) UpdateVM(ctx context.Context, id string, fn func(v *job.VM) erro
 
 // VMByRunner returns the VM whose runner is runnerID (ErrNotFound if none).
 func (s *Store) VMByRunner(ctx context.Context, runnerID int64) (job.VM, error) {
-	return scanVM(s.stmts["vmByRunner"].QueryRowContext(ctx, runnerID))
+	return scanVM(s.stmt("vmByRunner").QueryRowContext(ctx, runnerID))
 }
 
 // Filter selects jobs for ListJobs.
@@ -406,12 +475,19 @@ type Filter struct {
 	ActiveOnly bool      // only non-terminal states
 	State      job.State // only this state ("" = any)
 	Limit      int       // 0 = no limit; newest first when set
+	// ClaimableBy, in a fleet, keeps only the jobs this host claimed or
+	// that no host claimed yet.
+	ClaimableBy string
 }
 
 // ListJobs returns jobs, oldest first (or the newest Limit, still oldest first).
 func (s *Store) ListJobs(ctx context.Context, f Filter) ([]job.Job, error) {
 	q, a := listJobsSQL(f)
-	rows, err := s.db.QueryContext(ctx, q, a...)
+	if s.pg && f.Limit > 0 {
+		// PostgreSQL 15 wants its subqueries named.
+		q = strings.Replace(q, `) ORDER BY created_at, job_id`, `) AS recent ORDER BY created_at, job_id`, 1)
+	}
+	rows, err := s.query(ctx, q, a...)
 	return scanRows(rows, err, scanJob)
 }
 
@@ -426,6 +502,14 @@ func listJobsSQL(f Filter) (string, []any) {
 		q += ` WHERE state IN (?, ?, ?)`
 		a = append(a, string(job.New), string(job.Queued), string(job.Running))
 	}
+	if f.ClaimableBy != "" {
+		if f.State == "" && !f.ActiveOnly {
+			q += ` WHERE host_id IN ('', ?)`
+		} else {
+			q += ` AND host_id IN ('', ?)`
+		}
+		a = append(a, f.ClaimableBy)
+	}
 	if f.Limit > 0 {
 		q = `SELECT * FROM (` + q + ` ORDER BY created_at DESC, job_id DESC LIMIT ?) ORDER BY created_at, job_id`
 		a = append(a, f.Limit)
@@ -439,7 +523,7 @@ func listJobsSQL(f Filter) (string, []any) {
 // (started for it, or that ran it) when jobID is not 0.
 func (s *Store) ListVMs(ctx context.Context, liveOnly bool, jobID int64) ([]job.VM, error) {
 	q, a := listVMsSQL(liveOnly, jobID)
-	rows, err := s.db.QueryContext(ctx, q, a...)
+	rows, err := s.query(ctx, q, a...)
 	return scanRows(rows, err, scanVM)
 }
 
@@ -462,13 +546,13 @@ func (s *Store) ListRunners(ctx context.Context, activeOnly bool) ([]job.Runner,
 	if activeOnly {
 		q += ` WHERE deleted_at = 0`
 	}
-	rows, err := s.db.QueryContext(ctx, q+` ORDER BY created_at`)
+	rows, err := s.query(ctx, q+` ORDER BY created_at`)
 	return scanRows(rows, err, scanRunner)
 }
 
 // Projects returns the projects that sent a Job Hook since the given time.
 func (s *Store) Projects(ctx context.Context, since time.Time) ([]int64, error) {
-	rows, err := s.db.QueryContext(ctx, projectsSQL, ns(since))
+	rows, err := s.query(ctx, projectsSQL, ns(since))
 	return scanRows(rows, err, func(r scanner) (int64, error) {
 		var id int64
 		return id, r.Scan(&id)
@@ -497,7 +581,7 @@ func (s *Store) Count(ctx context.Context) (jobs map[job.State]int, vms map[job.
 		{countJobsSQL, func(s string, n int) { jobs[job.State(s)] = n }},
 		{countVMsSQL, func(s string, n int) { vms[job.VMState(s)] = n }},
 	} {
-		rows, err := s.db.QueryContext(ctx, q.sql)
+		rows, err := s.query(ctx, q.sql)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -534,7 +618,7 @@ const transitionsSQL = `
 // Transitions returns the state changes of one job and of every VM started
 // for it or that ran it, in time order: the job's timeline.
 func (s *Store) Transitions(ctx context.Context, jobID int64) ([]Transition, error) {
-	rows, err := s.db.QueryContext(ctx, transitionsSQL, jobID, jobID, jobID)
+	rows, err := s.query(ctx, transitionsSQL, jobID, jobID, jobID)
 	return scanRows(rows, err, func(r scanner) (Transition, error) {
 		var t Transition
 		var at, id int64

@@ -1,6 +1,8 @@
 // Package store is FireRunner's durable state: jobs, VMs and runners, their
-// transitions and timelines, in SQLite (modernc.org/sqlite, pure Go, WAL)
-// with migrations.
+// transitions and timelines, with migrations, in one of two backends behind
+// the same Store: SQLite (modernc.org/sqlite, pure Go, WAL; one host, the
+// default) or PostgreSQL (pgx; a fleet of hosts sharing one queue, see
+// postgres.go and fleet.go).
 //
 // No secret is stored: runner tokens live only in memory and on the VM's 0600
 // config drive. The database file is still created 0600 and its directory
@@ -15,10 +17,12 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	_ "modernc.org/sqlite" // registers the "sqlite" database/sql driver
 )
 
@@ -31,10 +35,18 @@ var ErrNotFound = errors.New("not found")
 // ErrReadOnly is returned by writes to a store opened with OpenReadOnly.
 var ErrReadOnly = errors.New("store is open read-only")
 
-// Store is the SQLite-backed job store. It is safe for concurrent use.
+// Store is the job store, on SQLite or PostgreSQL. It is safe for
+// concurrent use.
 type Store struct {
 	db       *sql.DB
 	readOnly bool
+	// pg is set for PostgreSQL: placeholders are rebound ($n), reads inside
+	// a Tx lock their row (FOR UPDATE) because several connections and
+	// hosts write at once, and statements are not prepared through
+	// database/sql (pgx caches them per connection itself).
+	pg    bool
+	pool  *pgxpool.Pool
+	bound sync.Map // query text → PostgreSQL text
 	// Prepared once: re-parsing SQL was the largest CPU cost per job.
 	stmts map[string]*sql.Stmt
 	// ckpt is a second connection that checkpoints the WAL in the
@@ -202,6 +214,31 @@ CREATE TRIGGER job_counts_update AFTER UPDATE OF state ON jobs WHEN OLD.state !=
 	INSERT INTO job_counts(state, n) VALUES (NEW.state, 1) ON CONFLICT(state) DO UPDATE SET n = n + 1;
 END;
 `,
+	// A fleet of hosts on one store (PostgreSQL; harmless on SQLite): the
+	// host that claimed a waiting job, the hosts' heartbeats and leases,
+	// and named leases (the backstop poll's leader).
+	6: `
+ALTER TABLE jobs ADD COLUMN host_id TEXT NOT NULL DEFAULT '';
+CREATE INDEX jobs_claimed ON jobs(host_id) WHERE state IN ('new', 'queued', 'running');
+CREATE TABLE hosts (
+	host_id             TEXT    PRIMARY KEY,
+	capacity_vcpus      INTEGER NOT NULL DEFAULT 0,
+	capacity_memory_mib INTEGER NOT NULL DEFAULT 0,
+	max_vms             INTEGER NOT NULL DEFAULT 0,
+	pools               TEXT    NOT NULL DEFAULT '',
+	version             TEXT    NOT NULL DEFAULT '',
+	started_at          INTEGER NOT NULL DEFAULT 0,
+	last_seen           INTEGER NOT NULL DEFAULT 0,
+	lease_until         INTEGER NOT NULL DEFAULT 0,   -- unix ns; expired: another host reconciles its jobs
+	reaped_by           TEXT    NOT NULL DEFAULT '',  -- the host that reconciled it after its lease expired
+	reaped_at           INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE leases (
+	name    TEXT    PRIMARY KEY,
+	host_id TEXT    NOT NULL,
+	until   INTEGER NOT NULL
+);
+`,
 }
 
 // DirMode is the state directory's mode: Open sets it, and install.sh
@@ -271,6 +308,9 @@ func (s *Store) checkpointer() {
 
 func (s *Store) prepare(ctx context.Context, db *sql.DB) error {
 	s.stmts = map[string]*sql.Stmt{}
+	if s.pg {
+		return nil
+	}
 	for name, q := range queries {
 		if s.readOnly && !strings.HasPrefix(q, "SELECT") {
 			continue
@@ -336,33 +376,63 @@ func (s *Store) Close() error {
 			s.ckpt.Close()
 		}
 	})
-	return s.db.Close()
+	err := s.db.Close()
+	if s.pool != nil {
+		s.pool.Close()
+	}
+	return err
 }
 
 // Ping checks the database answers (readiness).
 func (s *Store) Ping(ctx context.Context) error { return s.db.PingContext(ctx) }
 
+// Backend names the store's database: "sqlite" or "postgres".
+func (s *Store) Backend() string {
+	if s.pg {
+		return "postgres"
+	}
+	return "sqlite"
+}
+
 func (s *Store) migrate(ctx context.Context) error {
-	if _, err := s.db.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)`); err != nil {
+	// One connection for the whole migration: on PostgreSQL it holds the
+	// advisory lock that keeps two hosts starting together from both
+	// migrating.
+	conn, err := s.db.Conn(ctx)
+	if err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	defer conn.Close()
+	ms := migrations
+	if s.pg {
+		ms = pgMigrations
+		if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_lock($1)`, migrateLockKey); err != nil {
+			return fmt.Errorf("migrate: %w", err)
+		}
+		defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, migrateLockKey)
+	}
+	if _, err := conn.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)`); err != nil {
 		return fmt.Errorf("migrate: %w", err)
 	}
 	var cur int
-	if err := s.db.QueryRowContext(ctx, `SELECT COALESCE(MAX(version),0) FROM schema_migrations`).Scan(&cur); err != nil {
+	if err := conn.QueryRowContext(ctx, `SELECT COALESCE(MAX(version),0) FROM schema_migrations`).Scan(&cur); err != nil {
 		return fmt.Errorf("migrate: %w", err)
 	}
-	if cur > len(migrations)-1 {
-		return fmt.Errorf("store schema version %d is newer than this firerunner (%d); refusing to touch it", cur, len(migrations)-1)
+	if cur > len(ms)-1 {
+		return fmt.Errorf("store schema version %d is newer than this firerunner (%d); refusing to touch it", cur, len(ms)-1)
 	}
-	for v := cur + 1; v < len(migrations); v++ {
-		tx, err := s.db.BeginTx(ctx, nil)
+	for v := cur + 1; v < len(ms); v++ {
+		tx, err := conn.BeginTx(ctx, nil)
 		if err != nil {
 			return err
 		}
-		if _, err := tx.ExecContext(ctx, migrations[v]); err != nil {
-			tx.Rollback()
-			return fmt.Errorf("migration %d: %w", v, err)
+		if ms[v] != "" { // PostgreSQL's 1-4 predate it: its 5 is the whole schema
+			if _, err := tx.ExecContext(ctx, ms[v]); err != nil {
+				tx.Rollback()
+				return fmt.Errorf("migration %d: %w", v, err)
+			}
 		}
-		if _, err := tx.ExecContext(ctx, `INSERT INTO schema_migrations(version, applied_at) VALUES(?, ?)`, v, time.Now().UnixNano()); err != nil {
+		if _, err := tx.ExecContext(ctx, s.bind(`INSERT INTO schema_migrations(version, applied_at) VALUES(?, ?)`), v, time.Now().UnixNano()); err != nil {
 			tx.Rollback()
 			return err
 		}
@@ -371,6 +441,22 @@ func (s *Store) migrate(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// LatestSchemaVersion is the migration number this build migrates to.
+func LatestSchemaVersion() int { return len(migrations) - 1 }
+
+// ServerVersionNum is PostgreSQL's server_version_num (150018 for 15.18);
+// 0 for SQLite. Doctor checks it against the oldest supported release.
+func (s *Store) ServerVersionNum(ctx context.Context) (int, error) {
+	if !s.pg {
+		return 0, nil
+	}
+	var v string
+	if err := s.db.QueryRowContext(ctx, `SHOW server_version_num`).Scan(&v); err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(v)
 }
 
 // SchemaVersion returns the applied migration number.
@@ -383,7 +469,7 @@ func (s *Store) SchemaVersion(ctx context.Context) (int, error) {
 // Checkpoint copies the WAL into the database file, on the checkpointer's
 // own connection so writers are not blocked (PASSIVE never waits).
 func (s *Store) Checkpoint(ctx context.Context) error {
-	if s.readOnly || s.ckpt == nil {
+	if s.readOnly || s.ckpt == nil || s.pg {
 		return nil
 	}
 	_, err := s.ckpt.ExecContext(ctx, `PRAGMA wal_checkpoint(PASSIVE)`)

@@ -11,6 +11,7 @@ import (
 
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/tags"
+	"github.com/firerunner/firerunner/internal/testsupport/pgtest"
 )
 
 func open(t *testing.T, dir string) *Store {
@@ -23,6 +24,44 @@ func open(t *testing.T, dir string) *Store {
 	return s
 }
 
+func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
+
+// backend is one database a test runs on: the store's suite runs on
+// SQLite and on PostgreSQL (a fresh database in the test binary's
+// throwaway cluster).
+type backend struct {
+	name string
+	dir  string // sqlite: the state directory
+	dsn  string // postgres
+}
+
+// open opens (or opens again) the test's database.
+func (b backend) open(t *testing.T) *Store {
+	t.Helper()
+	if b.name == "sqlite" {
+		return open(t, b.dir)
+	}
+	s, err := OpenPostgres(context.Background(), b.dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func (b backend) openReadOnly(t *testing.T) (*Store, error) {
+	if b.name == "sqlite" {
+		return OpenReadOnly(context.Background(), b.dir)
+	}
+	return OpenPostgresReadOnly(context.Background(), b.dsn)
+}
+
+// eachBackend runs fn once per backend, as subtests.
+func eachBackend(t *testing.T, fn func(t *testing.T, b backend)) {
+	t.Run("sqlite", func(t *testing.T) { fn(t, backend{name: "sqlite", dir: filepath.Join(t.TempDir(), "state")}) })
+	t.Run("postgres", func(t *testing.T) { fn(t, backend{name: "postgres", dsn: pgtest.NewDatabase(t)}) })
+}
+
 func observe(t *testing.T, s *Store, id int64, status string, runner int64, create bool) (bool, bool) {
 	t.Helper()
 	known, changed, err := s.Observe(context.Background(), Observation{JobID: id, ProjectID: 7, ProjectPath: "g/p", Status: status,
@@ -33,14 +72,19 @@ func observe(t *testing.T, s *Store, id int64, status string, runner int64, crea
 	return known, changed
 }
 
-func TestJobLifecycleAndTransitions(t *testing.T) {
+func TestJobLifecycleAndTransitions(t *testing.T) { eachBackend(t, testJobLifecycleAndTransitions) }
+
+func testJobLifecycleAndTransitions(t *testing.T, b backend) {
 	ctx := context.Background()
-	dir := filepath.Join(t.TempDir(), "state")
-	s := open(t, dir)
+	dir := b.dir
+	s := b.open(t)
 	for _, p := range []struct {
 		path string
 		mode os.FileMode
 	}{{dir, 0o700}, {filepath.Join(dir, FileName), 0o600}} {
+		if b.name != "sqlite" {
+			break
+		}
 		fi, err := os.Stat(p.path)
 		if err != nil || fi.Mode().Perm() != p.mode {
 			t.Fatalf("%s: mode %v err %v, want %v", p.path, fi.Mode().Perm(), err, p.mode)
@@ -76,7 +120,7 @@ func TestJobLifecycleAndTransitions(t *testing.T) {
 	}
 	s.Close()
 
-	s = open(t, dir)
+	s = b.open(t)
 	j, err = s.GetJob(ctx, 1)
 	if err != nil || j.State != job.Failed || j.Reason != job.ReasonJobFailed || j.Attempts != 1 || j.VCPUs != 2 || j.Timeline.Finished.IsZero() {
 		t.Fatalf("reloaded job wrong: %+v %v", j, err)
@@ -85,7 +129,7 @@ func TestJobLifecycleAndTransitions(t *testing.T) {
 	if err != nil || len(tr) != 4 || tr[0].To != "new" || tr[1].To != "queued" || tr[2].Reason != "vm_start: boom (attempt 1)" || tr[3].To != "failed" {
 		t.Fatalf("transitions: %+v %v", tr, err)
 	}
-	if v, _ := s.SchemaVersion(ctx); v != len(migrations)-1 {
+	if v, _ := s.SchemaVersion(ctx); v != len(migrations)-1 || v != len(pgMigrations)-1 {
 		t.Fatalf("schema version %d", v)
 	}
 	if _, err := s.GetJob(ctx, 99); !errors.Is(err, ErrNotFound) {
@@ -94,7 +138,7 @@ func TestJobLifecycleAndTransitions(t *testing.T) {
 	if ps, err := s.Projects(ctx, time.Now().Add(-time.Hour)); err != nil || len(ps) != 1 || ps[0] != 7 {
 		t.Fatalf("projects: %v %v", ps, err)
 	}
-	ro, err := OpenReadOnly(ctx, dir)
+	ro, err := b.openReadOnly(t)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -109,9 +153,11 @@ func TestJobLifecycleAndTransitions(t *testing.T) {
 
 // TestVMAndRunnerRecords: a VM and its runner commit together; the VM's
 // transitions show in the timeline of the job it ran.
-func TestVMAndRunnerRecords(t *testing.T) {
+func TestVMAndRunnerRecords(t *testing.T) { eachBackend(t, testVMAndRunnerRecords) }
+
+func testVMAndRunnerRecords(t *testing.T, b backend) {
 	ctx := context.Background()
-	s := open(t, t.TempDir())
+	s := b.open(t)
 	observe(t, s, 1, job.StatusPending, 0, true)
 	observe(t, s, 2, job.StatusPending, 0, true)
 	size, _, _ := tags.Parse([]string{"firecracker-1cpu-1gb"}, tags.Limits{})
@@ -228,6 +274,19 @@ func TestMigrationFromV2(t *testing.T) {
 	for id, want := range map[int64]job.State{1: job.Queued, 2: job.Done, 3: job.Queued} {
 		if j, err := s.GetJob(ctx, id); err != nil || j.State != want {
 			t.Fatalf("job %d after migration: %s %v, want %s", id, j.State, err, want)
+		}
+	}
+}
+
+// TestMigrationsPaired: every schema version exists in both dialects, so a
+// migration added for one backend only fails here, not on a fleet's start.
+func TestMigrationsPaired(t *testing.T) {
+	if len(migrations) != len(pgMigrations) {
+		t.Fatalf("SQLite has %d migrations, PostgreSQL %d: write each new one in both dialects", len(migrations)-1, len(pgMigrations)-1)
+	}
+	for v := 5; v < len(migrations); v++ {
+		if migrations[v] == "" || pgMigrations[v] == "" {
+			t.Errorf("migration %d is empty in a dialect", v)
 		}
 	}
 }

@@ -5,6 +5,8 @@ import (
 	"os"
 	"testing"
 	"time"
+
+	"github.com/firerunner/firerunner/internal/testsupport/pgtest"
 )
 
 // TestMain lets the test binary be the harness's FireRunner ("serve CFG")
@@ -22,7 +24,7 @@ func TestMain(m *testing.M) {
 			os.Exit(Guest(os.Args[2]))
 		}
 	}
-	os.Exit(m.Run())
+	os.Exit(pgtest.Main(m))
 }
 
 // TestChaosSmall is `make chaos` in small: 40 jobs, FireRunner killed every

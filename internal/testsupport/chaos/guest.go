@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -19,6 +20,11 @@ import (
 // <vm id> <runner token's last 4>" per line, O_APPEND): the harness's own
 // record of executions, independent of GitLab's and FireRunner's.
 const picksEnv = "FIRERUNNER_CHAOS_PICKS"
+
+// jobMSEnv bounds a job's run time in the guest, in ms (default 400): the
+// fleet run gives the host it kills long jobs, so some still run when its
+// lease ends.
+const jobMSEnv = "FIRERUNNER_CHAOS_JOB_MS"
 
 // Guest is the program a fake VM runs (its stdout is the VM's console): it
 // reads the config drive the driver wrote in dir, and plays gitlab-runner
@@ -89,7 +95,11 @@ func runJob(client *http.Client, base, vmID, runnerToken string, body []byte) in
 		}
 	}
 	fmt.Println(guestconfig.MarkerJobStart, j.ID)
-	time.Sleep(time.Duration(rand.IntN(400)) * time.Millisecond)
+	maxMS := 400
+	if n, err := strconv.Atoi(os.Getenv(jobMSEnv)); err == nil && n > 0 {
+		maxMS = n
+	}
+	time.Sleep(time.Duration(rand.IntN(maxMS)) * time.Millisecond)
 	for try := 0; try < 50; try++ {
 		status, _, err := call(client, http.MethodPut, fmt.Sprintf("%s/jobs/%d", base, j.ID),
 			map[string]any{"token": j.Token, "state": "success", "exit_code": 0})

@@ -120,6 +120,7 @@ func (p *apiProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // FireRunner down is lost: GitLab does not redeliver.
 type hookProxy struct {
 	target    atomic.Pointer[string]
+	targets   atomic.Pointer[[]string] // a fleet: each delivery to one of them at random
 	drop      float64
 	maxCopies int
 	maxDelay  time.Duration
@@ -165,6 +166,9 @@ func (p *hookProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 func (p *hookProxy) deliver(hdr http.Header, body []byte) {
 	t := p.target.Load()
+	if ts := p.targets.Load(); ts != nil && len(*ts) > 0 {
+		t = &(*ts)[p.rnd.IntN(len(*ts))]
+	}
 	if t == nil || p.closed.Load() {
 		p.failed.Add(1)
 		return

@@ -88,7 +88,18 @@ func Serve(cfgPath string) error {
 		return err
 	}
 	ctx := context.Background()
-	st, err := store.Open(ctx, cfg.StateDir)
+	// SQLite in state_dir, or the fleet's PostgreSQL (make test-fleet), as
+	// daemon.OpenStore does.
+	var st *store.Store
+	if cfg.State.Backend == "postgres" {
+		dsn, derr := config.ReadSecret(cfg.State.PostgresDSNFile)
+		if derr != nil {
+			return derr
+		}
+		st, err = store.OpenPostgres(ctx, dsn)
+	} else {
+		st, err = store.Open(ctx, cfg.StateDir)
+	}
 	if err != nil {
 		return err
 	}
