@@ -36,6 +36,10 @@ usage: install.sh [options]
   --gitlab-runner-bin PATH gitlab-runner for --build-image
   --root DIR, --prefix DIR install into DIR instead of / (tests, image building); skips
                            systemctl, modprobe, sysctl and doctor, which act on the running host
+  --registry-mirror        set up the CNCF distribution registry (Debian docker-registry) as a
+                           pull-through cache of Docker Hub on the VM bridge address for the
+                           guests' dockerd (docker.registry_mirror in a new config)
+  --registry-mirror-port N its port (default 5000)
   --no-doctor              do not run 'firerunner doctor' at the end
   --force                  install on an unsupported OS
   --uninstall              remove FireRunner (keeps /var/lib/firerunner and /etc/firerunner)
@@ -65,6 +69,10 @@ PURGE=0
 DNS_YAML=
 FR_UID=
 FR_GID=
+MIRROR=0
+MIRROR_PORT=5000
+MIRROR_URL=
+HOST_PORTS=
 
 while [ $# -gt 0 ]; do
 	case "$1" in
@@ -84,6 +92,8 @@ while [ $# -gt 0 ]; do
 	--listen) LISTEN=$2; shift ;;
 	--driver) DRIVER=$2; shift ;;
 	--dns) DNS=$2; shift ;;
+	--registry-mirror) MIRROR=1 ;;
+	--registry-mirror-port) MIRROR_PORT=$2; shift ;;
 	--no-doctor) RUN_DOCTOR=0 ;;
 	--force) FORCE=1 ;;
 	--uninstall) UNINSTALL=1 ;;
@@ -114,6 +124,7 @@ CONFDIR=/etc/firerunner
 STATEDIR=/var/lib/firerunner
 UNIT=/etc/systemd/system/firerunner.service
 SYSCTL=/etc/sysctl.d/60-firerunner.conf
+SYSCTL_MIRROR=/etc/sysctl.d/61-firerunner-mirror.conf
 MODULES=/etc/modules-load.d/firerunner.conf
 FC_MARKER=$CONFDIR/.installed-vmm
 USER_NAME=firerunner
@@ -168,6 +179,7 @@ render() { # render TEMPLATE > out, replacing @KEY@ placeholders
 	sed -e "s|@BINDIR@|$BINDIR|g" -e "s|@CONFDIR@|$CONFDIR|g" -e "s|@STATEDIR@|$STATEDIR|g" -e "s|@STOP_TIMEOUT@|${STOP_TIMEOUT:-}|g" \
 		-e "s|@GITLAB_URL@|$GITLAB_URL|g" -e "s|@LISTEN@|$LISTEN|g" -e "s|@DRIVER@|$DRIVER|g" \
 		-e "s|@UID@|$FR_UID|g" -e "s|@GID@|$FR_GID|g" -e "s|@DNS@|$DNS_YAML|g" \
+		-e "s|@REGISTRY_MIRROR@|$MIRROR_URL|g" -e "s|@HOST_PORTS@|$HOST_PORTS|g" \
 		-e "s|@QEMU_DEV@|$([ "$DRIVER" = qemu ] && echo true || echo false)|g" "$1"
 }
 
@@ -224,7 +236,7 @@ if [ $UNINSTALL = 1 ]; then
 			ip link del "${br:-firerunner0}" && say "removed bridge ${br:-firerunner0}"
 		fi
 	fi
-	files=("$BINDIR/firerunner" "$UNIT" "$SYSCTL" "$MODULES")
+	files=("$BINDIR/firerunner" "$UNIT" "$SYSCTL" "$MODULES" "$SYSCTL_MIRROR" /etc/systemd/system/docker-registry.service.d/firerunner.conf)
 	if [ -f "$(R "$FC_MARKER")" ]; then
 		while read -r f; do files+=("$f"); done <"$(R "$FC_MARKER")"
 		files+=("$FC_MARKER")
@@ -296,6 +308,21 @@ ensure_dir /var/cache/firerunner 0750 0 0
 if [ "$DRIVER" = firecracker ]; then ensure_dir /srv/jailer 0750 0 "$FR_GID"; fi
 
 install_file "$BIN" "$BINDIR/firerunner" 0755 0 0
+
+# The registry mirror listens on the VM bridge's address (the first of
+# network.cidr, 172.30.0.1 by default): only VMs and this host reach it.
+BRIDGE_IP=172.30.0.1
+if [ -e "$(R "$CONFDIR/config.yaml")" ]; then
+	cidr=$(awk '/^network:/ { n = 1; next } /^[^[:space:]#]/ { n = 0 } n && $1 == "cidr:" { print $2; exit }' "$(R "$CONFDIR/config.yaml")" | tr -d "\"'")
+	if [[ ${cidr:-} =~ ^([0-9]+)\.([0-9]+)\.([0-9]+)\.([0-9]+)/ ]]; then
+		BRIDGE_IP=${BASH_REMATCH[1]}.${BASH_REMATCH[2]}.${BASH_REMATCH[3]}.$((BASH_REMATCH[4] + 1))
+	fi
+fi
+if [ $MIRROR = 1 ]; then
+	[[ $MIRROR_PORT =~ ^[0-9]+$ ]] && [ "$MIRROR_PORT" -ge 1 ] && [ "$MIRROR_PORT" -le 65535 ] || die "--registry-mirror-port must be a port number"
+	MIRROR_URL=http://$BRIDGE_IP:$MIRROR_PORT
+	HOST_PORTS=$MIRROR_PORT
+fi
 
 if [ ! -e "$(R "$CONFDIR/config.yaml")" ]; then
 	[ -n "$DNS" ] || DNS=$(host_dns)
@@ -398,6 +425,58 @@ elif [ $BUILD_IMAGE = 1 ]; then
 	"$(R $BINDIR/firerunner)" "${args[@]}"
 elif [ ! -e "$(R "$img/manifest.json")" ]; then
 	say "WARNING: no guest image in $img: re-run with --image DIR or --build-image"
+fi
+
+# ---------------------------------------------------------------- registry mirror
+
+if [ $MIRROR = 1 ]; then
+	if [ $ON_HOST = 1 ] && ! command -v docker-registry >/dev/null; then
+		command -v apt-get >/dev/null || die "--registry-mirror needs the docker-registry package (Debian/Ubuntu); install the CNCF distribution registry yourself"
+		say "installing docker-registry (the CNCF distribution registry)"
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry >/dev/null
+		changed "installed docker-registry"
+	fi
+	# A pull-through cache of Docker Hub (proxy.remoteurl) on the bridge
+	# address only; the blobs stay on this host's disk.
+	cat >"$TMP/registry.yml" <<EOF
+# Written by FireRunner install.sh --registry-mirror: a pull-through cache of
+# Docker Hub for the VMs' dockerd (docker.registry_mirror: $MIRROR_URL).
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: /var/lib/docker-registry
+  delete:
+    enabled: true
+  cache:
+    blobdescriptor: inmemory
+http:
+  addr: $BRIDGE_IP:$MIRROR_PORT
+proxy:
+  remoteurl: https://registry-1.docker.io
+EOF
+	mirror_before=$CHANGED
+	install_file "$TMP/registry.yml" /etc/docker/registry/config.yml 0644 0 0
+	# The bridge exists only while FireRunner runs: start after it, retry,
+	# and allow binding the bridge address before the bridge has it.
+	printf '[Unit]\nAfter=firerunner.service\n[Service]\nRestart=always\nRestartSec=5\n' >"$TMP/mirror.conf"
+	install_file "$TMP/mirror.conf" /etc/systemd/system/docker-registry.service.d/firerunner.conf 0644 0 0
+	printf '# Written by FireRunner install.sh: the registry mirror binds the bridge address early.\nnet.ipv4.ip_nonlocal_bind = 1\n' >"$TMP/sysctl-mirror"
+	install_file "$TMP/sysctl-mirror" "$SYSCTL_MIRROR" 0644 0 0
+	if [ $ON_HOST = 1 ]; then
+		sysctl -q -w net.ipv4.ip_nonlocal_bind=1 || true
+		if [ $SYSTEMD = 1 ] && [ "$CHANGED" != "$mirror_before" ]; then
+			systemctl daemon-reload
+			systemctl enable --quiet docker-registry.service || true
+			systemctl restart docker-registry.service && say "docker-registry restarted: pull-through cache on $BRIDGE_IP:$MIRROR_PORT"
+		fi
+	fi
+	if ! grep -q "registry_mirror: \"$MIRROR_URL\"" "$(R "$CONFDIR/config.yaml")"; then
+		say "NOTE: $CONFDIR/config.yaml predates --registry-mirror: set docker.registry_mirror: $MIRROR_URL and add $MIRROR_PORT to network.allow_host_ports"
+	fi
 fi
 
 # ---------------------------------------------------------------- systemd

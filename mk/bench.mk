@@ -36,3 +36,11 @@ bench-store:
 # start request p50/p99/max one job at a time, jobs/s with 16 senders).
 bench-fleet:
 	$(GO) test -run '^$$' -bench 'BenchmarkFleet' -benchtime 1x -count 1 -timeout 20m ./internal/controller/
+
+# Docker in a real VM (root, QEMU): VM start -> Docker ready, image pull with
+# the registry mirror's cache cold vs warm, container start, docker build of
+# a small Dockerfile (internal/vm/qemu BenchmarkDocker). Prints a table.
+.PHONY: bench-docker
+bench-docker: gitlab-runner image
+	FIRERUNNER_TEST_IMAGE=$$(readlink -e $(IMAGE_DIR_FILE)) \
+	  $(GO) test -run '^$$' -bench 'BenchmarkDocker$$' -benchtime 1x -count 1 -timeout 20m ./internal/vm/qemu/

@@ -6,6 +6,8 @@
 #   make -s image-dir print the image dir (use as FIRERUNNER_TEST_IMAGE)
 IMAGE_CACHE ?= $(FIRERUNNER_CACHE)/images
 GITLAB_RUNNER_BIN ?=
+GITLAB_RUNNER_HELPER_BIN ?=
+HELPER_IMAGE_TAR ?=
 IMAGE_NO_GITLAB_RUNNER ?=
 IMAGE_EXTRA_CA ?=
 IMAGE_DIR_FILE := $(IMAGE_CACHE)/latest
@@ -26,8 +28,11 @@ ifeq ($(IMAGE_NO_GITLAB_RUNNER),1)
 IMAGE_RUNNER_FLAGS := --no-gitlab-runner
 IMAGE_RUNNER_DEP :=
 else
-IMAGE_RUNNER_FLAGS = --gitlab-runner $(GITLAB_RUNNER_BIN)
-IMAGE_RUNNER_DEP = $(GITLAB_RUNNER_BIN)
+# The docker executor's helper image: a `docker save` archive when given
+# (HELPER_IMAGE_TAR, production), else built from the helper binary.
+IMAGE_RUNNER_FLAGS = --gitlab-runner $(GITLAB_RUNNER_BIN) \
+  $(if $(HELPER_IMAGE_TAR),--helper-image-tar $(HELPER_IMAGE_TAR),$(if $(GITLAB_RUNNER_HELPER_BIN),--gitlab-runner-helper $(GITLAB_RUNNER_HELPER_BIN)))
+IMAGE_RUNNER_DEP = $(GITLAB_RUNNER_BIN) $(if $(HELPER_IMAGE_TAR),,$(GITLAB_RUNNER_HELPER_BIN))
 endif
 
 image: agent $(BIN)/firerunner $(IMAGE_RUNNER_DEP)

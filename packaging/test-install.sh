@@ -126,6 +126,25 @@ sed -e "s|/etc/firerunner/|$R3/etc/firerunner/|g" -e "s|/var/lib/firerunner|$R3/
 st=$("$BIN" doctor --config "$T/qemu-config.yaml" --json | jq -r '.checks[] | select(.name == "config") | .status' || true)
 [ "$st" = pass ] && pass "--driver qemu config loads and validates" || fail "--driver qemu config check: $st"
 
+echo "--- --registry-mirror: a pull-through cache of Docker Hub on the bridge address, in the new config"
+R4=$T/root4
+mkdir -p "$R4/etc"
+cp "$R/etc/passwd" "$R/etc/group" "$R/etc/shadow" "$R/etc/gshadow" "$R4/etc/"
+"$HERE/install.sh" --root "$R4" --bin "$BIN" --driver qemu --image "$T/image" --gitlab-url http://127.0.0.1:9 --dns 10.0.0.53 --no-download --registry-mirror >"$T/mirror.log"
+reg=$R4/etc/docker/registry/config.yml
+grep -q '^  remoteurl: https://registry-1.docker.io$' "$reg" && grep -q '^  addr: 172.30.0.1:5000$' "$reg" &&
+	pass "registry config: proxy of Docker Hub on 172.30.0.1:5000" || fail "registry config: $(cat "$reg" 2>&1)"
+grep -q '^  registry_mirror: "http://172.30.0.1:5000"$' "$R4/etc/firerunner/config.yaml" && grep -q '^  allow_host_ports: \[5000\]$' "$R4/etc/firerunner/config.yaml" &&
+	pass "config: docker.registry_mirror and allow_host_ports set" || fail "config lacks the mirror: $(grep -n 'registry_mirror\|allow_host_ports' "$R4/etc/firerunner/config.yaml")"
+sed -e "s|/etc/firerunner/|$R4/etc/firerunner/|g" -e "s|/var/lib/firerunner|$R4/var/lib/firerunner|g" "$R4/etc/firerunner/config.yaml" >"$T/mirror-config.yaml"
+st=$("$BIN" doctor --config "$T/mirror-config.yaml" --json | jq -r '.checks[] | select(.name == "config") | .status' || true)
+[ "$st" = pass ] && pass "--registry-mirror config loads and validates" || fail "--registry-mirror config check: $st"
+"$HERE/install.sh" --root "$R4" --bin "$BIN" --driver qemu --image "$T/image" --no-download --registry-mirror >"$T/mirror2.log"
+grep -q 'nothing to do' "$T/mirror2.log" && pass "--registry-mirror twice changes nothing" || fail "second --registry-mirror run: $(cat "$T/mirror2.log")"
+"$HERE/install.sh" --root "$R4" --uninstall >/dev/null
+[ ! -e "$R4/etc/sysctl.d/61-firerunner-mirror.conf" ] && [ ! -e "$R4/etc/systemd/system/docker-registry.service.d/firerunner.conf" ] &&
+	pass "uninstall removes the mirror's sysctl and unit drop-in" || fail "uninstall left the mirror's files"
+
 echo "--- second install after the daemon started: must change nothing"
 # What the daemon does to the state dir at start (store.Open: mode
 # store.DirMode, the database 0600; the VM and network dirs 0700).

@@ -5,8 +5,12 @@ set -euo pipefail
 # prometheus provides promtool, which checks packaging/prometheus's alert rules.
 # postgresql: the tests of the PostgreSQL store and make test-fleet start a
 # throwaway cluster of their own (the service the package enables is not used).
+# docker-registry (the CNCF distribution registry) and skopeo run the Docker
+# tests' local registries and mirror (no Docker daemon on the host: the
+# tests' docker client is unpacked from docker.io's .deb, not installed).
 pkgs=(qemu-system-x86 qemu-utils debootstrap busybox-static cpio e2fsprogs xz-utils zstd kmod
-      nftables iptables iproute2 git ca-certificates make gcc python3 jq prometheus postgresql)
+      nftables iptables iproute2 git ca-certificates make gcc python3 jq prometheus postgresql
+      docker-registry skopeo)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")

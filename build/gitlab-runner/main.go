@@ -1,6 +1,6 @@
 // Command gitlab-runner is FireRunner's test/demo build of the official
-// GitLab Runner: the upstream module (pinned in go.mod) with only the shell
-// and custom executors. It mirrors upstream main.go minus the executors,
+// GitLab Runner: the upstream module (pinned in go.mod) with the shell,
+// custom and docker executors. It mirrors upstream main.go minus the executors,
 // commands and plugins whose dependencies the Go module proxy refuses (see
 // README.md). Production guest images use the official release binary.
 package main
@@ -19,6 +19,7 @@ import (
 	"gitlab.com/gitlab-org/gitlab-runner/common"
 	"gitlab.com/gitlab-org/gitlab-runner/executors"
 	"gitlab.com/gitlab-org/gitlab-runner/executors/custom"
+	"gitlab.com/gitlab-org/gitlab-runner/executors/docker"
 	"gitlab.com/gitlab-org/gitlab-runner/executors/shell"
 	cli_helpers "gitlab.com/gitlab-org/gitlab-runner/helpers/cli"
 	"gitlab.com/gitlab-org/gitlab-runner/helpers/fips"
@@ -57,7 +58,7 @@ func main() {
 
 	app := cli.NewApp()
 	app.Name = filepath.Base(os.Args[0])
-	app.Usage = "a GitLab Runner (FireRunner build: shell and custom executors only)"
+	app.Usage = "a GitLab Runner (FireRunner build: shell, custom and docker executors)"
 	app.Version = common.AppVersion.ShortLine()
 	cli.VersionPrinter = common.AppVersion.Printer
 	app.Authors = []cli.Author{{Name: "GitLab Inc.", Email: "support@gitlab.com"}}
@@ -127,5 +128,6 @@ func newExecutorProviders() *executors.ProviderRegistry {
 	return executors.NewProviderRegistry(map[string]common.ExecutorProvider{
 		"shell":  shell.NewProvider(runnerCommand),
 		"custom": custom.NewProvider("gitlab-runner"),
+		"docker": docker.NewProvider(),
 	})
 }

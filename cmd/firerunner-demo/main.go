@@ -48,6 +48,7 @@ func run(args []string) error {
 	imageDir := fs.String("image", "", "guest image dir (default: the latest built image)")
 	keep := fs.String("workdir", "", "keep state, logs and console logs in this directory (default: a temp dir, removed)")
 	warm := fs.String("warm", "firecracker-1cpu-1gb", "size tag with a warm pool of one VM: its job runs warm, the others cold (\"\" = no pool)")
+	docker := fs.Bool("docker", true, "run the jobs with the docker executor and add the docker-image and docker-build jobs (local registries, no internet); false: shell executor")
 	if err := cli.Parse(fs, args); err != nil {
 		return err
 	}
@@ -70,7 +71,11 @@ func run(args []string) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	rep, err := demo.Run(ctx, demo.Options{ImageDir: *imageDir, WorkDir: *keep, Out: os.Stdout, WarmSize: *warm})
+	o := demo.Options{ImageDir: *imageDir, WorkDir: *keep, Out: os.Stdout, WarmSize: *warm, Docker: *docker}
+	if *docker {
+		o.Jobs = append(demo.DefaultJobs(), demo.DockerJobs()...)
+	}
+	rep, err := demo.Run(ctx, o)
 	if err != nil {
 		return err
 	}

@@ -69,7 +69,8 @@ type Workload struct {
 	Env        []string
 	Dir        string
 	UID, GID   int
-	ConfigTOML []byte // nil for a plain command
+	Groups     []uint32 // supplementary groups (docker: the socket's group)
+	ConfigTOML []byte   // nil for a plain command
 	// SystemID is written to SystemIDPath before gitlab-runner starts ("":
 	// gitlab-runner makes up its own).
 	SystemID string
@@ -156,6 +157,10 @@ func RunnerConfigTOML(c guestconfig.Config) []byte {
 	kv("name", RunnerName)
 	kv("url", c.GitLabURL)
 	kv("token", c.RunnerToken)
+	if c.Docker != nil {
+		dockerRunnerTOML(&b, kv, c.Docker)
+		return []byte(b.String())
+	}
 	kv("executor", "shell")
 	kv("shell", "bash")
 	kv("builds_dir", CIHome+"/builds")

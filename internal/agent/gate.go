@@ -41,8 +41,14 @@ const jobRequestPath = "/api/v4/jobs/request"
 
 // NewJobGate listens on a loopback port; SetTarget names GitLab before the
 // first request (a warm VM learns it only with its assignment).
-func NewJobGate() (*JobGate, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+func NewJobGate() (*JobGate, error) { return NewJobGateAt("127.0.0.1:0") }
+
+// NewJobGateAt listens on addr (host:port, port 0 picks one); URL names
+// that address. The docker executor's containers reach GitLab through the
+// runner's URL too (artifacts, caches from the helper container), so there
+// it is the VM's own address, which containers reach and loopback is not.
+func NewJobGateAt(addr string) (*JobGate, error) {
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, err
 	}

@@ -27,6 +27,9 @@ type Agent struct {
 	SysBlock string // /sys/block
 	DevDir   string // /dev
 	reaper   *reaper
+	// dockerd and its exit, when the agent started Docker (docker_linux.go).
+	dockerd       *exec.Cmd
+	dockerdExited <-chan unix.WaitStatus
 }
 
 // Main runs the agent as PID 1 and never returns normally: it powers off.
@@ -78,15 +81,24 @@ func (a *Agent) run() error {
 			return fmt.Errorf("%s: %w", s.name, err)
 		}
 	}
+	// Docker (docker executor; docker_linux.go): nil channel without.
+	dockerReady, dockerGroups, err := a.prepareDocker(cfg)
+	if err != nil {
+		return err
+	}
 	w, err := BuildWorkload(cfg)
 	if err != nil {
+		return err
+	}
+	w.Groups = dockerGroups
+	if stop, err := a.awaitDocker(cfg, dockerReady); stop || err != nil {
 		return err
 	}
 	var gate *JobGate
 	if w.ConfigTOML != nil {
 		// gitlab-runner reaches GitLab through the gate, which lets one
 		// job through: the VM runs exactly one, however the first ends.
-		if gate, err = NewJobGate(); err != nil {
+		if gate, err = NewJobGateAt(gateAddr(cfg)); err != nil {
 			return fmt.Errorf("job gate: %w", err)
 		}
 		defer gate.Close()
@@ -109,6 +121,11 @@ func (a *Agent) run() error {
 			if f, err := os.Open(w.Args[0]); err == nil {
 				_, _ = io.Copy(io.Discard, f)
 				f.Close()
+			}
+			if dockerReady != nil {
+				if err := <-dockerReady; err != nil {
+					return nil, 0, fmt.Errorf("docker: %w", err)
+				}
 			}
 			fmt.Fprintln(a.Console, guestconfig.MarkerWarm)
 			as, err := ReadAssignment(a.DevDir, "/sys/class/virtio-ports")
@@ -439,7 +456,7 @@ func (a *Agent) runWorkload(w Workload, timeout time.Duration, assign func() ([]
 	cmd.Stdout, cmd.Stderr = a.Console, a.Console
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setsid:     true,
-		Credential: &syscall.Credential{Uid: uint32(w.UID), Gid: uint32(w.GID), Groups: []uint32{}},
+		Credential: &syscall.Credential{Uid: uint32(w.UID), Gid: uint32(w.GID), Groups: append([]uint32{}, w.Groups...)},
 	}
 	var fed chan error
 	if w.ConfigTOML != nil {

@@ -55,6 +55,8 @@ type Config struct {
 	Network     Network     `yaml:"network"`
 	QEMU        QEMU        `yaml:"qemu"`
 	Firecracker Firecracker `yaml:"firecracker"`
+	// Docker configures the guest's Docker engine (runners.executor docker).
+	Docker Docker `yaml:"docker"`
 	// Pools keep warm VMs ready per size class; none by default.
 	Pools []Pool `yaml:"pools"`
 }
@@ -162,7 +164,35 @@ type Runners struct {
 	// DescriptionPrefix starts every runner description; reconciliation only
 	// ever deletes runners whose description starts with it.
 	DescriptionPrefix string `yaml:"description_prefix"`
+	// Executor is gitlab-runner's executor in the VM: "shell" (the job runs
+	// as user ci on the VM's Debian root; `image:` and `services:` are
+	// ignored) or "docker" (a Docker engine in the VM runs the job in its
+	// `image:`, with its `services:`; see docs/docker.md).
+	Executor string `yaml:"executor"`
+	// DefaultImage is the docker executor's image for jobs without `image:`.
+	DefaultImage string `yaml:"default_image"`
 }
+
+// Docker configures the Docker engine in docker-executor VMs.
+type Docker struct {
+	// ScratchDiskGiB is the size of each VM's scratch disk (Docker's
+	// data-root): a sparse file on the host in the VM's directory, so it
+	// costs only what the job writes, and it is destroyed with the VM.
+	ScratchDiskGiB int `yaml:"scratch_disk_gib"`
+	// RegistryMirror is the guest dockerd's registry-mirrors entry, e.g.
+	// the host's pull-through cache (install.sh --registry-mirror);
+	// "" = pull from Docker Hub directly.
+	RegistryMirror string `yaml:"registry_mirror"`
+}
+
+// Executors are the values of runners.executor.
+const (
+	ExecutorShell  = "shell"
+	ExecutorDocker = "docker"
+)
+
+// MaxScratchDiskGiB bounds docker.scratch_disk_gib.
+const MaxScratchDiskGiB = 16384
 
 // Reconcile configures the backstop poll and the reconcile loop.
 type Reconcile struct {
@@ -336,7 +366,10 @@ func Default() Config {
 			Registration:      "create",
 			MaximumTimeout:    time.Hour,
 			DescriptionPrefix: "firerunner",
+			Executor:          ExecutorShell,
+			DefaultImage:      "debian:bookworm-slim",
 		},
+		Docker:    Docker{ScratchDiskGiB: 20},
 		Reconcile: Reconcile{Interval: 30 * time.Second},
 		Capacity: Capacity{
 			ReserveVCPUs:      1,
@@ -576,6 +609,26 @@ func (c Config) Validate(drivers Drivers) error {
 	}
 	if c.Runners.DescriptionPrefix == "" {
 		bad("runners.description_prefix", "must be set (reconciliation uses it to find our runners)")
+	}
+	switch c.Runners.Executor {
+	case ExecutorShell:
+	case ExecutorDocker:
+		if d := c.Runners.DefaultImage; strings.TrimSpace(d) == "" || strings.ContainsAny(d, " \t\n\"\\") {
+			bad("runners.default_image", "%q is not an image reference (needed by the docker executor)", d)
+		}
+	default:
+		bad("runners.executor", "%q is not one of shell, docker", c.Runners.Executor)
+	}
+	if c.Docker.ScratchDiskGiB < 1 || c.Docker.ScratchDiskGiB > MaxScratchDiskGiB {
+		bad("docker.scratch_disk_gib", "must be between 1 and %d, got %d", MaxScratchDiskGiB, c.Docker.ScratchDiskGiB)
+	}
+	if c.Runners.Executor == ExecutorDocker && c.Firecracker.SnapshotRefill {
+		bad("firecracker.snapshot_refill", "not with runners.executor docker yet: a snapshot clone would need its own copy of the template's scratch disk (Docker's data-root)")
+	}
+	if m := c.Docker.RegistryMirror; m != "" {
+		if u, err := url.Parse(m); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.User != nil {
+			bad("docker.registry_mirror", "%q is not an http(s) URL of a registry (scheme://host[:port])", m)
+		}
 	}
 	if c.Reconcile.Interval < time.Second {
 		bad("reconcile.interval", "must be >= 1s, got %s", c.Reconcile.Interval)

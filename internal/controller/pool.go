@@ -16,7 +16,7 @@ import (
 // start) or leaves the VM warm. wait is gitlab-runner's wait for its first
 // job beyond the start timeout (a warm VM's idle time).
 func (c *Controller) spec(v job.VM, wait time.Duration) vm.Spec {
-	return vm.Spec{
+	s := vm.Spec{
 		ID: v.ID, VCPUs: v.VCPUs, MemoryMiB: v.MemoryMiB, Image: c.img,
 		Guest: guestconfig.Config{
 			Hostname:       v.ID,
@@ -29,6 +29,8 @@ func (c *Controller) spec(v job.VM, wait time.Duration) vm.Spec {
 		},
 		Timeout: c.cfg.Limits.VMStartTimeout + wait + c.cfg.Limits.JobMaxDuration + time.Minute,
 	}
+	dockerSpec(&s, c.cfg)
+	return s
 }
 
 // poolOf returns the pool of a VM's size.

@@ -98,6 +98,9 @@ func Start(ctx context.Context, cfg config.Config, log *slog.Logger) (_ *Daemon,
 	if d.Image, err = image.Load(cfg.VM.ImageDir); err != nil {
 		return nil, fmt.Errorf("vm.image_dir: %w", err)
 	}
+	if cfg.Runners.Executor == config.ExecutorDocker && !d.Image.HasDocker() {
+		return nil, fmt.Errorf("runners.executor docker: the image %s has no Docker engine (built by %s); rebuild it with firerunner image build", d.Image.Dir, d.Image.Builder)
+	}
 	driver, err := Drivers().Get(cfg.VM.Driver)
 	if err != nil {
 		return nil, fmt.Errorf("vm.driver: %w", err)

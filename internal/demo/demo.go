@@ -31,6 +31,7 @@ import (
 	"github.com/firerunner/firerunner/internal/store"
 	"github.com/firerunner/firerunner/internal/tags"
 	"github.com/firerunner/firerunner/internal/testsupport/gitlabstandin"
+	"github.com/firerunner/firerunner/internal/testsupport/registry"
 	"github.com/firerunner/firerunner/internal/vm"
 )
 
@@ -63,6 +64,15 @@ type Options struct {
 	// VM of that size; the pipeline starts once that VM is ready, so its
 	// job of that size runs warm while the others boot cold.
 	WarmSize string
+	// Docker runs FireRunner with the docker executor (runners.executor
+	// docker): jobs run in their image: with their services:, jobs without
+	// image: in registry.ImageShell, and the VMs pull through a registry
+	// mirror (Mirror, or one the run starts in WorkDir). User-mode
+	// networking only.
+	Docker bool
+	// Mirror is the Docker Hub stand-in and pull-through cache the VMs pull
+	// through (nil with Docker: the run starts one and stops it at the end).
+	Mirror *registry.Mirror
 }
 
 // DefaultJobs is the demo pipeline: two jobs of different sizes, and one
@@ -82,10 +92,34 @@ func DefaultJobs() []gitlabstandin.JobSpec {
 	}
 }
 
+// DockerJobs are the demo's jobs for the docker executor (Options.Docker):
+// an image: job with a service reached by its alias, and a docker build of
+// the repository's Dockerfile whose result runs, in the VM's own Docker.
+func DockerJobs() []gitlabstandin.JobSpec {
+	return []gitlabstandin.JobSpec{
+		{Name: "docker-image", Tags: []string{"firecracker-1cpu-1gb"},
+			Image:    &gitlabstandin.ImageSpec{Name: registry.ImageBusybox},
+			Services: []gitlabstandin.ImageSpec{{Name: registry.ImageWeb, Alias: "web"}},
+			Script: []string{
+				`echo "running in: $(busybox | head -1)"`,
+				`test ! -e /etc/debian_version && echo "not the VM's Debian root"`,
+				`echo "service says: $(wget -qO- http://web/)"`,
+			}},
+		{Name: "docker-build", Tags: []string{"firecracker-2cpu-2gb"},
+			Image: &gitlabstandin.ImageSpec{Name: registry.ImageDockerCLI},
+			Script: []string{
+				`docker version --format 'docker client {{.Client.Version}}, the VM daemon {{.Server.Version}}'`,
+				`docker build -q -t demo-built:1 .`,
+				`docker run --rm demo-built:1`,
+			}},
+	}
+}
+
 // Files is the demo repository.
 var Files = map[string]string{
-	"README.md": "# demo/app\nA repository served by the GitLab stand-in over git smart HTTP.\n",
-	"build.sh":  "#!/bin/sh\nset -e\necho building...\nseq 1 200000 | sort -n | tail -1 > out.txt\necho \"built: $(cat out.txt)\"\n",
+	"README.md":  "# demo/app\nA repository served by the GitLab stand-in over git smart HTTP.\n",
+	"Dockerfile": "FROM busybox:latest\nRUN echo \"built by docker build in the job's VM (kernel $(uname -r))\" > /built.txt\nCMD [\"cat\", \"/built.txt\"]\n",
+	"build.sh":   "#!/bin/sh\nset -e\necho building...\nseq 1 200000 | sort -n | tail -1 > out.txt\necho \"built: $(cat out.txt)\"\n",
 }
 
 // JobResult is what happened to one job, seen from GitLab and FireRunner.
@@ -155,6 +189,9 @@ func Run(ctx context.Context, o Options) (rep *Report, err error) {
 	default:
 		return nil, fmt.Errorf("demo: network %q is not one of user, tap", o.Network)
 	}
+	if o.Docker && o.Network != "user" {
+		return nil, errors.New("demo: the docker executor demo runs with user-mode networking only")
+	}
 	ctx, cancel := context.WithTimeout(ctx, o.Timeout)
 	defer cancel()
 	p := &printer{w: o.Out, t0: time.Now()}
@@ -203,6 +240,18 @@ func Run(ctx context.Context, o Options) (rep *Report, err error) {
 	}
 	p.say("GitLab stand-in at http://%s (VMs see %s), project %s #%d", gl.Addr(), gl.URL(), proj.Path, proj.ID)
 
+	if o.Docker && o.Mirror == nil {
+		m, err := registry.StartMirror(ctx, filepath.Join(o.WorkDir, "registry"), 0)
+		if err != nil {
+			return nil, fmt.Errorf("registry mirror: %w", err)
+		}
+		defer m.Close()
+		o.Mirror = m
+	}
+	if o.Docker {
+		p.say("Docker Hub stand-in (docker-registry) at %s holding %d test images; pull-through mirror at %s (VMs: %s)",
+			o.Mirror.Upstream.Addr, len(o.Mirror.Images), o.Mirror.Mirror.Addr, MirrorURL(o.Mirror))
+	}
 	_, glPort, _ := net.SplitHostPort(gl.Addr())
 	cfg, err := Config(o, "http://"+net.JoinHostPort("127.0.0.1", glPort), gl.URL(), apiToken, hookSecret)
 	if err != nil {
@@ -338,6 +387,14 @@ func Config(o Options, apiURL, guestURL, apiToken, hookSecret string) (config.Co
 	if o.WarmSize != "" {
 		cfg.Pools = []config.Pool{{Size: o.WarmSize, MinIdle: 1, MaxIdle: 1}}
 	}
+	if o.Docker {
+		if o.Mirror == nil {
+			return cfg, errors.New("demo: docker needs a registry mirror")
+		}
+		cfg.Runners.Executor, cfg.Runners.DefaultImage = config.ExecutorDocker, registry.ImageShell
+		cfg.Docker.RegistryMirror = MirrorURL(o.Mirror)
+		cfg.Docker.ScratchDiskGiB = 8
+	}
 	if o.Network == "tap" {
 		// Production networking. Host ports are closed to VMs, so open
 		// exactly the one GitLab (guest_url) listens on.
@@ -358,6 +415,12 @@ func Config(o Options, apiURL, guestURL, apiToken, hookSecret string) (config.Co
 		}
 	}
 	return cfg, cfg.Validate(daemon.Drivers())
+}
+
+// MirrorURL is the mirror's URL as VMs on user-mode networking see it.
+func MirrorURL(m *registry.Mirror) string {
+	_, port, _ := net.SplitHostPort(m.Mirror.Addr)
+	return "http://10.0.2.2:" + port
 }
 
 // waitWarm waits until a pool's VM reports gitlab-runner waiting for its
@@ -685,6 +748,7 @@ func (r JobResult) Timeline() []Event {
 		}{
 			{"VM process started", vm.MilestoneVMMStarted}, {"guest kernel", vm.MilestoneKernel},
 			{"guest init", vm.MilestoneInit}, {"guest agent start", vm.MilestoneAgentStart},
+			{"docker ready (helper image loaded)", vm.MilestoneDockerReady},
 			{"gitlab-runner started", vm.MilestoneJobStart}, {"gitlab-runner exited", vm.MilestoneJobEnd},
 			{"VM powered off", vm.MilestoneVMMExited},
 		} {

@@ -251,6 +251,9 @@ func checkImage(_ context.Context, e *Env) Result {
 		return res("image", Fail, fix, "guest image %s: %v", dir, err)
 	}
 	m, _ := image.Load(dir)
+	if e.Config.Runners.Executor == config.ExecutorDocker && !m.HasDocker() {
+		return res("image", Fail, fix, "guest image %s has no Docker engine, which runners.executor docker needs", m.Dir)
+	}
 	return pass("image", "%s: kernel %s, %d artefacts match the manifest", m.Dir, m.Inputs.KernelRelease, len(m.Artifacts))
 }
 

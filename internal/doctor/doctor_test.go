@@ -296,6 +296,7 @@ func TestEachCheckFails(t *testing.T) {
 			write(t, filepath.Join(f.env.Config.VM.ImageDir, image.ArtRootfs), "tampered rootfs", 0o644)
 		}},
 		{"image", Fail, "manifest.json", func(f *fixture) { f.env.Config.VM.ImageDir = t.TempDir() }},
+		{"image", Fail, "has no Docker engine", func(f *fixture) { f.env.Config.Runners.Executor = config.ExecutorDocker }},
 		{"cgroup-v2", Fail, "not mounted", func(f *fixture) { os.Remove(f.dir + "/sys/fs/cgroup/cgroup.controllers") }},
 		{"cgroup-v2", Fail, "memory", func(f *fixture) { write(t, f.dir+"/sys/fs/cgroup/cgroup.controllers", "cpu pids\n", 0o444) }},
 		{"tun", Fail, "missing", func(f *fixture) { os.Remove(f.dir + "/dev/net/tun") }},

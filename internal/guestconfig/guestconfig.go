@@ -56,6 +56,13 @@ type Config struct {
 	// starts. GitLab keys a runner manager by it, so when many VMs share one
 	// pooled runner, the job API's runner_manager names the VM that ran a job.
 	SystemID string `json:"system_id,omitempty"`
+	// Docker, when set, runs a Docker engine on the scratch disk and
+	// gitlab-runner's docker executor (see docker.go); nil: shell executor.
+	Docker *Docker `json:"docker,omitempty"`
+	// DockerSeed (image builds only): bring Docker up on the scratch disk,
+	// stop it cleanly and power off without running the workload; the disk
+	// becomes the image's Docker seed (internal/image).
+	DockerSeed bool `json:"docker_seed,omitempty"`
 }
 
 // systemIDPattern is gitlab-runner's own check of a .runner_system_id
@@ -194,6 +201,9 @@ type Network struct {
 func (c Config) Validate() error {
 	if c.JobTimeoutSec <= 0 {
 		return errors.New("guest config: job_timeout_sec must be > 0")
+	}
+	if err := c.Docker.Validate(); err != nil {
+		return err
 	}
 	if c.SystemID != "" && !ValidSystemID(c.SystemID) {
 		return fmt.Errorf("guest config: system_id %q is not gitlab-runner's format (s_ or r_ and 12 letters or digits)", c.SystemID)

@@ -28,10 +28,10 @@ const (
 	manifestFormat = 1
 	// builderVersion changes whenever the recipe changes, so old outputs are
 	// never mistaken for new ones.
-	builderVersion = "firerunner-image/1"
+	builderVersion = "firerunner-image/2"
 	// rootfsRecipe keys the cached debootstrap tree; bump it when the tree
 	// customisation below changes.
-	rootfsRecipe = "rootfs/1"
+	rootfsRecipe = "rootfs/2"
 )
 
 // DefaultCmdline is the non-secret kernel command line the initramfs and agent
@@ -68,6 +68,13 @@ type Options struct {
 	// /usr/local/bin/gitlab-runner; required unless NoGitLabRunner.
 	GitLabRunner   string
 	NoGitLabRunner bool
+	// GitLabRunnerHelper is the gitlab-runner-helper binary (upstream
+	// apps/gitlab-runner-helper) the docker executor's helper image is
+	// built from; HelperImageTar instead preloads a ready `docker save`
+	// archive (production: the official helper image of the release).
+	// Neither: no preloaded helper image.
+	GitLabRunnerHelper string
+	HelperImageTar     string
 	// ExtraCA is an optional PEM file appended to the system trust store.
 	ExtraCA string
 	// Suite is the Debian suite (default bookworm); Mirror defaults to the
@@ -104,6 +111,21 @@ func (o *Options) defaults() error {
 			return fmt.Errorf("image: gitlab-runner binary: %w (build it with `make gitlab-runner`, or pass --no-gitlab-runner)", err)
 		}
 	}
+	if o.GitLabRunnerHelper != "" && o.HelperImageTar != "" {
+		return errors.New("image: --gitlab-runner-helper and --helper-image-tar exclude each other")
+	}
+	for _, f := range []string{o.GitLabRunnerHelper, o.HelperImageTar} {
+		if f != "" {
+			if _, err := os.Stat(f); err != nil {
+				return fmt.Errorf("image: helper: %w", err)
+			}
+		}
+	}
+	if o.HelperImageTar != "" {
+		if _, err := ArchiveRepoTag(o.HelperImageTar); err != nil {
+			return fmt.Errorf("image: --helper-image-tar: %w", err)
+		}
+	}
 	if o.ExtraCA != "" {
 		b, err := os.ReadFile(o.ExtraCA)
 		if err != nil {
@@ -127,7 +149,7 @@ func (o *Options) defaults() error {
 		o.Mirror = m
 	}
 	if len(o.Packages) == 0 {
-		o.Packages = DefaultPackages
+		o.Packages = append(append([]string{}, DefaultPackages...), DockerPackages...)
 	}
 	if len(o.Modules) == 0 {
 		o.Modules = DefaultModules
@@ -275,6 +297,17 @@ func (b *builder) run(ctx context.Context) (Manifest, error) {
 			return Manifest{}, err
 		}
 	}
+	if o.GitLabRunnerHelper != "" {
+		if in.HelperSHA256, _, err = fileSHA256(o.GitLabRunnerHelper); err != nil {
+			return Manifest{}, err
+		}
+	}
+	if o.HelperImageTar != "" {
+		if in.HelperImageSHA256, _, err = fileSHA256(o.HelperImageTar); err != nil {
+			return Manifest{}, err
+		}
+	}
+	in.DockerModules = DockerModules
 	hash := hashJSON(builderVersion, DefaultCmdline, in)[:16]
 	out := filepath.Join(o.CacheDir, hash)
 	b.progress("inputs: kernel %s %s, busybox %s, %s from %s -> %s", in.KernelPackage, in.KernelVersion, in.BusyboxVersion, in.Suite, in.Mirror, out)
@@ -331,7 +364,20 @@ func (b *builder) run(ctx context.Context) (Manifest, error) {
 		Created: time.Now().UTC().Format(time.RFC3339), Inputs: in, Packages: pkgs,
 		Artifacts: map[string]Artifact{}, Cmdline: DefaultCmdline,
 	}
-	for _, n := range []string{ArtVMLinux, ArtBzImage, ArtInitrd, ArtRootfs} {
+	// 5b. The Docker seed: the helper image loaded into a data-root once
+	// here rather than in every VM. Best effort: without it VMs load the
+	// helper image themselves.
+	arts := []string{ArtVMLinux, ArtBzImage, ArtInitrd, ArtRootfs}
+	if o.GitLabRunnerHelper != "" || o.HelperImageTar != "" {
+		if seed, err := b.dockerSeed(ctx, tmp); err != nil {
+			b.note("WARNING: no docker seed (VMs will docker load the helper image at boot): %v", err)
+		} else if err := linkOrCopy(seed, filepath.Join(tmp, ArtDockerSeed)); err != nil {
+			return Manifest{}, err
+		} else {
+			arts = append(arts, ArtDockerSeed)
+		}
+	}
+	for _, n := range arts {
 		if m.Artifacts[n], err = artifact(tmp, n); err != nil {
 			return Manifest{}, err
 		}
@@ -386,7 +432,7 @@ func (b *builder) prune(current string) {
 			os.RemoveAll(filepath.Join(b.o.CacheDir, im.name))
 		}
 	}
-	for _, g := range []string{"initrd-*.img", "rootfs-*.ext4"} {
+	for _, g := range []string{"initrd-*.img", "rootfs-*.ext4", "docker-seed-*.ext4"} {
 		m, _ := filepath.Glob(filepath.Join(b.work, g))
 		for _, p := range m {
 			var st syscall.Stat_t
@@ -619,15 +665,19 @@ func (b *builder) rootfs(ctx context.Context, in Inputs) (map[string]string, str
 	if err != nil {
 		return nil, "", err
 	}
-	ext4Key := hashJSON(treeKey, in.GitLabRunnerSHA256, in.ExtraCASHA256)[:16]
+	ext4Key := hashJSON(treeKey, dockerRecipe, in.GitLabRunnerSHA256, in.ExtraCASHA256, in.HelperSHA256, in.HelperImageSHA256,
+		in.DockerModules, in.KernelPackage, in.KernelVersion, in.BusyboxVersion)[:16]
 	ext4 := filepath.Join(b.work, "rootfs-"+ext4Key+".ext4")
 	if _, err := os.Stat(ext4); err == nil {
 		b.progress("rootfs.ext4 %s (cached)", ext4Key)
 		return pkgs, ext4, nil
 	}
-	b.progress("rootfs.ext4: install gitlab-runner/CA, mkfs.ext4 -d")
+	b.progress("rootfs.ext4: install gitlab-runner/CA, Docker modules and helper image, mkfs.ext4 -d")
 	if err := b.customise(base, tree); err != nil {
 		return nil, "", err
+	}
+	if err := b.dockerAssets(ctx, in, tree); err != nil {
+		return nil, "", fmt.Errorf("docker assets: %w", err)
 	}
 	if err := mkfsExt4(ctx, tree, ext4); err != nil {
 		return nil, "", err

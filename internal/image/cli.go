@@ -72,6 +72,8 @@ func BuildCLI(args []string) error {
 	fs.StringVar(&o.Agent, "agent", "", "static firerunner-agent binary (make agent)")
 	fs.StringVar(&o.GitLabRunner, "gitlab-runner", "", "gitlab-runner binary for /usr/local/bin/gitlab-runner")
 	fs.BoolVar(&o.NoGitLabRunner, "no-gitlab-runner", false, "build a smoke-test image without gitlab-runner")
+	fs.StringVar(&o.GitLabRunnerHelper, "gitlab-runner-helper", "", "gitlab-runner-helper binary: build the docker executor's helper image from it and preload it")
+	fs.StringVar(&o.HelperImageTar, "helper-image-tar", "", "preload this `docker save` archive as the helper image (e.g. the official gitlab-runner-helper of your release)")
 	fs.StringVar(&o.ExtraCA, "extra-ca", "", "PEM file of extra CA certificates to trust")
 	fs.StringVar(&o.Mirror, "mirror", "", "Debian mirror (default: the one in the apt sources)")
 	out := fs.String("out", "", "also create a symlink at this path pointing to the image directory")

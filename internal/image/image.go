@@ -77,6 +77,9 @@ type Inputs struct {
 	InitSHA256         string   `json:"init_sha256"`
 	AgentSHA256        string   `json:"agent_sha256"`
 	GitLabRunnerSHA256 string   `json:"gitlab_runner_sha256,omitempty"`
+	HelperSHA256       string   `json:"gitlab_runner_helper_sha256,omitempty"`
+	HelperImageSHA256  string   `json:"helper_image_tar_sha256,omitempty"`
+	DockerModules      []string `json:"docker_modules"`
 	ExtraCASHA256      string   `json:"extra_ca_sha256,omitempty"`
 }
 
@@ -122,12 +125,20 @@ func Load(dir string) (Manifest, error) {
 
 // VMImage returns the absolute artefact paths the drivers boot.
 func (m Manifest) VMImage() vm.Image {
-	return vm.Image{
+	img := vm.Image{
 		Kernel: filepath.Join(m.Dir, m.Artifacts[ArtVMLinux].File),
 		Initrd: filepath.Join(m.Dir, m.Artifacts[ArtInitrd].File),
 		Rootfs: filepath.Join(m.Dir, m.Artifacts[ArtRootfs].File),
 	}
+	if a, ok := m.Artifacts[ArtDockerSeed]; ok {
+		img.DockerSeed = filepath.Join(m.Dir, a.File)
+	}
+	return img
 }
+
+// HasDocker reports whether the image was built with the Docker engine
+// (runners.executor docker needs it); images of builder 1 were not.
+func (m Manifest) HasDocker() bool { return len(m.Inputs.DockerModules) > 0 }
 
 // BzImage returns the absolute path of the compressed kernel.
 func (m Manifest) BzImage() string {

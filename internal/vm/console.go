@@ -29,26 +29,27 @@ type Milestone int
 
 // Milestones in the order they normally happen.
 const (
-	MilestoneImageReady Milestone = iota // the caller has a built image
-	MilestonePrepared                    // per-VM files (config drive, dir) ready
-	MilestoneVMMStarted                  // VMM process running
-	MilestoneKernel                      // guest kernel: "Linux version"
-	MilestoneInit                        // guest kernel runs the initramfs /init
-	MilestoneAgentStart                  // guestconfig.MarkerAgentStart
-	MilestoneJobStart                    // guestconfig.MarkerJobStart
-	MilestoneJobEnd                      // guestconfig.MarkerJobEnd
-	MilestoneExit                        // guestconfig.ExitMarker
-	MilestonePowerOff                    // guestconfig.MarkerPowerOff
-	MilestoneVMMExited                   // VMM process gone
-	MilestoneDestroyed                   // Destroy finished: nothing left
-	MilestoneWarm                        // guestconfig.MarkerWarm: a warm VM's gitlab-runner waits for its config
+	MilestoneImageReady  Milestone = iota // the caller has a built image
+	MilestonePrepared                     // per-VM files (config drive, dir) ready
+	MilestoneVMMStarted                   // VMM process running
+	MilestoneKernel                       // guest kernel: "Linux version"
+	MilestoneInit                         // guest kernel runs the initramfs /init
+	MilestoneAgentStart                   // guestconfig.MarkerAgentStart
+	MilestoneJobStart                     // guestconfig.MarkerJobStart
+	MilestoneJobEnd                       // guestconfig.MarkerJobEnd
+	MilestoneExit                         // guestconfig.ExitMarker
+	MilestonePowerOff                     // guestconfig.MarkerPowerOff
+	MilestoneVMMExited                    // VMM process gone
+	MilestoneDestroyed                    // Destroy finished: nothing left
+	MilestoneWarm                         // guestconfig.MarkerWarm: a warm VM's gitlab-runner waits for its config
+	MilestoneDockerReady                  // guestconfig.MarkerDockerReady: dockerd answers, helper image loaded
 	numMilestones
 )
 
 var milestoneNames = [numMilestones]string{
 	"image ready", "vm prepared", "vmm started", "guest kernel", "guest init",
 	"agent start", "job start", "job end", "exit status", "guest poweroff",
-	"vmm exited", "vm destroyed", "warm ready",
+	"vmm exited", "vm destroyed", "warm ready", "docker ready",
 }
 
 func (m Milestone) String() string {
@@ -72,6 +73,7 @@ var consoleMilestones = []struct {
 	{MilestoneExit, guestconfig.ExitMarker},
 	{MilestonePowerOff, guestconfig.MarkerPowerOff},
 	{MilestoneWarm, guestconfig.MarkerWarm},
+	{MilestoneDockerReady, guestconfig.MarkerDockerReady},
 }
 
 // Timeline records when each milestone first happened. It is safe for

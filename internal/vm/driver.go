@@ -34,6 +34,9 @@ type Spec struct {
 	// Timeout is the hard deadline after which the driver kills the VM.
 	// Zero means no driver-side deadline.
 	Timeout time.Duration
+	// ScratchDiskBytes, when > 0, gives the VM a per-VM read-write scratch
+	// disk of that size (ScratchDisk: sparse, ext4, destroyed with the VM).
+	ScratchDiskBytes int64
 }
 
 // Image is the location of one built guest image (see internal/image).
@@ -41,6 +44,9 @@ type Image struct {
 	Kernel string // ELF vmlinux (Firecracker, QEMU PVH boot)
 	Initrd string // initramfs (busybox + modules), mounts root, switch_root
 	Rootfs string // ext4, attached read-only; the guest overlays a tmpfs on it
+	// DockerSeed, when set, is the image's Docker seed (ext4 with the
+	// helper image loaded): scratch disks start as a copy of it.
+	DockerSeed string
 }
 
 // NetAttachment is a tap device prepared by internal/netsetup.
@@ -70,6 +76,12 @@ func (s Spec) Validate() error {
 	}
 	if s.Image.Kernel == "" || s.Image.Initrd == "" || s.Image.Rootfs == "" {
 		return fmt.Errorf("vm %s: image kernel, initrd and rootfs are required", s.ID)
+	}
+	if s.ScratchDiskBytes < 0 || (s.ScratchDiskBytes > 0 && s.ScratchDiskBytes < 64<<20) {
+		return fmt.Errorf("vm %s: scratch disk of %d bytes: 0 (none) or at least 64 MiB", s.ID, s.ScratchDiskBytes)
+	}
+	if s.Guest.Docker != nil && s.ScratchDiskBytes == 0 {
+		return fmt.Errorf("vm %s: a Docker guest needs a scratch disk (ScratchDiskBytes)", s.ID)
 	}
 	return s.Guest.Validate()
 }

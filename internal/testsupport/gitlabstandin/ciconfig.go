@@ -11,9 +11,10 @@ import (
 )
 
 // ParseCIConfig turns a small subset of .gitlab-ci.yml into job specs:
-// stages, global and job variables, default/global before_script and
-// after_script, and per job stage, script, before_script, after_script,
-// tags, variables, timeout and allow_failure. Hidden jobs (".name") and
+// stages, global and job variables, default/global before_script,
+// after_script, image and services, and per job stage, script,
+// before_script, after_script, tags, variables, timeout, allow_failure,
+// image and services (a name, or a hash of name, alias, entrypoint, command). Hidden jobs (".name") and
 // other keywords are ignored; include, extends, rules and needs are not supported.
 func ParseCIConfig(src []byte) ([]JobSpec, error) {
 	var doc yaml.Node
@@ -32,6 +33,8 @@ func ParseCIConfig(src []byte) ([]JobSpec, error) {
 		Variables    map[string]string `yaml:"variables"`
 		Timeout      string            `yaml:"timeout"`
 		AllowFailure bool              `yaml:"allow_failure"`
+		Image        *imageDef         `yaml:"image"`
+		Services     *[]imageDef       `yaml:"services"`
 	}
 	var (
 		stages             = []string{".pre", "build", "test", "deploy", ".post"}
@@ -42,6 +45,8 @@ func ParseCIConfig(src []byte) ([]JobSpec, error) {
 		reserved           = []string{"image", "services", "workflow", "include", "cache", "default", "stages", "variables", "before_script", "after_script", "spec"}
 		root               = doc.Content[0]
 		defaultBefore, dAf *stringList
+		image              *imageDef
+		services           []imageDef
 	)
 	for i := 0; i+1 < len(root.Content); i += 2 {
 		key, val := root.Content[i].Value, root.Content[i+1]
@@ -57,13 +62,25 @@ func ParseCIConfig(src []byte) ([]JobSpec, error) {
 			err = val.Decode(&before)
 		case "after_script":
 			err = val.Decode(&after)
+		case "image":
+			err = val.Decode(&image)
+		case "services":
+			err = val.Decode(&services)
 		case "default":
 			var d struct {
 				BeforeScript *stringList `yaml:"before_script"`
 				AfterScript  *stringList `yaml:"after_script"`
+				Image        *imageDef   `yaml:"image"`
+				Services     *[]imageDef `yaml:"services"`
 			}
 			err = val.Decode(&d)
 			defaultBefore, dAf = d.BeforeScript, d.AfterScript
+			if d.Image != nil {
+				image = d.Image
+			}
+			if d.Services != nil {
+				services = *d.Services
+			}
 		default:
 			if strings.HasPrefix(key, ".") || slices.Contains(reserved, key) {
 				continue
@@ -111,6 +128,20 @@ func ParseCIConfig(src []byte) ([]JobSpec, error) {
 			// GitLab sends before_script and script as one "script" step.
 			js.Script = append(append([]string(nil), b...), d.Script...)
 			js.AfterScript = a
+			if im := d.Image; im != nil || image != nil {
+				if im == nil {
+					im = image
+				}
+				spec := ImageSpec(*im)
+				js.Image = &spec
+			}
+			svcs := services
+			if d.Services != nil {
+				svcs = *d.Services
+			}
+			for _, s := range svcs {
+				js.Services = append(js.Services, ImageSpec(s))
+			}
 			for _, vars := range []map[string]string{globalVars, d.Variables} {
 				keys := make([]string, 0, len(vars))
 				for k := range vars {
@@ -135,6 +166,25 @@ func ParseCIConfig(src []byte) ([]JobSpec, error) {
 		return nil, fmt.Errorf("no jobs")
 	}
 	return jobs, nil
+}
+
+// imageDef decodes an image or service entry: a name or a hash.
+type imageDef ImageSpec
+
+func (d *imageDef) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind == yaml.ScalarNode {
+		*d = imageDef{Name: n.Value}
+		return nil
+	}
+	var s ImageSpec
+	if err := n.Decode(&s); err != nil {
+		return err
+	}
+	if s.Name == "" {
+		return fmt.Errorf("image config should contain a name")
+	}
+	*d = imageDef(s)
+	return nil
 }
 
 // stringList decodes a string or a list of strings.

@@ -399,6 +399,19 @@ type JobSpec struct {
 	Tags         []string
 	Timeout      time.Duration // default 1h
 	AllowFailure bool
+	// Image and Services are the job's `image:` and `services:` (the
+	// docker executor's); nil/empty: none.
+	Image    *ImageSpec
+	Services []ImageSpec
+}
+
+// ImageSpec is an `image:` or a `services:` entry, as the runner API's job
+// payload carries it (gitlab-runner common/spec Image).
+type ImageSpec struct {
+	Name       string   `yaml:"name"`
+	Alias      string   `yaml:"alias"`
+	Entrypoint []string `yaml:"entrypoint"`
+	Command    []string `yaml:"command"`
 }
 
 // PipelineSpec describes a pipeline; Ref defaults to the default branch.

@@ -468,6 +468,59 @@ compile:
 	}
 }
 
+// image: and services: (global, default:, per job; a name or a hash) reach
+// the runner API's job payload as gitlab-runner reads it (common/spec Image).
+func TestCIConfigImageAndServices(t *testing.T) {
+	jobs, err := ParseCIConfig([]byte(`
+image: busybox:latest
+services: [redis:7]
+default:
+  services:
+    - name: postgres:16
+      alias: db
+plain:
+  script: echo
+own:
+  image:
+    name: alpine:3
+    entrypoint: [""]
+  services:
+    - name: frtest/web:1
+      alias: web
+    - mysql:8
+  script: echo
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(jobs) != 2 {
+		t.Fatalf("jobs %+v", jobs)
+	}
+	p, o := jobs[0], jobs[1]
+	if p.Image == nil || p.Image.Name != "busybox:latest" || len(p.Services) != 1 || p.Services[0].Name != "postgres:16" || p.Services[0].Alias != "db" {
+		t.Errorf("plain: image %+v services %+v", p.Image, p.Services)
+	}
+	if o.Image == nil || o.Image.Name != "alpine:3" || len(o.Image.Entrypoint) != 1 || len(o.Services) != 2 ||
+		o.Services[0].Alias != "web" || o.Services[1].Name != "mysql:8" {
+		t.Errorf("own: image %+v services %+v", o.Image, o.Services)
+	}
+	if _, err := ParseCIConfig([]byte("j:\n  image: {alias: x}\n  script: echo\n")); err == nil {
+		t.Error("an image without a name was accepted")
+	}
+	b, _ := json.Marshal(map[string]any{"image": imageJSON(o.Image), "services": servicesJSON(o.Services), "none": imageJSON(nil)})
+	var got struct {
+		Image    map[string]any   `json:"image"`
+		Services []map[string]any `json:"services"`
+		None     any              `json:"none"`
+	}
+	if err := json.Unmarshal(b, &got); err != nil {
+		t.Fatal(err)
+	}
+	if got.Image["name"] != "alpine:3" || got.Services[0]["alias"] != "web" || got.Services[1]["name"] != "mysql:8" || got.None != nil {
+		t.Errorf("payload %s", b)
+	}
+}
+
 func TestExternalHost(t *testing.T) {
 	s := newServer(t, Options{ExternalHost: "localhost"})
 	if !strings.HasPrefix(s.URL(), "http://localhost:") || !strings.HasSuffix(s.URL(), s.Addr()[strings.LastIndex(s.Addr(), ":"):]) {

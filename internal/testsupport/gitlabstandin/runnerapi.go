@@ -494,8 +494,8 @@ func (s *Server) jobPayloadLocked(j *job, rn *runner) map[string]any {
 		"runner_info":  map[string]any{"timeout": timeout, "uuid": rn.uuid, "runner_session_url": nil},
 		"variables":    vars,
 		"steps":        steps,
-		"image":        nil,
-		"services":     []any{},
+		"image":        imageJSON(j.spec.Image),
+		"services":     servicesJSON(j.spec.Services),
 		"artifacts":    nil,
 		"cache":        []any{},
 		"credentials":  []any{},
@@ -518,6 +518,33 @@ func (s *Server) jobPayloadLocked(j *job, rn *runner) map[string]any {
 				"image_pull_failure", "runner_external_dependency_failure", "runner_interrupted"},
 		},
 	}
+}
+
+// imageJSON renders an image as the runner API does (gitlab-runner
+// common/spec Image): name, alias, entrypoint, command, ports, pull_policy.
+func imageJSON(im *ImageSpec) any {
+	if im == nil {
+		return nil
+	}
+	m := map[string]any{"name": im.Name, "ports": []any{}, "executor_opts": map[string]any{}}
+	if im.Alias != "" {
+		m["alias"] = im.Alias
+	}
+	if len(im.Entrypoint) > 0 {
+		m["entrypoint"] = im.Entrypoint
+	}
+	if len(im.Command) > 0 {
+		m["command"] = im.Command
+	}
+	return m
+}
+
+func servicesJSON(ss []ImageSpec) []any {
+	out := []any{}
+	for i := range ss {
+		out = append(out, imageJSON(&ss[i]))
+	}
+	return out
 }
 
 func tagsJSON(tags []string) string {

@@ -523,3 +523,66 @@ func TestWaitReportsKilled(t *testing.T) {
 	}
 	e.assertClean(d, spec.ID, 0)
 }
+
+// TestContractScratchDisk: a Docker VM's scratch disk is one more drive,
+// read-write and not the root device, named by its jail path with the jailer;
+// the file is a sparse ext4 of the asked size in the VM's directory (in the
+// jail, the jail user's) and is gone after Destroy.
+func TestContractScratchDisk(t *testing.T) {
+	for _, jailer := range []bool{false, true} {
+		t.Run(map[bool]string{false: "direct", true: "jailer"}[jailer], func(t *testing.T) {
+			e := newEnv(t, jailer)
+			d := e.driver()
+			ctx := context.Background()
+			id := "fr-scratch1"
+			spec := e.spec(id, fcstandin.CmdExit, "0")
+			spec.ScratchDiskBytes = 1 << 30
+			spec.Guest.Docker = &guestconfig.Docker{DefaultImage: "busybox:latest"}
+			t.Cleanup(func() { d.Destroy(ctx, id) })
+			if err := d.Start(ctx, spec); err != nil {
+				t.Fatalf("Start: %v", err)
+			}
+			meta, err := d.sd.ReadMeta(id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := d.Wait(ctx, id); err != nil {
+				t.Fatalf("Wait: %v", err)
+			}
+			recs := e.requests(id)
+			if got := calls(recs); !slices.Contains(got, "PUT /drives/scratch") {
+				t.Fatalf("no scratch drive in %q", got)
+			}
+			sc := body(t, recs, "PUT /drives/scratch")
+			want := d.sd.File(id, vm.ScratchDisk)
+			if jailer {
+				want = jailScratch
+			}
+			if sc["is_read_only"] != false || sc["is_root_device"] != false || sc["path_on_host"] != want {
+				t.Errorf("scratch drive %v; want read-write, not root, at %s", sc, want)
+			}
+			file := d.sd.File(id, vm.ScratchDisk)
+			if jailer {
+				file = d.inJail(id, jailScratch)
+			}
+			fi, err := os.Stat(file)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fi.Size() != 1<<30 || fi.Mode().Perm() != 0o600 {
+				t.Errorf("scratch disk %s: size %d mode %v", file, fi.Size(), fi.Mode())
+			}
+			if jailer && int(statUID(fi)) != e.opts.UID {
+				t.Errorf("jail scratch disk owned by %d, want the jail user %d", statUID(fi), e.opts.UID)
+			}
+			pid := meta.Proc.PID
+			if err := d.Destroy(ctx, id); err != nil {
+				t.Fatalf("Destroy: %v", err)
+			}
+			e.assertClean(d, id, pid)
+			if _, err := os.Stat(file); !os.IsNotExist(err) {
+				t.Errorf("scratch disk survived Destroy: %v", err)
+			}
+		})
+	}
+}

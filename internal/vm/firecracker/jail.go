@@ -21,6 +21,7 @@ const (
 	jailInitrd   = "/initrd.img"
 	jailRootfs   = "/rootfs.ext4"
 	jailConfig   = "/config.img"
+	jailScratch  = "/scratch.img"
 	jailLog      = "/firecracker.log"
 	jailMetrics  = "/firecracker.metrics"
 	jailSocket   = "/run/firecracker.socket"

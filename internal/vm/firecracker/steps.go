@@ -41,6 +41,7 @@ const (
 	StepInstanceStart  = "InstanceStart" // run by sdk.Machine.Start after the chain
 	driveIDRootfs      = "rootfs"
 	driveIDConfigDrive = "config"
+	driveIDScratch     = "scratch"
 )
 
 // boot is one VM start (or snapshot load) in progress.
@@ -113,6 +114,12 @@ func (b *boot) sdkConfig() sdk.Config {
 		// No signal forwarding: the VMM outlives this process by design.
 		ForwardSignals: []os.Signal{},
 		Seccomp:        sdk.SeccompConfig{Enabled: true},
+	}
+	if s.ScratchDiskBytes > 0 {
+		// Per-VM scratch disk (Docker's data-root), read-write, sparse,
+		// destroyed with the VM's directory.
+		cfg.Drives = append(cfg.Drives, models.Drive{DriveID: sdk.String(driveIDScratch),
+			PathOnHost: sdk.String(filepath.Join(b.dir, vm.ScratchDisk)), IsRootDevice: sdk.Bool(false), IsReadOnly: sdk.Bool(false)})
 	}
 	if n := s.Network; n != nil {
 		cfg.NetworkInterfaces = sdk.NetworkInterfaces{{
@@ -263,6 +270,11 @@ func (b *boot) prepareVMDir(ctx context.Context, m *sdk.Machine) error {
 	if err := guestconfig.WriteDrive(filepath.Join(b.dir, vm.ConfigDrive), b.spec.Guest); err != nil {
 		return fmt.Errorf("write config drive: %w", err)
 	}
+	if b.spec.ScratchDiskBytes > 0 && b.snap == nil {
+		if err := vm.CreateScratchDisk(ctx, filepath.Join(b.dir, vm.ScratchDisk), b.spec.ScratchDiskBytes, b.spec.Image.DockerSeed); err != nil {
+			return err
+		}
+	}
 	for _, f := range []string{vm.ConsoleFile, logFile, metricsFile, stderrFile} {
 		if err := touch(filepath.Join(b.dir, f), -1, -1); err != nil {
 			return err
@@ -353,12 +365,19 @@ func (b *boot) prepareJail(ctx context.Context, m *sdk.Machine) error {
 	if err := place(filepath.Join(b.dir, vm.ConfigDrive), jailConfig, true); err != nil {
 		return err
 	}
+	if b.spec.ScratchDiskBytes > 0 && b.snap == nil {
+		if err := place(filepath.Join(b.dir, vm.ScratchDisk), jailScratch, true); err != nil {
+			return err
+		}
+	}
 	for i := range cfg.Drives {
 		switch sdk.StringValue(cfg.Drives[i].DriveID) {
 		case driveIDRootfs:
 			cfg.Drives[i].PathOnHost = sdk.String(jailRootfs)
 		case driveIDConfigDrive:
 			cfg.Drives[i].PathOnHost = sdk.String(jailConfig)
+		case driveIDScratch:
+			cfg.Drives[i].PathOnHost = sdk.String(jailScratch)
 		}
 	}
 	if b.snap != nil {

@@ -17,7 +17,8 @@ type launch struct {
 	tscKHz      int    // host TSC kHz; used under TCG
 	consoleLog  string
 	configDrive string
-	vhostNet    bool // tap + KVM + /dev/vhost-net
+	scratchDisk string // "" = none
+	vhostNet    bool   // tap + KVM + /dev/vhost-net
 	extraKernel []string
 	assignSock  string // warm VM: the assignment channel's Unix socket ("" = none)
 }
@@ -82,6 +83,12 @@ func qemuArgs(spec vm.Spec, l launch) []string {
 		"-device", "virtio-blk-device,drive=config",
 		"-device", "virtio-rng-device",
 	)
+	if l.scratchDisk != "" {
+		// Per-VM scratch disk (Docker's data-root), sparse, destroyed with
+		// the VM: nothing on it must survive a host crash, hence no flushes.
+		a = append(a, "-drive", "id=scratch,file="+escapeOpt(l.scratchDisk)+",format=raw,if=none,cache=unsafe,discard=unmap",
+			"-device", "virtio-blk-device,drive=scratch")
+	}
 	if l.assignSock != "" {
 		// Warm VM: the job's runner arrives later on a virtio-serial port
 		// whose host end is a Unix socket in the VM's 0700 state dir.

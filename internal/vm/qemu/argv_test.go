@@ -323,3 +323,25 @@ func BenchmarkPrepare(b *testing.B) {
 		b.StartTimer()
 	}
 }
+
+// A scratch disk is one more virtio-blk device, read-write (unlike root and
+// config drive); no scratch disk, no such device.
+func TestArgvScratchDisk(t *testing.T) {
+	spec := testSpec(fakeToken())
+	l := launch{accel: AccelTCG, consoleLog: "/c", configDrive: "/d", scratchDisk: "/s/vms/fr-argv1/scratch.img"}
+	args := qemuArgs(spec, l)
+	var drives []string
+	for i, a := range args {
+		if a == "-drive" {
+			drives = append(drives, args[i+1])
+		}
+	}
+	if len(drives) != 3 || !strings.HasPrefix(drives[2], "id=scratch,file=/s/vms/fr-argv1/scratch.img,format=raw,") ||
+		strings.Contains(drives[2], "readonly") || !slices.Contains(args, "virtio-blk-device,drive=scratch") {
+		t.Fatalf("scratch drive: %q", drives)
+	}
+	l.scratchDisk = ""
+	if args := qemuArgs(spec, l); slices.Contains(args, "virtio-blk-device,drive=scratch") {
+		t.Fatalf("a scratch device without a scratch disk: %q", args)
+	}
+}

@@ -189,6 +189,11 @@ func (d *Driver) Prepare(spec vm.Spec) (string, error) {
 	if err := guestconfig.WriteDrive(filepath.Join(dir, vm.ConfigDrive), g); err != nil {
 		return dir, fmt.Errorf("vm %s: write config drive: %w", spec.ID, err)
 	}
+	if spec.ScratchDiskBytes > 0 {
+		if err := vm.CreateScratchDisk(context.Background(), filepath.Join(dir, vm.ScratchDisk), spec.ScratchDiskBytes, spec.Image.DockerSeed); err != nil {
+			return dir, fmt.Errorf("vm %s: %w", spec.ID, err)
+		}
+	}
 	return dir, nil
 }
 
@@ -241,6 +246,9 @@ func (d *Driver) Start(ctx context.Context, spec vm.Spec) (err error) {
 		consoleLog:  filepath.Join(dir, vm.ConsoleFile),
 		configDrive: filepath.Join(dir, vm.ConfigDrive),
 		extraKernel: d.opts.KernelArgs,
+	}
+	if spec.ScratchDiskBytes > 0 {
+		l.scratchDisk = filepath.Join(dir, vm.ScratchDisk)
 	}
 	if spec.Guest.Warm {
 		l.assignSock = filepath.Join(dir, vm.AssignFile)
