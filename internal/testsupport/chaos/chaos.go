@@ -546,45 +546,7 @@ func (c *child) cleanup() {
 // reaper collects adopted guests (orphans of a killed FireRunner) as init
 // would. FireRunner processes are exec.Cmd's to wait for, and children in
 // our own process group (the stand-in's git) too: those are left alone.
-func reaper(fr *child) (stop func()) {
-	quit, done := make(chan struct{}), make(chan struct{})
-	self, pgrp := strconv.Itoa(os.Getpid()), strconv.Itoa(syscall.Getpgrp())
-	reap := func() {
-		ents, _ := os.ReadDir("/proc")
-		for _, e := range ents {
-			pid, err := strconv.Atoi(e.Name())
-			if err != nil {
-				continue
-			}
-			b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
-			if err != nil {
-				continue
-			}
-			i := strings.LastIndexByte(string(b), ')')
-			f := strings.Fields(string(b)[i+2:]) // state, ppid, pgrp
-			if len(f) < 3 || f[0] != "Z" || f[1] != self || f[2] == pgrp || fr.isOurs(pid) {
-				continue
-			}
-			var ws unix.WaitStatus
-			_, _ = unix.Wait4(pid, &ws, unix.WNOHANG, nil)
-		}
-	}
-	go func() {
-		defer close(done)
-		t := time.NewTicker(100 * time.Millisecond)
-		defer t.Stop()
-		for {
-			select {
-			case <-quit:
-				reap()
-				return
-			case <-t.C:
-				reap()
-			}
-		}
-	}()
-	return func() { close(quit); <-done }
-}
+func reaper(fr *child) (stop func()) { return reaperFunc(fr.isOurs) }
 
 // readStore reads FireRunner's records like `firerunner status` does.
 func readStore(stateDir string, fn func(*store.Store) error) error {

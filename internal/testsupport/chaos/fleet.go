@@ -383,8 +383,10 @@ func victimBusy(ctx context.Context, st *store.Store, host string) bool {
 	return false
 }
 
-// reaperFunc is reaper for several FireRunner processes: it collects
-// adopted guests, never a host process (their exec.Cmd waits for them).
+// reaperFunc collects adopted guests (orphans of a killed FireRunner) as
+// init would, never a process isHost names (FireRunner processes are
+// exec.Cmd's to wait for) nor one of our own process group (the stand-in's
+// git).
 func reaperFunc(isHost func(int) bool) (stop func()) {
 	quit, done := make(chan struct{}), make(chan struct{})
 	self, pgrp := strconv.Itoa(os.Getpid()), strconv.Itoa(syscall.Getpgrp())
@@ -400,7 +402,7 @@ func reaperFunc(isHost func(int) bool) (stop func()) {
 				continue
 			}
 			i := strings.LastIndexByte(string(b), ')')
-			f := strings.Fields(string(b)[i+2:])
+			f := strings.Fields(string(b)[i+2:]) // state, ppid, pgrp
 			if len(f) < 3 || f[0] != "Z" || f[1] != self || f[2] == pgrp || isHost(pid) {
 				continue
 			}

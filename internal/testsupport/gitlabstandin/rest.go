@@ -728,16 +728,25 @@ func runnerInScope(rn *runner, status, scope string) bool {
 	return status == scope
 }
 
+// runnerLocked is the runner GitLab's /runners/:id routes name, or false
+// after GitLab's 404 (caller holds s.mu).
+func (s *Server) runnerLocked(w http.ResponseWriter, ref string) (*runner, bool) {
+	id, _ := strconv.ParseInt(ref, 10, 64)
+	rn, ok := s.runners[id]
+	if !ok {
+		msg(w, 404, "404 Runner Not Found")
+	}
+	return rn, ok
+}
+
 func (s *Server) getRunner(w http.ResponseWriter, r *http.Request, ref string) {
 	if !s.auth(w, r, ScopeAPI, ScopeReadAPI, ScopeManageRunner) {
 		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	id, _ := strconv.ParseInt(ref, 10, 64)
-	rn, ok := s.runners[id]
+	rn, ok := s.runnerLocked(w, ref)
 	if !ok {
-		msg(w, 404, "404 Runner Not Found")
 		return
 	}
 	writeJSON(w, 200, s.runnerDetailsJSONLocked(rn))
@@ -769,10 +778,8 @@ func (s *Server) listRunnerJobs(w http.ResponseWriter, r *http.Request, ref stri
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	id, _ := strconv.ParseInt(ref, 10, 64)
-	rn, ok := s.runners[id]
+	rn, ok := s.runnerLocked(w, ref)
 	if !ok {
-		msg(w, 404, "404 Runner Not Found")
 		return
 	}
 	// system_id (GitLab 16.9+) narrows the list to one runner manager's
@@ -787,7 +794,7 @@ func (s *Server) listRunnerJobs(w http.ResponseWriter, r *http.Request, ref stri
 	}
 	var list []*job
 	for _, j := range s.jobs {
-		if j.runnerID == id && (status == "" || j.status == status) && (!q.has("system_id") || j.managerID == mgrID) {
+		if j.runnerID == rn.id && (status == "" || j.status == status) && (!q.has("system_id") || j.managerID == mgrID) {
 			list = append(list, j)
 		}
 	}
@@ -847,10 +854,8 @@ func (s *Server) updateRunner(w http.ResponseWriter, r *http.Request, ref string
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	id, _ := strconv.ParseInt(ref, 10, 64)
-	rn, ok := s.runners[id]
+	rn, ok := s.runnerLocked(w, ref)
 	if !ok {
-		msg(w, 404, "404 Runner Not Found")
 		return
 	}
 	next := *rn
@@ -1004,10 +1009,8 @@ func (s *Server) listRunnerManagers(w http.ResponseWriter, r *http.Request, ref 
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	id, _ := strconv.ParseInt(ref, 10, 64)
-	rn, ok := s.runners[id]
+	rn, ok := s.runnerLocked(w, ref)
 	if !ok {
-		msg(w, 404, "404 Runner Not Found")
 		return
 	}
 	out := []map[string]any{}
@@ -1026,10 +1029,8 @@ func (s *Server) resetRunnerToken(w http.ResponseWriter, r *http.Request, ref st
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	id, _ := strconv.ParseInt(ref, 10, 64)
-	rn, ok := s.runners[id]
+	rn, ok := s.runnerLocked(w, ref)
 	if !ok {
-		msg(w, 404, "404 Runner Not Found")
 		return
 	}
 	prefix := "glrt-"
