@@ -218,3 +218,33 @@ func Check() error {
 	}
 	return nil
 }
+
+// WaitStored waits until the registry holds each blob (sha256 hex digests)
+// in its storage. A pull-through cache stores a blob it streams to a client
+// in the background and commits it only when the upstream fetch is done, so
+// a second pull right after the first can still reach the upstream; a test
+// of "the second pull is served from the cache" waits for this instead of
+// guessing a delay.
+func (r *Registry) WaitStored(ctx context.Context, digests []string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for _, d := range digests {
+		if len(d) != 64 {
+			return fmt.Errorf("registry: %q is not a sha256 hex digest", d)
+		}
+		p := filepath.Join(r.dir, "data", "docker", "registry", "v2", "blobs", "sha256", d[:2], d, "data")
+		for {
+			if _, err := os.Stat(p); err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("registry: blob %s not stored within %s", d[:12], timeout)
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	}
+	return nil
+}

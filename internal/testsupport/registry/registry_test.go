@@ -28,11 +28,6 @@ func TestMirrorServesFromCache(t *testing.T) {
 	defer m.Close()
 	var up, mr [2]int
 	for i := 0; i < 2; i++ {
-		if i > 0 {
-			// The proxy stores a blob while it streams it; the second VM
-			// of a fleet pulls seconds later, not in the same millisecond.
-			time.Sleep(2 * time.Second)
-		}
 		dst := t.TempDir()
 		out, err := exec.CommandContext(ctx, "skopeo", "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false",
 			"docker://"+m.Mirror.Addr+"/library/busybox:latest", "dir:"+dst).CombinedOutput()
@@ -43,6 +38,14 @@ func TestMirrorServesFromCache(t *testing.T) {
 			t.Fatalf("pull %d: %d files", i, len(ents))
 		}
 		up[i], mr[i] = m.Upstream.BlobGets("library/busybox"), m.Mirror.BlobGets("library/busybox")
+		if i == 0 {
+			// The proxy commits a blob it streamed only when its own
+			// upstream fetch ends (in the background); the second VM of a
+			// fleet pulls seconds later, not in the same millisecond.
+			if err := m.Mirror.WaitStored(ctx, blobDigests(t, dst), 30*time.Second); err != nil {
+				t.Fatal(err)
+			}
+		}
 	}
 	// Pull 1: the mirror serves 2 blobs (config, layer) fetched upstream
 	// (distribution 2.8 fetches a blob twice: one stream for the client,
@@ -51,6 +54,26 @@ func TestMirrorServesFromCache(t *testing.T) {
 		t.Errorf("blob GETs after pull 1 and 2: mirror %v (want [2 4]), upstream %v (want [n n], n > 0)\nupstream log:\n%s",
 			mr, up, strings.Join(m.Upstream.Log(), "\n"))
 	}
+}
+
+// blobDigests are the sha256 digests of the blobs skopeo copied into dir
+// (dir: transport files are named by digest).
+func blobDigests(t *testing.T, dir string) []string {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range ents {
+		if n := e.Name(); len(n) == 64 && strings.Trim(n, "0123456789abcdef") == "" {
+			out = append(out, n)
+		}
+	}
+	if len(out) == 0 {
+		t.Fatalf("no blobs in %s", dir)
+	}
+	return out
 }
 
 // layerEntries lists the entries of a one-layer docker save archive.
