@@ -365,7 +365,15 @@ type Specs struct {
 	Official string
 	// SharedDir is ../shared/specs from the repository root.
 	SharedDir string
+	// Bundled is set when Official is the repository's own copy (a clone
+	// without ../shared/specs).
+	Bundled bool
 }
+
+// BundledSpec is the repository's copy of the official spec, relative to
+// the repository root: a clone without ../shared still checks the newest
+// API (the driver sends operations and fields the SDK's 1.4.1 lacks).
+var BundledSpec = filepath.Join("internal", "testsupport", "fcstandin", "testdata", OfficialSpecName)
 
 // Paths lists the specs to check against, the SDK's first.
 func (s Specs) Paths() []string {
@@ -379,6 +387,9 @@ func (s Specs) Paths() []string {
 // (loudly: the requests are then checked against the older API only), or ""
 // when it is.
 func (s Specs) Note() string {
+	if s.Bundled {
+		return fmt.Sprintf("checked against the repository's copy of the official Firecracker API spec (%s does not exist)", s.SharedDir)
+	}
 	if s.Official != "" {
 		return ""
 	}
@@ -406,7 +417,8 @@ func RepoRoot(dir string) (string, error) {
 
 // FindSpecs finds the SDK's swagger.yaml (in the module cache, via `go list
 // -m`), which must exist, and the official spec in ../shared/specs from the
-// repository root. A missing ../shared/specs only leaves Official empty; a
+// repository root. A missing ../shared/specs means the repository's copy
+// (BundledSpec), or none if that is gone too; a
 // ../shared/specs without the spec is an error, since whoever made the
 // directory meant the spec to be checked.
 func FindSpecs() (Specs, error) {
@@ -439,6 +451,9 @@ func specsIn(root, sdkDir string) (Specs, error) {
 		return Specs{}, fmt.Errorf("the SDK's firecracker API spec is missing: %w", err)
 	}
 	if _, err := os.Stat(s.SharedDir); errors.Is(err, os.ErrNotExist) {
+		if b := filepath.Join(root, BundledSpec); fileExists(b) {
+			s.Official, s.Bundled = b, true
+		}
 		return s, nil
 	} else if err != nil {
 		return Specs{}, fmt.Errorf("shared specs directory: %w", err)
@@ -448,4 +463,9 @@ func specsIn(root, sdkDir string) (Specs, error) {
 		return Specs{}, fmt.Errorf("%s exists but the official firecracker API spec is missing from it: %w", s.SharedDir, err)
 	}
 	return s, nil
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
 }

@@ -92,8 +92,9 @@ func TestPhaseNotesFromSpec(t *testing.T) {
 	}
 }
 
-// TestFindSpecs: the SDK's spec is always found; the official one exactly
-// when ../shared/specs exists beside the repository root.
+// TestFindSpecs: the SDK's spec is always found; the official one from
+// ../shared/specs where it exists beside the repository root, else the
+// repository's copy.
 func TestFindSpecs(t *testing.T) {
 	specs, err := FindSpecs()
 	if err != nil {
@@ -113,7 +114,7 @@ func TestFindSpecs(t *testing.T) {
 	switch {
 	case statErr == nil && (specs.Official == "" || specs.Note() != "" || len(specs.Paths()) != 2):
 		t.Errorf("%s exists but the official spec is not checked: %+v", specs.SharedDir, specs)
-	case statErr != nil && (specs.Official != "" || !strings.Contains(specs.Note(), specs.SharedDir) || len(specs.Paths()) != 1):
+	case statErr != nil && (!specs.Bundled || specs.Official != filepath.Join(root, BundledSpec) || !strings.Contains(specs.Note(), specs.SharedDir) || len(specs.Paths()) != 2):
 		t.Errorf("%s is missing (%v) but specs = %+v, note %q", specs.SharedDir, statErr, specs, specs.Note())
 	}
 }
@@ -139,6 +140,17 @@ func TestSpecsIn(t *testing.T) {
 	if err != nil || s.Official != "" || len(s.Paths()) != 1 || !strings.Contains(s.Note(), filepath.Join(base, "shared", "specs")) {
 		t.Errorf("no shared dir: %+v, %v, note %q", s, err, s.Note())
 	}
+	bundled := filepath.Join(root, BundledSpec)
+	if err := os.MkdirAll(filepath.Dir(bundled), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bundled, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s, err = specsIn(root, sdk)
+	if err != nil || !s.Bundled || s.Official != bundled || len(s.Paths()) != 2 || !strings.Contains(s.Note(), "repository's copy") {
+		t.Errorf("no shared dir, the repository's copy: %+v, %v, note %q", s, err, s.Note())
+	}
 	shared := filepath.Join(base, "shared", "specs")
 	if err := os.MkdirAll(shared, 0o755); err != nil {
 		t.Fatal(err)
@@ -150,7 +162,7 @@ func TestSpecsIn(t *testing.T) {
 		t.Fatal(err)
 	}
 	s, err = specsIn(root, sdk)
-	if err != nil || s.Official != filepath.Join(shared, OfficialSpecName) || len(s.Paths()) != 2 || s.Note() != "" {
+	if err != nil || s.Official != filepath.Join(shared, OfficialSpecName) || s.Bundled || len(s.Paths()) != 2 || s.Note() != "" {
 		t.Errorf("both specs: %+v, %v", s, err)
 	}
 }
