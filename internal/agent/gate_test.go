@@ -71,6 +71,14 @@ func TestJobGateOneJobWithRealRunner(t *testing.T) {
 			defer func() {
 				_ = cmd.Process.Kill()
 				_ = cmd.Wait()
+				// The shell executor runs a job's script in a process group
+				// of its own, which outlives the killed gitlab-runner for a
+				// moment and may still write in builds_dir: empty it before
+				// TempDir's cleanup, which fails on a directory that fills.
+				builds := filepath.Join(dir, "builds")
+				for i := 0; i < 100 && os.RemoveAll(builds) != nil; i++ {
+					time.Sleep(100 * time.Millisecond)
+				}
 				if t.Failed() {
 					t.Logf("gitlab-runner:\n%s", out.String())
 				}
