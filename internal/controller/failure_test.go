@@ -197,7 +197,13 @@ func TestRunnerDeletionOutage(t *testing.T) {
 		t.Fatalf("vm after the outage: %q, runner deleted %v", v.Reason, !v.Timeline.RunnerDeleted.IsZero())
 	}
 	vc := h.waitStarted(c)
-	for id, v := range map[int64]job.VM{b: vb, c: vc} {
+	// In job order: GitLab hands a runner the oldest pending job its tags
+	// fit, so c's runner asking first would get b (a map's order is random).
+	for _, x := range []struct {
+		id int64
+		v  job.VM
+	}{{b, vb}, {c, vc}} {
+		id, v := x.id, x.v
 		h.take(id, v)
 		h.end(id, v, "success")
 		h.waitState(id, job.Done)
