@@ -37,15 +37,21 @@ func TestMirrorServesFromCache(t *testing.T) {
 		if ents, _ := os.ReadDir(dst); len(ents) < 3 {
 			t.Fatalf("pull %d: %d files", i, len(ents))
 		}
-		up[i], mr[i] = m.Upstream.BlobGets("library/busybox"), m.Mirror.BlobGets("library/busybox")
 		if i == 0 {
 			// The proxy commits a blob it streamed only when its own
 			// upstream fetch ends (in the background); the second VM of a
 			// fleet pulls seconds later, not in the same millisecond.
-			if err := m.Mirror.WaitStored(ctx, blobDigests(t, dst), 30*time.Second); err != nil {
+			// Counted after the wait: the store's own upstream GET may
+			// come after skopeo has finished.
+			digests := blobDigests(t, dst)
+			if err := m.Mirror.WaitStored(ctx, digests, 30*time.Second); err != nil {
 				t.Fatal(err)
 			}
+			// The upstream logs a fetch after its last byte is sent,
+			// which can be after the mirror committed the blob.
+			waitUpstreamFetches(t, m.Upstream, digests, 2, 10*time.Second)
 		}
+		up[i], mr[i] = m.Upstream.BlobGets("library/busybox"), m.Mirror.BlobGets("library/busybox")
 	}
 	// Pull 1: the mirror serves 2 blobs (config, layer) fetched upstream
 	// (distribution 2.8 fetches a blob twice: one stream for the client,
@@ -54,6 +60,49 @@ func TestMirrorServesFromCache(t *testing.T) {
 		t.Errorf("blob GETs after pull 1 and 2: mirror %v (want [2 4]), upstream %v (want [n n], n > 0)\nupstream log:\n%s",
 			mr, up, strings.Join(m.Upstream.Log(), "\n"))
 	}
+	// The same per blob, independent of when the upstream logged its
+	// lines: a blob the cache did not serve would have been fetched a
+	// third time (distribution streams a blob whose store is in flight
+	// straight from the upstream again).
+	for d, n := range upstreamBlobGets(m.Upstream) {
+		if n > 2 {
+			t.Errorf("blob %s fetched %d times from the upstream, want at most 2 (one stream, one store)", d[:19], n)
+		}
+	}
+}
+
+// waitUpstreamFetches waits until the upstream has logged n GETs of each
+// digest.
+func waitUpstreamFetches(t *testing.T, r *Registry, digests []string, n int, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		got, short := upstreamBlobGets(r), ""
+		for _, d := range digests {
+			if got["sha256:"+d] < n {
+				short = d
+			}
+		}
+		if short == "" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("upstream logged %d GETs of blob %s within %s, want %d\n%s", got["sha256:"+short], short[:12], timeout, n,
+				strings.Join(r.Log(), "\n"))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// upstreamBlobGets counts the successful blob GETs r served per digest.
+func upstreamBlobGets(r *Registry) map[string]int {
+	out := map[string]int{}
+	for _, q := range r.Requests() {
+		if i := strings.Index(q.Path, "/blobs/"); q.Method == "GET" && q.Status == 200 && i >= 0 {
+			out[q.Path[i+len("/blobs/"):]]++
+		}
+	}
+	return out
 }
 
 // blobDigests are the sha256 digests of the blobs skopeo copied into dir
