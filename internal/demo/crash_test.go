@@ -266,6 +266,7 @@ func (h *crashHarness) killBeforeVM(t *testing.T, tags []string, what string, tr
 	if js.Status != "success" || final.State != job.Done {
 		t.Errorf("job %d: GitLab %s, record %s (%s); want success/done (it was %s with %d VMM at the kill)",
 			id, js.Status, final.State, final.Reason, rec.State, len(vmms))
+		h.dumpJob(t, id)
 	}
 	if js.Status == "pending" {
 		_ = h.gl.Cancel(id) // FireRunner gave up a job GitLab still has pending
@@ -629,6 +630,64 @@ func (h *crashHarness) vmOf(id int64) (job.VM, bool) {
 		}
 	}
 	return job.VM{}, false
+}
+
+// dumpJob prints what tells why a job did not end as expected: its trace
+// in GitLab and the kept console log of each VM that served it.
+func (h *crashHarness) dumpJob(t *testing.T, id int64) {
+	t.Helper()
+	if js, ok := h.gl.Job(id); ok {
+		t.Logf("job %d trace in GitLab:\n%s", id, js.Trace)
+	}
+	// GitLab's side: every request about the job (the runner's updates
+	// and trace patches, with their answers).
+	jobPath := fmt.Sprintf("/api/v4/jobs/%d", id)
+	h.dumpLines(t, "gitlab-standin.log", func(l string) bool {
+		return strings.Contains(l, `"path":"`+jobPath+`"`) || strings.Contains(l, `"path":"`+jobPath+`/`)
+	})
+	var vs []job.VM
+	_ = h.withStore(func(s *store.Store) (err error) {
+		vs, err = s.ListVMs(context.Background(), false, id)
+		return err
+	})
+	for _, v := range vs {
+		if v.ForJob != id {
+			continue
+		}
+		logs, _ := filepath.Glob(filepath.Join(h.work, "firerunner-*.log"))
+		for _, l := range logs {
+			h.dumpLines(t, filepath.Base(l), func(l string) bool { return strings.Contains(l, v.ID) })
+		}
+		b, err := os.ReadFile(filepath.Join(h.work, "console", v.ID+".log"))
+		if err != nil {
+			t.Logf("vm %s (%s, %s %s): no console log kept: %v", v.ID, v.State, v.Reason, v.ExitReason, err)
+			continue
+		}
+		if len(b) > 64<<10 {
+			b = b[len(b)-64<<10:]
+		}
+		t.Logf("vm %s (%s, %s %s) console:\n%s", v.ID, v.State, v.Reason, v.ExitReason, b)
+	}
+}
+
+// dumpLines logs the lines of the work dir's file name that keep selects.
+func (h *crashHarness) dumpLines(t *testing.T, name string, keep func(string) bool) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(h.work, name))
+	if err != nil {
+		t.Logf("%s: %v", name, err)
+		return
+	}
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if keep(l) {
+			out = append(out, l)
+		}
+	}
+	if len(out) > 400 {
+		out = out[len(out)-400:]
+	}
+	t.Logf("%s (%d lines):\n%s", name, len(out), strings.Join(out, "\n"))
 }
 
 func (h *crashHarness) transitions(id int64) string {
