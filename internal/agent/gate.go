@@ -1,12 +1,19 @@
 package agent
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"regexp"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -26,6 +33,14 @@ import (
 // one-off runner whose tags cover other pending jobs, GitLab would give it
 // one: a second job in a VM that must run one. gitlab-runner only asks
 // again after its job is over, so ending it then kills nothing.
+//
+// The gate also remembers the job it let through (id and job token, in
+// memory only) and whether GitLab has its end: a final update answered
+// 200, or any update answered 403/404 (GitLab ended the job itself). When
+// gitlab-runner is gone without either (it abandoned the job after an
+// early error, crashed, or was killed at the job's timeout), FailJob
+// reports the end in its place, so the job never stays "running" in
+// GitLab with no VM behind it.
 type JobGate struct {
 	srv    *http.Server
 	ln     net.Listener
@@ -34,6 +49,18 @@ type JobGate struct {
 	taken  atomic.Bool
 	again  chan struct{}
 	once   sync.Once
+
+	mu          sync.Mutex
+	job         gatedJob
+	traceNext   int64 // the next trace offset GitLab expects
+	timestamped bool  // gitlab-runner writes the trace with timestamps
+	closed      bool  // GitLab has the job's end
+}
+
+// gatedJob is what the gate keeps of the job payload GitLab handed out.
+type gatedJob struct {
+	ID    int64  `json:"id"`
+	Token string `json:"token"`
 }
 
 // jobRequestPath is gitlab-runner's job request (common/network.go).
@@ -90,6 +117,11 @@ func (g *JobGate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "no GitLab yet", http.StatusServiceUnavailable)
 		return
 	}
+	if m := jobUpdatePath.FindStringSubmatch(r.URL.Path); m != nil && g.isOurJob(m[1]) &&
+		((r.Method == http.MethodPut && m[2] == "") || (r.Method == http.MethodPatch && m[2] != "")) {
+		g.watchUpdate(w, r, m[2] != "")
+		return
+	}
 	if r.Method != http.MethodPost || r.URL.Path != jobRequestPath {
 		g.proxy.ServeHTTP(w, r)
 		return
@@ -99,7 +131,196 @@ func (g *JobGate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusNoContent) // "no job": nothing reaches GitLab
 		return
 	}
-	g.proxy.ServeHTTP(&pickWatcher{ResponseWriter: w, picked: &g.taken}, r)
+	pw := &pickWatcher{ResponseWriter: w, picked: &g.taken}
+	g.proxy.ServeHTTP(pw, r)
+	if pw.code == http.StatusCreated && !pw.overflow {
+		// The job is known before gitlab-runner has its payload, so its
+		// first update already counts.
+		var j gatedJob
+		if err := json.Unmarshal(pw.body.Bytes(), &j); err == nil && j.ID > 0 && j.Token != "" {
+			g.mu.Lock()
+			g.job = j
+			g.mu.Unlock()
+		}
+		_, _ = w.Write(pw.body.Bytes())
+	}
+}
+
+// jobUpdatePath matches gitlab-runner's job update (PUT) and trace
+// (PATCH) requests.
+var jobUpdatePath = regexp.MustCompile(`^/api/v4/jobs/([0-9]+)(/trace)?$`)
+
+// finalStates are the states of a job update that end the job.
+var finalStates = map[string]bool{"success": true, "failed": true}
+
+// watchUpdate proxies a job update or trace patch and notes what GitLab's
+// answer says about the job's end and the trace's length.
+func (g *JobGate) watchUpdate(w http.ResponseWriter, r *http.Request, trace bool) {
+	final := false
+	if !trace && r.Body != nil {
+		// The update's body is small JSON; read it to learn its state.
+		b, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
+		r.Body.Close()
+		if err != nil {
+			http.Error(w, "job gate: reading the update", http.StatusBadRequest)
+			return
+		}
+		var u struct {
+			State string `json:"state"`
+		}
+		final = json.Unmarshal(b, &u) == nil && finalStates[u.State]
+		r.Body = io.NopCloser(bytes.NewReader(b))
+		r.ContentLength = int64(len(b))
+	}
+	var head *headReader
+	if trace && r.Body != nil {
+		head = &headReader{r: r.Body}
+		r.Body = head
+	}
+	rw := &statusWatcher{ResponseWriter: w}
+	g.proxy.ServeHTTP(rw, r)
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	switch {
+	case rw.code == http.StatusForbidden || rw.code == http.StatusNotFound:
+		g.closed = true // GitLab no longer runs the job: nothing to report
+	case final && rw.code == http.StatusOK:
+		g.closed = true
+	case trace && (rw.code == http.StatusAccepted || rw.code == http.StatusRequestedRangeNotSatisfiable):
+		if rw.code == http.StatusAccepted && head.n > 0 {
+			g.timestamped = timestampedLine.Match(head.buf[:head.n])
+		}
+		// Range: 0-N, N the trace's length in GitLab: the next offset
+		// (gitlab-runner's TracePatchResponse.NewOffset reads it so).
+		if _, end, ok := strings.Cut(rw.Header().Get("Range"), "-"); ok {
+			if n, err := strconv.ParseInt(end, 10, 64); err == nil && n > g.traceNext {
+				g.traceNext = n
+			}
+		}
+	}
+}
+
+// timestampedLine is the start of a trace line gitlab-runner writes with
+// timestamps (its log format: RFC 3339 UTC time, stream number, stream
+// type O or E, "+" for a continued line).
+var timestampedLine = regexp.MustCompile(`^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]+Z [0-9a-f]{2}[OE]`)
+
+// headReader keeps the first bytes read through it.
+type headReader struct {
+	r   io.ReadCloser
+	buf [64]byte
+	n   int
+}
+
+func (h *headReader) Read(p []byte) (int, error) {
+	n, err := h.r.Read(p)
+	h.n += copy(h.buf[h.n:], p[:n])
+	return n, err
+}
+
+func (h *headReader) Close() error { return h.r.Close() }
+
+// traceNote formats lines for the job's trace the way gitlab-runner
+// writes it, so GitLab's log view parses them.
+func traceNote(lines []string, timestamped bool, now time.Time) string {
+	var b strings.Builder
+	for _, l := range lines {
+		if timestamped {
+			b.WriteString(now.UTC().Format("2006-01-02T15:04:05.000000Z") + " 00O ")
+		}
+		b.WriteString(l)
+		b.WriteString("\n")
+	}
+	return b.String()
+}
+
+// Abandoned reports whether GitLab handed out a job whose end it has not
+// been told.
+func (g *JobGate) Abandoned() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.job.ID > 0 && !g.closed
+}
+
+// JobID is the id of the job GitLab handed out (0: none yet).
+func (g *JobGate) JobID() int64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.job.ID
+}
+
+// FailJob ends an abandoned job in GitLab as gitlab-runner would have:
+// the lines of note appended to its trace, then a final update with state
+// "failed" and reason (GitLab's failure_reason, e.g.
+// runner_system_failure), with the job's own token. It retries briefly;
+// GitLab answering 403/404 means the job is already over, which is fine.
+func (g *JobGate) FailJob(ctx context.Context, reason string, note ...string) error {
+	g.mu.Lock()
+	j, off, closed, stamped := g.job, g.traceNext, g.closed, g.timestamped
+	g.mu.Unlock()
+	if j.ID == 0 || closed {
+		return nil
+	}
+	target := g.target.Load()
+	if target == nil {
+		return errors.New("job gate: no GitLab URL")
+	}
+	base := strings.TrimSuffix(target.String(), "/") + "/api/v4/jobs/" + strconv.FormatInt(j.ID, 10)
+	client := &http.Client{Transport: g.transport(), Timeout: 10 * time.Second}
+	if len(note) > 0 {
+		// Best effort: a trace GitLab does not take (416: another length)
+		// does not stop the final update.
+		text := traceNote(note, stamped, time.Now())
+		req, err := http.NewRequestWithContext(ctx, http.MethodPatch, base+"/trace", strings.NewReader(text))
+		if err == nil {
+			req.Header.Set("JOB-TOKEN", j.Token)
+			req.Header.Set("Content-Type", "text/plain")
+			req.Header.Set("Content-Range", fmt.Sprintf("%d-%d", off, off+int64(len(text))-1))
+			if resp, err := client.Do(req); err == nil {
+				resp.Body.Close()
+			}
+		}
+	}
+	body, _ := json.Marshal(map[string]any{"token": j.Token, "state": "failed", "failure_reason": reason})
+	var last error
+	for attempt := 0; attempt < 4; attempt++ {
+		if attempt > 0 {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(time.Duration(attempt) * time.Second):
+			}
+		}
+		req, err := http.NewRequestWithContext(ctx, http.MethodPut, base, bytes.NewReader(body))
+		if err != nil {
+			return err
+		}
+		req.Header.Set("JOB-TOKEN", j.Token)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := client.Do(req)
+		if err != nil {
+			last = err
+			continue
+		}
+		resp.Body.Close()
+		switch resp.StatusCode {
+		case http.StatusOK, http.StatusForbidden, http.StatusNotFound:
+			g.mu.Lock()
+			g.closed = true
+			g.mu.Unlock()
+			return nil
+		}
+		last = fmt.Errorf("GitLab answered %s", resp.Status)
+	}
+	return fmt.Errorf("job gate: reporting job %d failed: %w", j.ID, last)
+}
+
+// transport is the proxy's: the same TLS trust as gitlab-runner's requests.
+func (g *JobGate) transport() http.RoundTripper {
+	if g.proxy.Transport != nil {
+		return g.proxy.Transport
+	}
+	return http.DefaultTransport
 }
 
 // Close stops the gate.
@@ -109,17 +330,69 @@ func (g *JobGate) Close() {
 	_ = g.srv.Shutdown(ctx)
 }
 
-// pickWatcher notes a 201 to a job request: GitLab handed out a job.
+// isOurJob reports whether id (decimal) is the job the gate let through.
+func (g *JobGate) isOurJob(id string) bool {
+	n, err := strconv.ParseInt(id, 10, 64)
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return err == nil && n == g.job.ID && n > 0
+}
+
+// maxJobPayload bounds the copy of a job payload the gate parses; a
+// payload past it (huge variables) leaves the job's end to gitlab-runner.
+const maxJobPayload = 8 << 20
+
+// pickWatcher notes a 201 to a job request (GitLab handed out a job) and
+// holds back its payload (up to maxJobPayload; past it, it streams on) for
+// the gate to read the job's id and token first.
 type pickWatcher struct {
 	http.ResponseWriter
-	picked *atomic.Bool
+	picked   *atomic.Bool
+	code     int
+	body     bytes.Buffer
+	overflow bool
 }
 
 func (p *pickWatcher) WriteHeader(code int) {
+	p.code = code
 	if code == http.StatusCreated {
 		p.picked.Store(true)
 	}
 	p.ResponseWriter.WriteHeader(code)
+}
+
+func (p *pickWatcher) Write(b []byte) (int, error) {
+	if p.code == 0 {
+		p.code = http.StatusOK
+	}
+	if p.code != http.StatusCreated || p.overflow {
+		return p.ResponseWriter.Write(b)
+	}
+	if p.body.Len()+len(b) <= maxJobPayload {
+		return p.body.Write(b)
+	}
+	p.overflow = true
+	if _, err := p.ResponseWriter.Write(p.body.Bytes()); err != nil {
+		return 0, err
+	}
+	return p.ResponseWriter.Write(b)
+}
+
+// statusWatcher notes the status of a proxied response.
+type statusWatcher struct {
+	http.ResponseWriter
+	code int
+}
+
+func (s *statusWatcher) WriteHeader(code int) {
+	s.code = code
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *statusWatcher) Flush() {
+	if f, ok := s.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
 }
 
 func (p *pickWatcher) Flush() {

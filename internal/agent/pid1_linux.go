@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -163,8 +164,33 @@ func (a *Agent) run() error {
 		again = gate.Again()
 	}
 	code := a.runWorkload(w, time.Duration(cfg.JobTimeoutSec)*time.Second, assign, again)
+	if gate != nil {
+		a.closeAbandonedJob(gate, code)
+	}
 	fmt.Fprintf(a.Console, "%s%d\n", guestconfig.ExitMarker, code)
 	return nil
+}
+
+// closeAbandonedJob reports the end of a job GitLab handed out whose end
+// gitlab-runner never reported (it gave the job up after an early error,
+// died, or was killed at the time limit): without it the job would stay
+// "running" in GitLab until GitLab's stuck-job cleanup, an hour later.
+func (a *Agent) closeAbandonedJob(gate *JobGate, code int) {
+	if !gate.Abandoned() {
+		return
+	}
+	reason, why := "runner_system_failure", "gitlab-runner ended without reporting the job's end"
+	if code == TimeoutExitCode {
+		reason, why = "job_execution_timeout", "the job reached FireRunner's time limit"
+	}
+	note := fmt.Sprintf("\x1b[31;1mFireRunner: %s; the job is marked failed (%s).\x1b[0;m", why, reason)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := gate.FailJob(ctx, reason, note); err != nil {
+		a.logf("job %d: %s, and reporting it failed did not work: %v", gate.JobID(), why, err)
+		return
+	}
+	a.logf("job %d: %s; reported it failed (%s)", gate.JobID(), why, reason)
 }
 
 // reidentify gives a VM restored from a snapshot the identity of the clone:

@@ -289,6 +289,16 @@ func startedAt(v job.VM) time.Time {
 	return t
 }
 
+// guestReportGrace is how long past job_max_duration the host waits before
+// it kills a busy VM. The guest's agent has the same limit (counted from
+// its own start, a boot later) and, when it ends gitlab-runner there,
+// reports the job failed (job_execution_timeout) to GitLab itself; the
+// host's kill is the backstop for a guest that cannot, after which the job
+// stays "running" in GitLab until GitLab's stuck-job cleanup.
+func guestReportGrace(max time.Duration) time.Duration {
+	return min(30*time.Second, max/2)
+}
+
 // superviseBusy stops a VM whose job ended in GitLab, or that ran too long.
 func (c *Controller) superviseBusy(ctx context.Context, v job.VM) error {
 	pj, err := c.store.GetJob(ctx, v.PickedJobID)
@@ -302,7 +312,7 @@ func (c *Controller) superviseBusy(ctx context.Context, v job.VM) error {
 	if v.Pooled() && !v.Timeline.Picked.IsZero() {
 		base = v.Timeline.Picked // it may have polled a long while before its job came
 	}
-	deadline := base.Add(c.cfg.Limits.JobMaxDuration)
+	deadline := base.Add(c.cfg.Limits.JobMaxDuration + guestReportGrace(c.cfg.Limits.JobMaxDuration))
 	if time.Now().Before(deadline) {
 		c.q.AddAfter(vmKey(v.ID), time.Until(deadline))
 		return nil

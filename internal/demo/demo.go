@@ -73,6 +73,9 @@ type Options struct {
 	// Mirror is the Docker Hub stand-in and pull-through cache the VMs pull
 	// through (nil with Docker: the run starts one and stops it at the end).
 	Mirror *registry.Mirror
+	// JobMaxDuration is FireRunner's limits.job_max_duration; default 10
+	// minutes.
+	JobMaxDuration time.Duration
 }
 
 // DefaultJobs is the demo pipeline: two jobs of different sizes, and one
@@ -374,6 +377,9 @@ func Config(o Options, apiURL, guestURL, apiToken, hookSecret string) (config.Co
 	cfg.Capacity.VCPUs, cfg.Capacity.MemoryMiB = o.VCPUs, o.MemoryMiB
 	cfg.Capacity.MaxVCPUsPerVM, cfg.Capacity.MaxMemoryGiBPerVM = 4, 4
 	cfg.Limits.JobMaxDuration = 10 * time.Minute
+	if o.JobMaxDuration > 0 {
+		cfg.Limits.JobMaxDuration = o.JobMaxDuration
+	}
 	cfg.Limits.VMStartTimeout = 5 * time.Minute
 	cfg.Limits.DrainTimeout = time.Minute
 	// The QEMU driver is for development (it runs QEMU as root, sandboxed

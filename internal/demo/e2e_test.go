@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/firerunner/firerunner/internal/job"
 	"github.com/firerunner/firerunner/internal/testenv"
@@ -130,4 +131,45 @@ func sameTags(a, b []string) bool {
 		}
 	}
 	return true
+}
+
+// TestJobPastMaxDurationEndsInGitLab: a job that runs past
+// limits.job_max_duration is ended in its VM by the agent, which reports
+// it to GitLab as failed (job_execution_timeout) with a line in its trace,
+// instead of the host killing the VM and leaving the job "running" in
+// GitLab with nothing behind it.
+func TestJobPastMaxDurationEndsInGitLab(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.QEMU(t)
+	dir := testenv.ImageDir(t)
+	requireRunnerImage(t, dir)
+	var out bytes.Buffer
+	rep, err := Run(context.Background(), Options{
+		ImageDir: dir, WorkDir: t.TempDir(), Out: &out, LogOut: &testenv.Buffer{}, JobMaxDuration: 40 * time.Second,
+		Jobs: []gitlabstandin.JobSpec{{Name: "endless", Tags: []string{"firecracker-1cpu-1gb"}, Script: []string{"echo started", "sleep 600"}}},
+	})
+	os.Stdout.Write(out.Bytes())
+	if err != nil {
+		t.Fatalf("demo run: %v", err)
+	}
+	r, ok := rep.Job("endless")
+	if !ok {
+		t.Fatal("no result for job endless")
+	}
+	tr := CleanTrace(r.GitLab.Trace)
+	if r.GitLab.Status != "failed" || r.GitLab.FailureReason != "job_execution_timeout" ||
+		!strings.Contains(tr, "started") || !strings.Contains(tr, "FireRunner: the job reached FireRunner's time limit") {
+		t.Errorf("GitLab: %s (%s), want failed (job_execution_timeout) with FireRunner's line in the trace:\n%s",
+			r.GitLab.Status, r.GitLab.FailureReason, tr)
+	}
+	if r.Record == nil || r.Record.State != job.Failed || r.VM == nil || r.VM.Timeline.Destroyed.IsZero() {
+		t.Errorf("FireRunner: record %+v, vm %+v; want failed, its VM destroyed", r.Record, r.VM)
+	} else if strings.HasPrefix(r.VM.Reason, job.ReasonMaxDuration) {
+		// The guest's report ends the job in GitLab, and FireRunner then
+		// stops the VM as after any job (ran_job), before its own limit.
+		t.Errorf("the VM was stopped by the host's limit (%q), not after the guest reported the job's end", r.VM.Reason)
+	}
+	if len(rep.Leftovers) > 0 {
+		t.Errorf("left behind: %v", rep.Leftovers)
+	}
 }
