@@ -113,6 +113,14 @@ func (g *JobGate) Taken() bool { return g.taken.Load() }
 
 // ServeHTTP implements http.Handler.
 func (g *JobGate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	// Full duplex: the proxy's transport may still read the request body
+	// (the read that sees its EOF) after GitLab's answer began. Without it
+	// net/http's server closes the body when the proxy writes the response
+	// header, the transport's write fails on the closed body and tears down
+	// the upstream connection while the answer is copied: gitlab-runner got
+	// a job payload cut short ("decoding json payload unexpected EOF"),
+	// GitLab had marked the job running, and it asked for another.
+	_ = http.NewResponseController(w).EnableFullDuplex()
 	if g.target.Load() == nil {
 		http.Error(w, "no GitLab yet", http.StatusServiceUnavailable)
 		return

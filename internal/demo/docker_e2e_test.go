@@ -87,10 +87,14 @@ func TestDockerExecutorEndToEnd(t *testing.T) {
 				`echo "IMAGE=$(busybox | head -1)"`,
 				`test ! -e /etc/debian_version && echo NOT-THE-VM-ROOT`,
 				`echo "SERVICE=$(wget -qO- http://web/)"`,
+				`mkdir -p out && wget -qO out/page.html http://web/`,
 				leak,
-			}},
+			},
+			// Uploaded by the helper container through the job gate on
+			// the VM's address; downloaded in the next stage's VMs.
+			Artifacts: []string{"out/"}},
 		{Name: "shell-style", Stage: "test", Tags: []string{"firecracker-1cpu-1gb"},
-			Script: []string{`echo "NPROC=$(nproc)"`, `cat README.md`, `echo "HEAD=$(git rev-parse HEAD)"`, leak}},
+			Script: []string{`echo "NPROC=$(nproc)"`, `cat README.md`, `echo "HEAD=$(git rev-parse HEAD)"`, `echo "ARTIFACT=$(cat out/page.html)"`, leak}},
 		{Name: "docker-build", Stage: "test", Tags: []string{"firecracker-2cpu-2gb"},
 			Image: &gitlabstandin.ImageSpec{Name: registry.ImageDockerCLI},
 			Script: []string{
@@ -168,7 +172,7 @@ func TestDockerExecutorEndToEnd(t *testing.T) {
 	}
 	r, _ := rep.Job("shell-style")
 	want("shell-style", trace("shell-style"), "Using docker image", registry.ImageShell, "NPROC=1",
-		"A repository served by the GitLab stand-in", "HEAD="+r.GitLab.SHA)
+		"A repository served by the GitLab stand-in", "HEAD="+r.GitLab.SHA, "ARTIFACT="+strings.TrimSpace(registry.WebPage))
 	want("docker-build", trace("docker-build"), registry.ImageDockerCLI, "built by docker build in the job's VM", "IMG built:1")
 
 	// The mirror: busybox's blobs came from the upstream for the first VM

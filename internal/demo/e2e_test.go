@@ -3,8 +3,10 @@ package demo
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -29,9 +31,12 @@ func TestEndToEnd(t *testing.T) {
 	work := t.TempDir()
 	logs := &testenv.Buffer{}
 	script := []string{`echo "NPROC=$(nproc)"`, `grep MemTotal /proc/meminfo`, `cat README.md`, `echo "HEAD=$(git rev-parse HEAD)"`}
+	// small's artifact (uploaded through the VM's job gate) is downloaded
+	// by large in the next stage, in another VM.
 	jobs := []gitlabstandin.JobSpec{
-		{Name: "small", Tags: []string{"firecracker-1cpu-1gb"}, Script: script},
-		{Name: "large", Tags: []string{"firecracker-2cpu-2gb"}, Script: script},
+		{Name: "small", Stage: "build", Tags: []string{"firecracker-1cpu-1gb"}, Artifacts: []string{"out/"},
+			Script: append(slices.Clone(script), `mkdir -p out && echo "artifact of job $CI_JOB_ID" > out/a.txt`)},
+		{Name: "large", Tags: []string{"firecracker-2cpu-2gb"}, Script: append(slices.Clone(script), `echo "GOT=$(cat out/a.txt)"`)},
 		{Name: "untagged", Script: []string{"echo must not run in a FireRunner VM"}},
 		{Name: "fails", Tags: []string{"firecracker-1cpu-1gb"}, Script: []string{"echo about to fail", "exit 3"}},
 		{Name: "canceled", Tags: []string{"firecracker-1cpu-1gb"}, Script: []string{"echo started", "sleep 600"}},
@@ -87,6 +92,9 @@ func TestEndToEnd(t *testing.T) {
 		} else if _, ok := r.Guest.At(vm.MilestoneAgentStart); !ok {
 			t.Errorf("%s: guest agent never started:\n%s", c.name, r.Guest)
 		}
+	}
+	if s, l := get("small"), get("large"); !strings.Contains(CleanTrace(l.GitLab.Trace), fmt.Sprintf("GOT=artifact of job %d", s.GitLab.ID)) {
+		t.Errorf("large did not get small's artifact:\n%s", CleanTrace(l.GitLab.Trace))
 	}
 	// The job without a FireRunner tag got nothing.
 	if r := get("untagged"); r.Record != nil || r.GitLab.Status != "pending" || r.GitLab.RunnerID != 0 {

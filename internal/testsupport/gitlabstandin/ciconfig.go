@@ -14,7 +14,8 @@ import (
 // stages, global and job variables, default/global before_script,
 // after_script, image and services, and per job stage, script,
 // before_script, after_script, tags, variables, timeout, allow_failure,
-// image and services (a name, or a hash of name, alias, entrypoint, command). Hidden jobs (".name") and
+// image and services (a name, or a hash of name, alias, entrypoint, command),
+// artifacts (paths) and dependencies. Hidden jobs (".name") and
 // other keywords are ignored; include, extends, rules and needs are not supported.
 func ParseCIConfig(src []byte) ([]JobSpec, error) {
 	var doc yaml.Node
@@ -35,6 +36,10 @@ func ParseCIConfig(src []byte) ([]JobSpec, error) {
 		AllowFailure bool              `yaml:"allow_failure"`
 		Image        *imageDef         `yaml:"image"`
 		Services     *[]imageDef       `yaml:"services"`
+		Artifacts    *struct {
+			Paths []string `yaml:"paths"`
+		} `yaml:"artifacts"`
+		Dependencies *[]string `yaml:"dependencies"`
 	}
 	var (
 		stages             = []string{".pre", "build", "test", "deploy", ".post"}
@@ -151,6 +156,12 @@ func ParseCIConfig(src []byte) ([]JobSpec, error) {
 				for _, k := range keys {
 					js.Variables = append(js.Variables, Variable{Key: k, Value: vars[k]})
 				}
+			}
+			if d.Artifacts != nil {
+				js.Artifacts = d.Artifacts.Paths
+			}
+			if d.Dependencies != nil {
+				js.Dependencies = append([]string{}, *d.Dependencies...)
 			}
 			if d.Timeout != "" {
 				t, err := time.ParseDuration(strings.ReplaceAll(d.Timeout, " ", ""))

@@ -95,6 +95,7 @@ type job struct {
 	managerID                 int64 // the runner manager (system_id) that took it
 	runnerGraceful            bool
 	trace                     []byte
+	artifacts                 []byte // the archive (zip) it uploaded
 	createdAt, queuedAt       time.Time
 	startedAt, finishedAt     time.Time
 	canceledByUser            bool
@@ -403,6 +404,13 @@ type JobSpec struct {
 	// docker executor's); nil/empty: none.
 	Image    *ImageSpec
 	Services []ImageSpec
+	// Artifacts are the job's `artifacts: paths:` (one zip archive,
+	// uploaded on success); nil: none.
+	Artifacts []string
+	// Dependencies are the job's `dependencies:`, the earlier jobs whose
+	// artifacts it downloads; nil: every job of the earlier stages, as in
+	// GitLab; empty (not nil): none.
+	Dependencies []string
 }
 
 // ImageSpec is an `image:` or a `services:` entry, as the runner API's job

@@ -209,6 +209,10 @@ func (s *Server) serveAPI(w http.ResponseWriter, r *http.Request) {
 		s.jobUpdate(w, r, seg[1])
 	case route("PATCH", "jobs", "*", "trace"):
 		s.jobTrace(w, r, seg[1])
+	case route("POST", "jobs", "*", "artifacts"):
+		s.uploadArtifacts(w, r, seg[1])
+	case route("GET", "jobs", "*", "artifacts"):
+		s.downloadArtifacts(w, r, seg[1])
 	case route("POST", "runners"):
 		s.runnerRegister(w, r)
 	case route("DELETE", "runners"):

@@ -592,3 +592,82 @@ func TestRealRunnerManagersShareOneToken(t *testing.T) {
 		}
 	}
 }
+
+// TestRealRunnerArtifactsBetweenStages: the real gitlab-runner uploads a
+// job's artifacts (artifacts-uploader, a multipart zip) and a job of a
+// later stage downloads them (artifacts-downloader, with its own job
+// token); a job with `dependencies: []` gets none.
+func TestRealRunnerArtifactsBetweenStages(t *testing.T) {
+	bin := testenv.GitLabRunner(t)
+	s := newServer(t, Options{})
+	p, err := s.AddProject(ProjectSpec{Path: "acme/art", Files: map[string]string{"README.md": "x\n"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	jobs, err := ParseCIConfig([]byte(`
+stages: [build, test]
+build:
+  stage: build
+  script: ["mkdir -p out", "echo built-by-$CI_JOB_ID > out/result.txt"]
+  artifacts:
+    paths: [out/]
+use:
+  stage: test
+  script: ["cat out/result.txt"]
+isolated:
+  stage: test
+  dependencies: []
+  script: ["test ! -e out/result.txt && echo no-artifacts-here"]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl, err := s.CreatePipeline(p.ID, jobs...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := projectRunner(t, s, p)
+	for i, id := range pl.JobIDs {
+		rp := startRunner(t, bin, s, r.Token)
+		st := waitJob(t, s, id, nil)
+		rp.wait(t)
+		if st.Status != StatusSuccess {
+			t.Fatalf("job %d (%s): %s; trace:\n%s", id, jobs[i].Name, st.Status, st.Trace)
+		}
+		switch jobs[i].Name {
+		case "build":
+			if !strings.Contains(st.Trace, "Uploading artifacts") {
+				t.Errorf("build: no upload in the trace:\n%s", st.Trace)
+			}
+		case "use":
+			if want := fmt.Sprintf("built-by-%d", pl.JobIDs[0]); !strings.Contains(st.Trace, want) {
+				t.Errorf("use: trace lacks %q (the build job's artifact):\n%s", want, st.Trace)
+			}
+		case "isolated":
+			if !strings.Contains(st.Trace, "no-artifacts-here") || strings.Contains(st.Trace, "Downloading artifacts") {
+				t.Errorf("isolated: got artifacts despite dependencies: []:\n%s", st.Trace)
+			}
+		}
+	}
+}
+
+// TestArtifactsAuth: a job's archive is served only to a running job of
+// the same pipeline; an upload needs the job's own token.
+func TestArtifactsAuth(t *testing.T) {
+	s := newServer(t, Options{})
+	p, err := s.AddProject(ProjectSpec{Path: "acme/auth", Files: map[string]string{"README.md": "x\n"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, _ := runnerAPI(t, s, "GET", "jobs/1/artifacts", map[string]string{"JOB-TOKEN": "glcbt-nope"}, nil)
+	if resp.StatusCode != 403 {
+		t.Errorf("download with an unknown token: %d, want 403", resp.StatusCode)
+	}
+	if _, err := s.CreatePipeline(p.ID, JobSpec{Name: "a", Script: []string{"true"}, Artifacts: []string{"x"}}); err != nil {
+		t.Fatal(err)
+	}
+	resp, _ = runnerAPI(t, s, "POST", "jobs/1/artifacts", map[string]string{"JOB-TOKEN": "glcbt-nope"}, nil)
+	if resp.StatusCode != 400 && resp.StatusCode != 403 {
+		t.Errorf("upload without a form or token: %d, want 400 or 403", resp.StatusCode)
+	}
+}

@@ -496,10 +496,10 @@ func (s *Server) jobPayloadLocked(j *job, rn *runner) map[string]any {
 		"steps":        steps,
 		"image":        imageJSON(j.spec.Image),
 		"services":     servicesJSON(j.spec.Services),
-		"artifacts":    nil,
+		"artifacts":    artifactsJSON(j.spec.Artifacts),
 		"cache":        []any{},
 		"credentials":  []any{},
-		"dependencies": []any{},
+		"dependencies": s.dependenciesJSONLocked(j),
 		"features": map[string]any{
 			"trace_sections": true,
 			"token_mask_prefixes": []string{"glpat-", "gloas-", "gldt-", "glrt-", "glrtr-", "glcbt-",
