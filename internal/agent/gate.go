@@ -49,6 +49,8 @@ type JobGate struct {
 	taken  atomic.Bool
 	again  chan struct{}
 	once   sync.Once
+	picked chan struct{} // closed when GitLab hands out the job
+	pickMu sync.Once
 
 	mu          sync.Mutex
 	job         gatedJob
@@ -79,7 +81,7 @@ func NewJobGateAt(addr string) (*JobGate, error) {
 	if err != nil {
 		return nil, err
 	}
-	g := &JobGate{ln: ln, again: make(chan struct{})}
+	g := &JobGate{ln: ln, again: make(chan struct{}), picked: make(chan struct{})}
 	g.proxy = &httputil.ReverseProxy{
 		Rewrite: func(r *httputil.ProxyRequest) {
 			r.SetURL(g.target.Load())
@@ -107,6 +109,9 @@ func (g *JobGate) SetTarget(gitlabURL string) error {
 
 // Again is closed when gitlab-runner asks for a second job.
 func (g *JobGate) Again() <-chan struct{} { return g.again }
+
+// Picked is closed when GitLab hands gitlab-runner its job.
+func (g *JobGate) Picked() <-chan struct{} { return g.picked }
 
 // Taken reports whether GitLab handed gitlab-runner its job.
 func (g *JobGate) Taken() bool { return g.taken.Load() }
@@ -141,6 +146,9 @@ func (g *JobGate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	pw := &pickWatcher{ResponseWriter: w, picked: &g.taken}
 	g.proxy.ServeHTTP(pw, r)
+	if pw.code == http.StatusCreated {
+		g.pickMu.Do(func() { close(g.picked) })
+	}
 	if pw.code == http.StatusCreated && !pw.overflow {
 		// The job is known before gitlab-runner has its payload, so its
 		// first update already counts.

@@ -112,11 +112,11 @@ func (a *Agent) run() error {
 			w.ConfigTOML = RunnerConfigTOML(gated)
 		}
 	}
-	var assign func() ([]byte, time.Duration, error)
+	var assign func() ([]byte, limits, error)
 	if cfg.Warm {
 		// gitlab-runner starts now and blocks reading its config FIFO; the
 		// job's runner arrives later over the assignment channel.
-		assign = func() ([]byte, time.Duration, error) {
+		assign = func() ([]byte, limits, error) {
 			// Fault the rest of gitlab-runner into the page cache now, not
 			// on the job's latency path: it has only run its init so far.
 			if f, err := os.Open(w.Args[0]); err == nil {
@@ -125,13 +125,13 @@ func (a *Agent) run() error {
 			}
 			if dockerReady != nil {
 				if err := <-dockerReady; err != nil {
-					return nil, 0, fmt.Errorf("docker: %w", err)
+					return nil, limits{}, fmt.Errorf("docker: %w", err)
 				}
 			}
 			fmt.Fprintln(a.Console, guestconfig.MarkerWarm)
 			as, err := ReadAssignment(a.DevDir, "/sys/class/virtio-ports")
 			if err != nil {
-				return nil, 0, err
+				return nil, limits{}, err
 			}
 			fmt.Fprintln(a.Console, guestconfig.MarkerAssigned)
 			c := cfg.Apply(as)
@@ -139,7 +139,7 @@ func (a *Agent) run() error {
 				// A clone restored from a snapshot: take on its own
 				// identity before gitlab-runner reads its config.
 				if err := reidentify(c, as.Identity.MAC); err != nil {
-					return nil, 0, fmt.Errorf("identity: %w", err)
+					return nil, limits{}, fmt.Errorf("identity: %w", err)
 				}
 				// The template wrote its own .runner_system_id before
 				// the snapshot; gitlab-runner reads it only after its
@@ -147,23 +147,24 @@ func (a *Agent) run() error {
 				// sees the clone as its own runner manager.
 				if c.SystemID != "" {
 					if err := WriteSystemID(RunnerConfigDir, c.SystemID, w.UID, w.GID); err != nil {
-						return nil, 0, fmt.Errorf("identity: %w", err)
+						return nil, limits{}, fmt.Errorf("identity: %w", err)
 					}
 				}
 				a.logf("identity of %s applied", c.Hostname)
 			}
 			if err := gate.SetTarget(c.GitLabURL); err != nil {
-				return nil, 0, err
+				return nil, limits{}, err
 			}
 			c.GitLabURL = gate.URL()
-			return RunnerConfigTOML(c), time.Duration(c.JobTimeoutSec) * time.Second, nil
+			return RunnerConfigTOML(c), limits{total: time.Duration(c.JobTimeoutSec) * time.Second, fromPick: time.Duration(c.JobMaxSec) * time.Second}, nil
 		}
 	}
-	var again <-chan struct{}
+	var again, picked <-chan struct{}
 	if gate != nil {
-		again = gate.Again()
+		again, picked = gate.Again(), gate.Picked()
 	}
-	code := a.runWorkload(w, time.Duration(cfg.JobTimeoutSec)*time.Second, assign, again)
+	code := a.runWorkload(w, limits{total: time.Duration(cfg.JobTimeoutSec) * time.Second, fromPick: time.Duration(cfg.JobMaxSec) * time.Second},
+		assign, again, picked)
 	if gate != nil {
 		a.closeAbandonedJob(gate, code)
 	}
@@ -463,15 +464,20 @@ func harden(guestconfig.Config) error {
 
 // runWorkload runs w as the CI user in its own session with output on the
 // console, kills its whole session at the timeout and returns its exit code.
+// limits bound a workload: total from its start (a warm VM's: from its
+// assignment), fromPick (0: none) from the moment GitLab hands out its job.
+type limits struct{ total, fromPick time.Duration }
+
 // runWorkload runs w and returns its exit code. For a warm VM, assign
 // blocks until the assignment arrives and returns the runner config and the
-// job's timeout, which then starts; before that the host bounds the VM's
+// job's limits, which then start; before that the host bounds the VM's
 // life (the pool's idle timeout).
 //
 // again is closed when gitlab-runner asks for a second job (JobGate): its
 // one job is over, however it ended, and it is ended before it can take
-// another; the VM then reports a clean end (exit 0).
-func (a *Agent) runWorkload(w Workload, timeout time.Duration, assign func() ([]byte, time.Duration, error), again <-chan struct{}) int {
+// another; the VM then reports a clean end (exit 0). picked is closed when
+// GitLab hands out the job: the fromPick limit starts then.
+func (a *Agent) runWorkload(w Workload, lim limits, assign func() ([]byte, limits, error), again, picked <-chan struct{}) int {
 	cmd := exec.Command(w.Args[0], w.Args[1:]...)
 	if filepath.Base(w.Args[0]) == w.Args[0] {
 		if p, err := lookPath(w.Args[0], w.Env); err == nil {
@@ -503,7 +509,7 @@ func (a *Agent) runWorkload(w Workload, timeout time.Duration, assign func() ([]
 		a.logf("error: start %s: %v", w.Args[0], err)
 		return 127
 	}
-	assigned := make(chan time.Duration, 1)
+	assigned := make(chan limits, 1)
 	if w.ConfigTOML != nil {
 		stop := make(chan struct{})
 		defer close(stop)
@@ -511,18 +517,19 @@ func (a *Agent) runWorkload(w Workload, timeout time.Duration, assign func() ([]
 		go func() {
 			toml := w.ConfigTOML
 			if assign != nil {
-				t, d, err := assign()
+				t, l, err := assign()
 				if err != nil {
 					fed <- err
 					return
 				}
 				toml = t
-				assigned <- d
+				assigned <- l
 			}
 			fed <- feedConfigFIFO(toml, stop)
 		}()
 	}
 	var code int
+	timeout := lim.total
 	timer := time.NewTimer(timeout)
 	defer timer.Stop()
 	if assign != nil {
@@ -531,8 +538,17 @@ func (a *Agent) runWorkload(w Workload, timeout time.Duration, assign func() ([]
 wait:
 	for {
 		select {
-		case d := <-assigned:
-			timer.Reset(d)
+		case l := <-assigned:
+			lim, timeout = l, l.total
+			timer.Reset(timeout)
+		case <-picked:
+			picked = nil
+			if lim.fromPick > 0 && lim.fromPick < timeout {
+				// Counted from the pick now (the host counts from the
+				// pick it observes, a little later).
+				timeout = lim.fromPick
+				timer.Reset(timeout)
+			}
 		case err := <-fed:
 			// The FIFO is gone now: gitlab-runner has its config, no job yet.
 			if err != nil {

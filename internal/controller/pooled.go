@@ -95,9 +95,13 @@ func (c *Controller) handToPool(ctx context.Context, v job.VM, tag string, idle 
 	left := max(idle-time.Since(v.Timeline.Started), time.Second)
 	// The guest's own job timer starts at the hand-over: the VM may wait
 	// its idle time left for a job, then run it for up to job_max_duration
-	// (the host enforces that from the pick).
+	// from the pick (JobMaxSec: the agent restarts its timer when its job
+	// gate sees the job handed out, so it ends the job and reports it to
+	// GitLab before the host, counting from the pick it observed, kills the
+	// VM).
 	a := guestconfig.Assignment{GitLabURL: c.cfg.GuestGitLabURL(), RunnerToken: lease.Token,
-		JobTimeoutSec: int((left + c.cfg.Limits.JobMaxDuration + time.Minute) / time.Second)}
+		JobTimeoutSec: int((left + c.cfg.Limits.JobMaxDuration + time.Minute) / time.Second),
+		JobMaxSec:     int(c.cfg.Limits.JobMaxDuration / time.Second)}
 	actx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	err = c.drv.(vm.Assigner).Assign(actx, v.ID, a)
 	cancel()

@@ -134,6 +134,25 @@ func TestPooledEndToEnd(t *testing.T) {
 		t.Fatalf("after restart: %d created, %d token resets, deleted %v", r.created(), rn.TokenResets, !rn.DeletedAt.IsZero())
 	}
 
+	// A job past job_max_duration on a pooled VM: the VM polled before
+	// its job came, so the agent counts the limit from the pick (its job
+	// gate sees it), ends the job and reports it to GitLab itself, before
+	// the host's kill.
+	r.stop()
+	r.mod = func(cfg *config.Config) {
+		pooledConfig(true)(cfg)
+		cfg.Limits.JobMaxDuration = 40 * time.Second
+	}
+	r.start()
+	id = r.pipeline(gitlabstandin.JobSpec{Name: "endless", Tags: []string{small}, Script: []string{"echo started", "sleep 600"}})[0]
+	if js, rec := r.waitDone(id); js.Status != "failed" || js.FailureReason != "job_execution_timeout" || rec.State != job.Failed ||
+		!strings.Contains(CleanTrace(js.Trace), "FireRunner: the job reached FireRunner's time limit") {
+		t.Fatalf("a pooled job past job_max_duration: GitLab %s (%s), record %s (%s); want failed (job_execution_timeout) reported by the guest\n%s",
+			js.Status, js.FailureReason, rec.State, rec.Reason, CleanTrace(js.Trace))
+	} else if v, _ := r.d.Store.GetVM(ctx, rec.VMID); strings.HasPrefix(v.Reason, job.ReasonMaxDuration) {
+		t.Fatalf("the pooled VM was killed by the host's limit (%q), not ended by its guest", v.Reason)
+	}
+
 	// The pool removed from the config: its runner is deleted at start.
 	r.stop()
 	r.mod = pooledConfig(false)

@@ -30,6 +30,10 @@ type Config struct {
 	JobTimeoutSec int `json:"job_timeout_sec"`
 	// WaitTimeoutSec is how long gitlab-runner waits for a job to arrive.
 	WaitTimeoutSec int `json:"wait_timeout_sec,omitempty"`
+	// JobMaxSec, when set, bounds the workload from the moment GitLab
+	// hands gitlab-runner its job (a pooled VM may poll a long while
+	// first); JobTimeoutSec still bounds it all.
+	JobMaxSec int `json:"job_max_sec,omitempty"`
 	// Network is the static guest network; nil means DHCP-less user-mode
 	// defaults (QEMU slirp: 10.0.2.15/24 via 10.0.2.2).
 	Network *Network `json:"network,omitempty"`
@@ -80,6 +84,7 @@ type Assignment struct {
 	RunnerToken    string `json:"runner_token"`
 	JobTimeoutSec  int    `json:"job_timeout_sec"`
 	WaitTimeoutSec int    `json:"wait_timeout_sec,omitempty"`
+	JobMaxSec      int    `json:"job_max_sec,omitempty"` // Config.JobMaxSec
 	// Identity, when set, replaces the identity the guest booted with: a VM
 	// restored from a snapshot resumes with the identity of the VM the
 	// snapshot was taken of (hostname, addresses, machine-id, RNG state), so
@@ -176,6 +181,9 @@ func (c Config) Apply(a Assignment) Config {
 	c.GitLabURL, c.RunnerToken, c.JobTimeoutSec, c.Warm = a.GitLabURL, a.RunnerToken, a.JobTimeoutSec, false
 	if a.WaitTimeoutSec > 0 {
 		c.WaitTimeoutSec = a.WaitTimeoutSec
+	}
+	if a.JobMaxSec > 0 {
+		c.JobMaxSec = a.JobMaxSec
 	}
 	if id := a.Identity; id != nil {
 		c.Hostname, c.MachineID, c.EntropySeed, c.UnixTimeNano = id.Hostname, id.MachineID, id.EntropySeed, id.UnixTimeNano
