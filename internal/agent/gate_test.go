@@ -62,34 +62,7 @@ func TestJobGateOneJobWithRealRunner(t *testing.T) {
 				}
 				url = g.URL()
 			}
-			dir := t.TempDir()
-			cfg := fmt.Sprintf("concurrent = 1\n[[runners]]\n  name = \"m\"\n  url = %q\n  token = %q\n  executor = \"shell\"\n  builds_dir = %q\n",
-				url, r.Token, filepath.Join(dir, "builds"))
-			if err := os.WriteFile(filepath.Join(dir, "config.toml"), []byte(cfg), 0o600); err != nil {
-				t.Fatal(err)
-			}
-			cmd := exec.Command(bin, "run-single", "-c", filepath.Join(dir, "config.toml"), "-r", "m", "--max-builds", "1", "--wait-timeout", "60")
-			cmd.Env = append(os.Environ(), "HOME="+dir)
-			out := &testenv.Buffer{}
-			cmd.Stdout, cmd.Stderr = out, out
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
-			defer func() {
-				_ = cmd.Process.Kill()
-				_ = cmd.Wait()
-				// The shell executor runs a job's script in a process group
-				// of its own, which outlives the killed gitlab-runner for a
-				// moment and may still write in builds_dir: empty it before
-				// TempDir's cleanup, which fails on a directory that fills.
-				builds := filepath.Join(dir, "builds")
-				for i := 0; i < 100 && os.RemoveAll(builds) != nil; i++ {
-					time.Sleep(100 * time.Millisecond)
-				}
-				if t.Failed() {
-					t.Logf("gitlab-runner:\n%s", out.String())
-				}
-			}()
+			startGatedRunner(t, bin, url, r.Token)
 			second := pl.JobIDs[1]
 			if !gated {
 				// The hazard: the same gitlab-runner takes a second job.
