@@ -387,23 +387,39 @@ func TestAPI4xxIsPermanent(t *testing.T) {
 	}
 }
 
-func TestRunnerLimitIsAClearFailure(t *testing.T) {
-	h := newHarness(t, nil)
+// TestRunnerLimitKeepsJobQueued: GitLab's runner-creation cap refuses the
+// job's runner. The job stays pending in GitLab, so FireRunner keeps it
+// queued (no attempt charged, no VM started), says why, counts it, and
+// serves it once the cap frees (the cap counts runners that still exist).
+func TestRunnerLimitKeepsJobQueued(t *testing.T) {
+	h := newHarness(t, func(h *harness) { h.cfg.Limits.RetryBackoff = 10 * time.Millisecond })
 	// The project already has as many runners as its plan allows.
 	if _, err := h.gl.CreateRunner(gitlabstandin.RunnerSpec{ProjectID: h.pid, Description: "someone else's runner", RunUntagged: true}); err != nil {
 		t.Fatal(err)
 	}
 	h.gl.SetRunnerCaps(1, 1)
 	id := h.newJob(tag2x4)
-	j := h.waitState(id, job.Failed)
-	if !strings.HasPrefix(j.Reason, job.ReasonRunnerLimit+":") || !strings.Contains(j.Reason, "cap") ||
+	h.eventually("runner limit counted twice (retried)", func() bool {
+		return strings.Contains(h.metricsText(), "firerunner_runner_limit_errors_total 2")
+	})
+	j := h.job(id)
+	if j.State != job.Queued || j.Attempts != 0 || !strings.HasPrefix(j.Reason, job.ReasonRunnerLimit+":") || !strings.Contains(j.Reason, "cap") ||
 		!strings.Contains(j.Reason, "Maximum number of ci registered project runners (1) exceeded") {
-		t.Fatalf("reason %q", j.Reason)
+		t.Fatalf("under the cap: %s, attempts %d, reason %q; want queued, no attempt charged, the cap named", j.State, j.Attempts, j.Reason)
 	}
-	h.eventually("runner limit counted", func() bool { return strings.Contains(h.metricsText(), "firerunner_runner_limit_errors_total 1") })
 	if len(h.drv.Specs()) != 0 {
 		t.Fatal("vm started without a runner")
 	}
+	if !strings.Contains(h.logs.String(), "runner-creation cap") {
+		t.Fatal("the wait is not logged")
+	}
+	// The cap frees (on GitLab: another of the project's runners is
+	// deleted; here the cap is raised) and the job is served.
+	h.gl.SetRunnerCaps(10, 10)
+	v := h.waitStarted(id)
+	h.take(id, v)
+	h.end(id, v, "success")
+	h.waitState(id, job.Done)
 	h.clean()
 }
 

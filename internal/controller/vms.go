@@ -243,13 +243,11 @@ func (c *Controller) createRunner(ctx context.Context, v job.VM) (lease runners.
 	createdWith := v.Tags
 	lease, err = c.prov.Acquire(ctx, runners.Request{VMID: v.ID, JobID: v.ForJob, ProjectID: v.ProjectID, Tags: createdWith, JobName: fj.Name})
 	if err != nil {
-		reason := job.ReasonRunnerCreate + ": " + err.Error()
-		permanent := gitlabapi.IsPermanent(err)
 		if errors.Is(err, runners.ErrLimit) {
-			reason, permanent = job.ReasonRunnerLimit+": "+err.Error(), true
 			c.m.RunnerLimitHits.Inc()
+			return lease, v, true, c.waitForCap(ctx, v, job.ReasonRunnerLimit+": "+err.Error())
 		}
-		return lease, v, true, c.failAttempt(ctx, v, reason, permanent)
+		return lease, v, true, c.failAttempt(ctx, v, job.ReasonRunnerCreate+": "+err.Error(), gitlabapi.IsPermanent(err))
 	}
 	now := time.Now()
 	err = c.store.Tx(ctx, func(tx *store.Tx) error {
@@ -367,6 +365,54 @@ func (c *Controller) vmExited(ctx context.Context, v job.VM) error {
 // failAttempt stops a VM that never got its runner to take a job, and
 // charges the failed attempt to the job it was made for: back-off and a
 // new plan while attempts remain and the error may pass, else give up.
+// capRetry is how long a job waits after GitLab's runner-creation cap
+// refused its runner: 15 × limits.retry_backoff (30 s by default), at
+// most 5 minutes. The cap counts only runners that still exist, so it frees
+// as other jobs of the project or group end and their runners are deleted.
+func (c *Controller) capRetry() time.Duration {
+	return min(5*time.Minute, max(15*c.cfg.Limits.RetryBackoff, 100*time.Millisecond))
+}
+
+// waitForCap stops v, whose runner GitLab refused at its creation cap, and
+// queues its job again without charging an attempt: the job stays pending
+// in GitLab, so FireRunner keeps it queued (records match GitLab's) and
+// tries again after capRetry, until the job is served, canceled, or
+// limits.queue_timeout gives up on it.
+func (c *Controller) waitForCap(ctx context.Context, v job.VM, reason string) error {
+	now := time.Now()
+	var j job.Job
+	err := c.store.Tx(ctx, func(tx *store.Tx) error {
+		var err error
+		if v, err = tx.UpdateVM(v.ID, func(x *job.VM) error { return x.Stop(reason, now) }); err != nil {
+			return err
+		}
+		if v.ForJob == 0 {
+			return nil
+		}
+		j, err = tx.UpdateJob(v.ForJob, func(r *job.Job) error {
+			if r.State != job.Queued {
+				return nil // served by another VM meanwhile, or over
+			}
+			if c.fleet {
+				r.HostID = "" // another host may find room under the cap first
+			}
+			return r.Wait(reason, now.Add(c.capRetry()))
+		})
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	c.m.Attempts.WithLabelValues(job.ReasonRunnerLimit).Inc()
+	if j.State == job.Queued {
+		c.jobLog(j).Warn("GitLab's runner-creation cap refused the job's runner; it stays queued (pending in GitLab) and is tried again",
+			"reason", reason, "retry_in", time.Until(j.NotBefore).Round(time.Second))
+		c.q.Add(jobKey(j.ID))
+	}
+	c.q.Add(planKey)
+	return c.stopVM(ctx, v)
+}
+
 func (c *Controller) failAttempt(ctx context.Context, v job.VM, reason string, permanent bool) error {
 	if v.ForJob == 0 {
 		return c.stopFor(ctx, v.ID, reason) // a pool's VM: no job of its own to charge

@@ -295,6 +295,17 @@ func (j *Job) Retry(reason string, notBefore time.Time) error {
 	return j.move(Queued, fmt.Sprintf("%s (attempt %d)", reason, j.Attempts))
 }
 
+// Wait queues a job again without charging an attempt: what stopped this
+// one is outside the job and FireRunner (GitLab's runner-creation cap) and
+// passes by itself; GitLab keeps the job pending meanwhile.
+func (j *Job) Wait(reason string, notBefore time.Time) error {
+	if j.State != Queued {
+		return ErrStale
+	}
+	j.NotBefore = notBefore
+	return j.move(Queued, reason)
+}
+
 // GiveUp fails a job that is still waiting: FireRunner cannot serve it.
 // GitLab keeps it pending for other runners (or its own stuck-job timeout).
 func (j *Job) GiveUp(reason string) error {
