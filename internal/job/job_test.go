@@ -24,6 +24,10 @@ func TestJobOperations(t *testing.T) {
 	if err := j.Retry(ReasonVMStart+": x", now.Add(time.Second)); err != nil || j.Attempts != 1 || j.Reason != "vm_start: x (attempt 1)" {
 		t.Fatalf("retry: %v %+v", err, j)
 	}
+	if err := j.Wait(ReasonRunnerLimit+": cap", now.Add(time.Minute)); err != nil || j.State != Queued || j.Attempts != 1 ||
+		j.Reason != "runner_limit: cap" || !j.NotBefore.Equal(now.Add(time.Minute)) {
+		t.Fatalf("wait (no attempt charged): %v %+v", err, j)
+	}
 	if err := j.Picked("fr-a", 5, now); err != nil || j.State != Running || j.Reason != "" {
 		t.Fatalf("picked: %v %+v", err, j)
 	}
@@ -35,6 +39,9 @@ func TestJobOperations(t *testing.T) {
 	}
 	if err := j.Retry("x", now); !errors.Is(err, ErrStale) {
 		t.Fatalf("retry of a running job: %v", err)
+	}
+	if err := j.Wait("x", now); !errors.Is(err, ErrStale) {
+		t.Fatalf("wait of a running job: %v", err)
 	}
 	code := 0
 	if err := j.Finish(StatusSkipped, &code); err != nil || j.State != Canceled || j.Reason != ReasonJobCanceled || *j.ExitCode != 0 {
