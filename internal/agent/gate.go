@@ -282,7 +282,10 @@ func (g *JobGate) FailJob(ctx context.Context, reason string, note ...string) er
 		return errors.New("job gate: no GitLab URL")
 	}
 	base := strings.TrimSuffix(target.String(), "/") + "/api/v4/jobs/" + strconv.FormatInt(j.ID, 10)
-	client := &http.Client{Transport: g.transport(), Timeout: 10 * time.Second}
+	// Fresh connections, each request bounded: the proxy's pooled ones may
+	// be mid-way through gitlab-runner's last request when it was ended.
+	client := &http.Client{Transport: g.freshTransport(), Timeout: 4 * time.Second}
+	defer client.CloseIdleConnections()
 	if len(note) > 0 {
 		// Best effort: a trace GitLab does not take (416: another length)
 		// does not stop the final update.
@@ -331,12 +334,12 @@ func (g *JobGate) FailJob(ctx context.Context, reason string, note ...string) er
 	return fmt.Errorf("job gate: reporting job %d failed: %w", j.ID, last)
 }
 
-// transport is the proxy's: the same TLS trust as gitlab-runner's requests.
-func (g *JobGate) transport() http.RoundTripper {
-	if g.proxy.Transport != nil {
-		return g.proxy.Transport
-	}
-	return http.DefaultTransport
+// freshTransport has the proxy's TLS trust (the system's, which holds the
+// config's extra CAs) without its pool of connections.
+func (g *JobGate) freshTransport() http.RoundTripper {
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.DisableKeepAlives = true
+	return t
 }
 
 // Close stops the gate.

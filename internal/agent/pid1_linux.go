@@ -185,13 +185,17 @@ func (a *Agent) closeAbandonedJob(gate *JobGate, code int) {
 		reason, why = "job_execution_timeout", "the job reached FireRunner's time limit"
 	}
 	note := fmt.Sprintf("\x1b[31;1mFireRunner: %s; the job is marked failed (%s).\x1b[0;m", why, reason)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	// Bounded well inside the host's grace after job_max_duration (at
+	// least 20 s for the smallest limits the tests use).
+	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Second)
 	defer cancel()
+	start := time.Now()
+	a.logf("job %d: %s; reporting it failed (%s)", gate.JobID(), why, reason)
 	if err := gate.FailJob(ctx, reason, note); err != nil {
-		a.logf("job %d: %s, and reporting it failed did not work: %v", gate.JobID(), why, err)
+		a.logf("job %d: reporting it failed did not work after %s: %v", gate.JobID(), time.Since(start).Round(time.Millisecond), err)
 		return
 	}
-	a.logf("job %d: %s; reported it failed (%s)", gate.JobID(), why, reason)
+	a.logf("job %d: reported failed in %s", gate.JobID(), time.Since(start).Round(time.Millisecond))
 }
 
 // reidentify gives a VM restored from a snapshot the identity of the clone:
@@ -462,13 +466,12 @@ func harden(guestconfig.Config) error {
 	return nil
 }
 
-// runWorkload runs w as the CI user in its own session with output on the
-// console, kills its whole session at the timeout and returns its exit code.
 // limits bound a workload: total from its start (a warm VM's: from its
 // assignment), fromPick (0: none) from the moment GitLab hands out its job.
 type limits struct{ total, fromPick time.Duration }
 
-// runWorkload runs w and returns its exit code. For a warm VM, assign
+// runWorkload runs w as the CI user in its own session with output on the
+// console, kills its whole session at the timeout and returns its exit code. For a warm VM, assign
 // blocks until the assignment arrives and returns the runner config and the
 // job's limits, which then start; before that the host bounds the VM's
 // life (the pool's idle timeout).

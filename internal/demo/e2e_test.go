@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -152,8 +153,9 @@ func TestJobPastMaxDurationEndsInGitLab(t *testing.T) {
 	dir := testenv.ImageDir(t)
 	requireRunnerImage(t, dir)
 	var out bytes.Buffer
+	work := t.TempDir()
 	rep, err := Run(context.Background(), Options{
-		ImageDir: dir, WorkDir: t.TempDir(), Out: &out, LogOut: &testenv.Buffer{}, JobMaxDuration: 40 * time.Second,
+		ImageDir: dir, WorkDir: work, Out: &out, LogOut: &testenv.Buffer{}, JobMaxDuration: time.Minute,
 		Jobs: []gitlabstandin.JobSpec{{Name: "endless", Tags: []string{"firecracker-1cpu-1gb"}, Script: []string{"echo started", "sleep 600"}}},
 	})
 	os.Stdout.Write(out.Bytes())
@@ -179,5 +181,10 @@ func TestJobPastMaxDurationEndsInGitLab(t *testing.T) {
 	}
 	if len(rep.Leftovers) > 0 {
 		t.Errorf("left behind: %v", rep.Leftovers)
+	}
+	if t.Failed() && r.VM != nil {
+		if b, err := os.ReadFile(filepath.Join(work, "console", r.VM.ID+".log")); err == nil {
+			t.Logf("console of %s:\n%s", r.VM.ID, b)
+		}
 	}
 }
