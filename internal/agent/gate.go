@@ -282,10 +282,9 @@ func (g *JobGate) FailJob(ctx context.Context, reason string, note ...string) er
 		return errors.New("job gate: no GitLab URL")
 	}
 	base := strings.TrimSuffix(target.String(), "/") + "/api/v4/jobs/" + strconv.FormatInt(j.ID, 10)
-	// Fresh connections, each request bounded: the proxy's pooled ones may
-	// be mid-way through gitlab-runner's last request when it was ended.
-	client := &http.Client{Transport: g.freshTransport(), Timeout: 4 * time.Second}
-	defer client.CloseIdleConnections()
+	// Each request bounded (the caller bounds them all): the host kills
+	// the VM a grace period after the job's limit.
+	client := &http.Client{Transport: g.transport(), Timeout: 4 * time.Second}
 	if len(note) > 0 {
 		// Best effort: a trace GitLab does not take (416: another length)
 		// does not stop the final update.
@@ -334,12 +333,14 @@ func (g *JobGate) FailJob(ctx context.Context, reason string, note ...string) er
 	return fmt.Errorf("job gate: reporting job %d failed: %w", j.ID, last)
 }
 
-// freshTransport has the proxy's TLS trust (the system's, which holds the
-// config's extra CAs) without its pool of connections.
-func (g *JobGate) freshTransport() http.RoundTripper {
-	t := http.DefaultTransport.(*http.Transport).Clone()
-	t.DisableKeepAlives = true
-	return t
+// transport is the proxy's: the same TLS trust as gitlab-runner's requests
+// (the system's, which holds the config's extra CAs), and its connections
+// to GitLab, known to work.
+func (g *JobGate) transport() http.RoundTripper {
+	if g.proxy.Transport != nil {
+		return g.proxy.Transport
+	}
+	return http.DefaultTransport
 }
 
 // Close stops the gate.
