@@ -137,11 +137,34 @@ func (r *reconcileRig) waitDone(id int64) (gitlabstandin.JobState, job.Job) {
 	r.t.Helper()
 	var js gitlabstandin.JobState
 	var rec job.Job
-	r.waitFor(fmt.Sprintf("job %d to end in GitLab and FireRunner", id), 4*time.Minute, func() bool {
+	deadline := time.Now().Add(4 * time.Minute)
+	for {
 		js, _ = r.gl.Job(id)
 		rec = r.record(id)
-		return job.StatusFinal(js.Status) && rec.State.Terminal()
-	})
+		if job.StatusFinal(js.Status) && rec.State.Terminal() {
+			return js, rec
+		}
+		if time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	// What tells why: both sides' view, and the console of the VM that
+	// ran it (FireRunner's record, or the runner manager GitLab names).
+	vmID := rec.VMID
+	if vmID == "" && strings.HasPrefix(js.RunnerManagerSystemID, "s_fr") {
+		vmID = "fr-" + strings.TrimPrefix(js.RunnerManagerSystemID, "s_fr")
+	}
+	r.t.Logf("job %d: GitLab %s (runner %d, manager %q), FireRunner %s (%s), vm %q\ntrace:\n%s",
+		id, js.Status, js.RunnerID, js.RunnerManagerSystemID, rec.State, rec.Reason, vmID, CleanTrace(js.Trace))
+	if vmID != "" {
+		for _, f := range []string{filepath.Join(r.o.WorkDir, "console", vmID+".log"), filepath.Join(r.o.WorkDir, "state", "vms", vmID, "console.log")} {
+			if b, err := os.ReadFile(f); err == nil {
+				r.t.Logf("%s:\n%s", f, tail(string(b), 80))
+			}
+		}
+	}
+	r.t.Fatalf("timed out after 4m0s waiting for job %d to end in GitLab and FireRunner\nFireRunner log tail:\n%s", id, tail(r.logs.String(), 40))
 	return js, rec
 }
 
