@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/json"
 	"errors"
@@ -153,13 +154,29 @@ func (g *JobGate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// The job is known before gitlab-runner has its payload, so its
 		// first update already counts.
 		var j gatedJob
-		if err := json.Unmarshal(pw.body.Bytes(), &j); err == nil && j.ID > 0 && j.Token != "" {
+		if err := decodePayload(pw.Header().Get("Content-Encoding"), pw.body.Bytes(), &j); err == nil && j.ID > 0 && j.Token != "" {
 			g.mu.Lock()
 			g.job = j
 			g.mu.Unlock()
 		}
 		_, _ = w.Write(pw.body.Bytes())
 	}
+}
+
+// decodePayload reads a job payload as GitLab sent it: gzip-compressed
+// when gitlab-runner's request accepted that (its HTTP client asks for gzip
+// by default, and the gate passes the response on untouched).
+func decodePayload(encoding string, b []byte, v any) error {
+	var r io.Reader = bytes.NewReader(b)
+	if strings.EqualFold(strings.TrimSpace(encoding), "gzip") {
+		zr, err := gzip.NewReader(r)
+		if err != nil {
+			return err
+		}
+		defer zr.Close()
+		r = io.LimitReader(zr, maxJobPayload)
+	}
+	return json.NewDecoder(r).Decode(v)
 }
 
 // jobUpdatePath matches gitlab-runner's job update (PUT) and trace

@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"bytes"
+	"compress/gzip"
 	"context"
 	"fmt"
 	"io"
@@ -308,5 +310,28 @@ func TestTraceNote(t *testing.T) {
 	}
 	if !timestampedLine.MatchString("2026-11-30T10:58:14.986684Z 00O+section_start") || timestampedLine.MatchString("Running with gitlab-runner") {
 		t.Error("timestampedLine does not tell gitlab-runner's timestamped lines from plain ones")
+	}
+}
+
+// TestDecodePayload: GitLab may gzip the job payload (gitlab-runner's
+// client accepts gzip); the gate reads the job's id and token either way.
+func TestDecodePayload(t *testing.T) {
+	const payload = `{"id":42,"token":"glcbt-x","allow_git_fetch":true}`
+	var zb bytes.Buffer
+	zw := gzip.NewWriter(&zb)
+	_, _ = zw.Write([]byte(payload))
+	_ = zw.Close()
+	for _, tc := range []struct {
+		enc  string
+		body []byte
+	}{{"", []byte(payload)}, {"gzip", zb.Bytes()}} {
+		var j gatedJob
+		if err := decodePayload(tc.enc, tc.body, &j); err != nil || j.ID != 42 || j.Token != "glcbt-x" {
+			t.Errorf("encoding %q: %+v, %v", tc.enc, j, err)
+		}
+	}
+	var j gatedJob
+	if err := decodePayload("gzip", []byte(payload), &j); err == nil {
+		t.Error("a body that is not gzip decoded as gzip")
 	}
 }
