@@ -56,7 +56,7 @@ type JobGate struct {
 	mu          sync.Mutex
 	job         gatedJob
 	traceNext   int64 // the next trace offset GitLab expects
-	timestamped bool  // gitlab-runner writes the trace with timestamps
+	timestamped bool  // gitlab-runner writes the trace with timestamps (a patch began with one)
 	closed      bool  // GitLab has the job's end
 }
 
@@ -220,8 +220,10 @@ func (g *JobGate) watchUpdate(w http.ResponseWriter, r *http.Request, trace bool
 	case final && rw.code == http.StatusOK:
 		g.closed = true
 	case trace && (rw.code == http.StatusAccepted || rw.code == http.StatusRequestedRangeNotSatisfiable):
-		if rw.code == http.StatusAccepted && head.n > 0 {
-			g.timestamped = timestampedLine.Match(head.buf[:head.n])
+		// Sticky: a patch may begin mid-line (gitlab-runner sends what
+		// it has), so only a match says something.
+		if rw.code == http.StatusAccepted && head != nil && timestampedLine.Match(head.buf[:head.n]) {
+			g.timestamped = true
 		}
 		// Range: 0-N, N the trace's length in GitLab: the next offset
 		// (gitlab-runner's TracePatchResponse.NewOffset reads it so).
