@@ -245,7 +245,7 @@ func (c *Controller) createRunner(ctx context.Context, v job.VM) (lease runners.
 	if err != nil {
 		if errors.Is(err, runners.ErrLimit) {
 			c.m.RunnerLimitHits.Inc()
-			return lease, v, true, c.waitForCap(ctx, v, job.ReasonRunnerLimit+": "+err.Error())
+			return lease, v, true, c.failAttempt(ctx, v, job.ReasonRunnerLimit+": "+err.Error(), false)
 		}
 		return lease, v, true, c.failAttempt(ctx, v, job.ReasonRunnerCreate+": "+err.Error(), gitlabapi.IsPermanent(err))
 	}
@@ -362,9 +362,6 @@ func (c *Controller) vmExited(ctx context.Context, v job.VM) error {
 	return c.stopFor(ctx, v.ID, fmt.Sprintf("%s: exit code %d %s", job.ReasonVMExit, code, v.ExitReason))
 }
 
-// failAttempt stops a VM that never got its runner to take a job, and
-// charges the failed attempt to the job it was made for: back-off and a
-// new plan while attempts remain and the error may pass, else give up.
 // capRetry is how long a job waits after GitLab's runner-creation cap
 // refused its runner: 15 × limits.retry_backoff (30 s by default), at
 // most 5 minutes. The cap counts only runners that still exist, so it frees
@@ -373,61 +370,35 @@ func (c *Controller) capRetry() time.Duration {
 	return min(5*time.Minute, max(15*c.cfg.Limits.RetryBackoff, 100*time.Millisecond))
 }
 
-// waitForCap stops v, whose runner GitLab refused at its creation cap, and
-// queues its job again without charging an attempt: the job stays pending
-// in GitLab, so FireRunner keeps it queued (records match GitLab's) and
-// tries again after capRetry, until the job is served, canceled, or
+// failAttempt stops a VM that never got its runner to take a job, and
+// charges the failed attempt to the job it was made for: back-off and a
+// new plan while attempts remain and the error may pass, else give up.
+// GitLab's runner-creation cap (runner_limit) charges nothing: the job
+// stays pending in GitLab, so it stays queued here (records match GitLab's)
+// and is tried again after capRetry, until it is served, canceled, or
 // limits.queue_timeout gives up on it.
-func (c *Controller) waitForCap(ctx context.Context, v job.VM, reason string) error {
+func (c *Controller) failAttempt(ctx context.Context, v job.VM, reason string, permanent bool) error {
+	if v.ForJob == 0 {
+		return c.stopFor(ctx, v.ID, reason) // a pool's VM: no job of its own to charge
+	}
+	label := job.ReasonKey(reason) // this attempt's own reason, before a give-up wraps it in "attempts: …"
+	capped := label == job.ReasonRunnerLimit
 	now := time.Now()
 	var j job.Job
 	err := c.store.Tx(ctx, func(tx *store.Tx) error {
 		var err error
 		if v, err = tx.UpdateVM(v.ID, func(x *job.VM) error { return x.Stop(reason, now) }); err != nil {
 			return err
-		}
-		if v.ForJob == 0 {
-			return nil
 		}
 		j, err = tx.UpdateJob(v.ForJob, func(r *job.Job) error {
 			if r.State != job.Queued {
 				return nil // served by another VM meanwhile, or over
 			}
 			if c.fleet {
-				r.HostID = "" // another host may find room under the cap first
+				r.HostID = "" // the retry may go to any host with room (or under the cap first)
 			}
-			return r.Wait(reason, now.Add(c.capRetry()))
-		})
-		return err
-	})
-	if err != nil {
-		return err
-	}
-	c.m.Attempts.WithLabelValues(job.ReasonRunnerLimit).Inc()
-	if j.State == job.Queued {
-		c.jobLog(j).Warn("GitLab's runner-creation cap refused the job's runner; it stays queued (pending in GitLab) and is tried again",
-			"reason", reason, "retry_in", time.Until(j.NotBefore).Round(time.Second))
-		c.q.Add(jobKey(j.ID))
-	}
-	c.q.Add(planKey)
-	return c.stopVM(ctx, v)
-}
-
-func (c *Controller) failAttempt(ctx context.Context, v job.VM, reason string, permanent bool) error {
-	if v.ForJob == 0 {
-		return c.stopFor(ctx, v.ID, reason) // a pool's VM: no job of its own to charge
-	}
-	label := job.ReasonKey(reason) // this attempt's own reason, before a give-up wraps it in "attempts: …"
-	now := time.Now()
-	var j job.Job
-	err := c.store.Tx(ctx, func(tx *store.Tx) error {
-		var err error
-		if v, err = tx.UpdateVM(v.ID, func(x *job.VM) error { return x.Stop(reason, now) }); err != nil {
-			return err
-		}
-		j, err = tx.UpdateJob(v.ForJob, func(r *job.Job) error {
-			if r.State != job.Queued {
-				return nil // served by another VM meanwhile, or over
+			if capped {
+				return r.Wait(reason, now.Add(c.capRetry()))
 			}
 			if permanent || r.Attempts+1 >= c.cfg.Limits.StartAttempts {
 				if !permanent {
@@ -435,9 +406,6 @@ func (c *Controller) failAttempt(ctx context.Context, v job.VM, reason string, p
 				}
 				r.Attempts++
 				return r.GiveUp(reason)
-			}
-			if c.fleet {
-				r.HostID = "" // the retry may go to any host with room
 			}
 			return r.Retry(reason, now.Add(c.backoff(r.Attempts+1)))
 		})
@@ -452,6 +420,11 @@ func (c *Controller) failAttempt(ctx context.Context, v job.VM, reason string, p
 		c.jobLog(j).Error("giving up on job; GitLab keeps it pending for other runners", "reason", j.Reason, "attempts", j.Attempts)
 		c.finished(j)
 	case job.Queued:
+		if capped {
+			c.jobLog(j).Warn("GitLab's runner-creation cap refused the job's runner; it stays queued (pending in GitLab) and is tried again",
+				"reason", reason, "retry_in", time.Until(j.NotBefore).Round(time.Second))
+			break
+		}
 		c.jobLog(j).Warn("attempt failed; job queued again", "reason", reason, "attempt", j.Attempts, "retry_in", time.Until(j.NotBefore).Round(time.Millisecond))
 		c.q.Add(jobKey(j.ID))
 	}
